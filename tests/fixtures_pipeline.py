@@ -1,0 +1,30 @@
+"""Session-scoped tiny SD3 pipeline folders for tests: `from fixtures_pipeline import tiny_pipeline_dir, ...`."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def tiny_pipeline_dir(tmp_path_factory) -> Path:
+    """A tiny random SD3 pipeline folder with all three text encoders, built once per session."""
+    from customshift_jax.testing import build_tiny_pipeline
+
+    return build_tiny_pipeline(tmp_path_factory.mktemp("tiny_sd3") / "pipe", seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_pipeline_dir_no_text(tmp_path_factory) -> Path:
+    """The same without text encoders/tokenizers (null in model_index.json)."""
+    from customshift_jax.testing import build_tiny_pipeline
+
+    return build_tiny_pipeline(tmp_path_factory.mktemp("tiny_sd3_notext") / "pipe", with_text_encoders=False, seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_sd3_pipe(tiny_pipeline_dir):
+    """The diffusers StableDiffusion3Pipeline loaded from `tiny_pipeline_dir` (fp32, CPU)."""
+    from diffusers import StableDiffusion3Pipeline
+
+    return StableDiffusion3Pipeline.from_pretrained(tiny_pipeline_dir)
