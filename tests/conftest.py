@@ -8,15 +8,9 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
+from customshift_jax.numerics import relative_error as rel_err  # noqa: E402,F401
+
 jax.config.update("jax_default_matmul_precision", "highest")
-
-
-def rel_err(actual, expected) -> float:
-    """max |actual - expected| / max |expected|: the project's parity measure (DESIGN section 7)."""
-    actual = np.asarray(actual, dtype=np.float64)
-    expected = np.asarray(expected, dtype=np.float64)
-    assert actual.shape == expected.shape, f"shape {actual.shape} != {expected.shape}"
-    return float(np.max(np.abs(actual - expected)) / max(np.max(np.abs(expected)), 1e-30))
 
 
 @pytest.fixture(autouse=True)

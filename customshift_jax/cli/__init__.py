@@ -1,0 +1,1 @@
+"""The `customshift` command line."""

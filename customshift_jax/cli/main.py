@@ -1,0 +1,54 @@
+"""`customshift`: one entry point, one subcommand per job; user errors print one paragraph, no traceback."""
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Callable, Sequence
+
+from customshift_jax.cli import crosscheck_cmd
+
+# name -> (module with `add_arguments(parser)` and `run(args) -> int`)
+SUBCOMMANDS = {
+    "crosscheck": crosscheck_cmd,
+}
+
+USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError, IsADirectoryError, PermissionError)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="customshift",
+        description="CustomShift on Stable Diffusion 3, in JAX: cross-check against diffusers, convert, generate.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, module in SUBCOMMANDS.items():
+        p = sub.add_parser(name, help=module.HELP, description=module.__doc__,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+        module.add_arguments(p)
+        p.set_defaults(_run=module.run)
+    return parser
+
+
+def run_guarded(fn: Callable[[], int]) -> int:
+    """Run a command; a user error (bad path, bad file, bad shape) prints `error: ...` and returns 2."""
+    try:
+        return fn()
+    except USER_ERRORS as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "_run", None):
+        parser.print_help()
+        return 1
+    return run_guarded(lambda: args._run(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

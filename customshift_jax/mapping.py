@@ -1,0 +1,179 @@
+"""diffusers state dict <-> our params: a key maps to a key by rule, not by a lookup table.
+
+Rules: the param path is the diffusers key split on "."; `weight` becomes `kernel` (Linear transposed
+(out, in) -> (in, out), Conv (O, I, kh, kw) -> (kh, kw, I, O)) or `scale` (norms); block i of
+`transformer_blocks` lives in its group "a:b" under `scan`, stacked at index i - a.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Iterable, Mapping
+
+import jax
+import numpy as np
+
+from customshift_jax.config import MMDiTConfig
+
+Params = dict[str, Any]
+LIST_LIMIT = 20
+
+
+class StateDictMismatch(ValueError):
+    """A state dict that does not fit the expected architecture; the message names the keys."""
+
+    def __init__(self, what: str, missing=(), unexpected=(), misshaped=()):
+        self.missing, self.unexpected, self.misshaped = list(missing), list(unexpected), list(misshaped)
+        parts = [f"{what} does not match the expected architecture."]
+        for label, items in (("missing", self.missing), ("unexpected", self.unexpected),
+                             ("wrong shape", self.misshaped)):
+            if items:
+                shown = ", ".join(items[:LIST_LIMIT])
+                more = f" ... and {len(items) - LIST_LIMIT} more" if len(items) > LIST_LIMIT else ""
+                parts.append(f"{len(items)} {label}: {shown}{more}.")
+        super().__init__(" ".join(parts))
+
+
+def to_numpy(value) -> np.ndarray:
+    """numpy view of a numpy, jax or torch array (torch bf16 goes through float32, exactly)."""
+    if hasattr(value, "detach"):  # torch, imported lazily by whoever made it
+        import torch
+
+        t = value.detach().cpu()
+        if t.dtype == torch.bfloat16:
+            import ml_dtypes
+
+            return t.float().numpy().astype(ml_dtypes.bfloat16)
+        return t.numpy()
+    return np.asarray(value)
+
+
+def _leaf_to_torch(name: str) -> str:
+    return "weight" if name in ("kernel", "scale") else name
+
+
+def _torch_to_leaf(name: str, array: np.ndarray) -> np.ndarray:
+    if name == "kernel" and array.ndim == 2:
+        return array.T
+    if name == "kernel" and array.ndim == 4:
+        return array.transpose(2, 3, 1, 0)
+    return array
+
+
+def _leaf_from_flax(name: str, array: np.ndarray) -> np.ndarray:
+    if name == "kernel" and array.ndim == 2:
+        return array.T
+    if name == "kernel" and array.ndim == 4:
+        return array.transpose(3, 2, 0, 1)
+    return array
+
+
+def _torch_shape(name: str, shape: tuple[int, ...]) -> tuple[int, ...]:
+    if name == "kernel" and len(shape) == 2:
+        return (shape[1], shape[0])
+    if name == "kernel" and len(shape) == 4:
+        return (shape[3], shape[2], shape[0], shape[1])
+    return tuple(shape)
+
+
+def _parse_group(name: str) -> tuple[int, int]:
+    start, stop = name.split(":")
+    return int(start), int(stop)
+
+
+def torch_keys_for_path(path: tuple[str, ...]) -> list[str]:
+    """The diffusers keys of one param path; a scanned path names one key per stacked layer."""
+    leaf = _leaf_to_torch(path[-1])
+    if path[0] == "transformer_blocks":
+        start, stop = _parse_group(path[1])
+        rest = ".".join(path[3:-1] + (leaf,))
+        return [f"transformer_blocks.{i}.{rest}" for i in range(start, stop)]
+    return [".".join(path[:-1] + (leaf,))]
+
+
+def _flat_paths(tree: Mapping) -> list[tuple[tuple[str, ...], Any]]:
+    flat = jax.tree_util.tree_flatten_with_path(tree)[0]
+    return [(tuple(k.key for k in path), leaf) for path, leaf in flat]
+
+
+def _set(tree: dict, path: tuple[str, ...], value) -> None:
+    for p in path[:-1]:
+        tree = tree.setdefault(p, {})
+    tree[path[-1]] = value
+
+
+def params_from_state_dict(
+    config: MMDiTConfig,
+    state_dict: Mapping[str, Any],
+    *,
+    dtype: Any = np.float32,
+    what: str = "the transformer state dict",
+    cast: Callable[[np.ndarray, Any], np.ndarray] | None = None,
+) -> Params:
+    """Map a diffusers `SD3Transformer2DModel` state dict onto our params (numpy, `dtype`).
+
+    Every key must be used and every param filled with the right shape, else `StateDictMismatch`
+    names the missing, unexpected and mis-shaped keys. `state_dict` may be lazy (values read on access).
+    """
+    from customshift_jax.api import param_shapes
+
+    cast = cast or (lambda a, dt: np.asarray(a, dtype=dt))
+    shapes = param_shapes(config)
+    used: set[str] = set()
+    missing, misshaped = [], []
+    params: Params = {}
+    for path, spec in _flat_paths(shapes):
+        keys = torch_keys_for_path(path)
+        layer_shape = spec.shape[1:] if path[0] == "transformer_blocks" else spec.shape
+        layers = []
+        for key in keys:
+            if key not in state_dict:
+                missing.append(key)
+                continue
+            used.add(key)
+            value = state_dict[key]
+            got = tuple(value.shape)
+            expected = _torch_shape(path[-1], layer_shape)
+            if got != expected:
+                misshaped.append(f"{key} {got} (expected {expected})")
+                continue
+            layers.append(cast(_torch_to_leaf(path[-1], to_numpy(value)), dtype))
+        if len(layers) == len(keys):
+            _set(params, path, np.stack(layers) if path[0] == "transformer_blocks" else layers[0])
+    unexpected = sorted(set(state_dict.keys()) - used)
+    if missing or unexpected or misshaped:
+        raise StateDictMismatch(f"{what} (expected {describe(config)})", missing, unexpected, misshaped)
+    return params
+
+
+def state_dict_from_params(config: MMDiTConfig, params: Params) -> dict[str, np.ndarray]:
+    """The inverse mapping: our params -> a diffusers state dict of numpy arrays (exact, no casting)."""
+    out: dict[str, np.ndarray] = {}
+    for path, leaf in _flat_paths(params):
+        array = np.asarray(leaf)
+        keys = torch_keys_for_path(path)
+        layers = array if path[0] == "transformer_blocks" else [array]
+        if len(layers) != len(keys):
+            raise ValueError(f"param {'/'.join(path)} has {len(layers)} layers, expected {len(keys)}.")
+        for key, layer in zip(keys, layers):
+            out[key] = np.ascontiguousarray(_leaf_from_flax(path[-1], layer))
+    return dict(sorted(out.items(), key=lambda kv: _natural_key(kv[0])))
+
+
+def _natural_key(key: str) -> list:
+    return [int(p) if p.isdigit() else p for p in key.split(".")]
+
+
+def describe(config: MMDiTConfig) -> str:
+    """One line naming the architecture, for error messages."""
+    dual = config.dual_attention_layers
+    return (f"MMDiT with {config.num_layers} layers, {config.num_attention_heads} heads x "
+            f"{config.attention_head_dim}, qk_norm={config.qk_norm}, "
+            f"dual attention in {list(dual) if dual else 'no'} layers, patch {config.patch_size}, "
+            f"pos_embed_max_size {config.pos_embed_max_size}")
+
+
+def iter_torch_keys(config: MMDiTConfig) -> Iterable[str]:
+    """All diffusers keys the config expects, in order."""
+    from customshift_jax.api import param_shapes
+
+    for path, _ in _flat_paths(param_shapes(config)):
+        yield from torch_keys_for_path(path)

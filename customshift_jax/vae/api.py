@@ -1,0 +1,145 @@
+"""Pure functions over the SD3 VAE: init, encode, decode (NCHW like diffusers), latent scaling, loading.
+
+Each takes the `VAEConfig` first and a plain params pytree; jit them with the config static, e.g.
+`jax.jit(vae_decode, static_argnums=0)`.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from customshift_jax.vae.config import VAEConfig
+from customshift_jax.vae.mapping import Params, vae_params_from_state_dict
+from customshift_jax.vae.model import AutoencoderKL
+
+Array = jax.Array
+WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
+CONFIG_NAME = "config.json"
+
+
+def _check_nchw(x: Array, channels: int, what: str) -> None:
+    if getattr(x, "ndim", None) != 4 or x.shape[1] != channels:
+        raise ValueError(f"{what} has shape {getattr(x, 'shape', None)}; expected (B, {channels}, H, W) (NCHW)")
+
+
+def init_vae(config: VAEConfig, rng: Array, *, param_dtype: Any = jnp.float32) -> Params:
+    """Fresh VAE params (flax default initialisers) as {'encoder': ..., 'decoder': ...}."""
+    f = config.downsample_factor
+    x = jnp.zeros((1, f, f, config.in_channels), jnp.float32)
+    model = AutoencoderKL(config, param_dtype=param_dtype)
+    return jax.jit(lambda key: model.init(key, x))(rng)["params"]
+
+
+def vae_encode_moments(config: VAEConfig, params: Params, images: Array, *,
+                       dtype: Any = jnp.float32) -> tuple[Array, Array]:
+    """images (B, 3, H, W) in [-1, 1] -> (mean, logvar), each (B, latent_channels, H/f, W/f); logvar clamped to
+    [-30, 20] like diffusers' DiagonalGaussianDistribution."""
+    _check_nchw(images, config.in_channels, "images")
+    x = jnp.transpose(jnp.asarray(images), (0, 2, 3, 1))  # (B, H, W, C)
+    mean, logvar = AutoencoderKL(config, dtype=dtype).apply({"params": params}, x,
+                                                            method=AutoencoderKL.encode_moments)
+    return jnp.transpose(mean, (0, 3, 1, 2)), jnp.transpose(logvar, (0, 3, 1, 2))
+
+
+def vae_encode(config: VAEConfig, params: Params, images: Array, *, sample_key: Array | None = None,
+               dtype: Any = jnp.float32) -> Array:
+    """images (B, 3, H, W) in [-1, 1] -> unscaled latents (B, latent_channels, H/f, W/f): the posterior mean,
+    or with `sample_key` a sample mean + exp(logvar / 2) * N(0, 1). Apply `scale_latents` before the MMDiT."""
+    mean, logvar = vae_encode_moments(config, params, images, dtype=dtype)
+    if sample_key is None:
+        return mean
+    noise = jax.random.normal(sample_key, mean.shape, mean.dtype)
+    return mean + jnp.exp(0.5 * logvar) * noise
+
+
+def vae_decode(config: VAEConfig, params: Params, latents: Array, *, dtype: Any = jnp.float32) -> Array:
+    """unscaled latents (B, latent_channels, h, w) -> images (B, 3, h*f, w*f), the raw decoder output
+    (about [-1, 1]; no clipping). Apply `unscale_latents` to MMDiT latents first."""
+    _check_nchw(latents, config.latent_channels, "latents")
+    z = jnp.transpose(jnp.asarray(latents), (0, 2, 3, 1))  # (B, h, w, C)
+    out = AutoencoderKL(config, dtype=dtype).apply({"params": params}, z, method=AutoencoderKL.decode)
+    return jnp.transpose(out, (0, 3, 1, 2))
+
+
+def scale_latents(config: VAEConfig, z: Array) -> Array:
+    """VAE latents -> MMDiT latents: (z - shift_factor) * scaling_factor, as SD3's training and pipeline do."""
+    return (z - (config.shift_factor or 0.0)) * config.scaling_factor
+
+
+def unscale_latents(config: VAEConfig, z: Array) -> Array:
+    """MMDiT latents -> VAE latents: z / scaling_factor + shift_factor (SD3 pipeline before `vae.decode`)."""
+    return z / config.scaling_factor + (config.shift_factor or 0.0)
+
+
+def _vae_folder(path: Path) -> Path:
+    """The folder holding the VAE's config.json: `path` itself, or its `vae/` subfolder for a pipeline."""
+    expected = (f"expected a diffusers AutoencoderKL folder ({CONFIG_NAME} + {WEIGHTS_NAME}) "
+                "or a pipeline folder with a vae/ subfolder")
+    if not path.exists():
+        raise FileNotFoundError(f"VAE path {path} does not exist; {expected}")
+    if not path.is_dir():
+        raise ValueError(f"VAE path {path} is a file; {expected}")
+    if (path / "vae").is_dir():
+        return path / "vae"
+    if (path / CONFIG_NAME).is_file():
+        return path
+    if (path / "model_index.json").is_file():
+        raise FileNotFoundError(f"{path} is a pipeline folder without a vae/ subfolder; {expected}")
+    raise FileNotFoundError(f"{path} has no {CONFIG_NAME} and no vae/ subfolder; {expected}")
+
+
+def _weight_files(folder: Path, variant: str | None) -> list[Path]:
+    """The safetensors file (or the shards its index names) holding the VAE weights."""
+    name = WEIGHTS_NAME if variant is None else WEIGHTS_NAME.replace(".safetensors", f".{variant}.safetensors")
+    if (folder / name).is_file():
+        return [folder / name]
+    index = folder / f"{name}.index.json"
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (ValueError, KeyError) as e:
+            raise ValueError(f"{index} is not a safetensors index (JSON with a 'weight_map'): {e}") from e
+        files = [folder / f for f in sorted(set(weight_map.values()))]
+        absent = [str(f) for f in files if not f.is_file()]
+        if absent:
+            raise FileNotFoundError(f"{index} names shard(s) that do not exist: {absent}")
+        return files
+    present = sorted(p.name for p in folder.iterdir() if p.suffix in (".safetensors", ".bin", ".json"))
+    hint = (" (only PyTorch .bin weights: re-save with diffusers' save_pretrained(safe_serialization=True))"
+            if any(p.endswith(".bin") for p in present) else "")
+    raise FileNotFoundError(f"no VAE weights in {folder}: expected {name} (or {name}.index.json); "
+                            f"found {present}{hint}")
+
+
+def load_vae(path: str | Path, *, variant: str | None = None, dtype: Any = None) -> tuple[VAEConfig, Params]:
+    """Read a diffusers `vae/` folder (or a pipeline folder's `vae/`) -> (config, params).
+
+    `variant` picks e.g. diffusion_pytorch_model.fp16.safetensors; `dtype` casts the params (default: as stored)."""
+    folder = _vae_folder(Path(path))
+    cfg_path = folder / CONFIG_NAME
+    if not cfg_path.is_file():
+        raise FileNotFoundError(f"{folder} has no {CONFIG_NAME}; expected a diffusers AutoencoderKL config")
+    try:
+        raw = json.loads(cfg_path.read_text())
+    except ValueError as e:
+        raise ValueError(f"{cfg_path} is not valid JSON ({e}); expected a diffusers AutoencoderKL config") from e
+    try:
+        config = VAEConfig.from_diffusers_config(raw)
+    except ValueError as e:
+        raise ValueError(f"{cfg_path}: {e}") from e
+    from safetensors.numpy import load_file  # lazy: the core package imports without safetensors/torch
+
+    state_dict: dict[str, Any] = {}
+    for f in _weight_files(folder, variant):
+        state_dict.update(load_file(str(f)))
+    try:
+        params = vae_params_from_state_dict(config, state_dict)
+    except ValueError as e:
+        raise ValueError(f"weights in {folder}: {e}") from e
+    if dtype is not None:
+        params = jax.tree_util.tree_map(lambda a: a.astype(dtype), params)
+    return config, params
