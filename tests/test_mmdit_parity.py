@@ -67,3 +67,25 @@ def test_sd3_medium_width_two_layers():
     r = crosscheck_model("sd3-medium-2-layers", config, model, batch=2, height=12, width=8, seed=3,
                          skip_layers=[0])
     assert r.rel <= TOL, f"relative error {r.rel:.2e}"
+
+
+def test_bf16_forward_runs_and_stays_close():
+    # bf16 params and compute (softmax, norms in fp32): within bf16 round-off of the fp32 PyTorch output.
+    import jax
+    import jax.numpy as jnp
+
+    from customshift_jax.crosscheck import ForwardInputs, jax_forward, torch_forward
+    from customshift_jax.mapping import params_from_state_dict
+
+    config = get_preset("tiny-sd3.5-medium")
+    model = random_diffusers_transformer(config, seed=2)
+    inputs = ForwardInputs.random(config, batch=2, height=12, width=8, seed=0)
+    expected, _ = torch_forward(model, inputs)
+    params = jax.tree_util.tree_map(lambda a: jnp.asarray(a, jnp.bfloat16),
+                                    params_from_state_dict(config, model.state_dict()))
+    out, _ = jax_forward(config, params, inputs, dtype="bfloat16")
+    from customshift_jax.numerics import relative_error
+
+    err = relative_error(out, expected)
+    assert np.all(np.isfinite(out))
+    assert 1e-4 < err < 3e-2, f"bf16 error {err:.2e}: too large, or too small to be bf16"

@@ -6,15 +6,17 @@ Each takes the `VAEConfig` first and a plain params pytree; jit them with the co
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from customshift_jax.vae.config import VAEConfig
 from customshift_jax.vae.mapping import Params, vae_params_from_state_dict
-from customshift_jax.vae.model import AutoencoderKL
+from customshift_jax.vae.model import AutoencoderKL, param_shapes
 
 Array = jax.Array
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
@@ -27,11 +29,27 @@ def _check_nchw(x: Array, channels: int, what: str) -> None:
 
 
 def init_vae(config: VAEConfig, rng: Array, *, param_dtype: Any = jnp.float32) -> Params:
-    """Fresh VAE params (flax default initialisers) as {'encoder': ..., 'decoder': ...}."""
-    f = config.downsample_factor
-    x = jnp.zeros((1, f, f, config.in_channels), jnp.float32)
-    model = AutoencoderKL(config, param_dtype=param_dtype)
-    return jax.jit(lambda key: model.init(key, x))(rng)["params"]
+    """Fresh VAE params {'encoder': ..., 'decoder': ...}: kernels N(0, 1 / fan_in), biases 0, norm scales 1.
+
+    All kernels come from one `jax.random.normal` draw, sliced on the host: flax's `model.init` compiles a
+    forward and one RNG per parameter, tens of seconds on CPU, for weights that are nearly always loaded."""
+    shapes = param_shapes(config)
+    total = sum(math.prod(s) for p, s in shapes.items() if p[-1] == "kernel")
+    flat = np.asarray(jax.jit(lambda key: jax.random.normal(key, (total,), jnp.float32))(rng))
+    params: Params = {}
+    offset = 0
+    for path, shape in shapes.items():
+        if path[-1] == "kernel":  # conv (kh, kw, I, O) or dense (in, out): fan_in = prod(shape[:-1])
+            n = math.prod(shape)
+            leaf = flat[offset:offset + n].reshape(shape) * np.float32(1.0 / math.sqrt(math.prod(shape[:-1])))
+            offset += n
+        else:
+            leaf = (np.ones if path[-1] == "scale" else np.zeros)(shape, np.float32)
+        node = params
+        for name in path[:-1]:
+            node = node.setdefault(name, {})
+        node[path[-1]] = jnp.asarray(leaf, dtype=param_dtype)
+    return params
 
 
 def vae_encode_moments(config: VAEConfig, params: Params, images: Array, *,
@@ -52,7 +70,9 @@ def vae_encode(config: VAEConfig, params: Params, images: Array, *, sample_key: 
     mean, logvar = vae_encode_moments(config, params, images, dtype=dtype)
     if sample_key is None:
         return mean
-    noise = jax.random.normal(sample_key, mean.shape, mean.dtype)
+    # Flat draw then reshape: the same numbers as a 4-D draw (threefry counts in row-major order), but XLA:CPU
+    # compiles the 4-D form of the partitionable threefry for tens of seconds.
+    noise = jax.random.normal(sample_key, (mean.size,), mean.dtype).reshape(mean.shape)
     return mean + jnp.exp(0.5 * logvar) * noise
 
 

@@ -1,0 +1,283 @@
+"""Flow-match Euler sampling with classifier-free and skip-layer guidance, as diffusers' SD3 pipeline does it,
+written as one pure function with `lax.scan` over the steps (DESIGN section 4, "Sampling").
+
+The model call is a generic `forward(params, x, t, ehs, pooled, skip_mask, **extra)` with the signature of
+`make_forward`'s result plus optional keyword inputs (`extra`, a pytree that is a jit input, e.g. the
+CustomShift reference K/V cache), so another branch can reuse the loop unchanged.
+"""
+from __future__ import annotations
+
+import warnings
+from typing import Any, Callable, Mapping, Sequence
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from customshift_jax.config import MMDiTConfig
+from customshift_jax.sampling.schedule import Schedule
+
+Array = jax.Array
+# forward(params, hidden_states (B,C,H,W), timestep (B,) 0-1000, ehs (B,M,J), pooled (B,P), skip_mask (L,) bool,
+#         **extra) -> velocity (B,C,H,W)
+Forward = Callable[..., Array]
+
+# diffusers' StableDiffusion3Pipeline.__call__ defaults for skip-layer guidance.
+SLG_SCALE, SLG_START, SLG_STOP = 2.8, 0.01, 0.2
+
+
+@flax.struct.dataclass
+class Conditioning:
+    """Text conditioning of one batch: the prompt's embeddings and, for CFG, the negative prompt's (same shapes)."""
+
+    prompt_embeds: Any  # (B, M, J)
+    pooled_prompt_embeds: Any  # (B, P)
+    negative_prompt_embeds: Any = None  # (B, M, J) or None
+    negative_pooled_prompt_embeds: Any = None  # (B, P) or None
+
+    @property
+    def has_negative(self) -> bool:
+        """True when the negatives (needed for classifier-free guidance) are present."""
+        return self.negative_prompt_embeds is not None
+
+    @classmethod
+    def from_prompt_embeds(cls, embeds: Any) -> "Conditioning":
+        """From a `customshift_jax.text.PromptEmbeds` (or anything with the same four attributes)."""
+        return cls(embeds.prompt_embeds, embeds.pooled_prompt_embeds,
+                   getattr(embeds, "negative_prompt_embeds", None),
+                   getattr(embeds, "negative_pooled_prompt_embeds", None))
+
+
+@flax.struct.dataclass
+class SkipLayerGuidance:
+    """Skip-layer guidance as arrays (jit inputs, so changing them does not recompile).
+
+    skip_mask (L,) bool: the layers the third pass skips; scale () float32; active (T,) bool: the steps that run
+    the third pass, computed on the host exactly as the pipeline's float64 test `start*T < i < stop*T`.
+    """
+
+    skip_mask: Any  # (L,) bool
+    scale: Any  # () float32
+    active: Any  # (T,) bool
+
+
+def slg_active_steps(num_steps: int, start: float = SLG_START, stop: float = SLG_STOP) -> np.ndarray:
+    """(T,) bool: step i runs the skip-layer pass iff `i > T * start and i < T * stop` (diffusers, in float64)."""
+    return np.array([i > num_steps * start and i < num_steps * stop for i in range(num_steps)], bool)
+
+
+def skip_layer_guidance(config: MMDiTConfig | int, layers: Sequence[int], num_steps: int, *,
+                        scale: float = SLG_SCALE, start: float = SLG_START, stop: float = SLG_STOP) -> SkipLayerGuidance:
+    """diffusers' `skip_guidance_layers=, skip_layer_guidance_scale/start/stop=` as a `SkipLayerGuidance`.
+
+    `start` and `stop` are fractions of the step count; `config` may be an `MMDiTConfig` or the number of layers.
+    """
+    num_layers = config if isinstance(config, int) else config.num_layers
+    layers = [int(i) for i in layers]
+    if not layers:
+        raise ValueError("skip_layer_guidance: `layers` is empty; pass None instead of SLG to turn it off.")
+    bad = [i for i in layers if not 0 <= i < num_layers]
+    if bad:
+        raise ValueError(f"skip_layer_guidance: layers {bad} are outside 0..{num_layers - 1}.")
+    mask = np.zeros((num_layers,), bool)
+    mask[layers] = True
+    return SkipLayerGuidance(skip_mask=mask, scale=np.float32(scale), active=slg_active_steps(num_steps, start, stop))
+
+
+def initial_latents(key: Array, shape: Sequence[int]) -> Array:
+    """Initial noise x_T ~ N(0, 1), float32, of `shape` (B, C, h, w): same key, same noise."""
+    return jax.random.normal(key, tuple(shape), jnp.float32)
+
+
+def latent_shape(config: MMDiTConfig, batch: int, height: int, width: int, vae_scale_factor: int = 8) -> tuple:
+    """(B, C, height / f, width / f) for an image of height x width pixels; refuses sizes the pipeline refuses."""
+    multiple = vae_scale_factor * config.patch_size
+    if height % multiple or width % multiple:
+        raise ValueError(f"height and width must be divisible by {multiple} (VAE scale factor {vae_scale_factor} x "
+                         f"patch size {config.patch_size}), got {height}x{width}; e.g. "
+                         f"{height - height % multiple}x{width - width % multiple}.")
+    return (int(batch), config.in_channels, height // vae_scale_factor, width // vae_scale_factor)
+
+
+def _shape(a: Any) -> tuple:
+    """Shape of an array, tracer, `jax.ShapeDtypeStruct` or nested list."""
+    return tuple(a.shape) if hasattr(a, "shape") else np.shape(a)
+
+
+def check_sample_inputs(latents: Any, cond: Conditioning, schedule: Schedule, *, cfg: bool,
+                        slg: SkipLayerGuidance | None, num_layers: int) -> None:
+    """Shape checks on the sampler's inputs that name what was expected (static shapes: works under tracing)."""
+    shape = _shape(latents)
+    if len(shape) != 4:
+        raise ValueError(f"latents must be (B, C, H, W), got shape {shape}.")
+    b = shape[0]
+    pe, pooled = _shape(cond.prompt_embeds), _shape(cond.pooled_prompt_embeds)
+    if len(pe) != 3 or pe[0] != b:
+        raise ValueError(f"prompt_embeds must be ({b}, M, J) for latents of batch {b}, got {pe}.")
+    if len(pooled) != 2 or pooled[0] != b:
+        raise ValueError(f"pooled_prompt_embeds must be ({b}, P) for latents of batch {b}, got {pooled}.")
+    if cfg:
+        if cond.negative_prompt_embeds is None or cond.negative_pooled_prompt_embeds is None:
+            raise ValueError("guidance_scale > 1 (classifier-free guidance) needs negative_prompt_embeds and "
+                             "negative_pooled_prompt_embeds in the Conditioning (e.g. the empty prompt's).")
+        npe, npooled = _shape(cond.negative_prompt_embeds), _shape(cond.negative_pooled_prompt_embeds)
+        if npe != pe or npooled != pooled:
+            raise ValueError(f"negative embeddings must have the prompt's shapes {pe} and {pooled}, "
+                             f"got {npe} and {npooled}.")
+    t = _shape(schedule.timesteps)
+    if len(t) != 1 or t[0] < 1 or _shape(schedule.sigmas) != (t[0] + 1,):
+        raise ValueError(f"schedule must hold timesteps (T,) and sigmas (T+1,), got {t} and "
+                         f"{_shape(schedule.sigmas)}; build it with make_schedule.")
+    if slg is not None:
+        if _shape(slg.skip_mask) != (num_layers,):
+            raise ValueError(f"SkipLayerGuidance.skip_mask must be ({num_layers},), got {_shape(slg.skip_mask)}.")
+        if _shape(slg.active) != t:
+            raise ValueError(f"SkipLayerGuidance was built for {_shape(slg.active)[0]} steps but the schedule has "
+                             f"{t[0]}; build it with skip_layer_guidance(..., num_steps={t[0]}).")
+
+
+def sample(
+    forward: Forward,
+    params: Any,
+    latents: Array,
+    cond: Conditioning,
+    schedule: Schedule,
+    *,
+    guidance_scale: float | Array,
+    num_layers: int,
+    slg: SkipLayerGuidance | None = None,
+    extra: Mapping[str, Any] | None = None,
+    cfg: bool | None = None,
+) -> Array:
+    """Run T flow-match Euler steps from `latents` (B, C, H, W) (the noise x_T) and return z_0 (B, C, H, W) float32.
+
+    Same math as `StableDiffusion3Pipeline.__call__` + `FlowMatchEulerDiscreteScheduler.step`: CFG batches
+    [negative; positive] in one call, `uncond + g * (text - uncond)`; SLG (CFG only, steps `slg.active`) adds
+    `(text - skipped) * scale` with a third call on the positive embeddings only; the step is
+    `x + (sigma_next - sigma) * v` in float32. `cfg` defaults to `guidance_scale > 1` (then `guidance_scale`
+    must be a Python number; pass `cfg` explicitly to make it a traced value). `extra` is passed to every
+    forward call as keyword arguments, unchanged (the forward broadcasts it over the batch it gets: 2B for
+    the CFG call, B for the others). Pure: jit it with `forward` closed over.
+    """
+    if cfg is None:
+        try:
+            cfg = bool(guidance_scale > 1)
+        except jax.errors.ConcretizationTypeError:
+            raise ValueError("guidance_scale is traced: pass cfg=True/False to say whether to run "
+                             "classifier-free guidance (diffusers runs it iff guidance_scale > 1).") from None
+    check_sample_inputs(latents, cond, schedule, cfg=cfg, slg=slg, num_layers=num_layers)
+    if slg is not None and not cfg:
+        warnings.warn("skip-layer guidance is ignored without classifier-free guidance (guidance_scale <= 1), "
+                      "as in diffusers' StableDiffusion3Pipeline.", stacklevel=2)
+        slg = None
+    extra = dict(extra or {})
+    x = jnp.asarray(latents, jnp.float32)
+    b = x.shape[0]
+    no_skip = jnp.zeros((num_layers,), bool)
+    g = jnp.asarray(guidance_scale, jnp.float32)
+    pe, pooled = jnp.asarray(cond.prompt_embeds), jnp.asarray(cond.pooled_prompt_embeds)
+    if cfg:
+        ehs = jnp.concatenate([jnp.asarray(cond.negative_prompt_embeds), pe], axis=0)  # (2B, M, J)
+        pooled_cfg = jnp.concatenate([jnp.asarray(cond.negative_pooled_prompt_embeds), pooled], axis=0)  # (2B, P)
+
+    def model(x_in, t, ehs_in, pooled_in, skip):
+        t_b = jnp.broadcast_to(t, (x_in.shape[0],))  # (N,): diffusers' t.expand(N)
+        return forward(params, x_in, t_b, ehs_in, pooled_in, skip, **extra).astype(jnp.float32)
+
+    def step(x, xs):
+        t, sigma, sigma_next, slg_on = xs
+        if cfg:
+            v = model(jnp.concatenate([x, x], axis=0), t, ehs, pooled_cfg, no_skip)  # (2B, C, H, W)
+            v_uncond, v_text = v[:b], v[b:]
+            v = v_uncond + g * (v_text - v_uncond)
+            if slg is not None:
+                def with_slg(v):
+                    v_skip = model(x, t, pe, pooled, jnp.asarray(slg.skip_mask, bool))
+                    return v + (v_text - v_skip) * jnp.asarray(slg.scale, jnp.float32)
+
+                v = jax.lax.cond(slg_on, with_slg, lambda v: v, v)
+        else:
+            v = model(x, t, pe, pooled, no_skip)
+        dt = sigma_next - sigma  # float32, as the scheduler
+        return x + dt * v, None
+
+    sigmas = jnp.asarray(schedule.sigmas, jnp.float32)
+    timesteps = jnp.asarray(schedule.timesteps, jnp.float32)
+    active = jnp.asarray(slg.active, bool) if slg is not None else jnp.zeros(timesteps.shape, bool)
+    x, _ = jax.lax.scan(step, x, (timesteps, sigmas[:-1], sigmas[1:], active))
+    return x
+
+
+def make_sampler(
+    config: MMDiTConfig,
+    *,
+    dtype: Any = jnp.float32,
+    backend: str = "xla",
+    remat: str = "none",
+    forward: Forward | None = None,
+    decode: bool = False,
+    vae_config: Any = None,
+    vae_dtype: Any = jnp.float32,
+) -> Callable:
+    """A jit-compiled sampler `run(params, latents, cond, schedule, *, guidance_scale, slg=None, extra=None,
+    key=None, height=None, width=None, vae_params=None)`.
+
+    `forward` defaults to `make_forward(config, dtype=, backend=, remat=)`. Give `latents` (B, C, h, w), or
+    `latents=None` with `key` and the pixel `height`, `width` to draw x_T from `jax.random.normal(key)` inside
+    the same jit. Returns z_0 (B, C, h, w) float32; with `decode=True` (needs `vae_config` and `vae_params`)
+    the VAE decoder's raw output (B, 3, H, W), about [-1, 1], of `unscale_latents(z_0)` instead. Params,
+    latents, key, conditioning, schedule, guidance scale, SLG and `extra` are jit inputs: only shapes and
+    whether CFG is on (guidance_scale > 1) compile anew.
+    """
+    from customshift_jax.api import as_dtype, check_inputs, make_forward
+
+    if forward is None:
+        forward = make_forward(config, dtype=as_dtype(dtype), backend=backend, remat=remat)
+    if decode and vae_config is None:
+        raise ValueError("make_sampler(decode=True) needs vae_config (e.g. from customshift_jax.vae.load_vae).")
+    vae_scale_factor = vae_config.downsample_factor if vae_config is not None else 8
+
+    def pure(params, latents, key, cond, schedule, guidance_scale, slg, extra, vae_params, *, cfg, noise_shape):
+        if latents is None:
+            latents = initial_latents(key, noise_shape)
+        z = sample(forward, params, latents, cond, schedule, guidance_scale=guidance_scale, num_layers=config.num_layers,
+                   slg=slg, extra=extra, cfg=cfg)
+        if not decode:
+            return z
+        from customshift_jax.vae import unscale_latents, vae_decode
+
+        return vae_decode(vae_config, vae_params, unscale_latents(vae_config, z), dtype=as_dtype(vae_dtype))
+
+    jitted = jax.jit(pure, static_argnames=("cfg", "noise_shape"))
+
+    def run(params, latents, cond: Conditioning, schedule: Schedule, *, guidance_scale: float,
+            slg: SkipLayerGuidance | None = None, extra: Mapping[str, Any] | None = None, key: Array | None = None,
+            height: int | None = None, width: int | None = None, vae_params: Any = None) -> Array:
+        cfg = bool(guidance_scale > 1)
+        noise_shape = None
+        if latents is None:
+            if key is None or height is None or width is None:
+                raise ValueError("pass either latents (B, C, h, w) or key= with the pixel height= and width=.")
+            noise_shape = latent_shape(config, _shape(cond.prompt_embeds)[0], height, width, vae_scale_factor)
+            shape = noise_shape
+        else:
+            if key is not None:
+                raise ValueError("pass latents or key=, not both: the key only draws latents when none are given.")
+            shape = _shape(latents)
+        if decode and vae_params is None:
+            raise ValueError("this sampler decodes (decode=True): pass vae_params=.")
+        check_sample_inputs(jax.ShapeDtypeStruct(shape, jnp.float32), cond, schedule, cfg=cfg,
+                            slg=slg if cfg else None, num_layers=config.num_layers)
+        check_inputs(config, jax.ShapeDtypeStruct(shape, jnp.float32), 0.0,
+                     jax.ShapeDtypeStruct(_shape(cond.prompt_embeds), jnp.float32),
+                     jax.ShapeDtypeStruct(_shape(cond.pooled_prompt_embeds), jnp.float32))
+        if slg is not None and not cfg:
+            warnings.warn("skip-layer guidance is ignored without classifier-free guidance (guidance_scale <= 1), "
+                          "as in diffusers' StableDiffusion3Pipeline.", stacklevel=2)
+            slg = None
+        return jitted(params, latents, key, cond, schedule, np.float32(guidance_scale), slg, extra,
+                      vae_params if decode else None, cfg=cfg, noise_shape=noise_shape)
+
+    run.jitted = jitted  # the underlying jax.jit function (for .lower(...).compile(), cost analysis)
+    return run
