@@ -7,7 +7,15 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from customshift_jax.lora import LoRAConfig
+
 Dtype = Any
+
+
+def _lora_a_init(key: jax.Array, shape: tuple[int, int], dtype: Any) -> jax.Array:
+    """PEFT's lora_A init (kaiming uniform, a=sqrt(5)): U(-1/sqrt(fan_in), 1/sqrt(fan_in))."""
+    bound = shape[0] ** -0.5
+    return jax.random.uniform(key, shape, dtype, -bound, bound)
 
 
 def layer_norm(x: jax.Array, eps: float = 1e-6) -> jax.Array:
@@ -33,12 +41,16 @@ class RMSNorm(nn.Module):
 
 
 class Dense(nn.Module):
-    """A Linear layer (`kernel` (in, out), `bias`) computing in `dtype`; the hook for LoRA later."""
+    """A Linear layer (`kernel` (in, out), `bias`) computing in `dtype`, plus LoRA when targeted.
+
+    LoRA factors come from the "lora" collection at this module's path: present -> y += s (x A) B.
+    """
 
     features: int
     use_bias: bool = True
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    lora: LoRAConfig | None = None
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -48,6 +60,14 @@ class Dense(nn.Module):
         if self.use_bias:
             bias = self.param("bias", nn.initializers.zeros, (self.features,), self.param_dtype)
             y = y + bias.astype(self.dtype)
+        lora = self.lora
+        if lora is not None and lora.targets_path(self.path) and (
+                self.is_initializing() or self.has_variable("lora", "lora_A")):
+            a = self.variable("lora", "lora_A", lambda: _lora_a_init(
+                self.make_rng("params"), (x.shape[-1], lora.rank), self.param_dtype)).value
+            b = self.variable("lora", "lora_B", lambda: jnp.zeros((lora.rank, self.features),
+                                                                  self.param_dtype)).value
+            y = y + lora.scale * jnp.dot(jnp.dot(x.astype(self.dtype), a.astype(self.dtype)), b.astype(self.dtype))
         return y
 
 
@@ -89,11 +109,12 @@ class GELUProj(nn.Module):
     features: int
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    lora: LoRAConfig | None = None
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        return nn.gelu(Dense(self.features, dtype=self.dtype, param_dtype=self.param_dtype, name="proj")(x),
-                       approximate=True)
+        proj = Dense(self.features, dtype=self.dtype, param_dtype=self.param_dtype, lora=self.lora, name="proj")
+        return nn.gelu(proj(x), approximate=True)
 
 
 class FeedForwardNet(nn.Module):
@@ -103,10 +124,11 @@ class FeedForwardNet(nn.Module):
     mult: int = 4
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    lora: LoRAConfig | None = None
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, lora=self.lora)
         h = GELUProj(self.dim * self.mult, name="0", **kw)(x)
         return Dense(self.dim, name="2", **kw)(h)
 
@@ -117,7 +139,9 @@ class FeedForward(nn.Module):
     dim: int
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    lora: LoRAConfig | None = None
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        return FeedForwardNet(self.dim, dtype=self.dtype, param_dtype=self.param_dtype, name="net")(x)
+        return FeedForwardNet(self.dim, dtype=self.dtype, param_dtype=self.param_dtype, lora=self.lora,
+                              name="net")(x)

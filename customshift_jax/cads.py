@@ -1,0 +1,70 @@
+"""Conditional Attention Distribution Shift (DESIGN section 4): image queries also read the reference K/V.
+
+For an image query i and head h, with base keys B = [x; c] and reference keys R = [r; s]:
+    alpha_i = sigmoid(LSE_R(i) - LSE_B(i) + lambda_h),  lambda_h = beta_h + log(gamma)
+    out_i   = (1 - alpha_i) o_B(i) + alpha_i o_R(i)
+Text queries attend over B only. Two equal forms: (a) two attentions returning the LSE, then the merge;
+(b) one attention over [B; R] with lambda added on the R columns and the text rows masked from R.
+"""
+from __future__ import annotations
+
+from typing import Literal
+
+import jax
+import jax.numpy as jnp
+
+from customshift_jax.attention import attention
+
+Shift = Literal["cads", "concat"]
+Form = Literal["two_pass", "single"]
+SHIFTS = ("cads", "concat")
+FORMS = ("two_pass", "single")
+
+
+def shift_logit(beta: jax.Array, gamma: jax.Array, shift: Shift = "cads") -> jax.Array:
+    """lambda (H,) float32: beta + log(gamma) for "cads"; 0 for "concat" (plain concatenation baseline).
+
+    gamma = 0 gives lambda = -inf: the reference path carries no mass and the output is the base one.
+    """
+    if shift not in SHIFTS:
+        raise ValueError(f"unknown shift {shift!r}; expected one of {SHIFTS}.")
+    beta = beta.astype(jnp.float32)
+    if shift == "concat":
+        return jnp.zeros_like(beta)
+    return beta + jnp.log(jnp.asarray(gamma, jnp.float32))
+
+
+def merge_with_reference(o_base, lse_base, o_ref, lse_ref, lam):
+    """(1 - alpha) o_B + alpha o_R with alpha = sigmoid(LSE_R - LSE_B + lambda), in float32.
+
+    o_*: (B, N, H, D); lse_*: (B, H, N); lam: (H,). Returns (B, N, H, D) in o_base's dtype.
+    """
+    alpha = jax.nn.sigmoid(lse_ref - lse_base + lam[None, :, None])  # (B, H, N)
+    alpha = jnp.swapaxes(alpha, 1, 2)[..., None]  # (B, N, H, 1)
+    merged = (1 - alpha) * o_base.astype(jnp.float32) + alpha * o_ref.astype(jnp.float32)
+    return merged.astype(o_base.dtype)
+
+
+def cads_attention(q, k, v, k_ref, v_ref, lam, n_img: int, *, form: Form = "two_pass", backend: str = "xla"):
+    """Joint attention in which the first `n_img` queries also read (k_ref, v_ref) through the shift.
+
+    q: (B, Nq, H, D) with image queries first; k, v: (B, Nk, H, D) base keys [x; c];
+    k_ref, v_ref: (B or 1, R, H, D); lam: (H,) float32. Returns (B, Nq, H, D).
+    """
+    b = q.shape[0]
+    k_ref = jnp.broadcast_to(k_ref, (b,) + k_ref.shape[1:]).astype(k.dtype)
+    v_ref = jnp.broadcast_to(v_ref, (b,) + v_ref.shape[1:]).astype(v.dtype)
+    if form == "two_pass":
+        o_base, lse_base = attention(q, k, v, backend=backend, return_lse=True)
+        o_ref, lse_ref = attention(q[:, :n_img], k_ref, v_ref, backend=backend, return_lse=True)
+        img = merge_with_reference(o_base[:, :n_img], lse_base[..., :n_img], o_ref, lse_ref, lam)
+        return jnp.concatenate([img, o_base[:, n_img:]], axis=1)
+    if form == "single":
+        nq, nk, nr = q.shape[1], k.shape[1], k_ref.shape[1]
+        is_img = (jnp.arange(nq) < n_img)[None, :, None]  # (1, Nq, 1)
+        ref_bias = jnp.where(is_img, lam[:, None, None], -jnp.inf)  # (H, Nq, 1)
+        bias = jnp.concatenate([jnp.zeros((q.shape[2], nq, nk), jnp.float32),
+                                jnp.broadcast_to(ref_bias, (q.shape[2], nq, nr))], axis=-1)
+        return attention(q, jnp.concatenate([k, k_ref], axis=1), jnp.concatenate([v, v_ref], axis=1),
+                         bias=bias[None], backend=backend)
+    raise ValueError(f"unknown CADS form {form!r}; expected one of {FORMS}.")
