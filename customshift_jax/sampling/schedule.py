@@ -199,7 +199,8 @@ def make_schedule(
     if config["shift_terminal"]:
         one_minus_z = 1 - sigmas
         scale_factor = one_minus_z[-1] / (1 - config["shift_terminal"])
-        sigmas = 1 - (one_minus_z / scale_factor)
+        with np.errstate(invalid="ignore", divide="ignore"):  # 0/0 for one step: refused below
+            sigmas = 1 - (one_minus_z / scale_factor)
     if config["use_karras_sigmas"]:
         sigmas = _karras(sigmas, n)
     elif config["use_exponential_sigmas"]:
