@@ -132,15 +132,28 @@ def mmdit_apply(
               jnp.asarray(skip_mask(config, skip_layers)))
 
 
-def load_transformer(path: str | Path, *, dtype: Any = jnp.float32) -> tuple[MMDiTConfig, Params]:
-    """(config, params) from a diffusers transformer folder or a pipeline folder (its `transformer/`).
+def load_transformer(path: str | Path, *, dtype: Any = jnp.float32,
+                     config: MMDiTConfig | None = None) -> tuple[MMDiTConfig, Params]:
+    """(config, params) from a diffusers transformer folder, a pipeline folder (its `transformer/`), one of
+    our orbax checkpoints (`customshift convert`), or an original single-file SD3 / SD3.5 `.safetensors`
+    (architecture inferred from the shapes unless `config` is given).
 
     Raises FileNotFoundError / ValueError naming the file or key when the folder is not usable.
     """
+    from customshift_jax.checkpoint import is_checkpoint, load_checkpoint
     from customshift_jax.checkpoint_io import load_component
     from customshift_jax.mapping import params_from_state_dict
 
+    dtype = as_dtype(dtype)
+    if is_checkpoint(path):
+        config, params = load_checkpoint(path, components=["transformer"])["transformer"]
+        return config, jax.tree_util.tree_map(lambda a: jnp.asarray(a, dtype), params)
+    if Path(path).is_file() and Path(path).suffix == ".safetensors":
+        from convert.convert import load_single_file
+
+        config, params = load_single_file(path, "transformer", config=config, dtype=dtype)
+        return config, jax.tree_util.tree_map(jnp.asarray, params)
     raw_config, state_dict, folder = load_component(path, "transformer")
     config = MMDiTConfig.from_diffusers_config(raw_config)
-    params = params_from_state_dict(config, state_dict, dtype=as_dtype(dtype), what=f"{folder}")
+    params = params_from_state_dict(config, state_dict, dtype=dtype, what=f"{folder}")
     return config, jax.tree_util.tree_map(jnp.asarray, params)

@@ -100,6 +100,23 @@ def _set(tree: dict, path: tuple[str, ...], value) -> None:
     tree[path[-1]] = value
 
 
+def state_dict_shapes(config: MMDiTConfig) -> dict[str, tuple[int, ...]]:
+    """Every diffusers key `config` expects and its torch shape, in order; nothing is allocated."""
+    from customshift_jax.api import param_shapes
+
+    out: dict[str, tuple[int, ...]] = {}
+    for path, spec in _flat_paths(param_shapes(config)):
+        layer_shape = spec.shape[1:] if path[0] == "transformer_blocks" else spec.shape
+        for key in torch_keys_for_path(path):
+            out[key] = _torch_shape(path[-1], layer_shape)
+    return out
+
+
+def _shape_of(state_dict: Mapping[str, Any], key: str) -> tuple[int, ...]:
+    shape = getattr(state_dict, "shape", None)  # LazyStateDict-style: shape from the header, no read
+    return tuple(shape(key)) if callable(shape) else tuple(state_dict[key].shape)
+
+
 def params_from_state_dict(
     config: MMDiTConfig,
     state_dict: Mapping[str, Any],
@@ -107,45 +124,51 @@ def params_from_state_dict(
     dtype: Any = np.float32,
     what: str = "the transformer state dict",
     cast: Callable[[np.ndarray, Any], np.ndarray] | None = None,
+    on_tensor: Callable[[str, Any], None] | None = None,
 ) -> Params:
     """Map a diffusers `SD3Transformer2DModel` state dict onto our params (numpy, `dtype`).
 
     Every key must be used and every param filled with the right shape, else `StateDictMismatch`
-    names the missing, unexpected and mis-shaped keys. `state_dict` may be lazy (values read on access).
+    names the missing, unexpected and mis-shaped keys; that check runs before anything is read or
+    allocated. `state_dict` may be lazy (values read on access): each stacked param is preallocated and
+    filled layer by layer, so at most one source tensor is live besides the result. `on_tensor(key,
+    value)` runs after each source tensor has been copied (progress, releasing memory-mapped pages).
     """
     from customshift_jax.api import param_shapes
 
     cast = cast or (lambda a, dt: np.asarray(a, dtype=dt))
     shapes = param_shapes(config)
-    used: set[str] = set()
-    missing, misshaped = [], []
-    params: Params = {}
-    for path, spec in _flat_paths(shapes):
-        keys = torch_keys_for_path(path)
-        layer_shape = spec.shape[1:] if path[0] == "transformer_blocks" else spec.shape
-        layers = []
-        for key in keys:
-            if key not in state_dict:
-                missing.append(key)
-                continue
-            used.add(key)
-            value = state_dict[key]
-            got = tuple(value.shape)
-            expected = _torch_shape(path[-1], layer_shape)
-            if got != expected:
-                misshaped.append(f"{key} {got} (expected {expected})")
-                continue
-            layers.append(cast(_torch_to_leaf(path[-1], to_numpy(value)), dtype))
-        if len(layers) == len(keys):
-            _set(params, path, np.stack(layers) if path[0] == "transformer_blocks" else layers[0])
-    unexpected = sorted(set(state_dict.keys()) - used)
+    expected = state_dict_shapes(config)
+    missing = [k for k in expected if k not in state_dict]
+    misshaped = []
+    for key, want in expected.items():
+        if key in state_dict:
+            got = _shape_of(state_dict, key)
+            if got != want:
+                misshaped.append(f"{key} {got} (expected {want})")
+    unexpected = sorted(set(state_dict.keys()) - set(expected))
     if missing or unexpected or misshaped:
         raise StateDictMismatch(f"{what} (expected {describe(config)})", missing, unexpected, misshaped)
+    params: Params = {}
+    for path, spec in _flat_paths(shapes):
+        scanned = path[0] == "transformer_blocks"
+        out = np.empty(spec.shape, dtype)
+        for j, key in enumerate(torch_keys_for_path(path)):
+            value = state_dict[key]
+            target = out[j] if scanned else out
+            target[...] = cast(_torch_to_leaf(path[-1], to_numpy(value)), dtype)
+            if on_tensor is not None:
+                on_tensor(key, value)
+            del value
+        _set(params, path, out)
     return params
 
 
-def state_dict_from_params(config: MMDiTConfig, params: Params) -> dict[str, np.ndarray]:
-    """The inverse mapping: our params -> a diffusers state dict of numpy arrays (exact, no casting)."""
+def state_dict_views(config: MMDiTConfig, params: Params) -> dict[str, np.ndarray]:
+    """Our params -> a diffusers state dict of numpy views (transposed, not copied), in natural key order.
+
+    For streaming writers; `state_dict_from_params` is the same with contiguous copies.
+    """
     out: dict[str, np.ndarray] = {}
     for path, leaf in _flat_paths(params):
         array = np.asarray(leaf)
@@ -154,8 +177,13 @@ def state_dict_from_params(config: MMDiTConfig, params: Params) -> dict[str, np.
         if len(layers) != len(keys):
             raise ValueError(f"param {'/'.join(path)} has {len(layers)} layers, expected {len(keys)}.")
         for key, layer in zip(keys, layers):
-            out[key] = np.ascontiguousarray(_leaf_from_flax(path[-1], layer))
+            out[key] = _leaf_from_flax(path[-1], layer)
     return dict(sorted(out.items(), key=lambda kv: _natural_key(kv[0])))
+
+
+def state_dict_from_params(config: MMDiTConfig, params: Params) -> dict[str, np.ndarray]:
+    """The inverse mapping: our params -> a diffusers state dict of numpy arrays (exact, no casting)."""
+    return {key: np.ascontiguousarray(view) for key, view in state_dict_views(config, params).items()}
 
 
 def _natural_key(key: str) -> list:

@@ -1,0 +1,80 @@
+"""Our orbax checkpoint -> diffusers folders (`<component>/config.json` + `diffusion_pytorch_model.safetensors`)
+that `SD3Transformer2DModel.from_pretrained` and `AutoencoderKL.from_pretrained` load. Exact: the bytes of
+every tensor are the stored params, transposed back (fp32 in, fp32 out, bit for bit)."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Callable, Iterable
+
+import numpy as np
+
+from convert.convert import CONVERTERS, DTYPES, _parse_components, cast_array
+from customshift_jax.checkpoint import CheckpointExists, atomic_directory, config_dict, load_checkpoint, read_marker
+from customshift_jax.checkpoint_io import WEIGHTS_NAME
+from customshift_jax.safetensors_io import write_safetensors
+
+EXPORT_MARKER = "customshift_export.json"
+
+
+def _diffusers_version() -> str:
+    from importlib import metadata
+
+    try:
+        return metadata.version("diffusers")
+    except metadata.PackageNotFoundError:
+        return "0.42.1"
+
+
+def _check_export_destination(dst: Path, overwrite: bool) -> None:
+    if not (dst.exists() or dst.is_symlink()):
+        return
+    if not overwrite:
+        raise CheckpointExists(f"{dst} already exists; pass --overwrite to replace it once the export is complete, "
+                               f"or choose another destination.")
+    if dst.is_symlink() or not dst.is_dir() or (any(dst.iterdir()) and not (dst / EXPORT_MARKER).is_file()):
+        raise CheckpointExists(f"{dst} exists and is not an earlier `customshift export` (no {EXPORT_MARKER}); "
+                               f"refusing to replace it, even with --overwrite. Remove it yourself or choose "
+                               f"another destination.")
+
+
+def export(src: str | Path, dst: str | Path, *, components: str | Iterable[str] | None = None,
+           dtype: str | None = None, overwrite: bool = False,
+           log: Callable[[str], None] | None = None) -> Path:
+    """Write the components of our checkpoint SRC as diffusers folders DST/<component>/, atomically.
+
+    `dtype` ("fp32"/"bf16") casts on the way out; default: as stored. DST appears only when complete.
+    """
+    log = log or (lambda msg: print(msg, file=sys.stderr))
+    src, dst = Path(src), Path(dst).absolute()
+    marker = read_marker(src)
+    wanted = _parse_components(components)
+    present = [c for c in marker.get("components", {}) if c in CONVERTERS]
+    others = [c for c in marker.get("components", {}) if c not in CONVERTERS]
+    if others:
+        log(f"note: not exported (no diffusers form here): {', '.join(others)}.")
+    names = present if wanted is None else wanted
+    absent = [c for c in names if c not in present]
+    if absent or not names:
+        raise ValueError(f"{src}: has no {', '.join(absent) or 'exportable component'}; it holds "
+                         f"{', '.join(present) or 'nothing exportable'}.")
+    if dtype is not None and dtype not in DTYPES:
+        raise ValueError(f"unknown --dtype {dtype!r}; choose fp32 or bf16.")
+    _check_export_destination(dst, overwrite)
+    with atomic_directory(dst, lambda d: _check_export_destination(d, overwrite)) as tmp:
+        for name in names:  # one component in memory at a time
+            config, params = load_checkpoint(src, components=[name])[name]
+            conv = CONVERTERS[name]
+            tensors = conv.to_state_dict(config, params)
+            if dtype is not None:
+                tensors = {k: cast_array(v, DTYPES[dtype]) for k, v in tensors.items()}
+            (tmp / name).mkdir()
+            data = {"_class_name": conv.diffusers_class, "_diffusers_version": _diffusers_version(),
+                    **{k: v for k, v in config_dict(name, config).items() if k != "_class_name"}}
+            (tmp / name / "config.json").write_text(json.dumps(data, indent=2) + "\n")
+            write_safetensors(tmp / name / WEIGHTS_NAME, tensors, metadata={"format": "pt"})
+            del params, tensors
+        (tmp / EXPORT_MARKER).write_text(json.dumps({"exported_from": str(src.absolute()),
+                                                     "components": names}, indent=2) + "\n")
+    return dst

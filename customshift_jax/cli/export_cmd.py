@@ -1,0 +1,35 @@
+"""Export a customshift (orbax) checkpoint as diffusers folders.
+
+Writes DST/<component>/config.json and diffusion_pytorch_model.safetensors for each component, which
+SD3Transformer2DModel.from_pretrained(DST, subfolder="transformer") and AutoencoderKL.from_pretrained(DST,
+subfolder="vae") load. fp32 params export bit for bit. DST appears only when complete.
+
+example:
+  customshift export ckpt/sd3-medium out/sd3-medium-diffusers
+"""
+from __future__ import annotations
+
+import argparse
+
+HELP = "export a customshift checkpoint as diffusers folders (safetensors + config.json)"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("src", metavar="SRC", help="a checkpoint directory written by `customshift convert`")
+    p.add_argument("dst", metavar="DST", help="the folder to write (must not exist, unless --overwrite)")
+    p.add_argument("--components", default=None, metavar="LIST",
+                   help="comma-separated components to export (default: all in SRC)")
+    p.add_argument("--dtype", choices=("fp32", "bf16"), default=None, help="cast on export (default: as stored)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an earlier export at DST, once the new one is complete")
+
+
+def run(args: argparse.Namespace) -> int:
+    from convert.export import export
+    from customshift_jax.cli.convert_cmd import quiet_orbax
+
+    quiet_orbax()
+    dst = export(args.src, args.dst, components=args.components, dtype=args.dtype, overwrite=args.overwrite)
+    parts = sorted(p.name for p in dst.iterdir() if (p / "config.json").is_file())
+    print(f"wrote {dst}: {', '.join(f'{p}/' for p in parts)} (diffusers from_pretrained(..., subfolder=NAME))")
+    return 0
