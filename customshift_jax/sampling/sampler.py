@@ -67,8 +67,8 @@ def slg_active_steps(num_steps: int, start: float = SLG_START, stop: float = SLG
     return np.array([i > num_steps * start and i < num_steps * stop for i in range(num_steps)], bool)
 
 
-def skip_layer_guidance(config: MMDiTConfig | int, layers: Sequence[int], num_steps: int, *,
-                        scale: float = SLG_SCALE, start: float = SLG_START, stop: float = SLG_STOP) -> SkipLayerGuidance:
+def skip_layer_guidance(config: MMDiTConfig | int, layers: Sequence[int], num_steps: int, *, scale: float = SLG_SCALE,
+                        start: float = SLG_START, stop: float = SLG_STOP) -> SkipLayerGuidance:
     """diffusers' `skip_guidance_layers=, skip_layer_guidance_scale/start/stop=` as a `SkipLayerGuidance`.
 
     `start` and `stop` are fractions of the step count; `config` may be an `MMDiTConfig` or the number of layers.
@@ -228,11 +228,11 @@ def make_sampler(
     key=None, height=None, width=None, vae_params=None)`.
 
     `forward` defaults to `make_forward(config, dtype=, backend=, remat=)`. Give `latents` (B, C, h, w), or
-    `latents=None` with `key` and the pixel `height`, `width` to draw x_T from `jax.random.normal(key)` inside
-    the same jit. Returns z_0 (B, C, h, w) float32; with `decode=True` (needs `vae_config` and `vae_params`)
-    the VAE decoder's raw output (B, 3, H, W), about [-1, 1], of `unscale_latents(z_0)` instead. Params,
-    latents, key, conditioning, schedule, guidance scale, SLG and `extra` are jit inputs: only shapes and
-    whether CFG is on (guidance_scale > 1) compile anew.
+    `latents=None` with `key` and the pixel `height`, `width` to draw x_T = `jax.random.normal(key, shape)`
+    (then fed to the same compiled sampler). Returns z_0 (B, C, h, w) float32; with `decode=True` (needs
+    `vae_config`, and `vae_params` per call) the VAE decoder's raw output (B, 3, H, W), about [-1, 1], of
+    `unscale_latents(z_0)`. Params, latents, conditioning, schedule, guidance scale, SLG and `extra` are jit
+    inputs: only shapes and whether CFG / SLG are on compile anew.
     """
     from customshift_jax.api import as_dtype, check_inputs, make_forward
 
@@ -242,29 +242,26 @@ def make_sampler(
         raise ValueError("make_sampler(decode=True) needs vae_config (e.g. from customshift_jax.vae.load_vae).")
     vae_scale_factor = vae_config.downsample_factor if vae_config is not None else 8
 
-    def pure(params, latents, key, cond, schedule, guidance_scale, slg, extra, vae_params, *, cfg, noise_shape):
-        if latents is None:
-            latents = initial_latents(key, noise_shape)
-        z = sample(forward, params, latents, cond, schedule, guidance_scale=guidance_scale, num_layers=config.num_layers,
-                   slg=slg, extra=extra, cfg=cfg)
+    def pure(params, latents, cond, schedule, guidance_scale, slg, extra, vae_params, *, cfg):
+        z = sample(forward, params, latents, cond, schedule, guidance_scale=guidance_scale,
+                   num_layers=config.num_layers, slg=slg, extra=extra, cfg=cfg)
         if not decode:
             return z
         from customshift_jax.vae import unscale_latents, vae_decode
 
         return vae_decode(vae_config, vae_params, unscale_latents(vae_config, z), dtype=as_dtype(vae_dtype))
 
-    jitted = jax.jit(pure, static_argnames=("cfg", "noise_shape"))
+    jitted = jax.jit(pure, static_argnames=("cfg",))
+    noise = jax.jit(initial_latents, static_argnums=1)
 
     def run(params, latents, cond: Conditioning, schedule: Schedule, *, guidance_scale: float,
             slg: SkipLayerGuidance | None = None, extra: Mapping[str, Any] | None = None, key: Array | None = None,
             height: int | None = None, width: int | None = None, vae_params: Any = None) -> Array:
         cfg = bool(guidance_scale > 1)
-        noise_shape = None
         if latents is None:
             if key is None or height is None or width is None:
                 raise ValueError("pass either latents (B, C, h, w) or key= with the pixel height= and width=.")
-            noise_shape = latent_shape(config, _shape(cond.prompt_embeds)[0], height, width, vae_scale_factor)
-            shape = noise_shape
+            shape = latent_shape(config, _shape(cond.prompt_embeds)[0], height, width, vae_scale_factor)
         else:
             if key is not None:
                 raise ValueError("pass latents or key=, not both: the key only draws latents when none are given.")
@@ -280,8 +277,11 @@ def make_sampler(
             warnings.warn("skip-layer guidance is ignored without classifier-free guidance (guidance_scale <= 1), "
                           "as in diffusers' StableDiffusion3Pipeline.", stacklevel=2)
             slg = None
-        return jitted(params, latents, key, cond, schedule, np.float32(guidance_scale), slg, extra,
-                      vae_params if decode else None, cfg=cfg, noise_shape=noise_shape)
+        if latents is None:
+            latents = noise(key, shape)  # same compiled sampler as for given latents
+        return jitted(params, latents, cond, schedule, np.float32(guidance_scale), slg, extra,
+                      vae_params if decode else None, cfg=cfg)
 
-    run.jitted = jitted  # the underlying jax.jit function (for .lower(...).compile(), cost analysis)
+    run.jitted = jitted  # jit(pure)(params, latents, cond, schedule, guidance, slg, extra, vae_params, *, cfg)
+    run.noise = noise  # jit(initial_latents)(key, shape)
     return run

@@ -59,7 +59,8 @@ def load_scheduler_config(source: str | Path | Mapping[str, Any]) -> dict[str, A
         raw = dict(source)
     else:
         path = Path(source)
-        candidates = [path] if path.is_file() else [path / SCHEDULER_CONFIG_NAME, path / "scheduler" / SCHEDULER_CONFIG_NAME]
+        candidates = [path] if path.is_file() else [path / SCHEDULER_CONFIG_NAME,
+                                                    path / "scheduler" / SCHEDULER_CONFIG_NAME]
         found = next((p for p in candidates if p.is_file()), None)
         if found is None:
             raise FileNotFoundError(
