@@ -79,17 +79,39 @@ def init_lora(config: MMDiTConfig, lora: LoRAConfig, rng: jax.Array, *, branch: 
     return jax.jit(lambda key: model.init(key, *_dummy_inputs(config))["lora"])(rng)
 
 
+@functools.lru_cache(maxsize=16)
+def lora_shapes(config: MMDiTConfig, lora: LoRAConfig, branch: str) -> Params:
+    """Shapes of one branch's LoRA tree (nothing allocated)."""
+    return jax.eval_shape(lambda: init_lora(config, lora, jax.random.key(0), branch=branch))
+
+
+def check_lora(config: MMDiTConfig, lora: LoRAConfig, lora_params: Params, branch: str) -> None:
+    """Refuse a LoRA tree of another rank, targets or model, naming the first mismatching entries."""
+    expected = {jax.tree_util.keystr(k): v.shape for k, v in
+                jax.tree_util.tree_flatten_with_path(lora_shapes(config, lora, branch))[0]}
+    got = {jax.tree_util.keystr(k): np.shape(v) for k, v in jax.tree_util.tree_flatten_with_path(lora_params)[0]}
+    problems = [f"missing {k}" for k in expected if k not in got][:5]
+    problems += [f"unexpected {k}" for k in got if k not in expected][:5]
+    problems += [f"{k} has shape {got[k]}, expected {expected[k]}" for k in expected
+                 if k in got and tuple(got[k]) != tuple(expected[k])][:5]
+    if problems:
+        raise ValueError(f"the {branch.upper()} LoRA does not fit this model with rank {lora.rank}: "
+                         + "; ".join(problems) + ". Was it trained for another model or rank?")
+
+
 def _variables(params: Params, lora_params: Params | None) -> dict:
     return {"params": params} if lora_params is None else {"params": params, "lora": lora_params}
 
 
 def make_prefill(config: MMDiTConfig, lora: LoRAConfig | None = None, *, dtype: Any = jnp.float32,
-                 backend: str = "xla") -> Callable:
+                 backend: str = "xla", activation_sharding: Callable | None = None) -> Callable:
     """Pure RAB prefill `f(params, rab_lora, ref_latents, subject_embeds, subject_pooled) -> {group: (K, V)}`.
 
-    Timestep 0 (the reference is clean), no skip layers; jax.jit takes it as it is.
+    Timestep 0 (the reference is clean), no skip layers; jax.jit takes it as it is. `activation_sharding`:
+    the block-boundary hook of `customshift_jax.sharding` (None: no constraint).
     """
-    model = lora_model(config, lora, dtype=as_dtype(dtype), backend=backend, emit_kv=True)
+    model = lora_model(config, lora, dtype=as_dtype(dtype), backend=backend, emit_kv=True,
+                       activation_sharding=activation_sharding)
 
     def prefill_fn(params, rab_lora, ref_latents, subject_embeds, subject_pooled):
         t0 = jnp.zeros((ref_latents.shape[0],), jnp.float32)
@@ -101,17 +123,18 @@ def make_prefill(config: MMDiTConfig, lora: LoRAConfig | None = None, *, dtype: 
 
 def make_customshift_forward(config: MMDiTConfig, lora: LoRAConfig | None = None, *, shift: str = "cads",
                              form: str = "two_pass", dtype: Any = jnp.float32, backend: str = "xla",
-                             remat: str = "none") -> Callable:
+                             remat: str = "none", activation_sharding: Callable | None = None) -> Callable:
     """Pure CGB forward `f(params, cgb_lora, x, t, ehs, pooled, skip_mask, ref_kv, gamma) -> sample`.
 
     `ref_kv` is `RefCache.kv` (or None: exactly the base forward); `gamma` a scalar (traced, no recompile).
+    `activation_sharding`: the block-boundary hook of `customshift_jax.sharding` (None: no constraint).
     """
     if shift not in SHIFTS:
         raise ValueError(f"unknown shift {shift!r}; expected one of {SHIFTS}.")
     if form not in FORMS:
         raise ValueError(f"unknown CADS form {form!r}; expected one of {FORMS}.")
     model = lora_model(config, lora, dtype=as_dtype(dtype), backend=backend, shift=shift, cads_form=form,
-                       remat=remat)
+                       remat=remat, activation_sharding=activation_sharding)
 
     def forward(params, cgb_lora, hidden_states, timestep, encoder_hidden_states, pooled_projections, skip,
                 ref_kv=None, gamma=1.0):
@@ -140,6 +163,8 @@ def prefill(config: MMDiTConfig, params: Params, ref_latents, subject_embeds, su
     check_inputs(config, ref_latents, np.zeros(ref_latents.shape[0]), subject_embeds, subject_pooled)
     if rab_lora is not None and lora is None:
         raise ValueError("rab_lora was given without its LoRAConfig (rank, alpha, targets).")
+    if rab_lora is not None:
+        check_lora(config, lora, rab_lora, "rab")
     fn = _jitted_prefill(config, lora, as_dtype(dtype), backend)
     return RefCache(fn(params, rab_lora, ref_latents, subject_embeds, subject_pooled), config_fingerprint(config))
 
@@ -157,6 +182,8 @@ def customshift_apply(config: MMDiTConfig, params: Params, hidden_states, timest
         check_cache(config, cache, hidden_states.shape[0])
     if cgb_lora is not None and lora is None:
         raise ValueError("cgb_lora was given without its LoRAConfig (rank, alpha, targets).")
+    if cgb_lora is not None:
+        check_lora(config, lora, cgb_lora, "cgb")
     timestep = jnp.broadcast_to(jnp.asarray(timestep, jnp.float32).reshape(-1), (hidden_states.shape[0],))
     fn = _jitted_forward(config, lora, shift, form, as_dtype(dtype), backend)
     return fn(params, cgb_lora, hidden_states, timestep, encoder_hidden_states, pooled_projections,
