@@ -51,12 +51,16 @@ def tiny():
 
 
 def _parity(config, model, params, images):
-    """Relative errors of (mean, logvar, decode(mean)) against diffusers."""
+    """Relative errors of our fp32 (mean, logvar, decode(mean)) against `model` (diffusers, fp32 or fp64).
+
+    Both sides decode the same fp32 latents (the reference's mean rounded to fp32)."""
+    dtype = next(model.parameters()).dtype
     with torch.no_grad():
-        post = model.encode(images).latent_dist
-        decoded = model.decode(post.mean).sample
+        post = model.encode(images.to(dtype)).latent_dist
+        z = post.mean.float()
+        decoded = model.decode(z.to(dtype)).sample
     mean, logvar = encode_moments_jit(config, params, images.numpy())
-    out = decode_jit(config, params, post.mean.numpy())
+    out = decode_jit(config, params, z.numpy())
     assert mean.shape == tuple(post.mean.shape) and out.shape == tuple(decoded.shape)
     return rel_err(mean, post.mean.numpy()), rel_err(logvar, post.logvar.numpy()), rel_err(out, decoded.numpy())
 
@@ -69,10 +73,15 @@ def test_tiny_parity_batch_nonsquare(tiny):
 
 
 def test_sd3_width_parity():
+    # Reference: the same diffusers VAE run in fp64 (weights are the fp32 ones, exactly). At SD3 depth
+    # diffusers' own fp32 forward is 0.7e-5 to 1.1e-5 from that exact result on random weights (oneDNN's conv
+    # round-off, accumulated over ~30 convs), so fp32-vs-fp32 sits at the round-off floor and cannot hold 1e-5
+    # for every input; ours is held to 1e-5 of the exact forward instead (measured 4.5e-6 to 8.4e-6 over
+    # 4 seeds). The tiny-width test above compares fp32 with fp32.
     config = VAEConfig.sd3()
     model = _torch_vae(config)
     params = vae_params_from_state_dict(config, model.state_dict())
-    e_mean, e_logvar, e_dec = _parity(config, model, params, torch.rand(1, 3, 64, 64) * 2 - 1)
+    e_mean, e_logvar, e_dec = _parity(config, model.double(), params, torch.rand(1, 3, 64, 64) * 2 - 1)
     assert e_mean <= TOL and e_logvar <= TOL and e_dec <= TOL, (e_mean, e_logvar, e_dec)
 
 
