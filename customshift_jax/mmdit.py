@@ -30,6 +30,16 @@ from customshift_jax.layers import (
 )
 from customshift_jax.lora import LoRAConfig
 
+# Sharding hook at block boundaries: `hook(x, logical_axes) -> x`, e.g. a `with_sharding_constraint` by rules.
+ActivationHook = Callable[[jax.Array, tuple[str | None, ...]], jax.Array]
+BOUNDARY_AXES = ("batch", "length", "embed")  # logical axes of the carry x (B, N, D) and c (B, M, D)
+
+
+def constrain(hook: ActivationHook | None, *arrays: jax.Array) -> tuple[jax.Array, ...]:
+    """Apply the block-boundary sharding hook to each (B, tokens, width) array; no hook: unchanged."""
+    return arrays if hook is None else tuple(hook(a, BOUNDARY_AXES) for a in arrays)
+
+
 REMAT_POLICIES: dict[str, Callable | None] = {
     "none": None,
     "full": jax.checkpoint_policies.nothing_saveable,
@@ -133,6 +143,7 @@ class JointTransformerBlock(nn.Module):
     emit_kv: bool = False
     shift: str = "cads"
     cads_form: str = "two_pass"
+    activation_sharding: ActivationHook | None = None
 
     @nn.compact
     def __call__(self, carry, skip: jax.Array, ref_kv, temb: jax.Array, gamma):
@@ -179,6 +190,7 @@ class JointTransformerBlock(nn.Module):
         # skip_layers: a skipped block passes its inputs through unchanged.
         new_x = jnp.where(skip, x, new_x)
         new_c = jnp.where(skip, c, new_c)
+        new_x, new_c = constrain(self.activation_sharding, new_x, new_c)
         return (new_x, new_c), ((new_x, new_c) if self.collect_outputs else None, kv)
 
 
@@ -198,6 +210,7 @@ class BlockGroup(nn.Module):
     emit_kv: bool = False
     shift: str = "cads"
     cads_form: str = "two_pass"
+    activation_sharding: ActivationHook | None = None
 
     @nn.compact
     def __call__(self, x, c, skip, ref_kv, temb, gamma):
@@ -209,7 +222,8 @@ class BlockGroup(nn.Module):
         body = scanned(config=self.config, use_dual_attention=self.use_dual_attention,
                        context_pre_only=self.context_pre_only, backend=self.backend, dtype=self.dtype,
                        param_dtype=self.param_dtype, collect_outputs=self.collect_outputs, lora=self.lora,
-                       emit_kv=self.emit_kv, shift=self.shift, cads_form=self.cads_form, name="scan")
+                       emit_kv=self.emit_kv, shift=self.shift, cads_form=self.cads_form,
+                       activation_sharding=self.activation_sharding, name="scan")
         (x, c), (per_block, kv) = body((x, c), skip, ref_kv, temb, gamma)
         return x, c, per_block, kv  # kv: (K, V) each (L, B, N+M, H, D) when emit_kv
 
@@ -232,6 +246,7 @@ class TransformerBlocks(nn.Module):
     emit_kv: bool = False
     shift: str = "cads"
     cads_form: str = "two_pass"
+    activation_sharding: ActivationHook | None = None
 
     @nn.compact
     def __call__(self, x, c, temb, skip_mask, ref_cache=None, gamma=None):
@@ -242,7 +257,7 @@ class TransformerBlocks(nn.Module):
             dual, pre_only = self.config.block_kind(start)
             group = BlockGroup(self.config, stop - start, dual, pre_only, self.backend, self.remat, self.dtype,
                                self.param_dtype, self.collect_outputs, self.lora, self.emit_kv, self.shift,
-                               self.cads_form, name=name)
+                               self.cads_form, self.activation_sharding, name=name)
             ref_kv = None if ref_cache is None else ref_cache[name]
             x, c, outs, kv = group(x, c, skip_mask[start:stop], ref_kv, temb, gamma)
             per_block.append(outs)
@@ -267,6 +282,7 @@ class SD3Transformer(nn.Module):
     emit_kv: bool = False
     shift: str = "cads"
     cads_form: str = "two_pass"
+    activation_sharding: ActivationHook | None = None
 
     @nn.compact
     def __call__(self, hidden_states, timestep, encoder_hidden_states, pooled_projections, skip_mask,
@@ -280,7 +296,9 @@ class SD3Transformer(nn.Module):
             timestep, pooled_projections)
         c = Dense(cfg.caption_projection_dim, name="context_embedder", **kw)(encoder_hidden_states)
         blocks = TransformerBlocks(cfg, self.backend, self.remat, self.dtype, self.param_dtype, self.collect_outputs,
-                                   self.lora, self.emit_kv, self.shift, self.cads_form, name="transformer_blocks")
+                                   self.lora, self.emit_kv, self.shift, self.cads_form, self.activation_sharding,
+                                   name="transformer_blocks")
+        x, c = constrain(self.activation_sharding, x, c)
         x, c, per_block, kv_cache = blocks(x, c, temb, skip_mask, ref_cache, gamma)
         if self.emit_kv and not self.is_initializing():
             return kv_cache
