@@ -1,0 +1,37 @@
+"""Sampling with CustomShift: the SD3 sampler whose forward is the Cross-Guidance Branch reading the cache.
+
+The reference cache is a jit input computed once outside the scan over steps (DESIGN section 4); both CFG
+passes read it. `recompute_rab=True` instead runs the Reference-Alignment Branch inside every step: the
+same numbers at a higher cost, kept for tests and benchmarks.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import jax.numpy as jnp
+
+from customshift_jax.config import MMDiTConfig
+from customshift_jax.customshift import make_customshift_forward, make_prefill
+from customshift_jax.lora import LoRAConfig
+from customshift_jax.sampling import make_sampler
+
+
+def make_customshift_sampler(config: MMDiTConfig, lora: LoRAConfig | None = None, *, shift: str = "cads",
+                             form: str = "two_pass", dtype: Any = jnp.float32, backend: str = "xla",
+                             recompute_rab: bool = False, **sampler_kw) -> Callable:
+    """A jitted sampler `run(params, latents, cond, schedule, *, guidance_scale, extra, ...)` (see `make_sampler`).
+
+    params: {"base": MMDiT params, "cgb_lora": tree or None (and "rab_lora" with `recompute_rab`)}.
+    extra: {"ref_kv": RefCache.kv, "gamma": scalar}; with `recompute_rab`, {"ref_latents", "subject_embeds",
+    "subject_pooled", "gamma"} instead.
+    """
+    cgb = make_customshift_forward(config, lora, shift=shift, form=form, dtype=dtype, backend=backend)
+    rab = make_prefill(config, lora, dtype=dtype, backend=backend) if recompute_rab else None
+
+    def forward(params, x, t, ehs, pooled, skip, *, gamma, ref_kv=None, ref_latents=None, subject_embeds=None,
+                subject_pooled=None):
+        if rab is not None:
+            ref_kv = rab(params["base"], params.get("rab_lora"), ref_latents, subject_embeds, subject_pooled)
+        return cgb(params["base"], params.get("cgb_lora"), x, t, ehs, pooled, skip, ref_kv, gamma)
+
+    return make_sampler(config, forward=forward, dtype=dtype, backend=backend, **sampler_kw)

@@ -1,0 +1,73 @@
+"""CustomShift sampling: the cache computed once equals the RAB recomputed in every step; gamma = 0 is SD3."""
+import jax
+import numpy as np
+import pytest
+
+from customshift_jax import get_preset, init_mmdit
+from customshift_jax.customshift import init_lora, prefill
+from customshift_jax.customshift_sampling import make_customshift_sampler
+from customshift_jax.lora import LoRAConfig
+from customshift_jax.numerics import relative_error
+from customshift_jax.reference_image import load_reference_image
+from customshift_jax.sampling import Conditioning, make_sampler, make_schedule
+
+CONFIG = get_preset("tiny-sd3.5-medium")
+LORA = LoRAConfig(rank=4, alpha=4.0)
+DREAMBENCH = __import__("pathlib").Path(__file__).resolve().parents[2] / "shared" / "data" / "dreambench"
+
+
+def _random(tree, key):
+    leaves, treedef = jax.tree_util.tree_flatten(tree)
+    return treedef.unflatten([0.05 * jax.random.normal(k, x.shape) for k, x in
+                              zip(jax.random.split(key, len(leaves)), leaves)])
+
+
+@pytest.fixture(scope="module")
+def setup():
+    params = init_mmdit(CONFIG, jax.random.key(0))
+    rab = _random(init_lora(CONFIG, LORA, jax.random.key(1), branch="rab"), jax.random.key(2))
+    cgb = _random(init_lora(CONFIG, LORA, jax.random.key(3), branch="cgb"), jax.random.key(4))
+    rng = np.random.default_rng(0)
+    j, p = CONFIG.joint_attention_dim, CONFIG.pooled_projection_dim
+    cond = Conditioning(*(rng.standard_normal(s).astype(np.float32) for s in [(2, 6, j), (2, p), (2, 6, j), (2, p)]))
+    ref = (rng.standard_normal((1, 16, 8, 8)).astype(np.float32), rng.standard_normal((1, 4, j)).astype(np.float32),
+           rng.standard_normal((1, p)).astype(np.float32))
+    latents = rng.standard_normal((2, 16, 8, 12)).astype(np.float32)
+    schedule = make_schedule({"shift": 3.0}, 4)
+    return params, rab, cgb, cond, ref, latents, schedule
+
+
+def test_cached_equals_recomputed_rab_every_step(setup):
+    params, rab, cgb, cond, ref, latents, schedule = setup
+    cache = prefill(CONFIG, params, *ref, rab_lora=rab, lora=LORA)
+    cached = make_customshift_sampler(CONFIG, LORA)(
+        {"base": params, "cgb_lora": cgb}, latents, cond, schedule, guidance_scale=4.0,
+        extra={"ref_kv": cache.kv, "gamma": 1.3})
+    recomputed = make_customshift_sampler(CONFIG, LORA, recompute_rab=True)(
+        {"base": params, "cgb_lora": cgb, "rab_lora": rab}, latents, cond, schedule, guidance_scale=4.0,
+        extra={"ref_latents": ref[0], "subject_embeds": ref[1], "subject_pooled": ref[2], "gamma": 1.3})
+    assert relative_error(cached, recomputed) <= 1e-6
+    base = make_sampler(CONFIG)(params, latents, cond, schedule, guidance_scale=4.0)
+    assert relative_error(cached, base) > 1e-3  # the reference matters
+
+
+def test_gamma_zero_with_zero_lora_is_base_sd3(setup):
+    params, _, _, cond, ref, latents, schedule = setup
+    cache = prefill(CONFIG, params, *ref)
+    zero = init_lora(CONFIG, LORA, jax.random.key(5), branch="cgb")
+    out = make_customshift_sampler(CONFIG, LORA)({"base": params, "cgb_lora": zero}, latents, cond, schedule,
+                                                 guidance_scale=4.0, extra={"ref_kv": cache.kv, "gamma": 0.0})
+    base = make_sampler(CONFIG)(params, latents, cond, schedule, guidance_scale=4.0)
+    np.testing.assert_array_equal(np.asarray(out), np.asarray(base))
+
+
+def test_reference_image_reading(tmp_path):
+    image = load_reference_image(DREAMBENCH / "dog" / "00.jpg", 48, 32)
+    assert image.shape == (1, 3, 48, 32) and image.dtype == np.float32
+    assert -1.0 <= image.min() < image.max() <= 1.0
+    bad = tmp_path / "broken.jpg"
+    bad.write_bytes(b"\xff\xd8\xff not really a jpeg")
+    with pytest.raises(ValueError, match="broken.jpg cannot be read"):
+        load_reference_image(bad, 32, 32)
+    with pytest.raises(FileNotFoundError, match="no such file"):
+        load_reference_image(tmp_path / "absent.png", 32, 32)
