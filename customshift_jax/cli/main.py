@@ -5,13 +5,14 @@ import argparse
 import sys
 from typing import Callable, Sequence
 
-from customshift_jax.cli import convert_cmd, crosscheck_cmd, export_cmd
+from customshift_jax.cli import convert_cmd, crosscheck_cmd, export_cmd, generate_cmd
 
 # name -> (module with `add_arguments(parser)` and `run(args) -> int`)
 SUBCOMMANDS = {
     "crosscheck": crosscheck_cmd,
     "convert": convert_cmd,
     "export": export_cmd,
+    "generate": generate_cmd,
 }
 
 USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError, IsADirectoryError, PermissionError)

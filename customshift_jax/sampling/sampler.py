@@ -153,6 +153,7 @@ def sample(
     slg: SkipLayerGuidance | None = None,
     extra: Mapping[str, Any] | None = None,
     cfg: bool | None = None,
+    progress: Callable[[Any], None] | None = None,
 ) -> Array:
     """Run T flow-match Euler steps from `latents` (B, C, H, W) (the noise x_T) and return z_0 (B, C, H, W) float32.
 
@@ -162,7 +163,8 @@ def sample(
     `x + (sigma_next - sigma) * v` in float32. `cfg` defaults to `guidance_scale > 1` (then `guidance_scale`
     must be a Python number; pass `cfg` explicitly to make it a traced value). `extra` is passed to every
     forward call as keyword arguments, unchanged (the forward broadcasts it over the batch it gets: 2B for
-    the CFG call, B for the others). Pure: jit it with `forward` closed over.
+    the CFG call, B for the others). `progress(step_index)` is called on the host after each step (an
+    unordered `jax.debug.callback`: it does not hold the loop back). Pure: jit it with `forward` closed over.
     """
     if cfg is None:
         try:
@@ -190,7 +192,7 @@ def sample(
         return forward(params, x_in, t_b, ehs_in, pooled_in, skip, **extra).astype(jnp.float32)
 
     def step(x, xs):
-        t, sigma, sigma_next, slg_on = xs
+        index, t, sigma, sigma_next, slg_on = xs
         if cfg:
             v = model(jnp.concatenate([x, x], axis=0), t, ehs, pooled_cfg, no_skip)  # (2B, C, H, W)
             v_uncond, v_text = v[:b], v[b:]
@@ -204,12 +206,16 @@ def sample(
         else:
             v = model(x, t, pe, pooled, no_skip)
         dt = sigma_next - sigma  # float32, as the scheduler
-        return x + dt * v, None
+        x = x + dt * v
+        if progress is not None:
+            jax.debug.callback(progress, index)
+        return x, None
 
     sigmas = jnp.asarray(schedule.sigmas, jnp.float32)
     timesteps = jnp.asarray(schedule.timesteps, jnp.float32)
     active = jnp.asarray(slg.active, bool) if slg is not None else jnp.zeros(timesteps.shape, bool)
-    x, _ = jax.lax.scan(step, x, (timesteps, sigmas[:-1], sigmas[1:], active))
+    steps = jnp.arange(timesteps.shape[0])
+    x, _ = jax.lax.scan(step, x, (steps, timesteps, sigmas[:-1], sigmas[1:], active))
     return x
 
 
@@ -223,6 +229,7 @@ def make_sampler(
     decode: bool = False,
     vae_config: Any = None,
     vae_dtype: Any = jnp.float32,
+    progress: Callable[[Any], None] | None = None,
 ) -> Callable:
     """A jit-compiled sampler `run(params, latents, cond, schedule, *, guidance_scale, slg=None, extra=None,
     key=None, height=None, width=None, vae_params=None)`.
@@ -244,7 +251,7 @@ def make_sampler(
 
     def pure(params, latents, cond, schedule, guidance_scale, slg, extra, vae_params, *, cfg):
         z = sample(forward, params, latents, cond, schedule, guidance_scale=guidance_scale,
-                   num_layers=config.num_layers, slg=slg, extra=extra, cfg=cfg)
+                   num_layers=config.num_layers, slg=slg, extra=extra, cfg=cfg, progress=progress)
         if not decode:
             return z
         from customshift_jax.vae import unscale_latents, vae_decode

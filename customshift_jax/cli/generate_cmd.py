@@ -1,0 +1,185 @@
+"""Generate images with SD3, or with CustomShift when a reference image and its subject name are given.
+
+Examples:
+  customshift generate --checkpoint ckpt/ --prompt "a dog on the beach" --out out/
+  customshift generate --checkpoint ckpt/ --prompts-file prompts.txt --reference dog.jpg --subject dog
+  customshift generate --checkpoint ckpt/ --embeds embeds.npz --init-latents x.npy --save-latents z.npy
+
+CKPT is a checkpoint written by `customshift convert` or a diffusers SD3 pipeline folder. Text encoders
+(PyTorch, on the host) come from --text-encoders or the pipeline folder; --embeds skips them.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+HELP = "generate images (SD3, or CustomShift with --reference/--subject)"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--checkpoint", required=True, help="our checkpoint directory or a diffusers pipeline folder")
+    p.add_argument("--prompt", help="the prompt")
+    p.add_argument("--prompts-file", help="a file of prompts, one a line (one compile serves them all)")
+    p.add_argument("--negative-prompt", default="", help="negative prompt for classifier-free guidance")
+    p.add_argument("--height", type=int, help="image height in px (default: the model's native size)")
+    p.add_argument("--width", type=int, help="image width in px (default: the model's native size)")
+    p.add_argument("--steps", type=int, default=28, help="sampling steps (default 28)")
+    p.add_argument("--guidance", type=float, default=7.0, help="classifier-free guidance scale; <= 1 turns it off")
+    p.add_argument("--seed", type=int, default=0, help="random seed: same seed, same image")
+    p.add_argument("--num-images", type=int, default=1, help="images per prompt")
+    p.add_argument("--out", default="out", help="output folder for the PNGs (default ./out)")
+    p.add_argument("--max-sequence-length", type=int, default=256, help="T5 tokens (default 256)")
+    p.add_argument("--text-encoders", help="a diffusers pipeline folder holding the text encoders")
+    p.add_argument("--text-cache", default=str(Path.home() / ".cache" / "customshift" / "text"),
+                   help="folder of cached prompt embeddings (a prompt is encoded once)")
+    p.add_argument("--embeds", help=".npz with prompt_embeds, pooled_prompt_embeds, negative_prompt_embeds, "
+                   "negative_pooled_prompt_embeds (and subject_embeds, subject_pooled_embeds): no text encoders")
+    p.add_argument("--init-latents", help=".npy of initial latents (B, 16, h, w) instead of seeded noise")
+    p.add_argument("--save-latents", help="write the final latents (before decoding) to this .npy")
+    g = p.add_argument_group("CustomShift")
+    g.add_argument("--reference", help="reference image of the subject (JPEG, PNG, ...)")
+    g.add_argument("--subject", help="the subject's name, e.g. 'dog'")
+    g.add_argument("--gamma", type=float, default=1.0, help="reference strength: larger follows the reference, "
+                   "smaller the text, 0 ignores it (default 1)")
+    g.add_argument("--shift", choices=["cads", "concat"], default="cads",
+                   help="attention distribution shift, or plain concatenation (ablation)")
+    g.add_argument("--lora", help="CustomShift LoRA file (.safetensors, as `customshift` exports it)")
+
+
+def _encode(args, comps, prompts):
+    """(PromptEmbeds for the prompts, subject (embeds, pooled) or None)."""
+    from customshift_jax.generate import load_embeds_file
+    from customshift_jax.text import CachedTextEncoder, TextEncoders
+
+    need_subject = args.reference is not None
+    if args.embeds:
+        embeds, subject = load_embeds_file(args.embeds, need_subject=need_subject and comps.text_folder is None)
+        if subject is not None or not need_subject:
+            return embeds, subject
+    if comps.text_folder is None:
+        raise ValueError(f"{args.checkpoint} has no text encoders: pass --text-encoders PIPELINE_FOLDER, or "
+                         "precomputed embeddings with --embeds FILE.npz.")
+    encoder = CachedTextEncoder(TextEncoders.from_pretrained(comps.text_folder), args.text_cache)
+    embeds = None
+    if not args.embeds:
+        embeds = encoder.encode(prompts, [args.negative_prompt] * len(prompts),
+                                max_sequence_length=args.max_sequence_length,
+                                do_classifier_free_guidance=args.guidance > 1)
+    else:
+        embeds, _ = load_embeds_file(args.embeds, need_subject=False)
+    subject = None
+    if need_subject:
+        s = encoder.encode([args.subject], max_sequence_length=args.max_sequence_length,
+                           do_classifier_free_guidance=False)
+        subject = (s.prompt_embeds, s.pooled_prompt_embeds)
+    return embeds, subject
+
+
+def run(args: argparse.Namespace) -> int:
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from customshift_jax.generate import (
+        StepProgress, check_init_latents, check_size, load_components, read_prompts, save_png)
+    from customshift_jax.sampling import Conditioning, make_sampler, make_schedule
+
+    if args.steps < 1 or args.num_images < 1:
+        raise ValueError("--steps and --num-images must be at least 1.")
+    if args.reference is not None and not (args.subject or "").strip() and not args.embeds:
+        raise ValueError("--reference needs --subject NAME (the subject's name, e.g. 'dog'); it is empty.")
+    if args.subject is not None and not args.subject.strip():
+        raise ValueError("--subject is empty; give the subject's name, e.g. 'dog'.")
+    if args.subject and args.reference is None:
+        raise ValueError("--subject is given without --reference IMAGE.")
+    prompts = read_prompts(args.prompt, args.prompts_file) if (args.prompt or args.prompts_file) else None
+    if prompts is None and not args.embeds:
+        raise ValueError("give --prompt TEXT, --prompts-file FILE, or --embeds FILE.npz.")
+
+    comps = load_components(args.checkpoint, text_encoders=args.text_encoders)
+    config, vae_config = comps.config, comps.vae_config
+    scale = vae_config.downsample_factor
+    height = args.height or config.sample_size * scale
+    width = args.width or config.sample_size * scale
+    check_size(config, scale, height, width)
+    embeds, subject = _encode(args, comps, prompts or [])
+    n_prompts = int(np.shape(embeds.prompt_embeds)[0])
+    if prompts is None:
+        prompts = [f"(prompt {i} of {args.embeds})" for i in range(n_prompts)]
+    if n_prompts != len(prompts):
+        raise ValueError(f"--embeds holds {n_prompts} prompts but {len(prompts)} were given.")
+    if args.guidance > 1 and not embeds.has_negative:
+        raise ValueError("guidance > 1 needs negative embeddings; the --embeds file has none (or use "
+                         "--guidance 1).")
+    shape = (n_prompts * args.num_images, 16, height // scale, width // scale)
+    init = None
+    if args.init_latents:
+        init = np.load(args.init_latents).astype(np.float32)
+        check_init_latents(init, shape, args.init_latents)
+
+    schedule = make_schedule(comps.scheduler, args.steps, image_seq_len=(height // scale // config.patch_size) *
+                             (width // scale // config.patch_size))
+    progress = StepProgress()
+    extra, params = None, comps.params
+    if args.reference:
+        from customshift_jax.customshift import prefill
+        from customshift_jax.customshift_sampling import make_customshift_sampler
+        from customshift_jax.reference_image import load_reference_image
+        from customshift_jax.vae import scale_latents, vae_encode
+
+        lora_cfg, rab_lora, cgb_lora = _load_lora(args.lora, config)
+        image = load_reference_image(args.reference, height, width)
+        ref_latents = scale_latents(vae_config, jax.jit(vae_encode, static_argnums=0)(vae_config, comps.vae_params,
+                                                                                      image))
+        cache = prefill(config, params, ref_latents, subject[0], subject[1], rab_lora=rab_lora, lora=lora_cfg)
+        sampler = make_customshift_sampler(config, lora_cfg, shift=args.shift, progress=progress,
+                                           vae_config=vae_config)
+        params = {"base": params, "cgb_lora": cgb_lora}
+        extra = {"ref_kv": cache.kv, "gamma": np.float32(args.gamma)}
+    else:
+        sampler = make_sampler(config, progress=progress, vae_config=vae_config)
+
+    from customshift_jax.vae import unscale_latents, vae_decode
+
+    decode = jax.jit(lambda p, z: vae_decode(vae_config, p, unscale_latents(vae_config, z)))
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    key = jax.random.key(args.seed)
+    n = args.num_images
+    finals = []
+    for i, prompt in enumerate(prompts):
+        pick = lambda a: None if a is None else np.repeat(np.asarray(a)[i:i + 1], n, axis=0)  # noqa: E731
+        cond = Conditioning(pick(embeds.prompt_embeds), pick(embeds.pooled_prompt_embeds),
+                            pick(embeds.negative_prompt_embeds) if args.guidance > 1 else None,
+                            pick(embeds.negative_pooled_prompt_embeds) if args.guidance > 1 else None)
+        progress.start(args.steps, f"prompt {i + 1}/{len(prompts)}")
+        kw = dict(latents=init[i * n:(i + 1) * n]) if init is not None else dict(
+            latents=None, key=jax.random.fold_in(key, i), height=height, width=width)
+        z = sampler(params, cond=cond, schedule=schedule, guidance_scale=args.guidance, extra=extra, **kw)
+        z = jax.block_until_ready(z)
+        progress.close()
+        finals.append(np.asarray(z))
+        images = np.asarray(decode(comps.vae_params, z))
+        for j in range(n):
+            meta = dict(prompt=prompt, negative_prompt=args.negative_prompt, seed=args.seed, index=j,
+                        steps=args.steps, guidance=args.guidance, height=height, width=width,
+                        checkpoint=str(args.checkpoint), reference=args.reference, subject=args.subject,
+                        gamma=args.gamma if args.reference else None, shift=args.shift if args.reference else None)
+            path = out / f"{i:03d}_{j:02d}.png"
+            save_png(images[j], path, meta)
+            print(path)
+    if args.save_latents:
+        np.save(args.save_latents, np.concatenate(finals, axis=0))
+        print(f"final latents -> {args.save_latents}")
+    (out / "settings.json").write_text(json.dumps(vars(args), indent=1, default=str))
+    return 0
+
+
+def _load_lora(path, config):
+    """(LoRAConfig, RAB LoRA, CGB LoRA) from a CustomShift LoRA file, or (None, None, None) without one."""
+    if path is None:
+        return None, None, None
+    from convert.lora_format import load_lora_file
+
+    return load_lora_file(path, config)
