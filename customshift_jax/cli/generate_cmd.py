@@ -103,6 +103,11 @@ def run(args: argparse.Namespace) -> int:
     height = args.height or config.sample_size * scale
     width = args.width or config.sample_size * scale
     check_size(config, scale, height, width)
+    image = None
+    if args.reference:  # read it before the slow steps, so a bad file fails fast
+        from customshift_jax.reference_image import load_reference_image
+
+        image = load_reference_image(args.reference, height, width)
     embeds, subject = _encode(args, comps, prompts or [])
     n_prompts = int(np.shape(embeds.prompt_embeds)[0])
     if prompts is None:
@@ -125,11 +130,9 @@ def run(args: argparse.Namespace) -> int:
     if args.reference:
         from customshift_jax.customshift import prefill
         from customshift_jax.customshift_sampling import make_customshift_sampler
-        from customshift_jax.reference_image import load_reference_image
         from customshift_jax.vae import scale_latents, vae_encode
 
         lora_cfg, rab_lora, cgb_lora = _load_lora(args.lora, config)
-        image = load_reference_image(args.reference, height, width)
         ref_latents = scale_latents(vae_config, jax.jit(vae_encode, static_argnums=0)(vae_config, comps.vae_params,
                                                                                       image))
         cache = prefill(config, params, ref_latents, subject[0], subject[1], rab_lora=rab_lora, lora=lora_cfg)

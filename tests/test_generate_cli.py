@@ -1,0 +1,125 @@
+"""`customshift generate` end to end on a tiny local pipeline: parity through the CLI, CustomShift, bad input."""
+import json
+
+import numpy as np
+import pytest
+from fixtures_pipeline import tiny_pipeline_dir  # noqa: F401  (session fixture)
+from PIL import Image
+
+from customshift_jax.cli.main import main
+from customshift_jax.numerics import relative_error
+
+DOG = __import__("pathlib").Path(__file__).resolve().parents[2] / "shared" / "data" / "dreambench" / "dog" / "00.jpg"
+SIZE = ["--height", "16", "--width", "24"]  # tiny VAE scale 2 x patch 2: latents 8 x 12
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tiny_pipeline_dir, tmp_path_factory):  # noqa: F811
+    dst = tmp_path_factory.mktemp("ckpt") / "tiny"
+    assert main(["convert", str(tiny_pipeline_dir), str(dst)]) == 0
+    return dst
+
+
+@pytest.fixture(scope="module")
+def embeds_file(tiny_pipeline_dir, tmp_path_factory):  # noqa: F811
+    from customshift_jax.text import TextEncoders
+
+    encoders = TextEncoders.from_pretrained(tiny_pipeline_dir)
+    embeds = encoders.encode(["a dog on the beach", "a dog in the snow"], max_sequence_length=16)
+    path = tmp_path_factory.mktemp("embeds") / "embeds.npz"
+    embeds.save_npz(path)
+    subject = encoders.encode(["dog"], max_sequence_length=16, do_classifier_free_guidance=False)
+    with_subject = path.with_name("with_subject.npz")
+    np.savez(with_subject, **embeds.arrays(), subject_embeds=subject.prompt_embeds,
+             subject_pooled_embeds=subject.pooled_prompt_embeds)
+    return path, with_subject
+
+
+def _run(capsys, *argv):
+    code = main(["generate", *argv])
+    captured = capsys.readouterr()
+    assert "Traceback" not in captured.err
+    return code, captured.out, captured.err
+
+
+def test_cli_latents_match_diffusers_pipeline(checkpoint, embeds_file, tiny_pipeline_dir, tmp_path, capsys):  # noqa: F811
+    import torch
+    from diffusers import StableDiffusion3Pipeline
+
+    embeds, _ = embeds_file
+    init = np.random.default_rng(0).standard_normal((2, 16, 8, 12)).astype(np.float32)
+    np.save(tmp_path / "init.npy", init)
+    code, out, err = _run(capsys, "--checkpoint", str(checkpoint), "--embeds", str(embeds), *SIZE, "--steps", "3",
+                          "--guidance", "5", "--init-latents", str(tmp_path / "init.npy"), "--save-latents",
+                          str(tmp_path / "z.npy"), "--out", str(tmp_path / "out"))
+    assert code == 0, err
+    ours = np.load(tmp_path / "z.npy")
+    pipe = StableDiffusion3Pipeline.from_pretrained(tiny_pipeline_dir)
+    data = np.load(embeds)
+    with torch.no_grad():
+        ref = pipe(prompt_embeds=torch.from_numpy(data["prompt_embeds"]),
+                   pooled_prompt_embeds=torch.from_numpy(data["pooled_prompt_embeds"]),
+                   negative_prompt_embeds=torch.from_numpy(data["negative_prompt_embeds"]),
+                   negative_pooled_prompt_embeds=torch.from_numpy(data["negative_pooled_prompt_embeds"]),
+                   latents=torch.from_numpy(init), num_inference_steps=3, guidance_scale=5.0, height=16, width=24,
+                   output_type="latent").images.numpy()
+    assert relative_error(ours, ref) <= 1e-4
+    png = Image.open(tmp_path / "out" / "001_00.png")
+    assert png.size == (24, 16)
+    assert json.loads(png.text["parameters"])["guidance"] == 5.0
+
+
+def test_text_encoders_and_customshift_reference(checkpoint, tiny_pipeline_dir, tmp_path, capsys):  # noqa: F811
+    common = ["--checkpoint", str(checkpoint), "--text-encoders", str(tiny_pipeline_dir), "--prompt",
+              "a dog on the beach", *SIZE, "--steps", "2", "--max-sequence-length", "16",
+              "--text-cache", str(tmp_path / "cache")]
+    code, out, err = _run(capsys, *common, "--out", str(tmp_path / "plain"), "--save-latents", str(tmp_path / "a.npy"))
+    assert code == 0, err
+    code, out, err = _run(capsys, *common, "--out", str(tmp_path / "ref"), "--reference", str(DOG), "--subject",
+                          "dog", "--gamma", "1.5", "--save-latents", str(tmp_path / "b.npy"))
+    assert code == 0, err
+    meta = json.loads(Image.open(tmp_path / "ref" / "000_00.png").text["parameters"])
+    assert meta["subject"] == "dog" and meta["gamma"] == 1.5
+    assert relative_error(np.load(tmp_path / "b.npy"), np.load(tmp_path / "a.npy")) > 1e-4  # the reference acts
+
+
+def test_reference_from_embeds_file_only(checkpoint, embeds_file, tmp_path, capsys):
+    _, with_subject = embeds_file
+    code, out, err = _run(capsys, "--checkpoint", str(checkpoint), "--embeds", str(with_subject), *SIZE,
+                          "--steps", "2", "--reference", str(DOG), "--out", str(tmp_path / "o"))
+    assert code == 0, err
+    assert (tmp_path / "o" / "001_00.png").exists()
+
+
+@pytest.mark.parametrize("case", ["missing_checkpoint", "bad_size", "empty_prompts", "bad_init_latents",
+                                  "embeds_missing_array", "unreadable_reference", "empty_subject", "no_text"])
+def test_bad_input_is_a_clear_error(case, checkpoint, embeds_file, tmp_path, capsys):
+    embeds, with_subject = embeds_file
+    base = ["--checkpoint", str(checkpoint), "--embeds", str(embeds), *SIZE, "--steps", "1", "--out",
+            str(tmp_path / "o")]
+    with_ref = ["--checkpoint", str(checkpoint), "--embeds", str(with_subject), *SIZE]
+    if case == "missing_checkpoint":
+        argv, expect = ["--checkpoint", str(tmp_path / "nope"), "--prompt", "x"], "no such file or folder"
+    elif case == "bad_size":
+        argv, expect = base[:4] + ["--height", "18", "--width", "24"], "must be positive multiples of 4"
+    elif case == "empty_prompts":
+        (tmp_path / "p.txt").write_text("\n# nothing\n\n")
+        argv, expect = ["--checkpoint", str(checkpoint), "--prompts-file", str(tmp_path / "p.txt")], "holds no prompts"
+    elif case == "bad_init_latents":
+        np.save(tmp_path / "x.npy", np.zeros((2, 16, 8, 8), np.float32))
+        argv, expect = base + ["--init-latents", str(tmp_path / "x.npy")], "expected (2, 16, 8, 12)"
+    elif case == "embeds_missing_array":
+        data = dict(np.load(embeds))
+        data.pop("pooled_prompt_embeds")
+        np.savez(tmp_path / "e.npz", **data)
+        argv, expect = ["--checkpoint", str(checkpoint), "--embeds", str(tmp_path / "e.npz")], "pooled_prompt_embeds"
+    elif case == "unreadable_reference":
+        (tmp_path / "bad.jpg").write_bytes(b"not an image")
+        argv, expect = with_ref + ["--reference", str(tmp_path / "bad.jpg")], "cannot be read"
+    elif case == "empty_subject":
+        argv, expect = base + ["--reference", str(DOG), "--subject", "  "], "--subject is empty"
+    else:
+        argv, expect = ["--checkpoint", str(checkpoint), "--prompt", "x"], "has no text encoders"
+    code, out, err = _run(capsys, *argv)
+    assert code != 0
+    assert expect in err, err
