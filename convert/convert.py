@@ -197,7 +197,7 @@ def _check(what: str, arch: str, expected: Mapping[str, tuple], got: Mapping[str
         raise StateDictMismatch(f"{what} (expected {arch})", missing, unexpected, misshaped)
 
 
-def _parse_components(components: str | Iterable[str] | None) -> list[str] | None:
+def parse_components(components: str | Iterable[str] | None) -> list[str] | None:
     if components is None:
         return None
     names = [c.strip() for c in (components.split(",") if isinstance(components, str) else components) if c.strip()]
@@ -309,7 +309,7 @@ def plan_conversion(src: str | Path, *, components: str | Iterable[str] | None =
     """Find what SRC holds, pick the components, read or infer their configs and validate every key and
     shape, reading no tensor data. Any refusal (unknown architecture, mismatched keys) is raised here."""
     src = Path(src)
-    wanted = _parse_components(components)
+    wanted = parse_components(components)
     if not src.exists():
         raise FileNotFoundError(f"{src}: no such file or folder.")
     overrides = read_config_overrides(config_paths)
@@ -358,13 +358,15 @@ class Progress:
     """A tqdm bar of tensors done of total with MB/s, shown only when the work takes more than a few seconds."""
 
     def __init__(self, total_tensors: int, total_bytes: int, enabled: bool = True, delay: float = 2.0,
-                 mininterval: float = 0.1):
+                 mininterval: float | None = None):
         self.bytes, self.start = 0, time.perf_counter()
         self.total_bytes = total_bytes
         self.bar = None
         if enabled and total_tensors:
             from tqdm.auto import tqdm
 
+            if mininterval is None:  # a terminal: live; a log file: an update every half minute is plenty
+                mininterval = 0.1 if sys.stderr.isatty() else 30.0
             self.bar = tqdm(total=total_tensors, unit="tensor", desc="converting", delay=delay, file=sys.stderr,
                             dynamic_ncols=True, leave=False, mininterval=mininterval)
 
@@ -374,6 +376,11 @@ class Progress:
             rate = self.bytes / max(time.perf_counter() - self.start, 1e-9) / 1e6
             self.bar.set_postfix_str(f"{rate:.0f} MB/s", refresh=False)
             self.bar.update(1)
+
+    def stage(self, text: str) -> None:
+        """Name what is happening now (e.g. "writing transformer" while orbax writes)."""
+        if self.bar is not None:
+            self.bar.set_description_str(text)
 
     def close(self) -> None:
         if self.bar is not None:
@@ -409,7 +416,14 @@ def convert(src: str | Path, dst: str | Path, *, dtype: str = "fp32", components
 
     def builder(source: ComponentSource) -> Callable[[], Params]:
         conv = CONVERTERS[source.name]
-        return lambda: conv.to_params(source.config, source.tensors, target, cast_array, on_tensor, source.what)
+
+        def build() -> Params:
+            bar.stage(f"converting {source.name}")
+            params = conv.to_params(source.config, source.tensors, target, cast_array, on_tensor, source.what)
+            bar.stage(f"writing {source.name}")
+            return params
+
+        return build
 
     metadata = {"source": str(src_abs), "source_kind": plan.kind, "created_by": "customshift convert",
                 "config_origin": {s.name: s.config_origin for s in plan.sources}}
@@ -431,7 +445,7 @@ def load_single_file(path: str | Path, component: str, *, config: Any = None, dt
     if config is not None:
         data = config.to_diffusers_config() if hasattr(config, "to_diffusers_config") else dict(config)
         overrides[component] = data
-    _parse_components([component])
+    parse_components([component])
     sources, _ = _single_file_sources(Path(path), [component], overrides)
     source = sources[0]
     conv = CONVERTERS[component]

@@ -4,16 +4,17 @@ every tensor are the stored params, transposed back (fp32 in, fp32 out, bit for 
 from __future__ import annotations
 
 import json
+import struct
 import sys
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Mapping
 
 import numpy as np
 
-from convert.convert import CONVERTERS, DTYPES, _parse_components, cast_array
+from convert.convert import CONVERTERS, DTYPES, parse_components, cast_array
 from customshift_jax.checkpoint import CheckpointExists, atomic_directory, config_dict, load_checkpoint, read_marker
 from customshift_jax.checkpoint_io import WEIGHTS_NAME
-from customshift_jax.safetensors_io import write_safetensors
+from customshift_jax.safetensors_io import DTYPE_NAMES
 
 EXPORT_MARKER = "customshift_export.json"
 
@@ -25,6 +26,28 @@ def _diffusers_version() -> str:
         return metadata.version("diffusers")
     except metadata.PackageNotFoundError:
         return "0.42.1"
+
+
+def write_streaming(path: Path, tensors: Mapping[str, np.ndarray], dtype: np.dtype | None = None) -> None:
+    """Write a safetensors file (torch's "pt" format metadata) from arrays or views, optionally cast, one
+    tensor in memory at a time: the header comes from shapes alone, then each tensor is cast and written."""
+    header, offset = {}, 0
+    for name, array in tensors.items():
+        dt = np.dtype(dtype or array.dtype)
+        if dt not in DTYPE_NAMES:
+            raise ValueError(f"cannot write tensor {name!r} of dtype {dt} to safetensors.")
+        nbytes = dt.itemsize * int(np.prod(array.shape, dtype=np.int64))
+        header[name] = {"dtype": DTYPE_NAMES[dt], "shape": list(array.shape), "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    header["__metadata__"] = {"format": "pt"}
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(blob)))
+        f.write(blob)
+        for array in tensors.values():
+            out = array if dtype is None else cast_array(array, dtype)
+            f.write(np.ascontiguousarray(out).reshape(-1).view(np.uint8))
 
 
 def _check_export_destination(dst: Path, overwrite: bool) -> None:
@@ -49,7 +72,7 @@ def export(src: str | Path, dst: str | Path, *, components: str | Iterable[str] 
     log = log or (lambda msg: print(msg, file=sys.stderr))
     src, dst = Path(src), Path(dst).absolute()
     marker = read_marker(src)
-    wanted = _parse_components(components)
+    wanted = parse_components(components)
     present = [c for c in marker.get("components", {}) if c in CONVERTERS]
     others = [c for c in marker.get("components", {}) if c not in CONVERTERS]
     if others:
@@ -67,13 +90,11 @@ def export(src: str | Path, dst: str | Path, *, components: str | Iterable[str] 
             config, params = load_checkpoint(src, components=[name])[name]
             conv = CONVERTERS[name]
             tensors = conv.to_state_dict(config, params)
-            if dtype is not None:
-                tensors = {k: cast_array(v, DTYPES[dtype]) for k, v in tensors.items()}
             (tmp / name).mkdir()
             data = {"_class_name": conv.diffusers_class, "_diffusers_version": _diffusers_version(),
                     **{k: v for k, v in config_dict(name, config).items() if k != "_class_name"}}
             (tmp / name / "config.json").write_text(json.dumps(data, indent=2) + "\n")
-            write_safetensors(tmp / name / WEIGHTS_NAME, tensors, metadata={"format": "pt"})
+            write_streaming(tmp / name / WEIGHTS_NAME, tensors, None if dtype is None else DTYPES[dtype])
             del params, tensors
         (tmp / EXPORT_MARKER).write_text(json.dumps({"exported_from": str(src.absolute()),
                                                      "components": names}, indent=2) + "\n")

@@ -135,6 +135,12 @@ def infer_transformer_config(shapes: Mapping[str, tuple[int, ...]], what: str = 
         listed = ", ".join(absent + ([] if blocks else ["joint_blocks.*"]))
         raise ValueError(f"{what}: cannot infer the MMDiT architecture: {listed} missing. Pass --config with the "
                          f"model's diffusers config.json (or a diffusers folder holding transformer/config.json).")
+    ranks = {"pos_embed": 3, "x_embedder.proj.weight": 4, "context_embedder.weight": 2,
+             "y_embedder.mlp.0.weight": 2, "final_layer.linear.weight": 2}
+    odd = [f"{k} {tuple(shapes[k])}" for k, r in ranks.items() if len(shapes[k]) != r]
+    if odd:
+        raise ValueError(f"{what}: cannot infer the MMDiT architecture: unexpected ranks of {', '.join(odd)}; this "
+                         f"is not an SD3 MMDiT as the file names suggest. Pass --config if it is one.")
     _, grid, inner = shapes["pos_embed"]
     max_size = math.isqrt(grid)
     inner_x, in_channels, patch, _ = shapes["x_embedder.proj.weight"]
@@ -295,6 +301,9 @@ class OriginalView(Mapping):
         t, _ = self._where[key]
         shape = t.shape[:len(t.shape) - t.squeeze]
         return (shape[0] // len(t.members),) + tuple(shape[1:])
+
+    def __contains__(self, key: object) -> bool:  # without reading (Mapping's default would read the tensor)
+        return key in self._where
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._where)
