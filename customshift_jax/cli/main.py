@@ -5,7 +5,7 @@ import argparse
 import sys
 from typing import Callable, Sequence
 
-from customshift_jax.cli import convert_cmd, crosscheck_cmd, export_cmd, generate_cmd
+from customshift_jax.cli import convert_cmd, crosscheck_cmd, export_cmd, generate_cmd, prepare_cmd, train_cmd
 
 # name -> (module with `add_arguments(parser)` and `run(args) -> int`)
 SUBCOMMANDS = {
@@ -13,6 +13,8 @@ SUBCOMMANDS = {
     "convert": convert_cmd,
     "export": export_cmd,
     "generate": generate_cmd,
+    "prepare": prepare_cmd,
+    "train": train_cmd,
 }
 
 USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError, IsADirectoryError, PermissionError)

@@ -1,0 +1,28 @@
+"""Train CustomShift's two LoRAs (RAB and CGB) and beta on prepared data.
+
+Examples:
+  customshift train --config train/configs/tiny.yaml output_dir=runs/tiny train.steps=200
+  customshift train --config train/configs/sd35_medium_v5e8.yaml --resume
+
+Overrides are `section.key=value` (value parsed as YAML). --resume restores the LoRAs, beta, optimizer
+state, data position and RNG from OUTPUT_DIR/checkpoints. SIGTERM saves a checkpoint and exits 0.
+"""
+from __future__ import annotations
+
+import argparse
+
+HELP = "train the CustomShift LoRAs on data written by `customshift prepare`"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", required=True, help="YAML training config (see train/configs/)")
+    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in output_dir")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. train.steps=100")
+
+
+def run(args: argparse.Namespace) -> int:
+    from train.config import load_config
+    from train.loop import train
+
+    cfg = load_config(args.config, args.overrides)
+    return train(cfg, resume=args.resume)

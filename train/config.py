@@ -1,0 +1,82 @@
+"""The training configuration: a YAML file of known sections and keys, plus `key=value` overrides."""
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+DEFAULTS: dict[str, dict[str, Any]] = {
+    "model": {
+        "checkpoint": None,      # our checkpoint dir, a diffusers pipeline/transformer folder or a single file
+        "preset": None,          # without a checkpoint: random base weights of this preset (tests, benches)
+        "num_layers": None,      # with `preset`: override its depth
+        "init_seed": 0,          # with `preset`: seed of the random base weights
+        "base_dtype": "fp32",    # storage dtype of the frozen base params ("bf16" halves their memory)
+    },
+    "lora": {"rank": 16, "alpha": 16.0},
+    "data": {"path": None, "global_batch": 8, "shuffle": True, "flip_prob": 0.5},
+    "train": {
+        "steps": 1000, "seed": 0, "lr": 1e-4, "warmup_steps": 0, "schedule": "constant", "weight_decay": 1e-2,
+        "clip_norm": 1.0, "accum_steps": 1, "dtype": "fp32", "remat": "none", "shift": "cads",
+        "form": "two_pass", "text_dropout": 0.1, "ref_dropout": 0.05,
+    },
+    "mesh": {"enabled": False, "data": 1, "fsdp": 1, "tensor": 1, "rules": "fsdp"},
+    "checkpoint": {"every": 100, "keep": 3, "async": True},
+    "log": {"every": 1, "tensorboard": True, "progress": True},
+    "sample": {"every": 0},
+    "output_dir": None,
+    "export_lora": True,
+}
+
+
+def _merge(base: dict, new: dict, where: str) -> None:
+    for k, v in new.items():
+        if k not in base:
+            raise ValueError(f"unknown config key {where}{k!r}; known keys here: {', '.join(map(str, base))}.")
+        if isinstance(base[k], dict):
+            if not isinstance(v, dict):
+                raise ValueError(f"config key {where}{k} must be a mapping of {', '.join(base[k])}.")
+            _merge(base[k], v, f"{where}{k}.")
+        else:
+            base[k] = v
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """`a.b=value` -> (["a", "b"], value parsed as YAML)."""
+    import yaml
+
+    if "=" not in item or item.startswith("="):
+        raise ValueError(f"bad override {item!r}: expected key=value, e.g. train.steps=100.")
+    key, value = item.split("=", 1)
+    return key.strip().split("."), yaml.safe_load(value) if value.strip() else None
+
+
+def load_config(path: str | Path | None, overrides: list[str] = ()) -> dict[str, Any]:
+    """DEFAULTS, then the YAML file, then the overrides; unknown keys and missing required ones are errors."""
+    import yaml
+
+    cfg = copy.deepcopy(DEFAULTS)
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"config file {path} does not exist.")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ValueError(f"{path} is not valid YAML: {e}") from None
+        if not isinstance(data, dict):
+            raise ValueError(f"{path} must hold a mapping of sections ({', '.join(DEFAULTS)}).")
+        _merge(cfg, data, "")
+    for item in overrides:
+        keys, value = parse_override(item)
+        nested: Any = value
+        for k in reversed(keys):
+            nested = {k: nested}
+        _merge(cfg, nested, "")
+    if cfg["output_dir"] is None:
+        raise ValueError("missing config key output_dir (where checkpoints, metrics and the LoRA go).")
+    if cfg["data"]["path"] is None:
+        raise ValueError("missing config key data.path (a folder written by `customshift prepare`).")
+    if cfg["model"]["checkpoint"] is None and cfg["model"]["preset"] is None:
+        raise ValueError("missing config key model.checkpoint (or model.preset for random base weights).")
+    return cfg

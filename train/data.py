@@ -1,0 +1,293 @@
+"""Training data: the JSONL manifest, paired image reading and augmentation, prepared latent shards, and a
+deterministic, per-process, checkpointable batch iterator over them.
+
+Manifest: one JSON object a line, {"reference": path, "target": path, "caption": str, "subject": str}; paths
+are local or any fsspec URL, relative ones relative to the manifest. Prepared data (`customshift prepare`):
+
+    OUT/index.json                  {"version", "count", "size", "latent_shape", "flip", "shards": [...], ...}
+    OUT/shard-00000/<array>.npy     latents, ref_latents (+ latents_flip, ref_latents_flip), prompt_embeds,
+                                    pooled, subject_embeds, subject_pooled; row i of each is one record
+"""
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+import warnings
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+
+REQUIRED_FIELDS = ("reference", "target", "caption", "subject")
+INDEX_NAME = "index.json"
+FORMAT_VERSION = 1
+TEXT_ARRAYS = ("prompt_embeds", "pooled", "subject_embeds", "subject_pooled")
+
+
+class BadDataWarning(UserWarning):
+    """A manifest line or image was skipped."""
+
+
+class TooMuchBadData(ValueError):
+    """More than `max_bad_fraction` of the manifest is unusable."""
+
+
+@dataclasses.dataclass
+class Record:
+    """One training pair as the manifest names it (paths resolved)."""
+
+    reference: str
+    target: str
+    caption: str
+    subject: str
+    line: int
+
+
+@dataclasses.dataclass
+class BadCounter:
+    """Counts of skipped lines by reason, and the first few messages."""
+
+    total: int = 0
+    reasons: dict[str, int] = dataclasses.field(default_factory=dict)
+    examples: list[str] = dataclasses.field(default_factory=list)
+
+    def add(self, reason: str, message: str) -> None:
+        self.reasons[reason] = self.reasons.get(reason, 0) + 1
+        if len(self.examples) < 20:
+            self.examples.append(message)
+        warnings.warn(f"skipped: {message}", BadDataWarning, stacklevel=3)
+
+    @property
+    def bad(self) -> int:
+        return sum(self.reasons.values())
+
+    def check(self, max_bad_fraction: float, what: str) -> None:
+        """Stop with a clear message when the bad fraction exceeds `max_bad_fraction`."""
+        if self.total and self.bad / self.total > max_bad_fraction:
+            raise TooMuchBadData(
+                f"{what}: {self.bad} of {self.total} records are unusable ({self.bad / self.total:.1%} > "
+                f"max_bad_fraction {max_bad_fraction:.1%}); reasons {self.reasons}; first: {self.examples[:3]}. "
+                "Fix the data or raise max_bad_fraction.")
+
+    def summary(self) -> str:
+        return f"{self.bad} of {self.total} skipped" + (f" ({self.reasons})" if self.bad else "")
+
+
+def _open(path: str, mode: str = "rb"):
+    import fsspec
+
+    return fsspec.open(path, mode).open()
+
+
+def _exists(path: str) -> bool:
+    import fsspec
+
+    fs, p = fsspec.core.url_to_fs(path)
+    return fs.exists(p)
+
+
+def _resolve(path: str, base: str) -> str:
+    if "://" in path or Path(path).is_absolute():
+        return path
+    return base.rstrip("/") + "/" + path if "://" in base else str(Path(base) / path)
+
+
+def read_manifest(path: str | Path, counter: BadCounter | None = None) -> list[Record]:
+    """Parse the manifest; a non-JSON line or one without the four fields is counted as bad and skipped."""
+    path = str(path)
+    if not _exists(path):
+        raise FileNotFoundError(f"manifest {path} does not exist (expected a JSONL file of "
+                                f"{{\"reference\", \"target\", \"caption\", \"subject\"}} records).")
+    counter = counter if counter is not None else BadCounter()
+    base = path.rsplit("/", 1)[0] if "://" in path else str(Path(path).parent)
+    with _open(path, "rb") as f:
+        text = f.read().decode("utf-8", errors="replace")
+    records = []
+    for n, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        counter.total += 1
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            counter.add("not_json", f"{path}:{n} is not JSON ({e.msg})")
+            continue
+        if not isinstance(obj, dict) or any(not isinstance(obj.get(k), str) for k in REQUIRED_FIELDS):
+            counter.add("fields", f"{path}:{n} lacks one of the string fields {REQUIRED_FIELDS}")
+            continue
+        records.append(Record(_resolve(obj["reference"], base), _resolve(obj["target"], base), obj["caption"],
+                              obj["subject"], n))
+    return records
+
+
+def load_image(path: str) -> Any:
+    """A PIL RGB image, fully decoded (a truncated file fails here, not later)."""
+    from PIL import Image
+
+    with _open(path) as f:
+        data = f.read()
+    with Image.open(io.BytesIO(data)) as img:
+        img.load()
+        return img.convert("RGB")
+
+
+def center_crop_resize(img: Any, size: int) -> np.ndarray:
+    """Centre square crop, bicubic resize to `size`; (3, size, size) float32 in [-1, 1]."""
+    from PIL import Image
+
+    w, h = img.size
+    s = min(w, h)
+    box = ((w - s) // 2, (h - s) // 2, (w - s) // 2 + s, (h - s) // 2 + s)
+    img = img.crop(box).resize((size, size), Image.Resampling.BICUBIC)
+    return (np.asarray(img, np.float32) / 127.5 - 1.0).transpose(2, 0, 1)
+
+
+def load_pair(record: Record, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """(reference, target) pixels, each (3, size, size); raises OSError/ValueError for a missing or bad file."""
+    return center_crop_resize(load_image(record.reference), size), center_crop_resize(load_image(record.target), size)
+
+
+def read_pairs(records: list[Record], size: int, counter: BadCounter) -> Iterator[tuple[Record, np.ndarray, np.ndarray]]:
+    """Yield readable pairs; an unreadable image (missing, truncated, not an image) is counted and skipped."""
+    for r in records:
+        try:
+            ref, tgt = load_pair(r, size)
+        except FileNotFoundError as e:
+            counter.add("missing_image", f"line {r.line}: image not found ({e})")
+            continue
+        except Exception as e:  # noqa: BLE001 - PIL raises OSError, SyntaxError, ValueError... for bad files
+            counter.add("bad_image", f"line {r.line}: image cannot be decoded ({type(e).__name__}: {e})")
+            continue
+        yield r, ref, tgt
+
+
+# ------------------------------------------------------------------------------------------- shards
+
+class ShardWriter:
+    """Append records' arrays; every `shard_size` rows a shard folder of .npy files is written."""
+
+    def __init__(self, out: str | Path, shard_size: int = 1024):
+        self.out, self.shard_size = Path(out), shard_size
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.pending: dict[str, list[np.ndarray]] = {}
+        self.shards: list[dict] = []
+
+    def add(self, arrays: dict[str, np.ndarray]) -> None:
+        for k, v in arrays.items():
+            self.pending.setdefault(k, []).extend(list(v))
+        while self.pending and len(next(iter(self.pending.values()))) >= self.shard_size:
+            self._flush(self.shard_size)
+
+    def _flush(self, n: int) -> None:
+        name = f"shard-{len(self.shards):05d}"
+        (self.out / name).mkdir(exist_ok=True)
+        for k, rows in self.pending.items():
+            np.save(self.out / name / f"{k}.npy", np.stack(rows[:n]).astype(np.float32))
+            self.pending[k] = rows[n:]
+        self.shards.append({"dir": name, "count": n})
+
+    def close(self, meta: dict) -> Path:
+        n = len(next(iter(self.pending.values()))) if self.pending else 0
+        if n:
+            self._flush(n)
+        index = {"version": FORMAT_VERSION, "count": sum(s["count"] for s in self.shards), "shards": self.shards,
+                 **meta}
+        tmp = self.out / (INDEX_NAME + ".tmp")
+        tmp.write_text(json.dumps(index, indent=1))
+        tmp.replace(self.out / INDEX_NAME)
+        return self.out / INDEX_NAME
+
+
+class ShardDataset:
+    """Prepared shards as one indexable set of records (arrays memory-mapped)."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        index_path = self.path / INDEX_NAME
+        if not index_path.is_file():
+            raise FileNotFoundError(f"{self.path} has no {INDEX_NAME}: not a prepared dataset (run "
+                                    "`customshift prepare MANIFEST OUT ...` first).")
+        self.index = json.loads(index_path.read_text())
+        if self.index.get("version") != FORMAT_VERSION:
+            raise ValueError(f"{index_path}: format version {self.index.get('version')}, expected {FORMAT_VERSION}.")
+        self.arrays: dict[str, np.ndarray] = {}
+        parts: dict[str, list[np.ndarray]] = {}
+        for shard in self.index["shards"]:
+            for f in sorted((self.path / shard["dir"]).glob("*.npy")):
+                a = np.load(f, mmap_mode="r")
+                if a.shape[0] != shard["count"]:
+                    raise ValueError(f"{f} has {a.shape[0]} rows, the index says {shard['count']}: damaged shard.")
+                parts.setdefault(f.stem, []).append(a)
+        if not parts:
+            raise ValueError(f"{self.path}: the index lists no data.")
+        missing = [k for k in ("latents", "ref_latents", *TEXT_ARRAYS) if k not in parts]
+        if missing:
+            raise ValueError(f"{self.path}: the shards lack {missing}.")
+        self.parts = parts
+        self.offsets = np.cumsum([0] + [s["count"] for s in self.index["shards"]])
+        self.flip = "latents_flip" in parts and "ref_latents_flip" in parts
+
+    def __len__(self) -> int:
+        return int(self.offsets[-1])
+
+    def get(self, i: int, flip: bool = False) -> dict[str, np.ndarray]:
+        s = int(np.searchsorted(self.offsets, i, side="right") - 1)
+        j = i - int(self.offsets[s])
+        out = {k: np.asarray(self.parts[k][s][j]) for k in TEXT_ARRAYS}
+        suffix = "_flip" if flip and self.flip else ""
+        out["latents"] = np.asarray(self.parts["latents" + suffix][s][j])
+        out["ref_latents"] = np.asarray(self.parts["ref_latents" + suffix][s][j])
+        return out
+
+
+class BatchIterator:
+    """Deterministic batches: epoch e visits a permutation seeded by (seed, e); process p of P takes rows
+    [p*G/P, (p+1)*G/P) of each global batch of G; the same horizontal flip (of the prepared flipped latents)
+    applies to target and reference. `state()` / `restore()` give and take the exact position (JSON)."""
+
+    def __init__(self, dataset: ShardDataset, global_batch: int, *, seed: int = 0, shuffle: bool = True,
+                 flip_prob: float = 0.5, process_index: int | None = None, process_count: int | None = None):
+        import jax
+
+        self.ds, self.global_batch, self.seed, self.shuffle = dataset, global_batch, seed, shuffle
+        self.flip_prob = flip_prob if dataset.flip else 0.0
+        self.pi = jax.process_index() if process_index is None else process_index
+        self.pc = jax.process_count() if process_count is None else process_count
+        if global_batch % self.pc:
+            raise ValueError(f"the global batch {global_batch} does not split over {self.pc} processes.")
+        if len(dataset) < global_batch:
+            raise ValueError(f"the dataset has {len(dataset)} records, fewer than one batch of {global_batch}.")
+        self.batches_per_epoch = len(dataset) // global_batch
+        self.epoch, self.position = 0, 0
+
+    def state(self) -> dict:
+        return {"epoch": self.epoch, "position": self.position, "seed": self.seed,
+                "global_batch": self.global_batch, "count": len(self.ds)}
+
+    def restore(self, state: dict) -> None:
+        for k in ("seed", "global_batch", "count"):
+            if state.get(k) != self.state()[k]:
+                raise ValueError(f"cannot resume the data position: the checkpoint's {k} is {state.get(k)}, "
+                                 f"this run's is {self.state()[k]}.")
+        self.epoch, self.position = int(state["epoch"]), int(state["position"])
+
+    def _order(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
+        rng = np.random.default_rng([self.seed, epoch])
+        n = len(self.ds)
+        order = rng.permutation(n) if self.shuffle else np.arange(n)
+        flips = rng.random(n) < self.flip_prob
+        return order, flips
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        order, flips = self._order(self.epoch)
+        g, local = self.global_batch, self.global_batch // self.pc
+        start = self.position * g + self.pi * local
+        rows = [self.ds.get(int(order[i]), bool(flips[i])) for i in range(start, start + local)]
+        self.position += 1
+        if self.position >= self.batches_per_epoch:
+            self.epoch, self.position = self.epoch + 1, 0
+        return {k: np.stack([r[k] for r in rows]) for k in rows[0]}

@@ -1,0 +1,274 @@
+"""The `customshift train` loop: base params, data, jitted (optionally sharded) step, orbax checkpoints with
+exact resume, SIGTERM preemption, non-finite-loss stop, metrics, and the LoRA export at the end."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+EXIT_NONFINITE = 3
+
+
+class _Preempt:
+    """SIGTERM sets a flag; the loop saves a checkpoint at the next step boundary and exits cleanly."""
+
+    def __init__(self):
+        self.requested = False
+        self._old = signal.signal(signal.SIGTERM, self._handler)
+
+    def _handler(self, signum, frame):  # noqa: ARG002
+        self.requested = True
+
+    def restore(self) -> None:
+        signal.signal(signal.SIGTERM, self._old)
+
+
+def load_base(mcfg: dict) -> tuple[Any, Any]:
+    """(MMDiTConfig, frozen base params) from `model.checkpoint`, or random ones of `model.preset`."""
+    import jax
+    import jax.numpy as jnp
+
+    from customshift_jax.api import as_dtype, init_mmdit, load_transformer
+    from customshift_jax.config import get_preset
+
+    dtype = as_dtype(mcfg["base_dtype"])
+    if mcfg["checkpoint"] is not None:
+        return load_transformer(mcfg["checkpoint"], dtype=dtype)
+    config = get_preset(mcfg["preset"])
+    if mcfg["num_layers"]:
+        config = dataclasses.replace(config, num_layers=int(mcfg["num_layers"]))
+    params = jax.jit(lambda k: init_mmdit(config, k, param_dtype=dtype))(jax.random.key(mcfg["init_seed"]))
+    return config, params
+
+
+def _flat_state(state) -> dict:
+    import jax
+
+    return {f"{i:05d}": x for i, x in enumerate(jax.tree_util.tree_leaves(state))}
+
+
+def build(cfg: dict) -> dict:
+    """Everything the loop needs, from the resolved config (no side effects on disk)."""
+    import jax
+
+    from customshift_jax.lora import LoRAConfig
+    from train.data import BatchIterator, ShardDataset
+    from train.optim import make_optimizer
+    from train.step import init_train_state, make_train_step
+
+    t, d = cfg["train"], cfg["data"]
+    config, base = load_base(cfg["model"])
+    lora = LoRAConfig(rank=int(cfg["lora"]["rank"]), alpha=float(cfg["lora"]["alpha"]))
+    dataset = ShardDataset(d["path"])
+    lat_shape = dataset.index["latent_shape"]
+    if lat_shape[0] != config.in_channels:
+        raise ValueError(f"{d['path']}: latents have {lat_shape[0]} channels, the model takes {config.in_channels}.")
+    it = BatchIterator(dataset, int(d["global_batch"]), seed=int(t["seed"]), shuffle=bool(d["shuffle"]),
+                       flip_prob=float(d["flip_prob"]))
+    optimizer, schedule = make_optimizer(
+        float(t["lr"]), warmup_steps=int(t["warmup_steps"]), schedule=t["schedule"],
+        total_steps=int(t["steps"]) // int(t["accum_steps"]), weight_decay=float(t["weight_decay"]),
+        clip_norm=t["clip_norm"], accum_steps=int(t["accum_steps"]))
+    state = init_train_state(config, lora, optimizer, int(t["seed"]))
+    loss_kw = dict(dtype=t["dtype"], remat=t["remat"], shift=t["shift"], form=t["form"],
+                   text_dropout=float(t["text_dropout"]), ref_dropout=float(t["ref_dropout"]))
+    m = cfg["mesh"]
+    if m["enabled"]:
+        from jax.sharding import NamedSharding, PartitionSpec
+
+        from customshift_jax import sharding as shd
+
+        mesh = shd.make_mesh(int(m["data"]), int(m["fsdp"]), int(m["tensor"]))
+        rules = m["rules"]
+        step_fn = make_train_step(config, lora, optimizer, seed=int(t["seed"]), schedule=schedule,
+                                  accum_steps=int(t["accum_steps"]),
+                                  activation_sharding=shd.activation_hook(mesh, rules), **loss_kw)
+        replicated = NamedSharding(mesh, PartitionSpec())
+        state_sh = jax.tree_util.tree_map(lambda _: replicated, state)  # LoRA + Adam moments: small, replicated
+        base_sh = shd.param_shardings(base, mesh, rules)
+        sample = next(BatchIterator(dataset, int(d["global_batch"]), seed=0, shuffle=False, flip_prob=0))
+        batch_sh = {k: shd.logical_sharding(("batch",) + (None,) * (v.ndim - 1),
+                                            (int(d["global_batch"]),) + v.shape[1:], mesh, rules)
+                    for k, v in sample.items()}
+        jstep = jax.jit(step_fn, in_shardings=(state_sh, base_sh, batch_sh), out_shardings=(state_sh, replicated))
+        base = jax.tree_util.tree_map(shd.put, base, base_sh)
+        state = jax.tree_util.tree_map(shd.put, state, state_sh)
+
+        def put_batch(batch):
+            if jax.process_count() == 1:
+                return {k: jax.device_put(v, batch_sh[k]) for k, v in batch.items()}
+            return {k: jax.make_array_from_process_local_data(batch_sh[k], v,
+                                                              (int(d["global_batch"]),) + v.shape[1:])
+                    for k, v in batch.items()}
+    else:
+        mesh = None
+        jstep = jax.jit(make_train_step(config, lora, optimizer, seed=int(t["seed"]), schedule=schedule,
+                                        accum_steps=int(t["accum_steps"]), **loss_kw))
+
+        def put_batch(batch):
+            return batch
+
+    return dict(config=config, base=base, lora=lora, dataset=dataset, it=it, optimizer=optimizer, state=state,
+                jstep=jstep, put_batch=put_batch, mesh=mesh)
+
+
+def _manager(directory: Path, keep: int, async_: bool):
+    import orbax.checkpoint as ocp
+
+    options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_, create=True)
+    return ocp.CheckpointManager(directory.absolute(), options=options)
+
+
+def _save(mngr, step: int, state, it, seed: int) -> None:
+    import orbax.checkpoint as ocp
+
+    meta = {"data": it.state(), "seed": seed, "step": step}
+    mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(_flat_state(state)),
+                                            meta=ocp.args.JsonSave(meta)), force=True)
+
+
+def _restore(mngr, state, it, seed: int):
+    """(state, step) from the latest checkpoint: params, optimizer state, data position; RNG is (seed, step)."""
+    import jax
+    import orbax.checkpoint as ocp
+
+    step = mngr.latest_step()
+    if step is None:
+        return state, 0
+    abstract = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=getattr(v, "sharding", None))
+                for k, v in _flat_state(state).items()}
+    got = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract),
+                                                     meta=ocp.args.JsonRestore()))
+    meta = got["meta"]
+    if meta["seed"] != seed:
+        raise ValueError(f"the checkpoint at step {step} was trained with seed {meta['seed']}, this config has "
+                         f"train.seed={seed}; resume with the same seed.")
+    treedef = jax.tree_util.tree_structure(state)
+    leaves = [got["state"][k] for k in sorted(got["state"])]
+    it.restore(meta["data"])
+    return jax.tree_util.tree_unflatten(treedef, leaves), step
+
+
+def export_lora(out: Path, state, lora) -> list[Path]:
+    """Write the trained LoRAs and beta in the PEFT / diffusers-named format (`convert.lora_format`)."""
+    from convert.lora_format import save_lora_files, to_state_dict
+
+    from customshift_jax.distributed import gather
+
+    trainable = gather(state.trainable)
+    return save_lora_files(out, to_state_dict(trainable["rab"], trainable["cgb"]), lora)
+
+
+def train(cfg: dict, *, resume: bool = False, log=print) -> int:
+    """Run training as configured; returns the process exit code (0 done or preempted, 3 non-finite loss)."""
+    import jax
+
+    from train.metrics import MetricsLogger
+
+    out = Path(cfg["output_dir"])
+    ckpt_dir = out / "checkpoints"
+    if not resume and ckpt_dir.exists() and any(ckpt_dir.iterdir()):
+        raise ValueError(f"{ckpt_dir} already holds checkpoints: pass --resume to continue that run, or choose "
+                         "another output_dir.")
+    out.mkdir(parents=True, exist_ok=True)
+    seed, total = int(cfg["train"]["seed"]), int(cfg["train"]["steps"])
+    parts = build(cfg)
+    state, it, jstep, put_batch = parts["state"], parts["it"], parts["jstep"], parts["put_batch"]
+    mngr = _manager(ckpt_dir, int(cfg["checkpoint"]["keep"]), bool(cfg["checkpoint"]["async"]))
+    start = 0
+    if resume:
+        state, start = _restore(mngr, state, it, seed)
+        log(f"resumed from step {start}" if start else "no checkpoint to resume from: starting at step 0")
+    if jax.process_index() == 0:
+        import yaml
+
+        (out / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
+    metrics = MetricsLogger(out, tensorboard=bool(cfg["log"]["tensorboard"])) if jax.process_index() == 0 else None
+    preempt = _Preempt()
+    every, log_every = int(cfg["checkpoint"]["every"]), max(1, int(cfg["log"]["every"]))
+    gb = int(cfg["data"]["global_batch"])
+    bar = None
+    if cfg["log"]["progress"] and jax.process_index() == 0:
+        from tqdm import tqdm
+
+        bar = tqdm(total=total, initial=start, desc="train", file=sys.stderr, dynamic_ncols=True)
+    last_saved = start if start else None
+    code = 0
+    t_last, n_last = time.perf_counter(), start
+    ctx = jax.set_mesh(parts["mesh"]) if parts["mesh"] is not None else _null()
+    try:
+        with ctx:
+            step = start
+            while step < total:
+                if preempt.requested:
+                    if last_saved != step:
+                        _save(mngr, step, state, it, seed)
+                    mngr.wait_until_finished()
+                    log(f"SIGTERM: saved step {step} to {ckpt_dir}; resume with --resume.")
+                    return 0
+                state, m = jstep(state, parts["base"], put_batch(next(it)))
+                loss = float(m["loss"])
+                if not math.isfinite(loss):
+                    mngr.wait_until_finished()
+                    good = mngr.latest_step()
+                    log(f"error: non-finite loss ({loss}) at step {step}; stopping. The last good checkpoint is "
+                        + (f"step {good} in {ckpt_dir}." if good is not None else "none (nothing was saved)."))
+                    code = EXIT_NONFINITE
+                    return code
+                step += 1
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{loss:.4f}")
+                if metrics is not None and (step % log_every == 0 or step == total):
+                    now = time.perf_counter()
+                    sps = (step - n_last) / max(now - t_last, 1e-9)
+                    t_last, n_last = now, step
+                    values = {k: float(v) for k, v in m.items()}
+                    values.update(steps_per_s=sps, images_per_s=sps * gb)
+                    metrics.log(step, values)
+                if step % every == 0 or step == total:
+                    _save(mngr, step, state, it, seed)
+                    last_saved = step
+            mngr.wait_until_finished()
+            if cfg["export_lora"] and jax.process_index() == 0:
+                files = export_lora(out / "lora", state, parts["lora"])
+                log(f"exported the LoRA: {', '.join(str(f) for f in files)}")
+            log(f"done: {total} steps; checkpoints in {ckpt_dir}")
+            return code
+    finally:
+        preempt.restore()
+        if bar is not None:
+            bar.close()
+        if metrics is not None:
+            metrics.close()
+        mngr.wait_until_finished()
+        mngr.close()
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *a):
+        return False
+
+
+def final_trainable(output_dir: str | Path) -> dict[str, np.ndarray]:
+    """The latest checkpoint's state leaves as numpy (for comparisons): {leaf index: array}."""
+    import orbax.checkpoint as ocp
+
+    mngr = _manager(Path(output_dir) / "checkpoints", 100, False)
+    try:
+        step = mngr.latest_step()
+        got = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(),
+                                                         meta=ocp.args.JsonRestore()))
+        return {"step": step, **{k: np.asarray(v) for k, v in got["state"].items()}}
+    finally:
+        mngr.close()

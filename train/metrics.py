@@ -1,0 +1,180 @@
+"""Metrics: a JSONL log and TensorBoard event files written directly (no tensorboard package needed).
+
+The event writer emits TFRecord-framed `Event` protos (hand-encoded: wall_time, step, Summary of simple
+scalar values), which TensorBoard reads as scalars.
+"""
+from __future__ import annotations
+
+import json
+import socket
+import struct
+import time
+from pathlib import Path
+
+
+def _crc32c_table() -> list[int]:
+    table = []
+    for i in range(256):
+        c = i
+        for _ in range(8):
+            c = (c >> 1) ^ 0x82F63B78 if c & 1 else c >> 1
+        table.append(c)
+    return table
+
+
+_TABLE = _crc32c_table()
+
+
+def crc32c(data: bytes) -> int:
+    c = 0xFFFFFFFF
+    for b in data:
+        c = _TABLE[(c ^ b) & 0xFF] ^ (c >> 8)
+    return c ^ 0xFFFFFFFF
+
+
+def _masked(crc: int) -> int:
+    return (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    n &= (1 << 64) - 1
+    while True:
+        b = n & 0x7F
+        n >>= 7
+        out.append(b | (0x80 if n else 0))
+        if not n:
+            return bytes(out)
+
+
+def _field(num: int, wire: int) -> bytes:
+    return _varint((num << 3) | wire)
+
+
+def _bytes_field(num: int, data: bytes) -> bytes:
+    return _field(num, 2) + _varint(len(data)) + data
+
+
+def _event(wall_time: float, step: int | None = None, summary: bytes | None = None,
+           file_version: str | None = None) -> bytes:
+    msg = _field(1, 1) + struct.pack("<d", wall_time)
+    if step is not None:
+        msg += _field(2, 0) + _varint(step)
+    if file_version is not None:
+        msg += _bytes_field(3, file_version.encode())
+    if summary is not None:
+        msg += _bytes_field(5, summary)
+    return msg
+
+
+def _scalar_summary(values: dict[str, float]) -> bytes:
+    out = b""
+    for tag, v in values.items():
+        value = _bytes_field(1, tag.encode()) + _field(2, 5) + struct.pack("<f", float(v))
+        out += _bytes_field(1, value)
+    return out
+
+
+class EventWriter:
+    """Append-only TensorBoard event file in `logdir` (events.out.tfevents.<time>.<host>)."""
+
+    def __init__(self, logdir: str | Path):
+        Path(logdir).mkdir(parents=True, exist_ok=True)
+        self.path = Path(logdir) / f"events.out.tfevents.{int(time.time())}.{socket.gethostname()}"
+        self.f = open(self.path, "ab")
+        self._write(_event(time.time(), file_version="brain.Event:2"))
+
+    def _write(self, data: bytes) -> None:
+        header = struct.pack("<Q", len(data))
+        self.f.write(header + struct.pack("<I", _masked(crc32c(header))) + data
+                     + struct.pack("<I", _masked(crc32c(data))))
+
+    def scalars(self, step: int, values: dict[str, float]) -> None:
+        self._write(_event(time.time(), step, _scalar_summary(values)))
+        self.f.flush()
+
+    def close(self) -> None:
+        self.f.close()
+
+
+def read_events(path: str | Path) -> list[tuple[int, dict[str, float]]]:
+    """Parse scalar events back (for tests): [(step, {tag: value})]; checks every CRC."""
+    data = Path(path).read_bytes()
+    out, i = [], 0
+    while i < len(data):
+        (n,) = struct.unpack_from("<Q", data, i)
+        assert struct.unpack_from("<I", data, i + 8)[0] == _masked(crc32c(data[i:i + 8]))
+        body = data[i + 12:i + 12 + n]
+        assert struct.unpack_from("<I", data, i + 12 + n)[0] == _masked(crc32c(body))
+        i += 16 + n
+        step, values = _parse_event(body)
+        if values:
+            out.append((step, values))
+    return out
+
+
+def _read_varint(b: bytes, i: int) -> tuple[int, int]:
+    n = shift = 0
+    while True:
+        c = b[i]
+        i += 1
+        n |= (c & 0x7F) << shift
+        shift += 7
+        if not c & 0x80:
+            return n, i
+
+
+def _fields(b: bytes):
+    i = 0
+    while i < len(b):
+        key, i = _read_varint(b, i)
+        num, wire = key >> 3, key & 7
+        if wire == 0:
+            v, i = _read_varint(b, i)
+        elif wire == 1:
+            v, i = b[i:i + 8], i + 8
+        elif wire == 5:
+            v, i = b[i:i + 4], i + 4
+        else:
+            n, i = _read_varint(b, i)
+            v, i = b[i:i + n], i + n
+        yield num, v
+
+
+def _parse_event(b: bytes) -> tuple[int, dict[str, float]]:
+    step, values = 0, {}
+    for num, v in _fields(b):
+        if num == 2:
+            step = v
+        elif num == 5:
+            for _, value in _fields(v):
+                tag, val = None, None
+                for n2, v2 in _fields(value):
+                    if n2 == 1:
+                        tag = v2.decode()
+                    elif n2 == 2:
+                        val = struct.unpack("<f", v2)[0]
+                if tag is not None and val is not None:
+                    values[tag] = val
+    return step, values
+
+
+class MetricsLogger:
+    """Both sinks: `OUT/metrics.jsonl` (one JSON object a line) and TensorBoard events under `OUT/tb`."""
+
+    def __init__(self, out: str | Path, tensorboard: bool = True):
+        out = Path(out)
+        out.mkdir(parents=True, exist_ok=True)
+        self.jsonl = open(out / "metrics.jsonl", "a")
+        self.tb = EventWriter(out / "tb") if tensorboard else None
+
+    def log(self, step: int, values: dict[str, float]) -> None:
+        self.jsonl.write(json.dumps({"step": step, **{k: float(v) for k, v in values.items()}}) + "\n")
+        self.jsonl.flush()
+        if self.tb is not None:
+            self.tb.scalars(step, values)
+
+    def close(self) -> None:
+        self.jsonl.close()
+        if self.tb is not None:
+            self.tb.close()
