@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import ctypes
 import dataclasses
-import json
 import mmap
 import sys
 import time
@@ -361,7 +360,7 @@ class Progress:
                  mininterval: float | None = None):
         self.bytes, self.start = 0, time.perf_counter()
         self.total_bytes = total_bytes
-        self.bar = None
+        self.bar, self.delay = None, delay
         if enabled and total_tensors:
             from tqdm.auto import tqdm
 
@@ -379,8 +378,8 @@ class Progress:
 
     def stage(self, text: str) -> None:
         """Name what is happening now (e.g. "writing transformer" while orbax writes)."""
-        if self.bar is not None:
-            self.bar.set_description_str(text)
+        if self.bar is not None:  # shown at once only once the bar is (after `delay`): quick runs stay quiet
+            self.bar.set_description_str(text, refresh=time.perf_counter() - self.start >= self.delay)
 
     def close(self) -> None:
         if self.bar is not None:

@@ -53,6 +53,8 @@ def write_streaming(path: Path, tensors: Mapping[str, np.ndarray], dtype: np.dty
 def _check_export_destination(dst: Path, overwrite: bool) -> None:
     if not (dst.exists() or dst.is_symlink()):
         return
+    if dst.is_dir() and not dst.is_symlink() and not any(dst.iterdir()):
+        return  # an empty directory: nothing to lose
     if not overwrite:
         raise CheckpointExists(f"{dst} already exists; pass --overwrite to replace it once the export is complete, "
                                f"or choose another destination.")

@@ -114,6 +114,8 @@ def check_destination(dst: str | Path, overwrite: bool) -> None:
     dst = Path(dst)
     if not (dst.exists() or dst.is_symlink()):
         return
+    if dst.is_dir() and not dst.is_symlink() and not any(dst.iterdir()):
+        return  # an empty directory: nothing to lose
     if not overwrite:
         raise CheckpointExists(f"{dst} already exists; pass --overwrite (overwrite=True) to replace it once the "
                                f"new checkpoint is complete, or choose another destination.")

@@ -100,7 +100,7 @@ def test_existing_destinations(params, tmp_path):
     assert (other / "keep.txt").read_text() == "mine"
     empty = tmp_path / "empty"
     empty.mkdir()
-    save_checkpoint(empty, {"transformer": (CONFIG, params)}, overwrite=True)
+    save_checkpoint(empty, {"transformer": (CONFIG, params)})  # an empty directory needs no overwrite
     assert is_checkpoint(empty)
 
 

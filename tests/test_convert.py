@@ -123,9 +123,12 @@ def test_single_file_config_inferred_from_qk_norm_shapes(name, tmp_path):
     _assert_trees_equal(params, params_from_state_dict(config, model.state_dict()))
 
 
-@pytest.mark.parametrize("name", ["sd3-medium", pytest.param("sd3.5-medium", marks=pytest.mark.slow), "sd3.5-large"])
+@pytest.mark.parametrize("name", ["sd3-medium", pytest.param("sd3.5-medium", marks=pytest.mark.slow),
+                                  pytest.param("sd3.5-large", marks=pytest.mark.slow)])
 def test_config_inference_on_released_shapes(name):
-    # The real shapes (abstract: nothing allocated) give back the released config.
+    # The real shapes (abstract: nothing allocated) give back the released config. The SD3.5 ones are slow
+    # only because tracing their shapes computes the big sin-cos position tables; the tiny SD3.5 presets
+    # cover the same qk-norm / dual-attention inference in the default run.
     config = get_preset(name)
     shapes = {k: t.shape for k, t in transformer_layout(config).items()}
     assert shapes["pos_embed"] == (1, config.pos_embed_max_size ** 2, config.inner_dim)
@@ -299,4 +302,5 @@ def test_tiled_fill_of_large_transposed_tensors_is_exact(dtype):
     source = np.random.default_rng(0).standard_normal((1100, 1030)).astype(np.float32)
     target = np.empty((1030, 1100), dtype)
     _fill(target, source.T, cast_array, np.dtype(dtype))
-    assert np.array_equal(target.view(np.uint8), cast_array(np.ascontiguousarray(source.T), np.dtype(dtype)).view(np.uint8))
+    expected = cast_array(np.ascontiguousarray(source.T), np.dtype(dtype))
+    assert np.array_equal(target.view(np.uint8), expected.view(np.uint8))
