@@ -26,13 +26,15 @@ DEFAULTS: dict[str, dict[str, Any]] = {
     "sample": {"every": 0},
     "output_dir": None,
     "export_lora": True,
+    # Test hooks: sleep after each step (so a signal can land mid-run in the preemption tests).
+    "debug": {"sleep_per_step": 0.0},
 }
 
 
 def _merge(base: dict, new: dict, where: str) -> None:
     for k, v in new.items():
         if k not in base:
-            raise ValueError(f"unknown config key {where}{k!r}; known keys here: {', '.join(map(str, base))}.")
+            raise ValueError(f"unknown config key {where}{k}; known keys here: {', '.join(map(str, base))}.")
         if isinstance(base[k], dict):
             if not isinstance(v, dict):
                 raise ValueError(f"config key {where}{k} must be a mapping of {', '.join(base[k])}.")

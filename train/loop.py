@@ -223,6 +223,8 @@ def train(cfg: dict, *, resume: bool = False, log=print) -> int:
                     code = EXIT_NONFINITE
                     return code
                 step += 1
+                if cfg["debug"]["sleep_per_step"]:
+                    time.sleep(float(cfg["debug"]["sleep_per_step"]))
                 if bar is not None:
                     bar.update(1)
                     bar.set_postfix(loss=f"{loss:.4f}")

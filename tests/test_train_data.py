@@ -1,0 +1,111 @@
+"""Bad data (missing image, truncated image, non-JSON line): skipped with a counted warning, or a clear stop
+above max_bad_fraction; the batch iterator is deterministic, per-process and resumable."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from train_fixtures import write_synthetic_dataset
+from train.config import load_config
+from train.data import (BadCounter, BadDataWarning, BatchIterator, ShardDataset, TooMuchBadData, read_manifest,
+                        read_pairs)
+
+
+def _png(path: Path, seed: int) -> Path:
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    Image.fromarray(rng.integers(0, 255, (20, 24, 3), dtype=np.uint8)).save(path)
+    return path
+
+
+def _manifest(tmp: Path, n_good: int) -> tuple[Path, list[str]]:
+    lines = []
+    for i in range(n_good):
+        _png(tmp / f"r{i}.png", 2 * i), _png(tmp / f"t{i}.png", 2 * i + 1)
+        lines.append(json.dumps({"reference": f"r{i}.png", "target": f"t{i}.png", "caption": f"a photo {i}",
+                                 "subject": "dog"}))
+    return tmp / "m.jsonl", lines
+
+
+def _bad_lines(tmp: Path) -> list[str]:
+    data = (tmp / "t0.png").read_bytes()
+    (tmp / "trunc.png").write_bytes(data[: len(data) // 2])
+    return [json.dumps({"reference": "gone.png", "target": "t0.png", "caption": "c", "subject": "s"}),
+            json.dumps({"reference": "r0.png", "target": "trunc.png", "caption": "c", "subject": "s"}),
+            "{this is not json"]
+
+
+def test_bad_records_are_skipped_and_counted(tmp_path):
+    path, lines = _manifest(tmp_path, 60)
+    path.write_text("\n".join(lines[:10] + _bad_lines(tmp_path) + lines[10:]) + "\n")
+    counter = BadCounter()
+    with pytest.warns(BadDataWarning) as rec:
+        records = read_manifest(path, counter)
+        pairs = list(read_pairs(records, 16, counter))
+    assert counter.total == 63 and counter.bad == 3 and len(pairs) == 60
+    assert counter.reasons == {"not_json": 1, "missing_image": 1, "bad_image": 1}
+    assert len(rec) == 3
+    counter.check(0.05, "m.jsonl")  # 3/63 < 5 %: no stop
+    ref, tgt = pairs[0][1], pairs[0][2]
+    assert ref.shape == tgt.shape == (3, 16, 16) and -1 <= ref.min() and ref.max() <= 1
+
+
+def test_too_much_bad_data_stops_clearly(tmp_path):
+    path, lines = _manifest(tmp_path, 10)
+    path.write_text("\n".join(lines + _bad_lines(tmp_path)) + "\n")
+    counter = BadCounter()
+    with pytest.warns(BadDataWarning):
+        list(read_pairs(read_manifest(path, counter), 16, counter))
+    with pytest.raises(TooMuchBadData, match=r"3 of 13 records are unusable.*max_bad_fraction"):
+        counter.check(0.05, "m.jsonl")
+
+
+def test_missing_manifest_and_bad_config(tmp_path):
+    with pytest.raises(FileNotFoundError, match="manifest .* does not exist"):
+        read_manifest(tmp_path / "nope.jsonl")
+    with pytest.raises(ValueError, match="bad override 'steps'"):
+        load_config(None, ["steps"])
+    with pytest.raises(ValueError, match="unknown config key train.stepz"):
+        load_config(None, ["train.stepz=3"])
+    with pytest.raises(ValueError, match="missing config key output_dir"):
+        load_config(None, ["data.path=x", "model.preset=tiny-sd3-medium"])
+    with pytest.raises(FileNotFoundError, match="not a prepared dataset"):
+        ShardDataset(tmp_path)
+
+
+def test_iterator_deterministic_sharded_resumable(tmp_path):
+    ds = ShardDataset(write_synthetic_dataset(tmp_path / "d", n=7, shard_size=3))
+    assert len(ds) == 7 and ds.flip
+    a = BatchIterator(ds, 2, seed=3, process_index=0, process_count=1)
+    batches = [next(a) for _ in range(7)]  # crosses epochs (3 batches per epoch)
+    b = BatchIterator(ds, 2, seed=3, process_index=0, process_count=1)
+    for _ in range(4):
+        next(b)
+    c = BatchIterator(ds, 2, seed=3, process_index=0, process_count=1)
+    c.restore(json.loads(json.dumps(b.state())))
+    for want in batches[4:]:
+        got = next(c)
+        for k in want:
+            np.testing.assert_array_equal(got[k], want[k])
+    # Two processes split each global batch into their halves.
+    p0 = next(BatchIterator(ds, 2, seed=3, process_index=0, process_count=2))
+    p1 = next(BatchIterator(ds, 2, seed=3, process_index=1, process_count=2))
+    np.testing.assert_array_equal(np.concatenate([p0["pooled"], p1["pooled"]]), batches[0]["pooled"])
+    with pytest.raises(ValueError, match="seed"):
+        BatchIterator(ds, 2, seed=4, process_index=0, process_count=1).restore(b.state())
+
+
+def test_tensorboard_events_roundtrip(tmp_path):
+    from train.metrics import MetricsLogger, read_events
+
+    m = MetricsLogger(tmp_path)
+    m.log(1, {"loss": 0.5, "lr": 1e-4})
+    m.log(2, {"loss": 0.25})
+    m.close()
+    (ev,) = list((tmp_path / "tb").glob("events.out.tfevents.*"))
+    got = read_events(ev)
+    assert [s for s, _ in got] == [1, 2] and got[0][1]["loss"] == 0.5 and got[1][1]["loss"] == 0.25
