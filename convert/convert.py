@@ -261,6 +261,9 @@ def _single_file_sources(path: Path, wanted: list[str] | None, overrides: dict[s
     keys = st.keys()
     found, text, unknown = sf.split_prefixes(keys)
     notes = []
+    if not found and any(k.startswith(("transformer_blocks.", "encoder.down_blocks.")) for k in keys):
+        raise ValueError(f"{path}: diffusers-format weights (transformer_blocks.* / encoder.down_blocks.* names), not "
+                         f"an original single file; convert the folder that holds it with its config.json.")
     if not found:
         sample = ", ".join(keys[:8]) + (" ..." if len(keys) > 8 else "")
         raise ValueError(f"{path}: unknown architecture: not an SD3 / SD3.5 single-file checkpoint (no "

@@ -131,6 +131,10 @@ def infer_transformer_config(shapes: Mapping[str, tuple[int, ...]], what: str = 
               "final_layer.linear.weight"]
     absent = [k for k in needed if k not in shapes]
     blocks = sorted({int(k.split(".")[1]) for k in shapes if k.startswith("joint_blocks.")})
+    if not blocks and "pos_embed" not in shapes:
+        sample = ", ".join(sorted(shapes)[:5])
+        raise ValueError(f"{what}: unknown architecture: no joint_blocks.* or pos_embed, so not an SD3 / SD3.5 MMDiT "
+                         f"(an SD1 / SDXL UNet has input_blocks.*); found tensors like {sample}.")
     if absent or not blocks:
         listed = ", ".join(absent + ([] if blocks else ["joint_blocks.*"]))
         raise ValueError(f"{what}: cannot infer the MMDiT architecture: {listed} missing. Pass --config with the "
