@@ -89,8 +89,8 @@ class Attention(nn.Module):
 
     def beta(self) -> jax.Array:
         """The learned CADS shift (H,) from the "lora" collection of the Cross-Guidance Branch; 0 if absent."""
-        if self.lora is not None and self.lora.with_beta and (
-                self.is_initializing() or self.has_variable("lora", "beta")):
+        creating = self.is_initializing() and self.lora is not None and self.lora.with_beta
+        if creating or self.has_variable("lora", "beta"):  # read whenever the branch's tree carries it
             return self.variable("lora", "beta", lambda: jnp.zeros((self.heads,), jnp.float32)).value
         return jnp.zeros((self.heads,), jnp.float32)
 

@@ -78,6 +78,8 @@ def test_concat_ignores_beta_and_equals_cads_at_beta_zero_gamma_one(setup):
         lambda p, x: jnp.zeros_like(x) if jax.tree_util.keystr(p).endswith("['beta']") else x, cgb)
     cads = customshift_apply(config, params, *inputs, cache, cgb_lora=no_beta, lora=LORA, gamma=1.0)
     assert relative_error(concat, cads) <= 1e-6
+    with_beta = customshift_apply(config, params, *inputs, cache, cgb_lora=cgb, lora=LORA, gamma=1.0)
+    assert relative_error(with_beta, cads) > 1e-4  # the learned beta acts (LORA says nothing of beta)
 
 
 def test_merged_lora_equals_lora_path(setup):

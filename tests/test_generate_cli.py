@@ -91,6 +91,33 @@ def test_reference_from_embeds_file_only(checkpoint, embeds_file, tmp_path, caps
     assert (tmp_path / "o" / "001_00.png").exists()
 
 
+def test_lora_folder_is_loaded_and_checked(checkpoint, embeds_file, tmp_path, capsys):
+    import jax
+
+    from convert.lora_format import save_lora_files, to_state_dict
+    from customshift_jax import MMDiTConfig
+    from customshift_jax.checkpoint import load_checkpoint
+    from customshift_jax.customshift import init_lora
+    from customshift_jax.lora import LoRAConfig
+
+    _, with_subject = embeds_file
+    config = load_checkpoint(checkpoint, ["transformer"])["transformer"][0]
+    lora = LoRAConfig(rank=2, alpha=2.0)
+    good = tmp_path / "good"
+    save_lora_files(good, to_state_dict(init_lora(config, lora, jax.random.key(0), branch="rab"),
+                                        init_lora(config, lora, jax.random.key(1), branch="cgb")), lora)
+    argv = ["--checkpoint", str(checkpoint), "--embeds", str(with_subject), *SIZE, "--steps", "1",
+            "--reference", str(DOG), "--out", str(tmp_path / "o")]
+    code, out, err = _run(capsys, *argv, "--lora", str(good))
+    assert code == 0, err
+    other = MMDiTConfig.from_diffusers_config({**config.to_diffusers_config(), "num_layers": config.num_layers + 1})
+    bad = tmp_path / "other_model"
+    save_lora_files(bad, to_state_dict(init_lora(other, lora, jax.random.key(0), branch="rab"),
+                                       init_lora(other, lora, jax.random.key(1), branch="cgb")), lora)
+    code, out, err = _run(capsys, *argv, "--lora", str(bad))
+    assert code != 0 and f"transformer_blocks.{config.num_layers}." in err, err
+
+
 @pytest.mark.parametrize("case", ["missing_checkpoint", "bad_size", "empty_prompts", "bad_init_latents",
                                   "embeds_missing_array", "unreadable_reference", "empty_subject", "no_text"])
 def test_bad_input_is_a_clear_error(case, checkpoint, embeds_file, tmp_path, capsys):

@@ -44,7 +44,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "smaller the text, 0 ignores it (default 1)")
     g.add_argument("--shift", choices=["cads", "concat"], default="cads",
                    help="attention distribution shift, or plain concatenation (ablation)")
-    g.add_argument("--lora", help="CustomShift LoRA file (.safetensors, as `customshift` exports it)")
+    g.add_argument("--lora", help="CustomShift LoRA folder (customshift_cgb/rab/beta.safetensors, the PEFT / "
+                   "diffusers naming that training exports)")
 
 
 def _encode(args, comps, prompts):
@@ -183,6 +184,8 @@ def _load_lora(path, config):
     """(LoRAConfig, RAB LoRA, CGB LoRA) from a CustomShift LoRA file, or (None, None, None) without one."""
     if path is None:
         return None, None, None
-    from convert.lora_format import load_lora_file
+    from convert.lora_format import from_state_dict, load_lora_files
 
-    return load_lora_file(path, config)
+    state_dict, lora = load_lora_files(path)
+    rab, cgb = from_state_dict(config, lora, state_dict)
+    return lora, rab, cgb
