@@ -150,3 +150,15 @@ def test_bad_input_is_a_clear_error(case, checkpoint, embeds_file, tmp_path, cap
     code, out, err = _run(capsys, *argv)
     assert code != 0
     assert expect in err, err
+
+
+def test_load_vae_reads_our_checkpoint(checkpoint, tiny_pipeline_dir):  # noqa: F811
+    from customshift_jax.mapping import _flat_paths
+    from customshift_jax.vae import load_vae
+
+    config_a, params_a = load_vae(checkpoint)
+    config_b, params_b = load_vae(tiny_pipeline_dir)
+    assert config_a == config_b
+    flat_b = dict(_flat_paths(params_b))
+    for path, value in _flat_paths(params_a):
+        np.testing.assert_array_equal(np.asarray(value), np.asarray(flat_b[path]))

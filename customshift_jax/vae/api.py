@@ -139,6 +139,11 @@ def load_vae(path: str | Path, *, variant: str | None = None, dtype: Any = None)
     """Read a diffusers `vae/` folder (or a pipeline folder's `vae/`) -> (config, params).
 
     `variant` picks e.g. diffusion_pytorch_model.fp16.safetensors; `dtype` casts the params (default: as stored)."""
+    from customshift_jax.checkpoint import is_checkpoint, load_checkpoint
+
+    if is_checkpoint(path):  # ours, written by `customshift convert`
+        config, params = load_checkpoint(path, ["vae"])["vae"]
+        return config, (params if dtype is None else jax.tree_util.tree_map(lambda a: np.asarray(a, dtype), params))
     folder = _vae_folder(Path(path))
     cfg_path = folder / CONFIG_NAME
     if not cfg_path.is_file():
