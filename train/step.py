@@ -115,7 +115,7 @@ def make_train_step(config: MMDiTConfig, lora: LoRAConfig, optimizer: optax.Grad
         (loss, aux), grads = grad_fn(state.trainable, base_params, batch, step_key(seed, state.step))
         updates, opt_state = optimizer.update(grads, state.opt_state, state.trainable)
         trainable = optax.apply_updates(state.trainable, updates)
-        metrics = {"loss": loss, "grad_norm": optax.global_norm(grads), **aux}
+        metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), **aux}
         if schedule is not None:
             metrics["lr"] = jnp.asarray(schedule(state.step // accum_steps), jnp.float32)
         return TrainState(state.step + 1, trainable, opt_state), metrics
