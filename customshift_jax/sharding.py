@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Callable, Iterable, Mapping, Sequence, Union
+from typing import Any, Callable, Mapping, Sequence, Union
 
 import jax
 import jax.numpy as jnp
@@ -38,9 +38,12 @@ RULE_SETS: dict[str, Rules] = {
     "fsdp": _BATCH + (("embed", "fsdp"), ("heads", "fsdp"), ("mlp", "fsdp")),
     # Tensor parallel (Megatron-style): attention heads and the MLP hidden dim split; params otherwise replicated.
     "tp": _BATCH + (("heads", "tensor"), ("mlp", "tensor")),
-    # Both: embed over fsdp, heads and mlp over tensor (fsdp where tensor does not divide).
-    "fsdp_tp": _BATCH + (("embed", "fsdp"), ("heads", "tensor"), ("mlp", "tensor"), ("heads", "fsdp"),
-                         ("mlp", "fsdp")),
+    # Both: embed over fsdp, heads and mlp over tensor. A heads / mlp dim takes (tensor, fsdp) where fsdp is still
+    # free in that array (output projections, biases, lora_B): everything is split over both axes. This also
+    # avoids a kernel laid out (tensor, fsdp), which jaxlib 0.10.2 miscompiles next to a batch split over
+    # (data, fsdp) (see docs/multihost.md, "Known compiler issue").
+    "fsdp_tp": _BATCH + (("embed", "fsdp"), ("heads", ("tensor", "fsdp")), ("heads", "tensor"), ("heads", "fsdp"),
+                         ("mlp", ("tensor", "fsdp")), ("mlp", "tensor"), ("mlp", "fsdp")),
 }
 # Sequence (context) parallel: activations split along tokens, on top of fsdp_tp.
 RULE_SETS["context"] = RULE_SETS["fsdp_tp"] + (("length", "context"),)
@@ -269,7 +272,7 @@ def put(x: Any, sharding: NamedSharding) -> jax.Array:
         return x
     if sharding.is_fully_addressable:
         return jax.device_put(x, sharding)
-    host = np.asarray(x)
+    host = np.asarray(x, dtype=jax.dtypes.canonicalize_dtype(np.result_type(x)))
     return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
 
 
@@ -364,22 +367,25 @@ TOKEN_AXES = _data_axes("batch", "length")  # (B, M, joint_dim)
 
 
 def _dtype(x: Any) -> Any:
-    return x.dtype if hasattr(x, "dtype") else jnp.result_type(x)
+    return jax.dtypes.canonicalize_dtype(x.dtype if hasattr(x, "dtype") else jnp.result_type(x))
 
 
 class ShardedFunction:
     """`fn` jitted with in/out shardings from logical axes, chosen per argument shapes, run under `set_mesh`.
 
-    Call it like `fn`; `shardings(*args)` gives (in_shardings, out_shardings); `lower(*args)` the lowered jit
-    (`.compile().memory_analysis()` for the compiler's per-device bytes).
+    Call it like `fn` (arguments are placed on the mesh first); `shardings(*args)` gives (in_shardings,
+    out_shardings); `compile(*args)` the compiled executable (`.memory_analysis()`: per-device bytes).
     """
 
     def __init__(self, fn: Callable, mesh: Mesh, rules: RulesLike, arg_axes: Sequence[Any], out_axes: Any):
         self.fn, self.mesh, self.rules = fn, mesh, as_rules(rules)
         self.arg_axes, self.out_axes = tuple(arg_axes), out_axes
-        self._cache: dict = {}
+        self._jitted: dict = {}
+        self._compiled: dict = {}
 
     def _in(self, args) -> tuple:
+        if len(args) > len(self.arg_axes):
+            raise TypeError(f"expected at most {len(self.arg_axes)} arguments, got {len(args)}.")
         out = []
         for axes, arg in zip(self.arg_axes, args):
             if arg is None:
@@ -390,6 +396,11 @@ class ShardedFunction:
                 out.append(_leaf_shardings(arg, axes, self.mesh, self.rules))
         return tuple(out)
 
+    @staticmethod
+    def _key(args) -> Any:
+        return jax.tree_util.tree_structure(args), tuple(
+            (np.shape(x), str(_dtype(x))) for x in jax.tree_util.tree_leaves(args))
+
     def shardings(self, *args) -> tuple[tuple, Any]:
         """(in_shardings, out_shardings) for these arguments (arrays or ShapeDtypeStructs)."""
         in_shardings = self._in(args)
@@ -398,30 +409,33 @@ class ShardedFunction:
         return in_shardings, _leaf_shardings(out, self.out_axes, self.mesh, self.rules)
 
     def jitted(self, *args) -> Callable:
-        """The `jax.jit` object for arguments of these shapes and dtypes (cached)."""
-        key = jax.tree_util.tree_structure(args), tuple(
-            (np.shape(x), str(_dtype(x))) for x in jax.tree_util.tree_leaves(args))
-        if key not in self._cache:
+        """The `jax.jit(fn, in_shardings=, out_shardings=)` object for arguments of these shapes (cached)."""
+        key = self._key(args)
+        if key not in self._jitted:
             in_shardings, out_shardings = self.shardings(*args)
-            self._cache[key] = jax.jit(self.fn, in_shardings=in_shardings, out_shardings=out_shardings)
-        return self._cache[key]
+            self._jitted[key] = jax.jit(self.fn, in_shardings=in_shardings, out_shardings=out_shardings)
+        return self._jitted[key]
+
+    def compile(self, *args):
+        """The compiled executable for these argument shapes (cached; arrays or ShapeDtypeStructs)."""
+        key = self._key(args)
+        if key not in self._compiled:
+            abstract = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(np.shape(x), _dtype(x)), args)
+            with jax.set_mesh(self.mesh):
+                self._compiled[key] = self.jitted(*args).lower(*abstract).compile()
+        return self._compiled[key]
 
     def place(self, *args) -> tuple:
-        """The arguments placed on the mesh as the jit expects them."""
+        """The arguments placed on the mesh as the executable expects them (no copy where already there)."""
         in_shardings = self._in(args)
-        return tuple(None if a is None else jax.tree_util.tree_map(put, a, s)
-                     for a, s in zip(args, in_shardings))
-
-    def lower(self, *args):
-        """Lowered for these arguments (arrays or ShapeDtypeStructs), under the mesh."""
-        with jax.set_mesh(self.mesh):
-            return self.jitted(*args).lower(*args)
+        return tuple(None if a is None else jax.tree_util.tree_map(put, a, s) for a, s in zip(args, in_shardings))
 
     def __call__(self, *args):
-        args = tuple(jnp.asarray(a) if isinstance(a, (np.ndarray, float, int)) else a for a in args)
+        args = tuple(a if a is None or isinstance(a, (jax.Array, dict, tuple, list)) else np.asarray(a)
+                     for a in args)
         placed = self.place(*args)
         with jax.set_mesh(self.mesh):
-            return self.jitted(*args)(*placed)
+            return self.compile(*args)(*placed)
 
 
 def make_sharded_forward(config: MMDiTConfig, mesh: Mesh, rules: RulesLike = "fsdp", *, dtype: Any = jnp.float32,
