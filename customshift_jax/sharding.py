@@ -270,8 +270,8 @@ def put(x: Any, sharding: NamedSharding) -> jax.Array:
     """Place one array with `sharding`; works when the mesh spans several processes (same value on each)."""
     if isinstance(x, jax.Array) and x.sharding == sharding:
         return x
-    if sharding.is_fully_addressable:
-        return jax.device_put(x, sharding)
+    if sharding.is_fully_addressable or (isinstance(x, jax.Array) and not x.is_fully_addressable):
+        return jax.device_put(x, sharding)  # local placement, or a reshard of a global array
     host = np.asarray(x, dtype=jax.dtypes.canonicalize_dtype(np.result_type(x)))
     return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
 

@@ -167,11 +167,15 @@ def test_rules_replicate_what_does_not_divide_and_say_so():
     layout = sh.resolve(("layers", "heads"), (38, 38), mesh, "fsdp")  # sd3.5-large beta: 38 heads
     assert layout.spec == PartitionSpec() and layout.shard_shape == (38, 38)
     assert "replicated" in layout.notes[0] and "38" in layout.notes[0]
-    # A mesh axis is used once per array: batch takes fsdp, so the activation's embed stays whole.
-    assert sh.resolve(("batch", "length", "embed"), (8, 16, 32), mesh, "fsdp").spec == PartitionSpec("fsdp")
+    # A mesh axis is used once per array: batch takes fsdp, so the activation's embed stays whole ...
+    mesh8 = {"fsdp": 8}
+    assert sh.resolve(("batch", "length", "embed"), (8, 16, 32), mesh8, "fsdp").spec == PartitionSpec("fsdp")
+    # ... unless the batch does not divide: then the next dim that can take fsdp does.
+    spec = sh.resolve(("batch", "length", "embed"), (1, 16, 32), mesh8, "fsdp").spec
+    assert spec == PartitionSpec(None, None, "fsdp")
     # Extending a rule set is data, not a model edit.
     rules = sh.extend_rules("fsdp", ("length", "fsdp"))
-    assert sh.resolve(("batch", "length", "embed"), (1, 16, 32), mesh, rules).spec == PartitionSpec(None, "fsdp")
+    assert sh.resolve(("batch", "length", "embed"), (1, 16, 32), mesh8, rules).spec == PartitionSpec(None, "fsdp")
     table = sh.layout_table({"attn": {"beta": np.zeros((38,), np.float32)}}, mesh, "fsdp")
     assert "replicated" in table
 
