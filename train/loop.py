@@ -30,6 +30,17 @@ class _Preempt:
         signal.signal(signal.SIGTERM, self._old)
 
 
+def _check_text_widths(dataset, config, path) -> None:
+    """Refuse shards whose text embeddings do not fit the model (prepared with another model's encoders)."""
+    widths = {name: parts[0].shape[-1] for name, parts in dataset.parts.items() if "embeds" in name or "pooled" in name}
+    for name, width in widths.items():
+        want = config.pooled_projection_dim if "pooled" in name else config.joint_attention_dim
+        if width != want:
+            raise ValueError(f"{path}: {name} are {width} wide but the model takes {want}: the data was prepared "
+                             "with another model's text encoders. Set model.checkpoint to the model the data was "
+                             "prepared for, or run `customshift prepare` with this model's text encoders.")
+
+
 def load_base(mcfg: dict) -> tuple[Any, Any]:
     """(MMDiTConfig, frozen base params) from `model.checkpoint`, or random ones of `model.preset`."""
     import jax
@@ -70,6 +81,7 @@ def build(cfg: dict) -> dict:
     lat_shape = dataset.index["latent_shape"]
     if lat_shape[0] != config.in_channels:
         raise ValueError(f"{d['path']}: latents have {lat_shape[0]} channels, the model takes {config.in_channels}.")
+    _check_text_widths(dataset, config, d["path"])
     it = BatchIterator(dataset, int(d["global_batch"]), seed=int(t["seed"]), shuffle=bool(d["shuffle"]),
                        flip_prob=float(d["flip_prob"]))
     optimizer, schedule = make_optimizer(
