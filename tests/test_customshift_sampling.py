@@ -2,6 +2,7 @@
 import jax
 import numpy as np
 import pytest
+from conftest import DREAMBENCH
 
 from customshift_jax import get_preset, init_mmdit
 from customshift_jax.customshift import init_lora, prefill
@@ -13,7 +14,6 @@ from customshift_jax.sampling import Conditioning, make_sampler, make_schedule
 
 CONFIG = get_preset("tiny-sd3.5-medium")
 LORA = LoRAConfig(rank=4, alpha=4.0)
-DREAMBENCH = __import__("pathlib").Path(__file__).resolve().parents[2] / "shared" / "data" / "dreambench"
 
 
 def _random(tree, key):

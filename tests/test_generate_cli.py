@@ -3,13 +3,14 @@ import json
 
 import numpy as np
 import pytest
+from conftest import DREAMBENCH
 from fixtures_pipeline import tiny_pipeline_dir  # noqa: F401  (session fixture)
 from PIL import Image
 
 from customshift_jax.cli.main import main
 from customshift_jax.numerics import relative_error
 
-DOG = __import__("pathlib").Path(__file__).resolve().parents[2] / "shared" / "data" / "dreambench" / "dog" / "00.jpg"
+DOG = DREAMBENCH / "dog" / "00.jpg"
 SIZE = ["--height", "16", "--width", "24"]  # tiny VAE scale 2 x patch 2: latents 8 x 12
 
 

@@ -7,6 +7,10 @@ or pipeline folder on disk. Exit status 0 only when every row passes (relative e
 from __future__ import annotations
 
 import argparse
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from customshift_jax.config import MMDiTConfig
 
 HELP = "check the JAX MMDiT against diffusers, number for number"
 
@@ -29,7 +33,7 @@ def run(args: argparse.Namespace) -> int:
     import jax
 
     jax.config.update("jax_default_matmul_precision", "highest")
-    from customshift_jax.config import MMDiTConfig, get_preset
+    from customshift_jax.config import get_preset
     from customshift_jax.crosscheck import crosscheck_model, random_diffusers_transformer
 
     if args.height <= 0 or args.width <= 0 or args.batch <= 0:
@@ -42,9 +46,10 @@ def run(args: argparse.Namespace) -> int:
 
         folder = component_folder(args.torch, "transformer")
         config, params = load_transformer(folder)  # validates every key before torch loads anything
+        import torch
         from diffusers import SD3Transformer2DModel
 
-        model = SD3Transformer2DModel.from_pretrained(folder, torch_dtype=__import__("torch").float32).eval()
+        model = SD3Transformer2DModel.from_pretrained(folder, torch_dtype=torch.float32).eval()
         jobs.append((str(folder), config, model, params))
     else:
         for name in [n.strip() for n in args.presets.split(",") if n.strip()]:
@@ -69,7 +74,8 @@ def run(args: argparse.Namespace) -> int:
     return 0 if all_ok else 1
 
 
-def _check_size(config: "MMDiTConfig", args) -> None:  # noqa: F821
+def _check_size(config: MMDiTConfig, args: argparse.Namespace) -> None:
+    """The latent size must be a multiple of the patch size and fit the position grid."""
     p, m = config.patch_size, config.pos_embed_max_size
     if args.height % p or args.width % p:
         raise ValueError(f"--height and --width must be multiples of the patch size {p}.")
