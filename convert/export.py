@@ -12,7 +12,8 @@ from typing import Callable, Iterable, Mapping
 import numpy as np
 
 from convert.convert import CONVERTERS, DTYPES, parse_components, cast_array
-from customshift_jax.checkpoint import CheckpointExists, atomic_directory, config_dict, load_checkpoint, read_marker
+from customshift_jax.checkpoint import (
+    atomic_directory, check_destination, config_dict, load_checkpoint, read_marker)
 from customshift_jax.checkpoint_io import WEIGHTS_NAME
 from customshift_jax.safetensors_io import DTYPE_NAMES
 
@@ -51,17 +52,8 @@ def write_streaming(path: Path, tensors: Mapping[str, np.ndarray], dtype: np.dty
 
 
 def _check_export_destination(dst: Path, overwrite: bool) -> None:
-    if not (dst.exists() or dst.is_symlink()):
-        return
-    if dst.is_dir() and not dst.is_symlink() and not any(dst.iterdir()):
-        return  # an empty directory: nothing to lose
-    if not overwrite:
-        raise CheckpointExists(f"{dst} already exists; pass --overwrite to replace it once the export is complete, "
-                               f"or choose another destination.")
-    if dst.is_symlink() or not dst.is_dir() or (any(dst.iterdir()) and not (dst / EXPORT_MARKER).is_file()):
-        raise CheckpointExists(f"{dst} exists and is not an earlier `customshift export` (no {EXPORT_MARKER}); "
-                               f"refusing to replace it, even with --overwrite. Remove it yourself or choose "
-                               f"another destination.")
+    check_destination(dst, overwrite, is_ours=lambda d: (d / EXPORT_MARKER).is_file(), what="export",
+                      ours=f"an earlier `customshift export` (no {EXPORT_MARKER})")
 
 
 def export(src: str | Path, dst: str | Path, *, components: str | Iterable[str] | None = None,

@@ -109,22 +109,28 @@ def _num_params(params: Params) -> int:
     return int(sum(np.prod(np.shape(leaf), dtype=np.int64) for leaf in jax.tree_util.tree_leaves(params)))
 
 
-def check_destination(dst: str | Path, overwrite: bool) -> None:
-    """Refuse a destination we must not replace; say what to do instead (called again before the rename)."""
+def check_destination(dst: str | Path, overwrite: bool, *, is_ours: Callable[[Path], bool] | None = None,
+                      what: str = "new checkpoint", ours: str = f"a customshift checkpoint (no {MARKER})") -> None:
+    """Refuse a destination we must not replace; say what to do instead (called again before the rename).
+
+    `is_ours` recognises an earlier output of the same writer (default: our checkpoints), the only kind of
+    non-empty directory that `overwrite` may replace; `what` and `ours` name them in the messages.
+    """
     dst = Path(dst)
+    is_ours = is_ours or is_checkpoint
     if not (dst.exists() or dst.is_symlink()):
         return
     if dst.is_dir() and not dst.is_symlink() and not any(dst.iterdir()):
         return  # an empty directory: nothing to lose
     if not overwrite:
         raise CheckpointExists(f"{dst} already exists; pass --overwrite (overwrite=True) to replace it once the "
-                               f"new checkpoint is complete, or choose another destination.")
+                               f"{what} is complete, or choose another destination.")
     if dst.is_symlink() or not dst.is_dir():
         raise CheckpointExists(f"{dst} exists and is not a directory; refusing to replace it, even with "
                                f"overwrite. Remove it yourself or choose another destination.")
-    if not is_checkpoint(dst) and any(dst.iterdir()):
-        raise CheckpointExists(f"{dst} exists and is not a customshift checkpoint (no {MARKER}); refusing to "
-                               f"replace it, even with overwrite. Remove it yourself or choose another destination.")
+    if not is_ours(dst):
+        raise CheckpointExists(f"{dst} exists and is not {ours}; refusing to replace it, even with overwrite. "
+                               f"Remove it yourself or choose another destination.")
 
 
 @contextlib.contextmanager
