@@ -20,7 +20,7 @@ def main() -> None:
     ap.add_argument("--size", type=int, default=64, help="latent height and width (64 = 512 px)")
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--runs", type=int, default=5)
-    ap.add_argument("--backend", default="xla", choices=["xla", "jax", "cudnn"])
+    ap.add_argument("--backend", default="xla", choices=["xla", "blocked", "jax", "cudnn"])
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     args = ap.parse_args()
 

@@ -10,8 +10,9 @@ from typing import Literal
 import jax
 import jax.numpy as jnp
 
-Backend = Literal["xla", "jax", "cudnn"]
-BACKENDS = ("xla", "jax", "cudnn")
+Backend = Literal["xla", "blocked", "jax", "cudnn"]
+BACKENDS = ("xla", "blocked", "jax", "cudnn")
+QUERY_BLOCK = 256  # queries per block of the "blocked" backend: (B, H, 256, Nk) logits live at a time
 
 
 def attention(
@@ -27,17 +28,25 @@ def attention(
 
     q: (B, Nq, H, D); k, v: (B, Nk, H, D); bias broadcastable to (B, H, Nq, Nk) (additive, float32).
     Returns out (B, Nq, H, D) in q's dtype, and with `return_lse` also lse (B, H, Nq) in float32.
-    "xla" is an explicit einsum-softmax-einsum (returns the LSE); "jax" and "cudnn" call
-    `jax.nn.dot_product_attention` (no LSE: use "xla" where the LSE is needed).
+    "xla" is an explicit einsum-softmax-einsum (returns the LSE); "blocked" is the same math run over
+    blocks of queries, so only (B, H, block, Nk) logits exist at a time (exact: softmax is per row);
+    "jax" and "cudnn" call `jax.nn.dot_product_attention` (no LSE: use "xla" or "blocked" for it).
     """
     if backend not in BACKENDS:
         raise ValueError(f"unknown attention backend {backend!r}; expected one of {BACKENDS}.")
-    if backend != "xla":
+    if backend in ("jax", "cudnn"):
         if return_lse:
-            raise ValueError(f"backend {backend!r} does not return the log-sum-exp; use backend='xla'.")
+            raise ValueError(f"backend {backend!r} does not return the log-sum-exp; use 'xla' or 'blocked'.")
         implementation = "cudnn" if backend == "cudnn" else None
         return jax.nn.dot_product_attention(q, k, v, bias=bias, implementation=implementation)
+    if backend == "blocked" and q.shape[1] > QUERY_BLOCK:
+        out, lse = _query_blocked(q, k, v, bias, QUERY_BLOCK)
+        return (out, lse) if return_lse else out
+    return _softmax_attention(q, k, v, bias, return_lse)
 
+
+def _softmax_attention(q, k, v, bias, return_lse: bool):
+    """The explicit einsum-softmax-einsum over all queries at once."""
     scale = q.shape[-1] ** -0.5
     logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32) * scale
     if bias is not None:
@@ -46,3 +55,26 @@ def attention(
     probs = jnp.exp(logits - lse[..., None]).astype(v.dtype)
     out = jnp.einsum("bhqk,bkhd->bqhd", probs, v, preferred_element_type=jnp.float32).astype(q.dtype)
     return (out, lse) if return_lse else out
+
+
+def _query_blocked(q, k, v, bias, block: int):
+    """`_softmax_attention` over blocks of `block` queries in a `lax.map`; pads Nq to a multiple of it."""
+    b, n, h, d = q.shape
+    nb = -(-n // block)
+    pad = nb * block - n
+    xs = jnp.pad(q, ((0, 0), (0, pad), (0, 0), (0, 0))).reshape(b, nb, block, h, d).swapaxes(0, 1)
+    per_row_bias = bias is not None and jnp.ndim(bias) >= 2 and jnp.shape(bias)[-2] != 1
+    if per_row_bias:  # cut the bias's query axis into the same blocks: (nb, b|1, h|1, block, Nk|1)
+        bias = jnp.asarray(bias, jnp.float32)
+        bias = bias.reshape((1,) * (4 - bias.ndim) + bias.shape)
+        bias = jnp.pad(bias, ((0, 0), (0, 0), (0, pad), (0, 0)))
+        xs = (xs, bias.reshape(*bias.shape[:2], nb, block, bias.shape[3]).transpose(2, 0, 1, 3, 4))
+
+    def one(x):
+        q_block, bias_block = x if per_row_bias else (x, bias)
+        return _softmax_attention(q_block, k, v, bias_block, True)
+
+    out, lse = jax.lax.map(one, xs)  # (nb, B, block, H, D), (nb, B, H, block)
+    out = out.swapaxes(0, 1).reshape(b, nb * block, h, d)[:, :n]  # (B, Nq, H, D)
+    lse = lse.transpose(1, 2, 0, 3).reshape(b, h, nb * block)[:, :, :n]  # (B, H, Nq)
+    return out, lse
