@@ -1,6 +1,7 @@
 """PyTorch checkpoints -> our orbax checkpoint, streaming: tensors are read one at a time from memory-mapped
-safetensors, mapped, cast into preallocated params, and their file pages dropped; the result is written
-atomically (customshift_jax.checkpoint). Every key is validated before anything is read or written.
+safetensors, mapped and cast into one param at a time, and their file pages dropped; params are written in
+pieces as they are built (customshift_jax.checkpoint), so memory holds one piece, not the model, and the
+result appears atomically. Every key is validated before anything is read or written.
 
 Sources: a diffusers pipeline folder, one diffusers component folder (`transformer/`, `vae/`), or an
 original single-file SD3 / SD3.5 safetensors (config inferred from the tensors, or given with --config).
@@ -13,15 +14,16 @@ import mmap
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 import ml_dtypes
 import numpy as np
 
 from convert import single_file as sf
-from customshift_jax.checkpoint import COMPONENT_KINDS, check_destination, is_checkpoint, save_checkpoint
+from customshift_jax.checkpoint import (
+    COMPONENT_KINDS, Leaf, check_destination, is_checkpoint, iter_leaves, nest_leaves, save_checkpoint)
 from customshift_jax.checkpoint_io import LazyStateDict, read_json, weight_files
-from customshift_jax.mapping import StateDictMismatch, describe, params_from_state_dict, state_dict_shapes
+from customshift_jax.mapping import StateDictMismatch, check_state_dict, describe, iter_params, state_dict_shapes
 from customshift_jax.safetensors_io import SafetensorsFile
 
 DTYPES = {"fp32": np.dtype(np.float32), "float32": np.dtype(np.float32),
@@ -39,19 +41,18 @@ def _describe_vae(config) -> str:
             f"{config.norm_num_groups} norm groups")
 
 
-def _transformer_params(config, tensors, dtype, cast, on_tensor, what) -> Params:
-    return params_from_state_dict(config, tensors, dtype=dtype, cast=cast, on_tensor=on_tensor, what=what)
+def _transformer_leaves(config, tensors, dtype, cast, on_tensor, what) -> Iterator[Leaf]:
+    check_state_dict(config, tensors, what)
+    return iter_params(config, tensors, dtype, cast, on_tensor)
 
 
-def _vae_params(config, tensors, dtype, cast, on_tensor, what) -> Params:
-    import jax
-
+def _vae_leaves(config, tensors, dtype, cast, on_tensor, what) -> Iterator[Leaf]:
     from customshift_jax.vae import vae_params_from_state_dict
 
     params = vae_params_from_state_dict(config, tensors)  # small (~84M values): mapped in one go, keys pre-checked
     for key in tensors:
         on_tensor(key, tensors[key])
-    return jax.tree_util.tree_map(lambda a: cast(np.asarray(a), dtype), params)
+    return ((path, cast(leaf, dtype)) for path, leaf in iter_leaves(params))
 
 
 def _vae_state_dict(config, params) -> dict[str, np.ndarray]:
@@ -76,7 +77,7 @@ class ComponentConverter:
     describe: Callable[[Any], str]
     layout: Callable[[Any], dict[str, sf.OriginalTensor]]  # original single-file tensors
     infer_config: Callable[[Mapping[str, tuple[int, ...]], str], Any]
-    to_params: Callable[..., Params]
+    to_leaves: Callable[..., Iterator[Leaf]]  # (config, tensors, dtype, cast, on_tensor, what): one param at a time
     to_state_dict: Callable[[Any, Params], dict[str, np.ndarray]]  # for export; views where possible
 
     @property
@@ -90,10 +91,10 @@ class ComponentConverter:
 CONVERTERS: dict[str, ComponentConverter] = {
     "transformer": ComponentConverter(
         "transformer", sf.TRANSFORMER_PREFIX, state_dict_shapes, describe, sf.transformer_layout,
-        sf.infer_transformer_config, _transformer_params, _transformer_state_dict),
+        sf.infer_transformer_config, _transformer_leaves, _transformer_state_dict),
     "vae": ComponentConverter(
         "vae", sf.VAE_PREFIX, sf.vae_state_dict_shapes, _describe_vae, sf.vae_layout,
-        sf.infer_vae_config, _vae_params, _vae_state_dict),
+        sf.infer_vae_config, _vae_leaves, _vae_state_dict),
 }
 
 
@@ -380,7 +381,7 @@ class Progress:
             self.bar.update(1)
 
     def stage(self, text: str) -> None:
-        """Name what is happening now (e.g. "writing transformer" while orbax writes)."""
+        """Name what is happening now (e.g. "converting vae")."""
         if self.bar is not None:  # shown at once only once the bar is (after `delay`): quick runs stay quiet
             self.bar.set_description_str(text, refresh=time.perf_counter() - self.start >= self.delay)
 
@@ -391,12 +392,13 @@ class Progress:
 
 def convert(src: str | Path, dst: str | Path, *, dtype: str = "fp32", components: str | Iterable[str] | None = None,
             config_paths: Sequence[str | Path] = (), overwrite: bool = False, progress: bool = True,
-            log: Callable[[str], None] | None = None) -> tuple[Path, Plan]:
+            log: Callable[[str], None] | None = None, piece_bytes: int | None = None) -> tuple[Path, Plan]:
     """Convert SRC (diffusers folder / component / original single file) into our orbax checkpoint at DST.
 
     Validates everything first; streams tensors (memory-mapped, one at a time) into params of `dtype`
-    ("fp32" or "bf16"); writes atomically (DST appears only when complete; an existing DST is replaced only
-    with `overwrite`, and only once the new one is complete). Returns (DST, the plan it carried out).
+    ("fp32" or "bf16"), written in pieces of about `piece_bytes` (default: the checkpoint module's) as they
+    are built; writes atomically (DST appears only when complete; an existing DST is replaced only with
+    `overwrite`, and only once the new one is complete). Returns (DST, the plan it carried out).
     """
     log = log or (lambda msg: print(msg, file=sys.stderr))
     if dtype not in DTYPES:
@@ -416,14 +418,12 @@ def convert(src: str | Path, dst: str | Path, *, dtype: str = "fp32", components
         bar.update(int(getattr(value, "nbytes", 0)))
         release_pages(value)
 
-    def builder(source: ComponentSource) -> Callable[[], Params]:
+    def builder(source: ComponentSource) -> Callable[[], Iterator[Leaf]]:
         conv = CONVERTERS[source.name]
 
-        def build() -> Params:
-            bar.stage(f"converting {source.name}")
-            params = conv.to_params(source.config, source.tensors, target, cast_array, on_tensor, source.what)
-            bar.stage(f"writing {source.name}")
-            return params
+        def build() -> Iterator[Leaf]:
+            bar.stage(f"converting {source.name}")  # and writing it, piece by piece
+            return conv.to_leaves(source.config, source.tensors, target, cast_array, on_tensor, source.what)
 
         return build
 
@@ -431,7 +431,7 @@ def convert(src: str | Path, dst: str | Path, *, dtype: str = "fp32", components
                 "config_origin": {s.name: s.config_origin for s in plan.sources}}
     try:
         save_checkpoint(dst, {s.name: (s.config, builder(s)) for s in plan.sources}, overwrite=overwrite,
-                        metadata=metadata)
+                        metadata=metadata, piece_bytes=piece_bytes)
     finally:
         bar.close()
     return dst, plan
@@ -451,6 +451,6 @@ def load_single_file(path: str | Path, component: str, *, config: Any = None, dt
     sources, _ = _single_file_sources(Path(path), [component], overrides)
     source = sources[0]
     conv = CONVERTERS[component]
-    params = conv.to_params(source.config, source.tensors, np.dtype(dtype), cast_array,
+    leaves = conv.to_leaves(source.config, source.tensors, np.dtype(dtype), cast_array,
                             lambda key, value: release_pages(value), source.what)
-    return source.config, params
+    return source.config, nest_leaves(leaves)

@@ -1,11 +1,16 @@
 """Our checkpoint format (DESIGN section 6): one directory, a marker JSON, and per component its diffusers
-config JSON beside an orbax PyTree of its params. Writes are atomic: a checkpoint is complete or absent.
+config JSON beside its params as orbax PyTrees. Writes are atomic: a checkpoint is complete or absent.
 
-Layout::
+Layout (version 2)::
 
-    DST/customshift_checkpoint.json   {"format": "customshift-jax-checkpoint", "version": 1, "components": {...}}
+    DST/customshift_checkpoint.json   {"format": "customshift-jax-checkpoint", "version": 2, "components": {...}}
     DST/<component>/config.json       the diffusers config (`_class_name` included), e.g. SD3Transformer2DModel
-    DST/<component>/params/           an orbax PyTree checkpoint of numpy arrays (restorable by plain orbax)
+    DST/<component>/params/part-NNNNN/  orbax PyTree checkpoints of numpy arrays, each restorable by plain
+                                        orbax; each holds some of the leaves (same nested paths), together all
+
+The marker's component entry lists its pieces ("pieces": ["part-00000", ...]); they are written one at a
+time (about `PIECE_BYTES` each), so a writer holds one piece in memory, not the component. Version 1 (no
+"pieces") stored the params as one orbax PyTree in DST/<component>/params/; it is still read.
 """
 from __future__ import annotations
 
@@ -16,17 +21,21 @@ import os
 import shutil
 import uuid
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Mapping
+from typing import Any, Callable, Iterable, Iterator, Mapping, Union
 
 import jax
 import numpy as np
 
 FORMAT = "customshift-jax-checkpoint"
-VERSION = 1
+VERSION = 2
 MARKER = "customshift_checkpoint.json"
 CONFIG_NAME = "config.json"
 PARAMS_DIR = "params"
+PIECES_KEY = "pieces"
+PIECE_BYTES = 512 << 20  # one piece's leaves in memory at a time; a larger leaf is a piece of its own
 Params = dict[str, Any]
+Leaf = tuple[tuple[str, ...], Any]  # (path of dict keys, array)
+ParamsSource = Union[Params, Callable[[], Union[Params, Iterable[Leaf]]]]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -100,13 +109,60 @@ def _checkpointer(restore_concurrent_gb: int = 2):
     return ocp.Checkpointer(handler)
 
 
-def _dtype_name(params: Params) -> str:
-    names = sorted({np.dtype(np.asarray(leaf).dtype).name for leaf in jax.tree_util.tree_leaves(params)})
+def iter_leaves(params: Params) -> Iterator[Leaf]:
+    """(path, numpy array) of every leaf of a nested dict of params, in jax's flattening order."""
+    for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+        yield tuple(str(k.key) for k in path), np.asarray(leaf)
+
+
+def nest_leaves(leaves: Iterable[Leaf], into: Params | None = None) -> Params:
+    """The nested dict of (path, array) leaves (added to `into` when given); a path given twice is an error."""
+    tree: Params = {} if into is None else into
+    for path, leaf in leaves:
+        node = tree
+        for key in path[:-1]:
+            node = node.setdefault(key, {})
+        if path[-1] in node:
+            raise ValueError(f"param {'/'.join(path)} is given twice.")
+        node[path[-1]] = leaf
+    return tree
+
+
+def _dtype_name(dtypes: Iterable[np.dtype]) -> str:
+    names = sorted({np.dtype(d).name for d in dtypes})
     return names[0] if len(names) == 1 else "mixed:" + ",".join(names)
 
 
-def _num_params(params: Params) -> int:
-    return int(sum(np.prod(np.shape(leaf), dtype=np.int64) for leaf in jax.tree_util.tree_leaves(params)))
+def _save_piece(ckptr: Any, directory: Path, pieces: list[str], piece: Params) -> None:
+    """Write `piece` as the next plain orbax PyTree directory/part-NNNNN and name it in `pieces`."""
+    import orbax.checkpoint as ocp
+
+    pieces.append(f"part-{len(pieces):05d}")
+    ckptr.save(directory / pieces[-1], args=ocp.args.PyTreeSave(piece))
+
+
+def _write_params(directory: Path, leaves: Iterable[Leaf], piece_bytes: int) -> dict[str, Any]:
+    """Write leaves as orbax PyTrees of about `piece_bytes` each, holding one piece at a time (a leaf is
+    dropped once its piece is written); returns the marker fields: pieces, dtype, num_params."""
+    directory.mkdir()
+    pieces: list[str] = []
+    dtypes, count = set(), 0
+    piece: Params = {}
+    size = 0
+    with _checkpointer() as ckptr:
+        for path, leaf in leaves:
+            leaf = np.asarray(leaf)
+            dtypes.add(leaf.dtype)
+            count += leaf.size
+            size += leaf.nbytes
+            nest_leaves([(path, leaf)], into=piece)
+            del leaf
+            if size >= piece_bytes:
+                _save_piece(ckptr, directory, pieces, piece)
+                piece, size = {}, 0
+        if piece:
+            _save_piece(ckptr, directory, pieces, piece)
+    return {PIECES_KEY: pieces, "dtype": _dtype_name(dtypes), "num_params": int(count)}
 
 
 def check_destination(dst: str | Path, overwrite: bool, *, is_ours: Callable[[Path], bool] | None = None,
@@ -166,43 +222,44 @@ def atomic_directory(dst: str | Path, check: Callable[[Path], None] = lambda d: 
 
 def save_checkpoint(
     dst: str | Path,
-    components: Mapping[str, tuple[Any, Params | Callable[[], Params]]],
+    components: Mapping[str, tuple[Any, ParamsSource]],
     *,
     overwrite: bool = False,
     metadata: Mapping[str, Any] | None = None,
+    piece_bytes: int | None = None,
 ) -> Path:
     """Write {name: (config, params)} as one checkpoint at `dst`, atomically; returns `dst`.
 
     Everything is written into a temporary directory beside `dst` and renamed into place when complete.
     An existing `dst` is refused unless `overwrite`, and then replaced only after the new one is complete
     (only an earlier checkpoint of ours or an empty directory is ever replaced). Params are numpy/jax
-    pytrees, written as they are (no copy), or zero-argument callables that build them: those run one
-    component at a time, so only one component's params are in memory. `metadata` goes into the marker JSON.
+    pytrees, written as they are (no copy), or zero-argument callables that build them, one component at
+    a time. A callable may return an iterable of (path, array) leaves instead: the leaves are written in
+    pieces of about `piece_bytes` (default `PIECE_BYTES`) as they come, so only one piece is in memory.
+    `metadata` goes into the marker JSON.
     """
     dst = Path(dst).absolute()
     if not components:
         raise ValueError("save_checkpoint: no components to write.")
+    piece_bytes = PIECE_BYTES if piece_bytes is None else piece_bytes
     check_destination(dst, overwrite)
     with atomic_directory(dst, lambda d: check_destination(d, overwrite)) as tmp:
         entries = {}
         for name, (config, params) in components.items():
             if not name or "/" in name or name.startswith("."):
                 raise ValueError(f"component name {name!r} is not a plain folder name.")
-            params = jax.tree_util.tree_map(np.asarray, params() if callable(params) else params)
+            built = params() if callable(params) else params
+            leaves = iter_leaves(built) if isinstance(built, Mapping) else iter(built)
+            del built  # only `leaves` may hold a built pytree: it is freed once written, before the next one
             (tmp / name).mkdir()
             (tmp / name / CONFIG_NAME).write_text(json.dumps(config_dict(name, config), indent=2) + "\n")
-            with _checkpointer() as ckptr:
-                import orbax.checkpoint as ocp
-
-                ckptr.save(tmp / name / PARAMS_DIR, args=ocp.args.PyTreeSave(params))
+            written = _write_params(tmp / name / PARAMS_DIR, leaves, piece_bytes)
             entries[name] = {
                 "class": COMPONENT_KINDS[name].diffusers_class if name in COMPONENT_KINDS else None,
                 "config": f"{name}/{CONFIG_NAME}",
                 "params": f"{name}/{PARAMS_DIR}",
-                "dtype": _dtype_name(params),
-                "num_params": _num_params(params),
+                **written,
             }
-            del params
         marker = {"format": FORMAT, "version": VERSION, "components": entries, **dict(metadata or {})}
         with open(tmp / MARKER, "w") as f:
             f.write(json.dumps(marker, indent=2) + "\n")
@@ -253,9 +310,18 @@ def load_checkpoint(path: str | Path, components: Iterable[str] | None = None) -
         kind = COMPONENT_KINDS.get(name)
         config = kind.config_from_dict(raw) if kind else raw
         params_path = (path / entry.get("params", f"{name}/{PARAMS_DIR}")).absolute()
-        if not params_path.is_dir():
-            raise FileNotFoundError(f"{params_path}: the {name} params are missing; the checkpoint is damaged.")
-        with _checkpointer() as ckptr:
-            params = ckptr.restore(params_path)
-        out[name] = (config, jax.tree_util.tree_map(np.asarray, params))
+        out[name] = (config, _read_params(params_path, entry.get(PIECES_KEY), name))
     return out
+
+
+def _read_params(params_path: Path, pieces: list[str] | None, name: str) -> Params:
+    """The params of one component: its pieces merged (version 2), or its one PyTree (version 1, no pieces)."""
+    paths = [params_path] if pieces is None else [params_path / piece for piece in pieces]
+    for p in [params_path, *paths]:
+        if not p.is_dir():
+            raise FileNotFoundError(f"{p}: the {name} params are missing; the checkpoint is damaged.")
+    params: Params = {}
+    with _checkpointer() as ckptr:
+        for p in paths:
+            nest_leaves(iter_leaves(ckptr.restore(p)), into=params)
+    return params

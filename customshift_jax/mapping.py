@@ -6,7 +6,7 @@ Rules: the param path is the diffusers key split on "."; `weight` becomes `kerne
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any, Callable, Iterable, Iterator, Mapping
 
 import jax
 import numpy as np
@@ -146,10 +146,17 @@ def params_from_state_dict(
     filled layer by layer, so at most one source tensor is live besides the result. `on_tensor(key,
     value)` runs after each source tensor has been copied (progress, releasing memory-mapped pages).
     """
-    from customshift_jax.api import param_shapes
+    check_state_dict(config, state_dict, what)
+    params: Params = {}
+    for path, array in iter_params(config, state_dict, dtype, cast, on_tensor):
+        _set(params, path, array)
+    return params
 
-    cast = cast or (lambda a, dt: np.asarray(a, dtype=dt))
-    shapes = param_shapes(config)
+
+def check_state_dict(config: MMDiTConfig, state_dict: Mapping[str, Any],
+                     what: str = "the transformer state dict") -> None:
+    """Raise `StateDictMismatch` (naming the keys) unless `state_dict` has exactly the keys and shapes
+    `config` expects; reads no tensor (a lazy state dict's shapes come from its header)."""
     expected = state_dict_shapes(config)
     missing = [k for k in expected if k not in state_dict]
     misshaped = []
@@ -161,8 +168,17 @@ def params_from_state_dict(
     unexpected = sorted(set(state_dict.keys()) - set(expected))
     if missing or unexpected or misshaped:
         raise StateDictMismatch(f"{what} (expected {describe(config)})", missing, unexpected, misshaped)
-    params: Params = {}
-    for path, spec in _flat_paths(shapes):
+
+
+def iter_params(config: MMDiTConfig, state_dict: Mapping[str, Any], dtype: Any = np.float32,
+                cast: Callable[[np.ndarray, Any], np.ndarray] | None = None,
+                on_tensor: Callable[[str, Any], None] | None = None) -> Iterator[tuple[tuple[str, ...], np.ndarray]]:
+    """`params_from_state_dict` one param at a time, as (path, array), for streaming writers: each is
+    filled from its per-layer source tensors and dropped here once yielded. Run `check_state_dict` first."""
+    from customshift_jax.api import param_shapes
+
+    cast = cast or (lambda a, dt: np.asarray(a, dtype=dt))
+    for path, spec in _flat_paths(param_shapes(config)):
         scanned = path[0] == "transformer_blocks"
         out = np.empty(spec.shape, dtype)
         for j, key in enumerate(torch_keys_for_path(path)):
@@ -171,8 +187,8 @@ def params_from_state_dict(
             if on_tensor is not None:
                 on_tensor(key, value)
             del value
-        _set(params, path, out)
-    return params
+        yield path, out
+        del out  # the consumer owns it now
 
 
 def state_dict_views(config: MMDiTConfig, params: Params) -> dict[str, np.ndarray]:

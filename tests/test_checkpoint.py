@@ -1,5 +1,6 @@
 """customshift_jax.checkpoint: the orbax checkpoint format, its atomic writes and its loaders."""
 import json
+import shutil
 
 import jax
 import ml_dtypes
@@ -12,7 +13,9 @@ from customshift_jax.checkpoint import (
     CheckpointExists,
     checkpoint_components,
     is_checkpoint,
+    iter_leaves,
     load_checkpoint,
+    nest_leaves,
     save_checkpoint,
 )
 from customshift_jax.vae import VAEConfig
@@ -61,12 +64,56 @@ def test_round_trip_fp32_and_bf16_with_two_components(params, tmp_path):
     assert cfg == CONFIG
     assert _equal(jax.tree_util.tree_map(np.asarray, p32),
                   jax.tree_util.tree_map(lambda a: a.astype(np.float32), bf16))
-    # The params are a plain orbax PyTree: orbax alone restores them.
+    # The params are plain orbax PyTrees (here one piece): orbax alone restores them.
+    assert marker["components"]["transformer"]["pieces"] == ["part-00000"]
+    assert _equal(_restore_plain(dst / "transformer" / "params" / "part-00000"), bf16)
+
+
+def _restore_plain(path):
+    """A PyTree restored by orbax alone, as numpy."""
     import orbax.checkpoint as ocp
 
     with ocp.PyTreeCheckpointer() as ckptr:
-        restored = ckptr.restore((dst / "transformer" / "params").absolute())
-    assert _equal(jax.tree_util.tree_map(np.asarray, restored), bf16)
+        return jax.tree_util.tree_map(np.asarray, ckptr.restore(path.absolute()))
+
+
+def test_params_written_in_pieces_read_back_equal(params, tmp_path):
+    # A piece closes once it holds piece_bytes: 4 KiB splits the tiny model into many pieces.
+    leaves = list(iter_leaves(params))
+    dst = save_checkpoint(tmp_path / "ckpt", {"transformer": (CONFIG, lambda: iter(leaves))}, piece_bytes=4096)
+    entry = json.loads((dst / MARKER).read_text())["components"]["transformer"]
+    assert entry["dtype"] == "float32"
+    assert entry["num_params"] == sum(a.size for _, a in leaves)
+    pieces = entry["pieces"]
+    assert len(pieces) > 3 and sorted(p.name for p in (dst / "transformer" / "params").iterdir()) == pieces
+    assert _equal(load_checkpoint(dst)["transformer"][1], params)
+    # Each piece is a plain orbax PyTree of some leaves; together they are all the leaves, once each.
+    merged = {}
+    for piece in pieces:
+        nest_leaves(iter_leaves(_restore_plain(dst / "transformer" / "params" / piece)), into=merged)
+    assert _equal(merged, params)
+    # A missing piece is named.
+    shutil.rmtree(dst / "transformer" / "params" / pieces[1])
+    with pytest.raises(FileNotFoundError, match=f"{pieces[1]}: the transformer params are missing"):
+        load_checkpoint(dst)
+
+
+def test_version_1_checkpoints_with_one_params_pytree_still_load(params, tmp_path):
+    # Version 1 wrote each component's params as one orbax PyTree in <component>/params/, no "pieces".
+    import orbax.checkpoint as ocp
+
+    dst = tmp_path / "v1"
+    (dst / "transformer").mkdir(parents=True)
+    (dst / "transformer" / "config.json").write_text(json.dumps(CONFIG.to_diffusers_config()))
+    with ocp.PyTreeCheckpointer() as ckptr:
+        ckptr.save((dst / "transformer" / "params").absolute(), params)
+    entry = {"class": "SD3Transformer2DModel", "config": "transformer/config.json", "params": "transformer/params",
+             "dtype": "float32", "num_params": 0}
+    (dst / MARKER).write_text(json.dumps({"format": "customshift-jax-checkpoint", "version": 1,
+                                          "components": {"transformer": entry}}))
+    config, loaded = load_checkpoint(dst)["transformer"]
+    assert config == CONFIG and _equal(loaded, params)
+    assert _equal(jax.tree_util.tree_map(np.asarray, load_transformer(dst)[1]), params)
 
 
 def test_failed_write_leaves_nothing_and_keeps_the_old_checkpoint(params, tmp_path):

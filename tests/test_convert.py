@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from convert.convert import Progress, cast_array, release_pages
+from convert.convert import Progress, cast_array, convert, release_pages
 from convert.single_file import (
     TRANSFORMER_PREFIX,
     VAE_PREFIX,
@@ -202,6 +202,22 @@ def test_pipeline_round_trip_is_bit_exact(tiny_pipeline, tmp_path, capsys):
     t2 = SafetensorsFile(tmp_path / "bf16" / "transformer" / "diffusion_pytorch_model.safetensors")
     for key, value in t0.state_dict().items():
         assert np.array_equal(t2.get(key).view(np.uint16), _torch_bits(value.to(torch.bfloat16))), key
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_conversion_written_in_pieces_reads_back_equal(tiny_pipeline, tmp_path, dtype):
+    # 16 KiB pieces split both components; what loads back is what the default (one piece each) wrote.
+    whole, _ = convert(tiny_pipeline, tmp_path / "whole", dtype=dtype, progress=False)
+    split, _ = convert(tiny_pipeline, tmp_path / "split", dtype=dtype, progress=False, piece_bytes=16 << 10)
+    marker = json.loads((split / "customshift_checkpoint.json").read_text())
+    assert marker["version"] == 2
+    assert all(len(marker["components"][c]["pieces"]) > 2 for c in ("transformer", "vae"))
+    assert all(len(e["pieces"]) == 1 for e in json.loads((whole / "customshift_checkpoint.json").read_text())
+               ["components"].values())
+    a, b = load_checkpoint(whole), load_checkpoint(split)
+    for name in ("transformer", "vae"):
+        assert a[name][0] == b[name][0]
+        _assert_trees_equal(a[name][1], b[name][1])
 
 
 def test_single_file_vae_matches_diffusers_single_file_loader(tiny_pipeline, tmp_path):
