@@ -22,24 +22,33 @@ FORMS = ("two_pass", "single")
 
 
 def shift_logit(beta: jax.Array, gamma: jax.Array, shift: Shift = "cads") -> jax.Array:
-    """lambda (H,) float32: beta + log(gamma) for "cads"; 0 for "concat" (plain concatenation baseline).
+    """lambda float32: beta + log(gamma) for "cads"; 0 for "concat" (plain concatenation baseline).
 
-    gamma = 0 gives lambda = -inf: the reference path carries no mass and the output is the base one.
+    beta (H,); gamma a scalar (lambda (H,)) or one per sample (B,) (lambda (B, H)). gamma = 0 gives
+    lambda = -inf: the reference path carries no mass and the output is the base one.
     """
     if shift not in SHIFTS:
         raise ValueError(f"unknown shift {shift!r}; expected one of {SHIFTS}.")
     beta = beta.astype(jnp.float32)
+    gamma = jnp.asarray(gamma, jnp.float32)
+    if gamma.ndim > 1:
+        raise ValueError(f"gamma must be a scalar or one value per sample (B,), got shape {gamma.shape}.")
     if shift == "concat":
-        return jnp.zeros_like(beta)
-    return beta + jnp.log(jnp.asarray(gamma, jnp.float32))
+        return jnp.zeros(gamma.shape + beta.shape, jnp.float32)
+    return beta + jnp.log(gamma)[..., None] if gamma.ndim else beta + jnp.log(gamma)
+
+
+def _per_batch_head(lam: jax.Array) -> jax.Array:
+    """lambda (H,) or (B, H) -> broadcastable (1 or B, H, 1, 1) against (B, H, Nq, Nk)."""
+    return lam[None, :, None, None] if lam.ndim == 1 else lam[:, :, None, None]
 
 
 def merge_with_reference(o_base, lse_base, o_ref, lse_ref, lam):
     """(1 - alpha) o_B + alpha o_R with alpha = sigmoid(LSE_R - LSE_B + lambda), in float32.
 
-    o_*: (B, N, H, D); lse_*: (B, H, N); lam: (H,). Returns (B, N, H, D) in o_base's dtype.
+    o_*: (B, N, H, D); lse_*: (B, H, N); lam: (H,) or (B, H). Returns (B, N, H, D) in o_base's dtype.
     """
-    alpha = jax.nn.sigmoid(lse_ref - lse_base + lam[None, :, None])  # (B, H, N)
+    alpha = jax.nn.sigmoid(lse_ref - lse_base + _per_batch_head(lam)[..., 0])  # (B, H, N)
     alpha = jnp.swapaxes(alpha, 1, 2)[..., None]  # (B, N, H, 1)
     merged = (1 - alpha) * o_base.astype(jnp.float32) + alpha * o_ref.astype(jnp.float32)
     return merged.astype(o_base.dtype)
@@ -49,7 +58,7 @@ def cads_attention(q, k, v, k_ref, v_ref, lam, n_img: int, *, form: Form = "two_
     """Joint attention in which the first `n_img` queries also read (k_ref, v_ref) through the shift.
 
     q: (B, Nq, H, D) with image queries first; k, v: (B, Nk, H, D) base keys [x; c];
-    k_ref, v_ref: (B or 1, R, H, D); lam: (H,) float32. Returns (B, Nq, H, D).
+    k_ref, v_ref: (B or 1, R, H, D); lam: (H,) or per sample (B, H), float32. Returns (B, Nq, H, D).
     """
     b = q.shape[0]
     k_ref = jnp.broadcast_to(k_ref, (b,) + k_ref.shape[1:]).astype(k.dtype)
@@ -61,10 +70,11 @@ def cads_attention(q, k, v, k_ref, v_ref, lam, n_img: int, *, form: Form = "two_
         return jnp.concatenate([img, o_base[:, n_img:]], axis=1)
     if form == "single":
         nq, nk, nr = q.shape[1], k.shape[1], k_ref.shape[1]
-        is_img = (jnp.arange(nq) < n_img)[None, :, None]  # (1, Nq, 1)
-        ref_bias = jnp.where(is_img, lam[:, None, None], -jnp.inf)  # (H, Nq, 1)
-        bias = jnp.concatenate([jnp.zeros((q.shape[2], nq, nk), jnp.float32),
-                                jnp.broadcast_to(ref_bias, (q.shape[2], nq, nr))], axis=-1)
+        is_img = (jnp.arange(nq) < n_img)[None, None, :, None]  # (1, 1, Nq, 1)
+        ref_bias = jnp.where(is_img, _per_batch_head(lam), -jnp.inf)  # (1 or B, H, Nq, 1)
+        lead = ref_bias.shape[:2]
+        bias = jnp.concatenate([jnp.zeros(lead + (nq, nk), jnp.float32),
+                                jnp.broadcast_to(ref_bias, lead + (nq, nr))], axis=-1)
         return attention(q, jnp.concatenate([k, k_ref], axis=1), jnp.concatenate([v, v_ref], axis=1),
-                         bias=bias[None], backend=backend)
+                         bias=bias, backend=backend)
     raise ValueError(f"unknown CADS form {form!r}; expected one of {FORMS}.")

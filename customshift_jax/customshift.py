@@ -126,7 +126,8 @@ def make_customshift_forward(config: MMDiTConfig, lora: LoRAConfig | None = None
                              remat: str = "none", activation_sharding: Callable | None = None) -> Callable:
     """Pure CGB forward `f(params, cgb_lora, x, t, ehs, pooled, skip_mask, ref_kv, gamma) -> sample`.
 
-    `ref_kv` is `RefCache.kv` (or None: exactly the base forward); `gamma` a scalar (traced, no recompile).
+    `ref_kv` is `RefCache.kv` (or None: exactly the base forward); `gamma` a scalar, or one value per sample
+    (B,) (e.g. per-sample reference dropout: 0 removes that sample's reference path); traced, no recompile.
     `activation_sharding`: the block-boundary hook of `customshift_jax.sharding` (None: no constraint).
     """
     if shift not in SHIFTS:
@@ -171,10 +172,11 @@ def prefill(config: MMDiTConfig, params: Params, ref_latents, subject_embeds, su
 
 def customshift_apply(config: MMDiTConfig, params: Params, hidden_states, timestep, encoder_hidden_states,
                       pooled_projections, cache: RefCache | None = None, *, cgb_lora: Params | None = None,
-                      lora: LoRAConfig | None = None, gamma: float = 1.0, shift: str = "cads",
+                      lora: LoRAConfig | None = None, gamma: Any = 1.0, shift: str = "cads",
                       form: str = "two_pass", skip_layers: Sequence[int] | None = None, dtype: Any = jnp.float32,
                       backend: str = "xla"):
-    """The Cross-Guidance Branch forward: diffusers' arguments plus the reference cache and gamma."""
+    """The Cross-Guidance Branch forward: diffusers' arguments plus the reference cache and gamma (a scalar or
+    one per sample, (B,))."""
     hidden_states, encoder_hidden_states, pooled_projections = map(
         jnp.asarray, (hidden_states, encoder_hidden_states, pooled_projections))
     check_inputs(config, hidden_states, timestep, encoder_hidden_states, pooled_projections)

@@ -125,3 +125,25 @@ def test_bad_cache_and_bad_lora_are_refused(setup):
     other_lora = init_lora(other, LORA, jax.random.key(0), branch="cgb")
     with pytest.raises(ValueError, match="does not fit this model"):
         customshift_apply(config, params, *inputs, cache, cgb_lora=other_lora, lora=LORA)
+
+
+@pytest.mark.parametrize("form", ["two_pass", "single"])
+def test_per_sample_gamma_matches_scalar_gamma_per_sample(setup, form):
+    # Per-sample reference dropout: sample 0 dropped (gamma 0), sample 1 kept (gamma 1), in one batch, gives each
+    # sample what the whole batch gives with that gamma as a scalar: bit for bit in the two-pass form (training's);
+    # the single form's (B, H) bias fuses differently, so there the kept sample agrees to rounding (the dropped
+    # one is exact). Compared at the same batch shape: a batch of one differs from a batch of two by XLA's
+    # rounding (~1e-6), whatever gamma is.
+    config, params, _, cgb, cache, inputs = setup
+    run = lambda gamma, c=cache: np.asarray(customshift_apply(  # noqa: E731
+        config, params, *inputs, c, cgb_lora=cgb, lora=LORA, gamma=gamma, form=form))
+    mixed = run(jnp.asarray([0.0, 1.0]))
+    np.testing.assert_array_equal(mixed[0], run(0.0)[0])
+    if form == "two_pass":
+        np.testing.assert_array_equal(mixed[1], run(1.0)[1])
+        np.testing.assert_array_equal(mixed[0], run(1.0, None)[0])  # gamma 0 is no reference, bit for bit
+    else:  # one softmax over [B; R] with a -inf bias: no reference up to rounding, as with a scalar gamma 0
+        assert relative_error(mixed[1], run(1.0)[1]) <= 1e-6
+    assert relative_error(mixed[1], run(0.0)[1]) > 1e-3  # the kept sample does read the reference
+    with pytest.raises(ValueError, match="one value per sample"):
+        run(jnp.ones((2, 1)))

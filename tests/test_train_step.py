@@ -1,5 +1,6 @@
-"""The pure train step: reference dropout keeps gradients finite (and gives the RAB none), the sharded step
-(data-parallel mesh) matches the plain one, and a non-finite loss stops `customshift train` naming the step."""
+"""The pure train step: dropouts are per sample, reference dropout keeps gradients finite (and gives the RAB
+none), the sharded step (data-parallel mesh) matches the plain one, and a non-finite loss stops
+`customshift train` naming the step."""
 from __future__ import annotations
 
 import dataclasses
@@ -46,6 +47,16 @@ def test_reference_dropout_gradients_finite():
     assert all(bool(jnp.all(jnp.isfinite(g))) for g in jax.tree_util.tree_leaves(grads))
     assert all(float(jnp.max(jnp.abs(g))) == 0.0 for g in jax.tree_util.tree_leaves(grads["rab"]))
     assert max(float(jnp.max(jnp.abs(g))) for g in jax.tree_util.tree_leaves(grads["cgb"])) > 0
+
+
+def test_dropout_is_decided_per_sample():
+    base = init_mmdit(CONFIG, jax.random.key(0))
+    opt, _ = make_optimizer(1e-3)
+    state = _nonzero_lora(opt)
+    loss_fn = jax.jit(make_loss_fn(CONFIG, LORA, ref_dropout=0.5, text_dropout=0.5))
+    aux = [loss_fn(state.trainable, base, _batch(b=4), jax.random.key(k))[1] for k in range(6)]
+    assert {float(a["ref_dropped"]) for a in aux} - {0.0, 1.0}  # some batches drop some of their references
+    assert {float(a["text_dropped"]) for a in aux} - {0.0, 1.0}
 
 
 def test_sharded_step_matches_plain():

@@ -63,9 +63,9 @@ def make_loss_fn(config: MMDiTConfig, lora: LoRAConfig, *, dtype: Any = jnp.floa
 
     Text dropout (per sample, probability `text_dropout`): "drop" means the prompt embeddings and the pooled
     embedding of that sample are set to zeros (SD3 pipelines feed empty-prompt embeddings instead; zeros are
-    the unconditional input here). Reference dropout (probability `ref_dropout`) is decided per batch, since
-    the forward's gamma is a scalar: the whole batch runs with gamma = 0, i.e. lambda = -inf, which removes
-    the reference path exactly (the RAB prefill still runs and gets zero gradient for that batch).
+    the unconditional input here). Reference dropout (per sample, probability `ref_dropout`): that sample runs
+    with gamma = 0, i.e. lambda = -inf, which removes its reference path exactly (the RAB prefill still runs;
+    a dropped sample gives it no gradient).
     """
     if shift == "concat" and ref_dropout > 0:
         raise ValueError("reference dropout works through gamma = 0, which shift='concat' ignores; set "
@@ -87,13 +87,13 @@ def make_loss_fn(config: MMDiTConfig, lora: LoRAConfig, *, dtype: Any = jnp.floa
         keep_text = jax.random.uniform(k_text, (b,)) >= text_dropout
         ehs = jnp.where(keep_text[:, None, None], batch["prompt_embeds"], 0).astype(jnp.float32)
         pooled = jnp.where(keep_text[:, None], batch["pooled"], 0).astype(jnp.float32)
-        drop_ref = jax.random.uniform(k_ref, ()) < ref_dropout
-        gamma = jnp.where(drop_ref, 0.0, 1.0).astype(jnp.float32)
+        drop_ref = jax.random.uniform(k_ref, (b,)) < ref_dropout
+        gamma = jnp.where(drop_ref, 0.0, 1.0).astype(jnp.float32)  # (B,)
         ref_kv = prefill(base_params, trainable["rab"], batch["ref_latents"].astype(jnp.float32),
                          batch["subject_embeds"].astype(jnp.float32), batch["subject_pooled"].astype(jnp.float32))
         pred = forward(base_params, trainable["cgb"], x_t, 1000.0 * t, ehs, pooled, skip, ref_kv, gamma)
         loss = rectified_flow_loss(pred, x0, eps)
-        return loss, {"ref_dropped": drop_ref.astype(jnp.float32),
+        return loss, {"ref_dropped": jnp.mean(drop_ref.astype(jnp.float32)),
                       "text_dropped": 1.0 - jnp.mean(keep_text.astype(jnp.float32)), "t_mean": jnp.mean(t)}
 
     return loss_fn
