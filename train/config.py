@@ -23,7 +23,17 @@ DEFAULTS: dict[str, dict[str, Any]] = {
     "mesh": {"enabled": False, "data": 1, "fsdp": 1, "tensor": 1, "rules": "fsdp"},
     "checkpoint": {"every": 100, "keep": 3, "async": True},
     "log": {"every": 1, "tensorboard": True, "progress": True},
-    "sample": {"every": 0},
+    # Samples every `every` steps (0: never) with the current LoRAs, written to OUTPUT_DIR/samples/step-XXXXXX/.
+    "sample": {
+        "every": 0,
+        "prompts": None,     # record indices of the prepared data (their captions); with `embeds`: prompt indices
+        "embeds": None,      # .npz as `customshift generate --embeds` takes (no text encoder runs in training)
+        "reference": 0,      # record index of the prepared data, or an image path (needs `vae`)
+        "subject": None,     # record index whose subject-name embeddings are used (default: the reference's)
+        "steps": 8, "guidance": 1.0, "gamma": 1.0, "seed": 0,
+        "shift": 3.0,        # the flow-match scheduler's shift (SD3: 3.0)
+        "vae": None,         # checkpoint or pipeline folder: decode to images (else a latent preview PNG)
+    },
     "output_dir": None,
     "export_lora": True,
     # Test hooks: sleep after each step (so a signal can land mid-run in the preemption tests).

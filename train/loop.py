@@ -183,6 +183,7 @@ def train(cfg: dict, *, resume: bool = False, log=print) -> int:
     import jax
 
     from train.metrics import MetricsLogger
+    from train.samples import maybe_sampler
 
     out = Path(cfg["output_dir"])
     ckpt_dir = out / "checkpoints"
@@ -193,6 +194,8 @@ def train(cfg: dict, *, resume: bool = False, log=print) -> int:
     seed, total = int(cfg["train"]["seed"]), int(cfg["train"]["steps"])
     parts = build(cfg)
     state, it, jstep, put_batch = parts["state"], parts["it"], parts["jstep"], parts["put_batch"]
+    sampler = maybe_sampler(cfg, parts, out)
+    sample_every = int(cfg["sample"]["every"])
     mngr = _manager(ckpt_dir, int(cfg["checkpoint"]["keep"]), bool(cfg["checkpoint"]["async"]))
     start = 0
     if resume:
@@ -247,6 +250,8 @@ def train(cfg: dict, *, resume: bool = False, log=print) -> int:
                     values = {k: float(v) for k, v in m.items()}
                     values.update(steps_per_s=sps, images_per_s=sps * gb)
                     metrics.log(step, values)
+                if sampler is not None and step % sample_every == 0:
+                    sampler(state.trainable, parts["base"], step, metrics)
                 if step % every == 0 or step == total:
                     _save(mngr, step, state, it, seed)
                     last_saved = step

@@ -1,7 +1,7 @@
 """Metrics: a JSONL log and TensorBoard event files written directly (no tensorboard package needed).
 
 The event writer emits TFRecord-framed `Event` protos (hand-encoded: wall_time, step, Summary of simple
-scalar values), which TensorBoard reads as scalars.
+scalar values or PNG images), which TensorBoard reads as scalars and images.
 """
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import socket
 import struct
 import time
 from pathlib import Path
+from typing import Any
 
 
 def _crc32c_table() -> list[int]:
@@ -75,6 +76,23 @@ def _scalar_summary(values: dict[str, float]) -> bytes:
     return out
 
 
+def png_size(png: bytes) -> tuple[int, int]:
+    """(height, width) from a PNG's IHDR chunk."""
+    if png[:8] != b"\x89PNG\r\n\x1a\n":
+        raise ValueError("not a PNG image.")
+    width, height = struct.unpack(">II", png[16:24])
+    return height, width
+
+
+def _image_summary(images: dict[str, bytes]) -> bytes:
+    out = b""
+    for tag, png in images.items():
+        h, w = png_size(png)
+        image = _field(1, 0) + _varint(h) + _field(2, 0) + _varint(w) + _field(3, 0) + _varint(3) + _bytes_field(4, png)
+        out += _bytes_field(1, _bytes_field(1, tag.encode()) + _bytes_field(4, image))
+    return out
+
+
 class EventWriter:
     """Append-only TensorBoard event file in `logdir` (events.out.tfevents.<time>.<host>)."""
 
@@ -93,12 +111,18 @@ class EventWriter:
         self._write(_event(time.time(), step, _scalar_summary(values)))
         self.f.flush()
 
+    def images(self, step: int, images: dict[str, bytes]) -> None:
+        """PNG images (encoded bytes) by tag, RGB."""
+        self._write(_event(time.time(), step, _image_summary(images)))
+        self.f.flush()
+
     def close(self) -> None:
         self.f.close()
 
 
-def read_events(path: str | Path) -> list[tuple[int, dict[str, float]]]:
-    """Parse scalar events back (for tests): [(step, {tag: value})]; checks every CRC."""
+def read_events(path: str | Path, images: bool = False) -> list[tuple[int, dict[str, Any]]]:
+    """Parse events back (for tests): [(step, {tag: scalar})], with `images` [(step, {tag: PNG bytes})]
+    instead; checks every CRC."""
     data = Path(path).read_bytes()
     out, i = [], 0
     while i < len(data):
@@ -107,7 +131,7 @@ def read_events(path: str | Path) -> list[tuple[int, dict[str, float]]]:
         body = data[i + 12:i + 12 + n]
         assert struct.unpack_from("<I", data, i + 12 + n)[0] == _masked(crc32c(body))
         i += 16 + n
-        step, values = _parse_event(body)
+        step, values = _parse_event(body, images)
         if values:
             out.append((step, values))
     return out
@@ -141,7 +165,7 @@ def _fields(b: bytes):
         yield num, v
 
 
-def _parse_event(b: bytes) -> tuple[int, dict[str, float]]:
+def _parse_event(b: bytes, images: bool = False) -> tuple[int, dict[str, Any]]:
     step, values = 0, {}
     for num, v in _fields(b):
         if num == 2:
@@ -152,8 +176,10 @@ def _parse_event(b: bytes) -> tuple[int, dict[str, float]]:
                 for n2, v2 in _fields(value):
                     if n2 == 1:
                         tag = v2.decode()
-                    elif n2 == 2:
+                    elif n2 == 2 and not images:
                         val = struct.unpack("<f", v2)[0]
+                    elif n2 == 4 and images:
+                        val = dict(_fields(v2))[4]  # Summary.Image.encoded_image_string
                 if tag is not None and val is not None:
                     values[tag] = val
     return step, values
@@ -173,6 +199,11 @@ class MetricsLogger:
         self.jsonl.flush()
         if self.tb is not None:
             self.tb.scalars(step, values)
+
+    def images(self, step: int, images: dict[str, bytes]) -> None:
+        """PNG images by tag to TensorBoard (the files themselves are written by the caller)."""
+        if self.tb is not None:
+            self.tb.images(step, images)
 
     def close(self) -> None:
         self.jsonl.close()
