@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from fixtures_pipeline import tiny_pipeline_dir  # noqa: F401 - pytest fixture
 from train_fixtures import write_synthetic_dataset
 from train.config import load_config
 from train.data import (BadCounter, BadDataWarning, BatchIterator, ShardDataset, TooMuchBadData, read_manifest,
@@ -81,7 +82,10 @@ def test_iterator_deterministic_sharded_resumable(tmp_path):
     ds = ShardDataset(write_synthetic_dataset(tmp_path / "d", n=7, shard_size=3))
     assert len(ds) == 7 and ds.flip
     a = BatchIterator(ds, 2, seed=3, process_index=0, process_count=1)
-    batches = [next(a) for _ in range(7)]  # crosses epochs (3 batches per epoch)
+    batches = [next(a) for _ in range(7)]  # two epochs of 7 records; batches run across the epoch end
+    pooled = [ds.get(i)["pooled"] for i in range(7)]
+    seen = [next(i for i in range(7) if np.array_equal(row, pooled[i])) for b in batches for row in b["pooled"]]
+    assert sorted(seen[:7]) == sorted(seen[7:]) == list(range(7)) and seen[:7] != seen[7:]  # reshuffled
     b = BatchIterator(ds, 2, seed=3, process_index=0, process_count=1)
     for _ in range(4):
         next(b)
@@ -97,6 +101,12 @@ def test_iterator_deterministic_sharded_resumable(tmp_path):
     np.testing.assert_array_equal(np.concatenate([p0["pooled"], p1["pooled"]]), batches[0]["pooled"])
     with pytest.raises(ValueError, match="seed"):
         BatchIterator(ds, 2, seed=4, process_index=0, process_count=1).restore(b.state())
+    # The same flip for target and reference: all flipped with flip_prob 1, none with 0.
+    for prob in (0.0, 1.0):
+        got = next(BatchIterator(ds, 7, seed=0, shuffle=False, flip_prob=prob, process_index=0, process_count=1))
+        want = [ds.get(i, flip=bool(prob)) for i in range(7)]
+        for k in ("latents", "ref_latents"):
+            np.testing.assert_array_equal(got[k], np.stack([w[k] for w in want]))
 
 
 def test_tensorboard_events_roundtrip(tmp_path):
@@ -109,3 +119,21 @@ def test_tensorboard_events_roundtrip(tmp_path):
     (ev,) = list((tmp_path / "tb").glob("events.out.tfevents.*"))
     got = read_events(ev)
     assert [s for s, _ in got] == [1, 2] and got[0][1]["loss"] == 0.5 and got[1][1]["loss"] == 0.25
+
+
+def test_prepare_skips_bad_records_and_writes_shards(tmp_path, tiny_pipeline_dir):
+    from train.prepare import prepare
+
+    path, lines = _manifest(tmp_path, 5)
+    path.write_text("\n".join(lines[:2] + _bad_lines(tmp_path) + lines[2:]) + "\n")
+    with pytest.warns(BadDataWarning):
+        index = prepare(path, tmp_path / "out", checkpoint=tiny_pipeline_dir, text_encoders=tiny_pipeline_dir,
+                        size=16, batch_size=2, shard_size=3, max_sequence_length=8, max_bad_fraction=0.5,
+                        read_threads=3, log=lambda *_: None)
+    assert index["count"] == 5 and index["skipped"] == 3 and index["manifest_records"] == 8
+    ds = ShardDataset(tmp_path / "out")
+    assert len(ds) == 5 and ds.flip and ds.get(4)["latents"].shape == (16, 8, 8)
+    with pytest.warns(BadDataWarning), pytest.raises(TooMuchBadData, match="3 of 8 records"):
+        prepare(path, tmp_path / "out2", checkpoint=tiny_pipeline_dir, text_encoders=tiny_pipeline_dir, size=16,
+                max_bad_fraction=0.2, log=lambda *_: None)
+    assert not (tmp_path / "out2" / "index.json").exists()

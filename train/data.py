@@ -1,5 +1,5 @@
 """Training data: the JSONL manifest, paired image reading and augmentation, prepared latent shards, and a
-deterministic, per-process, checkpointable batch iterator over them.
+deterministic, per-process, checkpointable batch iterator over them (grain).
 
 Manifest: one JSON object a line, {"reference": path, "target": path, "caption": str, "subject": str}; paths
 are local or any fsspec URL, relative ones relative to the manifest. Prepared data (`customshift prepare`):
@@ -148,18 +148,32 @@ def load_pair(record: Record, size: int) -> tuple[np.ndarray, np.ndarray]:
     return center_crop_resize(load_image(record.reference), size), center_crop_resize(load_image(record.target), size)
 
 
-def read_pairs(records: list[Record], size: int, counter: BadCounter) -> Iterator[tuple[Record, np.ndarray, np.ndarray]]:
-    """Yield readable pairs; an unreadable image (missing, truncated, not an image) is counted and skipped."""
-    for r in records:
-        try:
-            ref, tgt = load_pair(r, size)
-        except FileNotFoundError as e:
-            counter.add("missing_image", f"line {r.line}: image not found ({e})")
+def _try_pair(record: Record, size: int) -> tuple[Record, Any, Any, tuple[str, str] | None]:
+    """(record, reference, target, None), or (record, None, None, (reason, message)) for an unreadable image."""
+    try:
+        return (record, *load_pair(record, size), None)
+    except FileNotFoundError as e:
+        return record, None, None, ("missing_image", f"line {record.line}: image not found ({e})")
+    except Exception as e:  # noqa: BLE001 - PIL raises OSError, SyntaxError, ValueError... for bad files
+        return record, None, None, ("bad_image", f"line {record.line}: image cannot be decoded "
+                                                 f"({type(e).__name__}: {e})")
+
+
+def read_pairs(records: list[Record], size: int, counter: BadCounter, *,
+               threads: int = 4) -> Iterator[tuple[Record, np.ndarray, np.ndarray]]:
+    """Yield readable pairs in manifest order, read and decoded by grain's worker threads; an unreadable image
+    (missing, truncated, not an image) is counted and skipped."""
+    import grain
+
+    if not records:
+        return
+    pairs = grain.MapDataset.source(records).map(lambda r: _try_pair(r, size))
+    for record, ref, tgt, bad in pairs.to_iter_dataset(grain.ReadOptions(num_threads=threads,
+                                                                         prefetch_buffer_size=2 * threads)):
+        if bad is not None:
+            counter.add(*bad)
             continue
-        except Exception as e:  # noqa: BLE001 - PIL raises OSError, SyntaxError, ValueError... for bad files
-            counter.add("bad_image", f"line {r.line}: image cannot be decoded ({type(e).__name__}: {e})")
-            continue
-        yield r, ref, tgt
+        yield record, ref, tgt
 
 
 # ------------------------------------------------------------------------------------------- shards
@@ -241,13 +255,33 @@ class ShardDataset:
         return out
 
 
+def index_batches(count: int, global_batch: int, *, seed: int, shuffle: bool = True, flip_prob: float = 0.5):
+    """A grain MapDataset of global batches of record choices: item k is (indices (G,), flips (G,)).
+
+    Epoch after epoch without end, each a new permutation (grain's index shuffle seeded from `seed` and the
+    epoch); the flip of each record is drawn from its own seeded generator. Batches run across epoch ends.
+    """
+    import grain
+
+    if not 0 <= seed < 2 ** 32:
+        raise ValueError(f"the data seed must be in 0..2**32-1 for grain, got {seed}.")
+    ds = grain.MapDataset.range(count).seed(seed)
+    if shuffle:
+        ds = ds.shuffle()
+    ds = ds.random_map(lambda i, rng: (i, rng.random() < flip_prob))
+    return ds.repeat().batch(global_batch, drop_remainder=True)
+
+
 class BatchIterator:
-    """Deterministic batches: epoch e visits a permutation seeded by (seed, e); process p of P takes rows
-    [p*G/P, (p+1)*G/P) of each global batch of G; the same horizontal flip (of the prepared flipped latents)
-    applies to target and reference. `state()` / `restore()` give and take the exact position (JSON)."""
+    """Deterministic batches read with grain (see `index_batches`): process p of P takes rows [p*G/P, (p+1)*G/P)
+    of each global batch of G and reads only those; the same horizontal flip (of the prepared flipped latents)
+    applies to target and reference. `state()` / `restore()` give and take the exact position (JSON: grain's
+    iterator state plus what must match on resume)."""
 
     def __init__(self, dataset: ShardDataset, global_batch: int, *, seed: int = 0, shuffle: bool = True,
-                 flip_prob: float = 0.5, process_index: int | None = None, process_count: int | None = None):
+                 flip_prob: float = 0.5, process_index: int | None = None, process_count: int | None = None,
+                 read_threads: int = 2, prefetch: int = 2):
+        import grain
         import jax
 
         self.ds, self.global_batch, self.seed, self.shuffle = dataset, global_batch, seed, shuffle
@@ -258,36 +292,36 @@ class BatchIterator:
             raise ValueError(f"the global batch {global_batch} does not split over {self.pc} processes.")
         if len(dataset) < global_batch:
             raise ValueError(f"the dataset has {len(dataset)} records, fewer than one batch of {global_batch}.")
-        self.batches_per_epoch = len(dataset) // global_batch
-        self.epoch, self.position = 0, 0
+        local = global_batch // self.pc
+        rows = slice(self.pi * local, (self.pi + 1) * local)
+        batches = index_batches(len(dataset), global_batch, seed=seed, shuffle=shuffle, flip_prob=self.flip_prob)
+        local_batches = batches.map(lambda b: self._read(b[0][rows], b[1][rows]))
+        options = grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=prefetch)
+        self._it = iter(local_batches.to_iter_dataset(options))
+
+    def _read(self, indices: np.ndarray, flips: np.ndarray) -> dict[str, np.ndarray]:
+        rows = [self.ds.get(int(i), bool(f)) for i, f in zip(indices, flips)]
+        return {k: np.stack([r[k] for r in rows]) for k in rows[0]}
+
+    def _identity(self) -> dict:
+        return {"seed": self.seed, "global_batch": self.global_batch, "count": len(self.ds),
+                "shuffle": self.shuffle, "flip_prob": self.flip_prob}
 
     def state(self) -> dict:
-        return {"epoch": self.epoch, "position": self.position, "seed": self.seed,
-                "global_batch": self.global_batch, "count": len(self.ds)}
+        return {"grain": self._it.get_state(), **self._identity()}
 
     def restore(self, state: dict) -> None:
-        for k in ("seed", "global_batch", "count"):
-            if state.get(k) != self.state()[k]:
+        if "grain" not in state:
+            raise ValueError("cannot resume the data position: the checkpoint was written by an older data "
+                             "pipeline (no grain iterator state); start a new run.")
+        for k, v in self._identity().items():
+            if state.get(k) != v:
                 raise ValueError(f"cannot resume the data position: the checkpoint's {k} is {state.get(k)}, "
-                                 f"this run's is {self.state()[k]}.")
-        self.epoch, self.position = int(state["epoch"]), int(state["position"])
-
-    def _order(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
-        rng = np.random.default_rng([self.seed, epoch])
-        n = len(self.ds)
-        order = rng.permutation(n) if self.shuffle else np.arange(n)
-        flips = rng.random(n) < self.flip_prob
-        return order, flips
+                                 f"this run's is {v}.")
+        self._it.set_state(state["grain"])
 
     def __iter__(self):
         return self
 
     def __next__(self) -> dict[str, np.ndarray]:
-        order, flips = self._order(self.epoch)
-        g, local = self.global_batch, self.global_batch // self.pc
-        start = self.position * g + self.pi * local
-        rows = [self.ds.get(int(order[i]), bool(flips[i])) for i in range(start, start + local)]
-        self.position += 1
-        if self.position >= self.batches_per_epoch:
-            self.epoch, self.position = self.epoch + 1, 0
-        return {k: np.stack([r[k] for r in rows]) for k in rows[0]}
+        return next(self._it)

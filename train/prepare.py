@@ -23,9 +23,11 @@ def _load_vae(path: str | Path):
 
 def prepare(manifest: str | Path, out: str | Path, *, checkpoint: str | Path, text_encoders: str | Path,
             size: int = 512, batch_size: int = 8, shard_size: int = 1024, flip: bool = True,
-            max_sequence_length: int = 256, max_bad_fraction: float = 0.05, log: Any = print) -> dict:
+            max_sequence_length: int = 256, max_bad_fraction: float = 0.05, read_threads: int = 4,
+            log: Any = print) -> dict:
     """Prepare `manifest` into shards at `out`; returns the index. Bad lines/images are skipped with a counted
-    warning; above `max_bad_fraction` it stops (TooMuchBadData) before writing anything."""
+    warning; above `max_bad_fraction` it stops (TooMuchBadData) before writing anything. Images are read and
+    decoded by `read_threads` grain worker threads."""
     import jax
     import jax.numpy as jnp
 
@@ -44,7 +46,7 @@ def prepare(manifest: str | Path, out: str | Path, *, checkpoint: str | Path, te
     encoders = TextEncoders.from_pretrained(text_encoders)
     encode = jax.jit(lambda p, x: scale_latents(vae_config, vae_encode(vae_config, p, x)))
     # Read every pair first (cheap next to encoding) so the bad fraction is known before anything is written.
-    pairs = list(read_pairs(records, size, counter))
+    pairs = list(read_pairs(records, size, counter, threads=read_threads))
     counter.check(max_bad_fraction, f"manifest {manifest}")
     if not pairs:
         raise ValueError(f"manifest {manifest}: no usable records ({counter.summary()}).")

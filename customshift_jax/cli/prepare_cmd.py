@@ -3,8 +3,9 @@
 Example:
   customshift prepare pairs.jsonl data/prepared --checkpoint ckpt/ --text-encoders sd3-pipeline/ --size 512
 
-MANIFEST: JSONL of {"reference", "target", "caption", "subject"} (paths local or fsspec URLs). Unreadable lines
-or images are skipped with a counted warning; more than --max-bad-fraction of them stops with an error.
+MANIFEST: JSONL of {"reference", "target", "caption", "subject"} (paths local or fsspec URLs), images read by
+grain worker threads. Unreadable lines or images are skipped with a counted warning; more than
+--max-bad-fraction of them stops with an error.
 """
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-bad-fraction", type=float, default=0.05,
                    help="stop when more than this fraction of records is unusable (default 0.05)")
     p.add_argument("--no-flip", action="store_true", help="do not store horizontally flipped latents")
+    p.add_argument("--read-threads", type=int, default=4, help="grain threads reading and decoding images (default 4)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -32,5 +34,6 @@ def run(args: argparse.Namespace) -> int:
 
     prepare(args.manifest, args.out, checkpoint=args.checkpoint, text_encoders=args.text_encoders, size=args.size,
             batch_size=args.batch_size, shard_size=args.shard_size, flip=not args.no_flip,
-            max_sequence_length=args.max_sequence_length, max_bad_fraction=args.max_bad_fraction)
+            max_sequence_length=args.max_sequence_length, max_bad_fraction=args.max_bad_fraction,
+            read_threads=args.read_threads)
     return 0
