@@ -368,10 +368,12 @@ class Progress:
         if enabled and total_tensors:
             from tqdm.auto import tqdm
 
+            tty = sys.stderr.isatty()
             if mininterval is None:  # a terminal: live; a log file: an update every half minute is plenty
-                mininterval = 0.1 if sys.stderr.isatty() else 30.0
+                mininterval = 0.1 if tty else 30.0
+            # A log file keeps the final count (its last periodic line can be well short of the total).
             self.bar = tqdm(total=total_tensors, unit="tensor", desc="converting", delay=delay, file=sys.stderr,
-                            dynamic_ncols=True, leave=False, mininterval=mininterval)
+                            dynamic_ncols=True, leave=not tty, mininterval=mininterval)
 
     def update(self, nbytes: int) -> None:
         self.bytes += nbytes

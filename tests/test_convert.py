@@ -310,6 +310,16 @@ def test_progress_bar_shows_tensors_and_rate(capsys):
     assert "3/3" in err and "MB/s" in err
 
 
+def test_progress_bar_in_a_log_file_ends_with_the_final_count(capsys):
+    # stderr is not a terminal here: periodic lines are rare, so closing must write the final count.
+    bar = Progress(4, 4 << 20, delay=0, mininterval=3600)
+    for _ in range(4):
+        bar.update(1 << 20)
+    assert "4/4" not in capsys.readouterr().err
+    bar.close()
+    assert "4/4" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("dtype", [np.float32, ml_dtypes.bfloat16])
 def test_tiled_fill_of_large_transposed_tensors_is_exact(dtype):
     # Real-width kernels (>= 1M values) are filled tile by tile; edges that are not tile multiples included.
