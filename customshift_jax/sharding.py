@@ -41,9 +41,12 @@ RULE_SETS: dict[str, Rules] = {
     # Both: embed over fsdp, heads and mlp over tensor. A heads / mlp dim takes (tensor, fsdp) where fsdp is still
     # free in that array (output projections, biases, lora_B): everything is split over both axes. This also
     # avoids a kernel laid out (tensor, fsdp), which jaxlib 0.10.2 miscompiles next to a batch split over
-    # (data, fsdp) (see docs/multihost.md, "Known compiler issue").
-    "fsdp_tp": _BATCH + (("embed", "fsdp"), ("heads", ("tensor", "fsdp")), ("heads", "tensor"), ("heads", "fsdp"),
-                         ("mlp", ("tensor", "fsdp")), ("mlp", "tensor"), ("mlp", "fsdp")),
+    # (data, fsdp); and the batch takes (fsdp, data), not (data, fsdp): with the latter the same jaxlib gives
+    # wrong gradients for the text stream of the training step on data=2 x fsdp=2 x tensor=2 (the forward is
+    # right either way). See docs/multihost.md, "Known compiler issue".
+    "fsdp_tp": (("batch", ("fsdp", "data")),) + _BATCH[1:] + (
+        ("embed", "fsdp"), ("heads", ("tensor", "fsdp")), ("heads", "tensor"), ("heads", "fsdp"),
+        ("mlp", ("tensor", "fsdp")), ("mlp", "tensor"), ("mlp", "fsdp")),
 }
 # Sequence (context) parallel: activations split along tokens, on top of fsdp_tp.
 RULE_SETS["context"] = RULE_SETS["fsdp_tp"] + (("length", "context"),)
@@ -102,6 +105,23 @@ def make_mesh(data: int = 1, fsdp: int = 1, tensor: int = 1, context: int = 1, *
     sizes = mesh_shape(n, data, fsdp, tensor, context)
     return jax.make_mesh(tuple(sizes.values()), MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES),
                          devices=devices)
+
+
+def parse_mesh(text: str) -> dict[str, int]:
+    """Mesh sizes from "data=2,fsdp=4" (the CLI's --mesh): axis names from MESH_AXES, one size may be -1."""
+    sizes: dict[str, int] = {}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        name, _, value = part.partition("=")
+        name = name.strip()
+        if name not in MESH_AXES or name in sizes:
+            raise ValueError(f"mesh {text!r}: {name!r} is not a mesh axis or repeats; axes are {', '.join(MESH_AXES)}.")
+        try:
+            sizes[name] = int(value)
+        except ValueError:
+            raise ValueError(f"mesh {text!r}: {part!r} is not NAME=SIZE with an integer SIZE.") from None
+    if not sizes:
+        raise ValueError(f"mesh {text!r}: give NAME=SIZE pairs, e.g. data=2,fsdp=4.")
+    return sizes
 
 
 def abstract_mesh(n_devices: int, data: int = 1, fsdp: int = 1, tensor: int = 1, context: int = 1) -> AbstractMesh:
@@ -197,9 +217,14 @@ _LINEARS: tuple[tuple[tuple[str, ...], tuple[str | None, str | None]], ...] = (
 )
 
 
+def _from_blocks(path: tuple[str, ...]) -> tuple[str, ...]:
+    """A block param's path from "transformer_blocks" on, dropping outer keys (e.g. "base", "cgb", "mu")."""
+    return path[path.index("transformer_blocks"):] if "transformer_blocks" in path else path
+
+
 def _module_path(path: Sequence[str]) -> tuple[str, ...]:
     """The module path of a param without the group name and `scan` of the stacked blocks."""
-    path = tuple(path)
+    path = _from_blocks(tuple(path))
     if path and path[0] == "transformer_blocks":
         path = path[:1] + tuple(p for p in path[2:] if p != "scan")
     return path
@@ -216,9 +241,11 @@ def logical_axes(path: Sequence[str] | str, shape: Sequence[int]) -> tuple[str |
     """Logical axes of a param (base or LoRA) from its path, e.g. `.../attn/to_q/kernel` -> (layers, embed, heads).
 
     `path` is a tuple of keys or a "/"-joined string. Stacked block params get a leading "layers" axis.
-    A param no rule knows is replicated (all None).
+    Keys before "transformer_blocks" are ignored, so nested trees ({"base": ..., "cgb_lora": ...}, a train
+    state's LoRA and Adam moments) get the same axes. A param no rule knows is replicated (all None).
     """
     path = tuple(path.split("/")) if isinstance(path, str) else tuple(str(p) for p in path)
+    path = _from_blocks(path)
     shape = tuple(shape)
     stacked = bool(path) and path[0] == "transformer_blocks"
     lead: tuple[str | None, ...] = ("layers",) if stacked else ()
@@ -364,6 +391,36 @@ def _data_axes(*names: str | None) -> Callable[[tuple[int, ...]], tuple[str | No
 KV_AXES = ("layers", "batch", "length", "heads", None)  # RefCache K, V: (L, B, R+S, H, D)
 LATENT_AXES = _data_axes("batch")  # (B, C, H, W)
 TOKEN_AXES = _data_axes("batch", "length")  # (B, M, joint_dim)
+KV_AXES_FN = _data_axes(*KV_AXES)  # the same, as a shape -> logical axes function
+BATCH_AXES = _data_axes("batch")  # any batch-leading array, e.g. pooled (B, P) or timesteps (B,)
+REPLICATED = _data_axes()  # scalars, schedules, masks: whole on every device
+
+# What `tree_shardings` takes as the axes of one argument (or output):
+#   "params"           a params / LoRA / train-state tree: each leaf's axes from its path (`logical_axes`);
+#   shape -> logical   one function for every leaf (e.g. LATENT_AXES);
+#   {key: axes}        a dict argument, per key ("*" for the other keys; absent: replicated);
+#   (axes, ...)        a tuple / list argument (or output), per element.
+ArgAxes = Any
+
+
+def tree_shardings(tree: Any, axes: ArgAxes, mesh: Mesh, rules: RulesLike) -> Any:
+    """NamedShardings for `tree` (arrays or ShapeDtypeStructs) from `axes` (see `ArgAxes`); None stays None."""
+    rules = as_rules(rules)
+    if tree is None:
+        return None
+    if isinstance(axes, str):
+        if axes != "params":
+            raise ValueError(f"argument axes must be 'params', a function, a dict or a tuple; got {axes!r}.")
+        return param_shardings(tree, mesh, rules)
+    if callable(axes):
+        return _leaf_shardings(tree, axes, mesh, rules)
+    if isinstance(axes, Mapping):
+        if not isinstance(tree, Mapping):
+            raise TypeError(f"per-key axes {sorted(axes)} need a dict argument, got {type(tree).__name__}.")
+        return {k: tree_shardings(v, axes.get(k, axes.get("*", REPLICATED)), mesh, rules) for k, v in tree.items()}
+    if not isinstance(tree, (tuple, list)) or len(tree) != len(axes):
+        raise TypeError(f"{len(axes)} per-element axes need a tuple of that length, got {type(tree).__name__}.")
+    return type(tree)(tree_shardings(t, a, mesh, rules) for t, a in zip(tree, axes))
 
 
 def _dtype(x: Any) -> Any:
@@ -377,7 +434,7 @@ class ShardedFunction:
     out_shardings); `compile(*args)` the compiled executable (`.memory_analysis()`: per-device bytes).
     """
 
-    def __init__(self, fn: Callable, mesh: Mesh, rules: RulesLike, arg_axes: Sequence[Any], out_axes: Any):
+    def __init__(self, fn: Callable, mesh: Mesh, rules: RulesLike, arg_axes: Sequence[ArgAxes], out_axes: ArgAxes):
         self.fn, self.mesh, self.rules = fn, mesh, as_rules(rules)
         self.arg_axes, self.out_axes = tuple(arg_axes), out_axes
         self._jitted: dict = {}
@@ -386,15 +443,7 @@ class ShardedFunction:
     def _in(self, args) -> tuple:
         if len(args) > len(self.arg_axes):
             raise TypeError(f"expected at most {len(self.arg_axes)} arguments, got {len(args)}.")
-        out = []
-        for axes, arg in zip(self.arg_axes, args):
-            if arg is None:
-                out.append(None)
-            elif axes == "params":
-                out.append(param_shardings(arg, self.mesh, self.rules))
-            else:
-                out.append(_leaf_shardings(arg, axes, self.mesh, self.rules))
-        return tuple(out)
+        return tuple(tree_shardings(arg, axes, self.mesh, self.rules) for axes, arg in zip(self.arg_axes, args))
 
     @staticmethod
     def _key(args) -> Any:
@@ -406,7 +455,7 @@ class ShardedFunction:
         in_shardings = self._in(args)
         abstract = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(np.shape(x), _dtype(x)), args)
         out = jax.eval_shape(self.fn, *abstract)
-        return in_shardings, _leaf_shardings(out, self.out_axes, self.mesh, self.rules)
+        return in_shardings, tree_shardings(out, self.out_axes, self.mesh, self.rules)
 
     def jitted(self, *args) -> Callable:
         """The `jax.jit(fn, in_shardings=, out_shardings=)` object for arguments of these shapes (cached)."""
@@ -431,26 +480,32 @@ class ShardedFunction:
         return tuple(None if a is None else jax.tree_util.tree_map(put, a, s) for a, s in zip(args, in_shardings))
 
     def __call__(self, *args):
-        args = tuple(a if a is None or isinstance(a, (jax.Array, dict, tuple, list)) else np.asarray(a)
-                     for a in args)
+        args = jax.tree_util.tree_map(lambda a: a if isinstance(a, jax.Array) else np.asarray(a), args)
         placed = self.place(*args)
         with jax.set_mesh(self.mesh):
             return self.compile(*args)(*placed)
 
 
-def make_sharded_forward(config: MMDiTConfig, mesh: Mesh, rules: RulesLike = "fsdp", *, dtype: Any = jnp.float32,
-                         backend: str = "xla", remat: str = "none") -> ShardedFunction:
-    """The MMDiT forward `f(params, hidden_states, timestep, ehs, pooled, skip_mask)` sharded on `mesh`."""
-    from customshift_jax.api import build_model
+def constrained_forward(config: MMDiTConfig, mesh: Mesh, rules: RulesLike = "fsdp", *, dtype: Any = jnp.float32,
+                        backend: str = "xla", remat: str = "none") -> Callable:
+    """`api.make_forward`'s pure forward with the activation constraints of `rules` at block boundaries (not jitted)."""
+    from customshift_jax.api import as_dtype, build_model
 
-    model = build_model(config, dtype=dtype, backend=backend, remat=remat).clone(
+    model = build_model(config, dtype=as_dtype(dtype), backend=backend, remat=remat).clone(
         activation_sharding=activation_hook(mesh, rules))
 
     def forward(params, hidden_states, timestep, encoder_hidden_states, pooled_projections, skip):
         return model.apply({"params": params}, hidden_states, timestep, encoder_hidden_states,
                            pooled_projections, skip)
 
-    axes = ("params", LATENT_AXES, _data_axes("batch"), TOKEN_AXES, _data_axes("batch"), _data_axes())
+    return forward
+
+
+def make_sharded_forward(config: MMDiTConfig, mesh: Mesh, rules: RulesLike = "fsdp", *, dtype: Any = jnp.float32,
+                         backend: str = "xla", remat: str = "none") -> ShardedFunction:
+    """The MMDiT forward `f(params, hidden_states, timestep, ehs, pooled, skip_mask)` sharded on `mesh`."""
+    forward = constrained_forward(config, mesh, rules, dtype=dtype, backend=backend, remat=remat)
+    axes = ("params", LATENT_AXES, BATCH_AXES, TOKEN_AXES, BATCH_AXES, REPLICATED)
     return ShardedFunction(forward, mesh, rules, axes, LATENT_AXES)
 
 
@@ -461,8 +516,8 @@ def make_sharded_prefill(config: MMDiTConfig, mesh: Mesh, rules: RulesLike = "fs
     from customshift_jax.customshift import make_prefill
 
     fn = make_prefill(config, lora, dtype=dtype, backend=backend, activation_sharding=activation_hook(mesh, rules))
-    axes = ("params", "params", LATENT_AXES, TOKEN_AXES, _data_axes("batch"))
-    return ShardedFunction(fn, mesh, rules, axes, _data_axes(*KV_AXES))
+    axes = ("params", "params", LATENT_AXES, TOKEN_AXES, BATCH_AXES)
+    return ShardedFunction(fn, mesh, rules, axes, KV_AXES_FN)
 
 
 def make_sharded_customshift_forward(config: MMDiTConfig, mesh: Mesh, rules: RulesLike = "fsdp", lora: Any = None,
@@ -473,15 +528,16 @@ def make_sharded_customshift_forward(config: MMDiTConfig, mesh: Mesh, rules: Rul
 
     fn = make_customshift_forward(config, lora, shift=shift, form=form, dtype=dtype, backend=backend, remat=remat,
                                   activation_sharding=activation_hook(mesh, rules))
-    axes = ("params", "params", LATENT_AXES, _data_axes("batch"), TOKEN_AXES, _data_axes("batch"), _data_axes(),
-            _data_axes(*KV_AXES), _data_axes())
+    axes = ("params", "params", LATENT_AXES, BATCH_AXES, TOKEN_AXES, BATCH_AXES, REPLICATED,
+            KV_AXES_FN, REPLICATED)
     return ShardedFunction(fn, mesh, rules, axes, LATENT_AXES)
 
 
 __all__ = [
     "MESH_AXES", "LOGICAL_AXES", "RULE_SETS", "Rules", "Layout", "as_rules", "extend_rules", "mesh_shape",
-    "make_mesh", "abstract_mesh", "resolve", "logical_spec", "logical_sharding", "logical_axes", "param_layouts",
-    "param_shardings", "put", "shard_params", "abstract_params", "activation_hook", "bytes_per_device",
-    "tree_bytes", "layout_table", "print_layout", "ShardedFunction", "make_sharded_forward",
-    "make_sharded_prefill", "make_sharded_customshift_forward", "KV_AXES",
+    "parse_mesh", "make_mesh", "abstract_mesh", "resolve", "logical_spec", "logical_sharding", "logical_axes",
+    "param_layouts", "param_shardings", "put", "shard_params", "abstract_params", "activation_hook",
+    "bytes_per_device", "tree_bytes", "layout_table", "print_layout", "ShardedFunction", "tree_shardings",
+    "constrained_forward", "make_sharded_forward", "make_sharded_prefill", "make_sharded_customshift_forward",
+    "KV_AXES", "KV_AXES_FN", "LATENT_AXES", "TOKEN_AXES", "BATCH_AXES", "REPLICATED",
 ]

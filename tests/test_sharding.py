@@ -90,7 +90,7 @@ def test_sharded_equals_unsharded(setup, sharded_forward, mesh_id):
     assert all(e <= TOL for e in errors.values()), (mesh_id, errors)
     assert shifted.sharding.mesh.shape == mesh.shape
     # The layouts the rules promise are the ones the outputs and the cache have.
-    batch_axes = {"dp8": "data", "fsdp8": "fsdp", "fsdp4_tp2": "fsdp", "dp2_fsdp2_tp2": ("data", "fsdp"),
+    batch_axes = {"dp8": "data", "fsdp8": "fsdp", "fsdp4_tp2": "fsdp", "dp2_fsdp2_tp2": ("fsdp", "data"),
                   "context2_fsdp4": "fsdp"}[mesh_id]
     assert shifted.sharding.spec[0] == batch_axes
     k_cache = next(iter(kv.values()))[0]
@@ -160,6 +160,10 @@ def test_logical_axes_by_path():
     assert la("pos_embed/proj/kernel", (2, 2, 16, 32)) == (None, None, None, "embed")
     assert la("context_embedder/kernel", (4096, 32)) == (None, "embed")
     assert la("something/new", (3, 3)) == (None, None)
+    # Keys before transformer_blocks are ignored: nested trees (sampler params, a train state's Adam moments).
+    assert la("base/transformer_blocks/0:2/scan/attn/to_q/kernel", (2, 32, 32)) == ("layers", "embed", "heads")
+    assert la(("opt_state", "1", "0", "mu", "cgb", "transformer_blocks", "0:2", "scan", "attn", "to_out", "0",
+               "lora_B"), (2, 4, 32)) == ("layers", "lora", "embed")
 
 
 def test_rules_replicate_what_does_not_divide_and_say_so():
@@ -188,3 +192,8 @@ def test_mesh_errors_name_sizes_and_device_count():
     assert dict(sh.make_mesh(fsdp=-1, tensor=2).shape) == {"data": 1, "fsdp": 4, "tensor": 2, "context": 1}
     with pytest.raises(ValueError, match="unknown rule set"):
         sh.as_rules("zero3")
+    assert sh.parse_mesh("data=2, fsdp=-1") == {"data": 2, "fsdp": -1}
+    for bad, message in (("batch=2", "not a mesh axis"), ("data=2,data=4", "repeats"), ("fsdp=two", "integer"),
+                         ("", "NAME=SIZE pairs")):
+        with pytest.raises(ValueError, match=message):
+            sh.parse_mesh(bad)

@@ -219,35 +219,17 @@ def sample(
     return x
 
 
-def make_sampler(
-    config: MMDiTConfig,
-    *,
-    dtype: Any = jnp.float32,
-    backend: str = "xla",
-    remat: str = "none",
-    forward: Forward | None = None,
-    decode: bool = False,
-    vae_config: Any = None,
-    vae_dtype: Any = jnp.float32,
-    progress: Callable[[Any], None] | None = None,
-) -> Callable:
-    """A jit-compiled sampler `run(params, latents, cond, schedule, *, guidance_scale, slg=None, extra=None,
-    key=None, height=None, width=None, vae_params=None)`.
-
-    `forward` defaults to `make_forward(config, dtype=, backend=, remat=)`. Give `latents` (B, C, h, w), or
-    `latents=None` with `key` and the pixel `height`, `width` to draw x_T = `jax.random.normal(key, shape)`
-    (then fed to the same compiled sampler). Returns z_0 (B, C, h, w) float32; with `decode=True` (needs
-    `vae_config`, and `vae_params` per call) the VAE decoder's raw output (B, 3, H, W), about [-1, 1], of
-    `unscale_latents(z_0)`. Params, latents, conditioning, schedule, guidance scale, SLG and `extra` are jit
-    inputs: only shapes and whether CFG / SLG are on compile anew.
-    """
-    from customshift_jax.api import as_dtype, check_inputs, make_forward
+def _sampler_parts(config: MMDiTConfig, *, dtype: Any, backend: str, remat: str, forward: Forward | None,
+                   decode: bool, vae_config: Any, vae_dtype: Any,
+                   progress: Callable[[Any], None] | None) -> tuple[Callable, int]:
+    """(pure, vae scale factor): `pure(params, latents, cond, schedule, guidance_scale, slg, extra, vae_params, *,
+    cfg)`, the sampler as one function to jit; `forward` defaults to `make_forward(config, ...)`."""
+    from customshift_jax.api import as_dtype, make_forward
 
     if forward is None:
         forward = make_forward(config, dtype=as_dtype(dtype), backend=backend, remat=remat)
     if decode and vae_config is None:
         raise ValueError("make_sampler(decode=True) needs vae_config (e.g. from customshift_jax.vae.load_vae).")
-    vae_scale_factor = vae_config.downsample_factor if vae_config is not None else 8
 
     def pure(params, latents, cond, schedule, guidance_scale, slg, extra, vae_params, *, cfg):
         z = sample(forward, params, latents, cond, schedule, guidance_scale=guidance_scale,
@@ -258,7 +240,14 @@ def make_sampler(
 
         return vae_decode(vae_config, vae_params, unscale_latents(vae_config, z), dtype=as_dtype(vae_dtype))
 
-    jitted = jax.jit(pure, static_argnames=("cfg",))
+    return pure, vae_config.downsample_factor if vae_config is not None else 8
+
+
+def _runner(config: MMDiTConfig, call: Callable, *, decode: bool, vae_scale_factor: int) -> Callable:
+    """The user-facing `run(params, latents, cond, schedule, *, guidance_scale, ...)`: checks the inputs, draws
+    x_T from a key if asked, then `call(params, latents, cond, schedule, guidance, slg, extra, vae_params, cfg)`."""
+    from customshift_jax.api import check_inputs
+
     noise = jax.jit(initial_latents, static_argnums=1)
 
     def run(params, latents, cond: Conditioning, schedule: Schedule, *, guidance_scale: float,
@@ -286,9 +275,83 @@ def make_sampler(
             slg = None
         if latents is None:
             latents = noise(key, shape)  # same compiled sampler as for given latents
-        return jitted(params, latents, cond, schedule, np.float32(guidance_scale), slg, extra,
-                      vae_params if decode else None, cfg=cfg)
+        return call(params, latents, cond, schedule, np.float32(guidance_scale), slg, extra,
+                    vae_params if decode else None, cfg)
 
-    run.jitted = jitted  # jit(pure)(params, latents, cond, schedule, guidance, slg, extra, vae_params, *, cfg)
     run.noise = noise  # jit(initial_latents)(key, shape)
     return run
+
+
+def make_sampler(
+    config: MMDiTConfig,
+    *,
+    dtype: Any = jnp.float32,
+    backend: str = "xla",
+    remat: str = "none",
+    forward: Forward | None = None,
+    decode: bool = False,
+    vae_config: Any = None,
+    vae_dtype: Any = jnp.float32,
+    progress: Callable[[Any], None] | None = None,
+    mesh: Any = None,
+    rules: Any = "fsdp",
+    extra_axes: Any = None,
+) -> Callable:
+    """A jit-compiled sampler `run(params, latents, cond, schedule, *, guidance_scale, slg=None, extra=None,
+    key=None, height=None, width=None, vae_params=None)`.
+
+    `forward` defaults to `make_forward(config, dtype=, backend=, remat=)`. Give `latents` (B, C, h, w), or
+    `latents=None` with `key` and the pixel `height`, `width` to draw x_T = `jax.random.normal(key, shape)`
+    (then fed to the same compiled sampler). Returns z_0 (B, C, h, w) float32; with `decode=True` (needs
+    `vae_config`, and `vae_params` per call) the VAE decoder's raw output (B, 3, H, W), about [-1, 1], of
+    `unscale_latents(z_0)`. Params, latents, conditioning, schedule, guidance scale, SLG and `extra` are jit
+    inputs: only shapes and whether CFG / SLG are on compile anew. With a `mesh`, see `make_sharded_sampler`.
+    """
+    if mesh is not None:
+        return _sharded(config, mesh, rules, extra_axes, forward=forward, dtype=dtype, backend=backend, remat=remat,
+                        decode=decode, vae_config=vae_config, vae_dtype=vae_dtype, progress=progress)
+    pure, factor = _sampler_parts(config, dtype=dtype, backend=backend, remat=remat, forward=forward, decode=decode,
+                                  vae_config=vae_config, vae_dtype=vae_dtype, progress=progress)
+    jitted = jax.jit(pure, static_argnames=("cfg",))
+    run = _runner(config, lambda *args: jitted(*args[:-1], cfg=args[-1]), decode=decode, vae_scale_factor=factor)
+    run.jitted = jitted  # jit(pure)(params, latents, cond, schedule, guidance, slg, extra, vae_params, *, cfg)
+    return run
+
+
+def _cond_axes(shape: tuple[int, ...]) -> tuple[str | None, ...]:
+    """Logical axes of a Conditioning leaf: embeddings (B, M, J) -> (batch, length, -), pooled (B, P) -> (batch, -)."""
+    return ("batch", "length", None)[:len(shape)] if len(shape) == 3 else ("batch",) + (None,) * (len(shape) - 1)
+
+
+def _sharded(config: MMDiTConfig, mesh: Any, rules: Any, extra_axes: Any, *, forward: Forward | None,
+             dtype: Any, backend: str, remat: str, **parts_kw) -> Callable:
+    """`make_sampler`'s `run` with the sampler as two `ShardedFunction`s (CFG off / on) on `mesh`."""
+    import functools
+
+    from customshift_jax import sharding as shd
+
+    if forward is None:
+        forward = shd.constrained_forward(config, mesh, rules, dtype=dtype, backend=backend, remat=remat)
+    pure, factor = _sampler_parts(config, dtype=dtype, backend=backend, remat=remat, forward=forward, **parts_kw)
+    axes = ("params", shd.LATENT_AXES, _cond_axes, shd.REPLICATED, shd.REPLICATED, shd.REPLICATED,
+            shd.REPLICATED if extra_axes is None else extra_axes, shd.REPLICATED)
+    sharded = {cfg: shd.ShardedFunction(functools.partial(pure, cfg=cfg), mesh, rules, axes, shd.LATENT_AXES)
+               for cfg in (False, True)}
+    run = _runner(config, lambda *args: sharded[args[-1]](*args[:-1]), decode=parts_kw["decode"],
+                  vae_scale_factor=factor)
+    run.sharded = sharded
+    return run
+
+
+def make_sharded_sampler(config: MMDiTConfig, mesh: Any, rules: Any = "fsdp", *, extra_axes: Any = None,
+                         **sampler_kw: Any) -> Callable:
+    """`make_sampler`'s `run` on a mesh: jitted with in/out shardings under `jax.set_mesh` (DESIGN section 5).
+
+    Params are laid out by `rules` from their paths (a nested {"base": ..., "cgb_lora": ...} tree too), latents
+    and conditioning split along the batch, the schedule, guidance, SLG and VAE params replicated; `extra_axes`
+    gives the axes of `extra` per key (see `sharding.tree_shardings`; default replicated). A given `forward`
+    must apply the activation constraints itself (`sharding.activation_hook(mesh, rules)`); the default one
+    does. `run.sharded[cfg]` is the `ShardedFunction` (`.shardings(...)`, `.compile(...)`) for CFG off / on.
+    `sampler_kw`: as `make_sampler`.
+    """
+    return make_sampler(config, mesh=mesh, rules=rules, extra_axes=extra_axes, **sampler_kw)
