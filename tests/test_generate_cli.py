@@ -119,6 +119,27 @@ def test_lora_folder_is_loaded_and_checked(checkpoint, embeds_file, tmp_path, ca
     assert code != 0 and f"transformer_blocks.{config.num_layers}." in err, err
 
 
+def test_mesh_gives_the_unsharded_latents(checkpoint, embeds_file, tmp_path, capsys):
+    """--mesh/--rules: the sharded SD3 and CustomShift samplers (and prefill) equal the unsharded CLI (DESIGN 5)."""
+    _, with_subject = embeds_file
+    init = np.random.default_rng(1).standard_normal((4, 16, 8, 12)).astype(np.float32)
+    np.save(tmp_path / "init.npy", init)
+    argv = ["--checkpoint", str(checkpoint), "--embeds", str(with_subject), *SIZE, "--steps", "2", "--guidance", "4",
+            "--num-images", "2", "--init-latents", str(tmp_path / "init.npy"), "--out", str(tmp_path / "o")]
+    for reference in ([], ["--reference", str(DOG), "--gamma", "1.5"]):
+        latents = {}
+        for name, mesh in (("plain", []), ("sharded", ["--mesh", "data=2,fsdp=-1", "--rules", "fsdp"])):
+            path = tmp_path / f"{name}{len(reference)}.npy"
+            code, out, err = _run(capsys, *argv, *reference, *mesh, "--save-latents", str(path))
+            assert code == 0, err
+            latents[name] = np.load(path)
+        assert relative_error(latents["sharded"], latents["plain"]) <= 1e-5, reference
+    code, out, err = _run(capsys, *argv, "--mesh", "data=3,fsdp=2")
+    assert code != 0 and "make 6 devices, but there are 8" in err, err
+    code, out, err = _run(capsys, *argv, "--mesh", "data=2", "--rules", "zero3")
+    assert code != 0 and "unknown rule set" in err, err
+
+
 @pytest.mark.parametrize("case", ["missing_checkpoint", "bad_size", "empty_prompts", "bad_init_latents",
                                   "embeds_missing_array", "unreadable_reference", "empty_subject", "no_text"])
 def test_bad_input_is_a_clear_error(case, checkpoint, embeds_file, tmp_path, capsys):

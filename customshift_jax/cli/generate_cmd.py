@@ -4,6 +4,7 @@ Examples:
   customshift generate --checkpoint ckpt/ --prompt "a dog on the beach" --out out/
   customshift generate --checkpoint ckpt/ --prompts-file prompts.txt --reference dog.jpg --subject dog
   customshift generate --checkpoint ckpt/ --embeds embeds.npz --init-latents x.npy --save-latents z.npy
+  customshift generate --checkpoint ckpt/ --prompt "a dog" --num-images 8 --mesh data=2,fsdp=4 --rules fsdp
 
 CKPT is a checkpoint written by `customshift convert` or a diffusers SD3 pipeline folder. Text encoders
 (PyTorch, on the host) come from --text-encoders or the pipeline folder; --embeds skips them.
@@ -37,6 +38,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "negative_pooled_prompt_embeds (and subject_embeds, subject_pooled_embeds): no text encoders")
     p.add_argument("--init-latents", help=".npy of initial latents (B, 16, h, w) instead of seeded noise")
     p.add_argument("--save-latents", help="write the final latents (before decoding) to this .npy")
+    p.add_argument("--mesh", help="run the MMDiT sharded on a device mesh, e.g. data=2,fsdp=4 (axes data, fsdp, "
+                   "tensor, context; sizes multiply to the device count, one may be -1)")
+    p.add_argument("--rules", default="fsdp", help="sharding rule set with --mesh: dp, fsdp, tp, fsdp_tp, context "
+                   "(default fsdp)")
     g = p.add_argument_group("CustomShift")
     g.add_argument("--reference", help="reference image of the subject (JPEG, PNG, ...)")
     g.add_argument("--subject", help="the subject's name, e.g. 'dog'")
@@ -84,7 +89,7 @@ def run(args: argparse.Namespace) -> int:
 
     from customshift_jax.generate import (
         StepProgress, check_init_latents, check_size, load_components, read_prompts, save_png)
-    from customshift_jax.sampling import Conditioning, make_sampler, make_schedule
+    from customshift_jax.sampling import Conditioning, make_sampler, make_schedule, make_sharded_sampler
 
     if args.steps < 1 or args.num_images < 1:
         raise ValueError("--steps and --num-images must be at least 1.")
@@ -127,22 +132,33 @@ def run(args: argparse.Namespace) -> int:
     schedule = make_schedule(comps.scheduler, args.steps, image_seq_len=(height // scale // config.patch_size) *
                              (width // scale // config.patch_size))
     progress = StepProgress()
+    mesh = _mesh(args)
     extra, params = None, comps.params
+    if mesh is not None:
+        from customshift_jax import sharding as shd
+
+        params = shd.shard_params(params, mesh, args.rules)
     if args.reference:
         from customshift_jax.customshift import prefill
-        from customshift_jax.customshift_sampling import make_customshift_sampler
+        from customshift_jax.customshift_sampling import make_customshift_sampler, make_sharded_customshift_sampler
         from customshift_jax.vae import scale_latents, vae_encode
 
         lora_cfg, rab_lora, cgb_lora = _load_lora(args.lora, config)
         ref_latents = scale_latents(vae_config, jax.jit(vae_encode, static_argnums=0)(vae_config, comps.vae_params,
                                                                                       image))
-        cache = prefill(config, params, ref_latents, subject[0], subject[1], rab_lora=rab_lora, lora=lora_cfg)
-        sampler = make_customshift_sampler(config, lora_cfg, shift=args.shift, progress=progress,
-                                           vae_config=vae_config)
+        kw = dict(shift=args.shift, progress=progress, vae_config=vae_config)
+        if mesh is None:
+            kv = prefill(config, params, ref_latents, subject[0], subject[1], rab_lora=rab_lora, lora=lora_cfg).kv
+            sampler = make_customshift_sampler(config, lora_cfg, **kw)
+        else:
+            kv = shd.make_sharded_prefill(config, mesh, args.rules, lora_cfg)(params, rab_lora, ref_latents, *subject)
+            sampler = make_sharded_customshift_sampler(config, mesh, args.rules, lora_cfg, **kw)
         params = {"base": params, "cgb_lora": cgb_lora}
-        extra = {"ref_kv": cache.kv, "gamma": np.float32(args.gamma)}
-    else:
+        extra = {"ref_kv": kv, "gamma": np.float32(args.gamma)}
+    elif mesh is None:
         sampler = make_sampler(config, progress=progress, vae_config=vae_config)
+    else:
+        sampler = make_sharded_sampler(config, mesh, args.rules, progress=progress, vae_config=vae_config)
 
     from customshift_jax.vae import unscale_latents, vae_decode
 
@@ -164,7 +180,7 @@ def run(args: argparse.Namespace) -> int:
         z = jax.block_until_ready(z)
         progress.close()
         finals.append(np.asarray(z))
-        images = np.asarray(decode(comps.vae_params, z))
+        images = np.asarray(decode(comps.vae_params, finals[-1]))  # from the host: z may live on a mesh
         for j in range(n):
             meta = dict(prompt=prompt, negative_prompt=args.negative_prompt, seed=args.seed, index=j,
                         steps=args.steps, guidance=args.guidance, height=height, width=width,
@@ -178,6 +194,16 @@ def run(args: argparse.Namespace) -> int:
         print(f"final latents -> {args.save_latents}")
     (out / "settings.json").write_text(json.dumps(vars(args), indent=1, default=str))
     return 0
+
+
+def _mesh(args):
+    """The device mesh of --mesh (checked with --rules), or None without it."""
+    if not args.mesh:
+        return None
+    from customshift_jax import sharding as shd
+
+    shd.as_rules(args.rules)  # an unknown rule set fails here, naming the known ones
+    return shd.make_mesh(**shd.parse_mesh(args.mesh))
 
 
 def _load_lora(path, config):
