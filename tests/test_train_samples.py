@@ -58,8 +58,11 @@ def test_sampler_compiles_once_and_fixed_noise(data, tmp_path, tiny_pipeline_dir
     assert images[2][1]["samples/01"] == (tmp_path / "samples" / "step-000009" / "01.png").read_bytes()
 
 
-def test_sample_config_errors(data, tmp_path):
+def test_sample_inputs_and_config_errors(data, tmp_path, tiny_pipeline_dir_no_text):
+    from PIL import Image
+
     from train.data import ShardDataset
+    from train.prepare import _load_vae
     from train.samples import sample_inputs
 
     ds = ShardDataset(data)
@@ -74,6 +77,14 @@ def test_sample_config_errors(data, tmp_path):
     got = sample_inputs({**base, "embeds": str(tmp_path / "e.npz"), "prompts": [2, 0]}, ds, None)
     assert got.prompt_embeds.shape == (2, 6, 32) and not got.negative_embeds.any()  # zeros: the unconditional
     np.testing.assert_array_equal(got.ref_latents[0], ds.get(0)["ref_latents"])
+    # An image reference, encoded by the VAE at the prepared latent size; the subject name from a record.
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (20, 24, 3), np.uint8)).save(tmp_path / "ref.png")
+    got = sample_inputs({**base, "reference": str(tmp_path / "ref.png"), "subject": 2, "prompts": [1]}, ds,
+                        _load_vae(tiny_pipeline_dir_no_text))
+    assert got.ref_latents.shape == (1, 16, 8, 8) and np.all(np.isfinite(got.ref_latents))
+    np.testing.assert_array_equal(got.subject_embeds[0], ds.get(2)["subject_embeds"])
+    with pytest.raises(ValueError, match="subject name's embeddings"):
+        sample_inputs({**base, "reference": str(tmp_path / "ref.png")}, ds, _load_vae(tiny_pipeline_dir_no_text))
 
 
 def test_samples_at_their_steps_and_training_unchanged_by_sampling_and_resume(data, tmp_path):
