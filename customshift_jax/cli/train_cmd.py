@@ -6,6 +6,8 @@ Examples:
 
 Overrides are `section.key=value` (value parsed as YAML). --resume restores the LoRAs, beta, optimizer
 state, data position and RNG from OUTPUT_DIR/checkpoints. SIGTERM saves a checkpoint and exits 0.
+With sample.every=M, samples from fixed prompts, reference and noise go to OUTPUT_DIR/samples/step-XXXXXX/
+and TensorBoard every M steps (see the `sample` section of train/config.py).
 """
 from __future__ import annotations
 
