@@ -93,31 +93,24 @@ def build(cfg: dict) -> dict:
                    text_dropout=float(t["text_dropout"]), ref_dropout=float(t["ref_dropout"]))
     m = cfg["mesh"]
     if m["enabled"]:
-        from jax.sharding import NamedSharding, PartitionSpec
-
         from customshift_jax import sharding as shd
+        from train.sharded import make_sharded_train_step
 
         mesh = shd.make_mesh(int(m["data"]), int(m["fsdp"]), int(m["tensor"]))
-        rules = m["rules"]
-        step_fn = make_train_step(config, lora, optimizer, seed=int(t["seed"]), schedule=schedule,
-                                  accum_steps=int(t["accum_steps"]),
-                                  activation_sharding=shd.activation_hook(mesh, rules), **loss_kw)
-        replicated = NamedSharding(mesh, PartitionSpec())
-        state_sh = jax.tree_util.tree_map(lambda _: replicated, state)  # LoRA + Adam moments: small, replicated
-        base_sh = shd.param_shardings(base, mesh, rules)
+        sharded = make_sharded_train_step(config, lora, optimizer, mesh, m["rules"], seed=int(t["seed"]),
+                                          schedule=schedule, accum_steps=int(t["accum_steps"]), **loss_kw)
         sample = next(BatchIterator(dataset, int(d["global_batch"]), seed=0, shuffle=False, flip_prob=0))
-        batch_sh = {k: shd.logical_sharding(("batch",) + (None,) * (v.ndim - 1),
-                                            (int(d["global_batch"]),) + v.shape[1:], mesh, rules)
-                    for k, v in sample.items()}
-        jstep = jax.jit(step_fn, in_shardings=(state_sh, base_sh, batch_sh), out_shardings=(state_sh, replicated))
-        base = jax.tree_util.tree_map(shd.put, base, base_sh)
-        state = jax.tree_util.tree_map(shd.put, state, state_sh)
+        global_batch = {k: jax.ShapeDtypeStruct((int(d["global_batch"]),) + v.shape[1:], v.dtype)
+                        for k, v in sample.items()}
+        # LoRA, Adam moments and base laid out by the rules (not replicated); the batch split along "batch".
+        (_, _, batch_sh), _ = sharded.shardings(state, base, global_batch)
+        jstep = sharded.jitted(state, base, global_batch)
+        state, base = sharded.place(state, base)
 
         def put_batch(batch):
             if jax.process_count() == 1:
                 return {k: jax.device_put(v, batch_sh[k]) for k, v in batch.items()}
-            return {k: jax.make_array_from_process_local_data(batch_sh[k], v,
-                                                              (int(d["global_batch"]),) + v.shape[1:])
+            return {k: jax.make_array_from_process_local_data(batch_sh[k], v, global_batch[k].shape)
                     for k, v in batch.items()}
     else:
         mesh = None
