@@ -36,9 +36,9 @@ def peak_flops(kind: str, dtype: str) -> float | None:
     return None
 
 
-def _cost_flops(step, *args) -> float:
-    """XLA's cost-analysis FLOPs of `step` compiled for `args` (shapes only)."""
-    cost = step.lower(*args).compile().cost_analysis()
+def _cost_flops(compiled) -> float:
+    """XLA's cost-analysis FLOPs of a compiled executable (0 where the backend gives none)."""
+    cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     return float(cost.get("flops", 0.0)) if cost else 0.0
 
@@ -65,7 +65,7 @@ def step_flops(config, lora, batch, make_step) -> tuple[float, str]:
         state = jax.eval_shape(lambda: init_train_state(cfg, lora, opt, 0))
         base = jax.eval_shape(lambda k: init_mmdit(cfg, k), jax.random.key(0))
         shapes = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in batch.items()}
-        costs.append(_cost_flops(jax.jit(make_step(cfg, opt)), state, base, shapes))
+        costs.append(_cost_flops(jax.jit(make_step(cfg, opt)).lower(state, base, shapes).compile()))
     return costs[0] + (layers - 1) * (costs[1] - costs[0]), note
 
 
@@ -119,9 +119,7 @@ def main(argv=None) -> int:
         t0 = time.perf_counter()
         compiled = step.lower(state, base, batch).compile()
         compile_s = time.perf_counter() - t0
-        cost = compiled.cost_analysis()
-        cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-        raw_flops = float(cost.get("flops", 0.0)) if cost else 0.0
+        raw_flops = _cost_flops(compiled)
         flops, flops_note = step_flops(config, lora, batch, lambda c, o: make_train_step(
             c, lora, o, seed=0, dtype=dtype, remat=args.remat))
         mem = compiled.memory_analysis()

@@ -35,7 +35,7 @@ def shift_logit(beta: jax.Array, gamma: jax.Array, shift: Shift = "cads") -> jax
         raise ValueError(f"gamma must be a scalar or one value per sample (B,), got shape {gamma.shape}.")
     if shift == "concat":
         return jnp.zeros(gamma.shape + beta.shape, jnp.float32)
-    return beta + jnp.log(gamma)[..., None] if gamma.ndim else beta + jnp.log(gamma)
+    return beta + jnp.log(gamma)[..., None]  # (H,) for a scalar gamma, (B, H) for one per sample
 
 
 def _per_batch_head(lam: jax.Array) -> jax.Array:

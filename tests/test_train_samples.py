@@ -62,7 +62,7 @@ def test_sample_inputs_and_config_errors(data, tmp_path, tiny_pipeline_dir_no_te
     from PIL import Image
 
     from train.data import ShardDataset
-    from train.prepare import _load_vae
+    from customshift_jax.vae import load_vae
     from train.samples import sample_inputs
 
     ds = ShardDataset(data)
@@ -80,11 +80,11 @@ def test_sample_inputs_and_config_errors(data, tmp_path, tiny_pipeline_dir_no_te
     # An image reference, encoded by the VAE at the prepared latent size; the subject name from a record.
     Image.fromarray(np.random.default_rng(0).integers(0, 255, (20, 24, 3), np.uint8)).save(tmp_path / "ref.png")
     got = sample_inputs({**base, "reference": str(tmp_path / "ref.png"), "subject": 2, "prompts": [1]}, ds,
-                        _load_vae(tiny_pipeline_dir_no_text))
+                        load_vae(tiny_pipeline_dir_no_text))
     assert got.ref_latents.shape == (1, 16, 8, 8) and np.all(np.isfinite(got.ref_latents))
     np.testing.assert_array_equal(got.subject_embeds[0], ds.get(2)["subject_embeds"])
     with pytest.raises(ValueError, match="subject name's embeddings"):
-        sample_inputs({**base, "reference": str(tmp_path / "ref.png")}, ds, _load_vae(tiny_pipeline_dir_no_text))
+        sample_inputs({**base, "reference": str(tmp_path / "ref.png")}, ds, load_vae(tiny_pipeline_dir_no_text))
 
 
 def test_samples_at_their_steps_and_training_unchanged_by_sampling_and_resume(data, tmp_path):

@@ -99,9 +99,8 @@ def build(cfg: dict) -> dict:
         mesh = shd.make_mesh(int(m["data"]), int(m["fsdp"]), int(m["tensor"]))
         sharded = make_sharded_train_step(config, lora, optimizer, mesh, m["rules"], seed=int(t["seed"]),
                                           schedule=schedule, accum_steps=int(t["accum_steps"]), **loss_kw)
-        sample = next(BatchIterator(dataset, int(d["global_batch"]), seed=0, shuffle=False, flip_prob=0))
-        global_batch = {k: jax.ShapeDtypeStruct((int(d["global_batch"]),) + v.shape[1:], v.dtype)
-                        for k, v in sample.items()}
+        global_batch = {k: jax.ShapeDtypeStruct((int(d["global_batch"]),) + v.shape, v.dtype)
+                        for k, v in dataset.get(0).items()}  # a batch stacks records: shapes from one
         # LoRA, Adam moments and base laid out by the rules (not replicated); the batch split along "batch".
         (_, _, batch_sh), _ = sharded.shardings(state, base, global_batch)
         jstep = sharded.jitted(state, base, global_batch)

@@ -11,16 +11,6 @@ import numpy as np
 from train.data import BadCounter, ShardWriter, read_manifest, read_pairs
 
 
-def _load_vae(path: str | Path):
-    from customshift_jax.checkpoint import is_checkpoint, load_checkpoint
-    from customshift_jax.vae import load_vae
-
-    if is_checkpoint(path):
-        got = load_checkpoint(path, components=["vae"])
-        return got["vae"]
-    return load_vae(path)
-
-
 def prepare(manifest: str | Path, out: str | Path, *, checkpoint: str | Path, text_encoders: str | Path,
             size: int = 512, batch_size: int = 8, shard_size: int = 1024, flip: bool = True,
             max_sequence_length: int = 256, max_bad_fraction: float = 0.05, read_threads: int = 4,
@@ -32,7 +22,7 @@ def prepare(manifest: str | Path, out: str | Path, *, checkpoint: str | Path, te
     import jax.numpy as jnp
 
     from customshift_jax.text import TextEncoders
-    from customshift_jax.vae import scale_latents, vae_encode
+    from customshift_jax.vae import load_vae, scale_latents, vae_encode
 
     out = Path(out)
     if (out / "index.json").exists():
@@ -40,7 +30,7 @@ def prepare(manifest: str | Path, out: str | Path, *, checkpoint: str | Path, te
     counter = BadCounter()
     records = read_manifest(manifest, counter)
     counter.check(max_bad_fraction, f"manifest {manifest}")  # stop early when the manifest alone is too bad
-    vae_config, vae_params = _load_vae(checkpoint)
+    vae_config, vae_params = load_vae(checkpoint)  # our checkpoint or a diffusers folder
     if size % (2 ** (len(vae_config.block_out_channels) - 1)):
         raise ValueError(f"--size {size} is not a multiple of the VAE's downsampling factor.")
     encoders = TextEncoders.from_pretrained(text_encoders)

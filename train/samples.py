@@ -145,9 +145,9 @@ class TrainingSampler:
         self.scfg, self.out = scfg, Path(out)
         self.vae = None
         if scfg["vae"] is not None:
-            from train.prepare import _load_vae
+            from customshift_jax.vae import load_vae
 
-            self.vae = _load_vae(scfg["vae"])
+            self.vae = load_vae(scfg["vae"])
         self.inputs = sample_inputs(scfg, dataset, self.vae)
         n = self.inputs.prompt_embeds.shape[0]
         shape = (n,) + tuple(dataset.index["latent_shape"])

@@ -320,7 +320,7 @@ def make_sampler(
 
 def _cond_axes(shape: tuple[int, ...]) -> tuple[str | None, ...]:
     """Logical axes of a Conditioning leaf: embeddings (B, M, J) -> (batch, length, -), pooled (B, P) -> (batch, -)."""
-    return ("batch", "length", None)[:len(shape)] if len(shape) == 3 else ("batch",) + (None,) * (len(shape) - 1)
+    return ("batch", "length", None) if len(shape) == 3 else ("batch",) + (None,) * (len(shape) - 1)
 
 
 def _sharded(config: MMDiTConfig, mesh: Any, rules: Any, extra_axes: Any, *, forward: Forward | None,
