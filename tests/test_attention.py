@@ -69,3 +69,19 @@ def test_mmdit_forward_on_blocked_backend(small_block):
     want = jax.jit(make_forward(config))(*args)
     got = jax.jit(make_forward(config, backend="blocked"))(*args)
     assert rel_err(got, want) <= 1e-6
+
+
+def test_blocked_backend_matches_diffusers(small_block):
+    """The MMDiT on the blocked backend against diffusers itself (DESIGN section 7: rel err <= 1e-5)."""
+    from customshift_jax.crosscheck import ForwardInputs, random_diffusers_transformer, torch_forward
+    from customshift_jax.mapping import params_from_state_dict
+
+    config = get_preset("tiny-sd3.5-medium")
+    model = random_diffusers_transformer(config, seed=3)
+    params = params_from_state_dict(config, model.state_dict())
+    inputs = ForwardInputs.random(config, batch=2, height=12, width=8, seed=1)  # 24 image + 7 text: 4 blocks
+    expected, _ = torch_forward(model, inputs)
+    got = jax.jit(make_forward(config, backend="blocked"))(
+        params, inputs.hidden_states, inputs.timestep, inputs.encoder_hidden_states, inputs.pooled_projections,
+        skip_mask(config, None))
+    assert rel_err(got, expected) <= 1e-5
