@@ -94,7 +94,8 @@ def mesh_shape(n_devices: int, data: int = 1, fsdp: int = 1, tensor: int = 1, co
         sizes[fill[0]] = n_devices // known
     if math.prod(sizes.values()) != n_devices:
         raise ValueError(f"mesh sizes {sizes} make {math.prod(sizes.values())} devices, but there are "
-                         f"{n_devices} devices.")
+                         f"{n_devices} devices. Give one axis -1 to fill the rest; on CPU, XLA_FLAGS="
+                         f"--xla_force_host_platform_device_count=N (set before starting) makes N devices.")
     return sizes
 
 

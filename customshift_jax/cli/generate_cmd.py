@@ -103,6 +103,7 @@ def run(args: argparse.Namespace) -> int:
     if prompts is None and not args.embeds:
         raise ValueError("give --prompt TEXT, --prompts-file FILE, or --embeds FILE.npz.")
 
+    mesh = _mesh(args)  # before loading anything: a bad --mesh / --rules fails fast
     comps = load_components(args.checkpoint, text_encoders=args.text_encoders)
     config, vae_config = comps.config, comps.vae_config
     scale = vae_config.downsample_factor
@@ -132,7 +133,6 @@ def run(args: argparse.Namespace) -> int:
     schedule = make_schedule(comps.scheduler, args.steps, image_seq_len=(height // scale // config.patch_size) *
                              (width // scale // config.patch_size))
     progress = StepProgress()
-    mesh = _mesh(args)
     extra, params = None, comps.params
     if mesh is not None:
         from customshift_jax import sharding as shd
