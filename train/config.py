@@ -11,7 +11,8 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         "preset": None,          # without a checkpoint: random base weights of this preset (tests, benches)
         "num_layers": None,      # with `preset`: override its depth
         "init_seed": 0,          # with `preset`: seed of the random base weights
-        "base_dtype": "fp32",    # storage dtype of the frozen base params ("bf16" halves their memory)
+        "base_dtype": "fp32",    # storage dtype of the frozen base params ("bf16" halves their memory);
+                                 # train.mode=base always loads fp32 (the params are the trained masters)
     },
     "lora": {"rank": 16, "alpha": 16.0},
     "data": {"path": None, "global_batch": 8, "shuffle": True, "flip_prob": 0.5},
@@ -19,6 +20,11 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         "steps": 1000, "seed": 0, "lr": 1e-4, "warmup_steps": 0, "schedule": "constant", "weight_decay": 1e-2,
         "clip_norm": 1.0, "accum_steps": 1, "dtype": "fp32", "remat": "none", "shift": "cads",
         "form": "two_pass", "text_dropout": 0.1, "ref_dropout": 0.05,
+        # "customshift": train the two LoRAs and beta on a frozen base. "base": train every param of the base
+        # MMDiT (initialised from model.checkpoint / model.preset) as a text-to-image model; it is written to
+        # OUTPUT_DIR/model/ (our checkpoint, other components of model.checkpoint copied) instead of the LoRA.
+        "mode": "customshift",
+        "ema_decay": 0.0,        # train.mode=base: keep an EMA (ema = d ema + (1 - d) params) and export it; 0: off
     },
     "mesh": {"enabled": False, "data": 1, "fsdp": 1, "tensor": 1, "rules": "fsdp"},
     "checkpoint": {"every": 100, "keep": 3, "async": True},
@@ -35,10 +41,25 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         "vae": None,         # checkpoint or pipeline folder: decode to images (else a latent preview PNG)
     },
     "output_dir": None,
-    "export_lora": True,
+    "export_lora": True,         # write OUTPUT_DIR/lora/ at the end (train.mode=customshift)
     # Test hooks: sleep after each step (so a signal can land mid-run in the preemption tests).
     "debug": {"sleep_per_step": 0.0},
 }
+
+
+TRAIN_MODES = ("customshift", "base")
+
+
+def _check_train(t: dict) -> None:
+    """Refuse an unknown train.mode and an EMA decay outside [0, 1) or outside base mode."""
+    if t["mode"] not in TRAIN_MODES:
+        raise ValueError(f"train.mode={t['mode']!r} is not known; expected one of: {', '.join(TRAIN_MODES)}.")
+    d = t["ema_decay"]
+    if isinstance(d, bool) or not isinstance(d, (int, float)) or not 0.0 <= d < 1.0:
+        raise ValueError(f"train.ema_decay={d!r}: expected a number in [0, 1) (0 turns the EMA off).")
+    if d > 0 and t["mode"] != "base":
+        raise ValueError(f"train.ema_decay={d} needs train.mode=base (the LoRA training keeps no EMA); set "
+                         "train.ema_decay=0 or train.mode=base.")
 
 
 def _merge(base: dict, new: dict, where: str) -> None:
@@ -91,4 +112,5 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> dict[str,
         raise ValueError("missing config key data.path (a folder written by `customshift prepare`).")
     if cfg["model"]["checkpoint"] is None and cfg["model"]["preset"] is None:
         raise ValueError("missing config key model.checkpoint (or model.preset for random base weights).")
+    _check_train(cfg["train"])
     return cfg

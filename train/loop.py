@@ -1,5 +1,6 @@
 """The `customshift train` loop: base params, data, jitted (optionally sharded) step, orbax checkpoints with
-exact resume, SIGTERM preemption, non-finite-loss stop, metrics, and the LoRA export at the end."""
+exact resume, SIGTERM preemption, non-finite-loss stop, metrics, and the export at the end: the LoRA
+(train.mode=customshift) or the trained base MMDiT as our checkpoint at OUTPUT_DIR/model (train.mode=base)."""
 from __future__ import annotations
 
 import dataclasses
@@ -65,6 +66,29 @@ def _flat_state(state) -> dict:
     return {f"{i:05d}": x for i, x in enumerate(jax.tree_util.tree_leaves(state))}
 
 
+def _step_parts(cfg: dict, config, base, lora, optimizer, schedule) -> tuple:
+    """(initial state, base argument of the step, plain step, mesh -> sharded step) for `train.mode`."""
+    t = cfg["train"]
+    step_kw = dict(seed=int(t["seed"]), schedule=schedule, accum_steps=int(t["accum_steps"]),
+                   dtype=t["dtype"], remat=t["remat"], text_dropout=float(t["text_dropout"]))
+    rules = cfg["mesh"]["rules"]
+    if t["mode"] == "base":
+        from train.base_step import init_base_train_state, make_base_train_step
+        from train.sharded import make_sharded_base_train_step
+
+        step_kw["ema_decay"] = float(t["ema_decay"])
+        state = init_base_train_state(base, optimizer, ema_decay=step_kw["ema_decay"])
+        return (state, {}, make_base_train_step(config, optimizer, **step_kw),
+                lambda mesh: make_sharded_base_train_step(config, optimizer, mesh, rules, **step_kw))
+    from train.sharded import make_sharded_train_step
+    from train.step import init_train_state, make_train_step
+
+    step_kw.update(shift=t["shift"], form=t["form"], ref_dropout=float(t["ref_dropout"]))
+    state = init_train_state(config, lora, optimizer, int(t["seed"]))
+    return (state, base, make_train_step(config, lora, optimizer, **step_kw),
+            lambda mesh: make_sharded_train_step(config, lora, optimizer, mesh, rules, **step_kw))
+
+
 def build(cfg: dict) -> dict:
     """Everything the loop needs, from the resolved config (no side effects on disk)."""
     import jax
@@ -72,10 +96,10 @@ def build(cfg: dict) -> dict:
     from customshift_jax.lora import LoRAConfig
     from train.data import BatchIterator, ShardDataset
     from train.optim import make_optimizer
-    from train.step import init_train_state, make_train_step
 
     t, d = cfg["train"], cfg["data"]
-    config, base = load_base(cfg["model"])
+    # train.mode=base trains the loaded params themselves: fp32 masters, whatever model.base_dtype says.
+    config, base = load_base({**cfg["model"], "base_dtype": "fp32"} if t["mode"] == "base" else cfg["model"])
     lora = LoRAConfig(rank=int(cfg["lora"]["rank"]), alpha=float(cfg["lora"]["alpha"]))
     dataset = ShardDataset(d["path"])
     lat_shape = dataset.index["latent_shape"]
@@ -88,20 +112,16 @@ def build(cfg: dict) -> dict:
         float(t["lr"]), warmup_steps=int(t["warmup_steps"]), schedule=t["schedule"],
         total_steps=int(t["steps"]) // int(t["accum_steps"]), weight_decay=float(t["weight_decay"]),
         clip_norm=t["clip_norm"], accum_steps=int(t["accum_steps"]))
-    state = init_train_state(config, lora, optimizer, int(t["seed"]))
-    loss_kw = dict(dtype=t["dtype"], remat=t["remat"], shift=t["shift"], form=t["form"],
-                   text_dropout=float(t["text_dropout"]), ref_dropout=float(t["ref_dropout"]))
+    state, base, plain_step, sharded_step = _step_parts(cfg, config, base, lora, optimizer, schedule)
     m = cfg["mesh"]
     if m["enabled"]:
         from customshift_jax import sharding as shd
-        from train.sharded import make_sharded_train_step
 
         mesh = shd.make_mesh(int(m["data"]), int(m["fsdp"]), int(m["tensor"]))
-        sharded = make_sharded_train_step(config, lora, optimizer, mesh, m["rules"], seed=int(t["seed"]),
-                                          schedule=schedule, accum_steps=int(t["accum_steps"]), **loss_kw)
+        sharded = sharded_step(mesh)
         global_batch = {k: jax.ShapeDtypeStruct((int(d["global_batch"]),) + v.shape, v.dtype)
                         for k, v in dataset.get(0).items()}  # a batch stacks records: shapes from one
-        # LoRA, Adam moments and base laid out by the rules (not replicated); the batch split along "batch".
+        # Trainable tree, Adam moments and base laid out by the rules (not replicated); the batch split along "batch".
         (_, _, batch_sh), _ = sharded.shardings(state, base, global_batch)
         jstep = sharded.jitted(state, base, global_batch)
         state, base = sharded.place(state, base)
@@ -113,8 +133,7 @@ def build(cfg: dict) -> dict:
                     for k, v in batch.items()}
     else:
         mesh = None
-        jstep = jax.jit(make_train_step(config, lora, optimizer, seed=int(t["seed"]), schedule=schedule,
-                                        accum_steps=int(t["accum_steps"]), **loss_kw))
+        jstep = jax.jit(plain_step)
 
         def put_batch(batch):
             return batch
@@ -170,10 +189,42 @@ def export_lora(out: Path, state, lora) -> list[Path]:
     return save_lora_files(out, to_state_dict(trainable["rab"], trainable["cgb"]), lora)
 
 
+def _other_components(src: Any) -> dict[str, tuple[Any, Any]]:
+    """{name: (config dict, params loader)} of every non-transformer component of our checkpoint `src`
+    (none when `src` is not one of ours); loaders, so one component at a time is in memory while copying."""
+    from customshift_jax.checkpoint import CONFIG_NAME, is_checkpoint, load_checkpoint, read_marker
+
+    if src is None or not is_checkpoint(src):
+        return {}
+    entries = read_marker(src).get("components", {})
+    return {name: (json.loads((Path(src) / entry.get("config", f"{name}/{CONFIG_NAME}")).read_text()),
+                   lambda name=name: load_checkpoint(src, [name])[name][1])
+            for name, entry in entries.items() if name != "transformer"}
+
+
+def export_model(dst: Path, params, config, source: Any = None, metadata: dict | None = None) -> list[str]:
+    """Write `params` (host arrays) as the transformer of our checkpoint at `dst`, with the other components of
+    `source` (e.g. the VAE) copied, so that `model.checkpoint=dst` and `load_transformer(dst)` take it; returns
+    the component names. An earlier checkpoint at `dst` is replaced once the new one is complete."""
+    from customshift_jax.checkpoint import save_checkpoint
+
+    components = {"transformer": (config, params), **_other_components(source)}
+    save_checkpoint(dst, components, overwrite=True, metadata=metadata)
+    return list(components)
+
+
+def _check_model_destination(dst: Path) -> None:
+    """Refuse, before training, an OUTPUT_DIR/model that the export at the end could not replace."""
+    from customshift_jax.checkpoint import check_destination
+
+    check_destination(dst, True, what="trained model")
+
+
 def train(cfg: dict, *, resume: bool = False, log=print) -> int:
     """Run training as configured; returns the process exit code (0 done or preempted, 3 non-finite loss)."""
     import jax
 
+    from train.base_step import model_params
     from train.metrics import MetricsLogger
     from train.samples import maybe_sampler
 
@@ -182,6 +233,9 @@ def train(cfg: dict, *, resume: bool = False, log=print) -> int:
     if not resume and ckpt_dir.exists() and any(ckpt_dir.iterdir()):
         raise ValueError(f"{ckpt_dir} already holds checkpoints: pass --resume to continue that run, or choose "
                          "another output_dir.")
+    base_mode = cfg["train"]["mode"] == "base"
+    if base_mode:
+        _check_model_destination(out / "model")
     out.mkdir(parents=True, exist_ok=True)
     seed, total = int(cfg["train"]["seed"]), int(cfg["train"]["steps"])
     parts = build(cfg)
@@ -243,12 +297,14 @@ def train(cfg: dict, *, resume: bool = False, log=print) -> int:
                     values.update(steps_per_s=sps, images_per_s=sps * gb)
                     metrics.log(step, values)
                 if sampler is not None and step % sample_every == 0:
-                    sampler(state.trainable, parts["base"], step, metrics)
+                    sampler(model_params(state), parts["base"], step, metrics)
                 if step % every == 0 or step == total:
                     _save(mngr, step, state, it, seed)
                     last_saved = step
             mngr.wait_until_finished()
-            if cfg["export_lora"] and jax.process_index() == 0:
+            if base_mode:
+                _export_base(cfg, out / "model", state, parts["config"], total, log)
+            elif cfg["export_lora"] and jax.process_index() == 0:
                 files = export_lora(out / "lora", state, parts["lora"])
                 log(f"exported the LoRA: {', '.join(str(f) for f in files)}")
             log(f"done: {total} steps; checkpoints in {ckpt_dir}")
@@ -261,6 +317,23 @@ def train(cfg: dict, *, resume: bool = False, log=print) -> int:
             metrics.close()
         mngr.wait_until_finished()
         mngr.close()
+
+
+def _export_base(cfg: dict, dst: Path, state, config, steps: int, log) -> None:
+    """train.mode=base: gather the trained weights (EMA if kept) on every process; process 0 writes them."""
+    import jax
+
+    from customshift_jax.distributed import gather
+    from train.base_step import model_params
+
+    weights = gather(model_params(state))  # a collective: every process takes part
+    if jax.process_index() != 0:
+        return
+    ema = float(cfg["train"]["ema_decay"])
+    meta = {"trained": {"by": "customshift train (train.mode=base)", "steps": steps, "ema_decay": ema}}
+    names = export_model(dst, weights, config, cfg["model"]["checkpoint"], meta)
+    log(f"wrote the trained transformer{' (EMA weights)' if ema > 0 else ''} to {dst} "
+        f"(components: {', '.join(names)}); use it with model.checkpoint={dst}")
 
 
 class _null:

@@ -4,7 +4,9 @@ Everything a sample needs is fixed when training starts: the prompt embeddings (
 an `--embeds`-style .npz, so no text encoder runs in the training process), the reference latents and subject
 embeddings, and the initial noise (from `sample.seed`). Each call runs the RAB prefill with the current RAB
 LoRA and the CustomShift sampler with the current CGB LoRA; it reads neither the training RNG nor the data
-iterator, so sampling never changes what training computes.
+iterator, so sampling never changes what training computes. In train.mode=base (`BaseTrainingSampler`) the
+prompts alone drive the plain SD3 sampler with the base weights being trained (their EMA when one is kept);
+`sample.reference`, `sample.subject` and `sample.gamma` are not used there.
 """
 from __future__ import annotations
 
@@ -19,15 +21,15 @@ from train.data import ShardDataset
 
 @dataclasses.dataclass
 class SampleInputs:
-    """The fixed host arrays of every sample call (P prompts, one reference)."""
+    """The fixed host arrays of every sample call (P prompts, one reference; no reference in train.mode=base)."""
 
     prompt_embeds: np.ndarray          # (P, M, J)
     pooled: np.ndarray                 # (P, Pd)
     negative_embeds: np.ndarray        # (P, M, J): the npz's negatives, else zeros (training's unconditional)
     negative_pooled: np.ndarray        # (P, Pd)
-    ref_latents: np.ndarray            # (1, C, h, w)
-    subject_embeds: np.ndarray         # (1, S, J)
-    subject_pooled: np.ndarray         # (1, Pd)
+    ref_latents: np.ndarray | None     # (1, C, h, w)
+    subject_embeds: np.ndarray | None  # (1, S, J)
+    subject_pooled: np.ndarray | None  # (1, Pd)
     names: list[str]                   # one label a prompt (PNG metadata)
 
 
@@ -135,20 +137,17 @@ class TrainingSampler:
 
     def __init__(self, cfg: dict, config: Any, lora: Any, dataset: ShardDataset, out: Path):
         import jax
-        import jax.numpy as jnp
 
-        from customshift_jax.customshift import make_prefill
-        from customshift_jax.customshift_sampling import make_customshift_sampler
         from customshift_jax.sampling import Conditioning, initial_latents, make_schedule
 
-        scfg, t = cfg["sample"], cfg["train"]
+        scfg = cfg["sample"]
         self.scfg, self.out = scfg, Path(out)
         self.vae = None
         if scfg["vae"] is not None:
             from customshift_jax.vae import load_vae
 
             self.vae = load_vae(scfg["vae"])
-        self.inputs = sample_inputs(scfg, dataset, self.vae)
+        self.inputs = self._inputs(scfg, dataset)
         n = self.inputs.prompt_embeds.shape[0]
         shape = (n,) + tuple(dataset.index["latent_shape"])
         self.guidance = float(scfg["guidance"])
@@ -158,26 +157,45 @@ class TrainingSampler:
         self.schedule = make_schedule({"shift": float(scfg["shift"])}, int(scfg["steps"]),
                                       image_seq_len=(shape[2] // config.patch_size) * (shape[3] // config.patch_size))
         self.noise = np.asarray(initial_latents(jax.random.key(int(scfg["seed"])), shape))
+        self.meta = dict(seed=scfg["seed"], steps=scfg["steps"], guidance=self.guidance, gamma=scfg["gamma"],
+                         decoded=self.vae is not None)  # PNG metadata beside the prompt and step
+        self._build(config, lora, cfg["train"])
+
+    def _inputs(self, scfg: dict, dataset: ShardDataset) -> SampleInputs:
+        """The fixed prompts, reference and subject of every call."""
+        return sample_inputs(scfg, dataset, self.vae)
+
+    def _build(self, config: Any, lora: Any, t: dict) -> None:
+        """Jit the RAB prefill and build the CustomShift sampler once."""
+        import jax
+        import jax.numpy as jnp
+
+        from customshift_jax.customshift import make_prefill
+        from customshift_jax.customshift_sampling import make_customshift_sampler
+
         self.prefill = jax.jit(make_prefill(config, lora, dtype=t["dtype"]))
         self.sampler = make_customshift_sampler(config, lora, shift=t["shift"], form=t["form"], dtype=t["dtype"],
                                                 decode=self.vae is not None,
                                                 vae_config=None if self.vae is None else self.vae[0])
-        self.gamma = jnp.float32(scfg["gamma"])
+        self.gamma = jnp.float32(self.scfg["gamma"])
+
+    def _sample(self, trainable: Any, base_params: Any) -> Any:
+        """Latents (or decoded images) of every prompt with the current LoRAs."""
+        i = self.inputs
+        ref_kv = self.prefill(base_params, trainable["rab"], i.ref_latents, i.subject_embeds, i.subject_pooled)
+        params = {"base": base_params, "cgb_lora": trainable["cgb"]}
+        return self.sampler(params, self.noise, self.cond, self.schedule, guidance_scale=self.guidance,
+                            extra={"ref_kv": ref_kv, "gamma": self.gamma},
+                            vae_params=None if self.vae is None else self.vae[1])
 
     def __call__(self, trainable: Any, base_params: Any, step: int, metrics: Any = None) -> np.ndarray:
-        """Sample with the current LoRAs; process 0 writes the PNGs (and logs them when `metrics` is given)."""
+        """Sample with the current weights; process 0 writes the PNGs (and logs them when `metrics` is given)."""
         import jax
 
         from customshift_jax.distributed import gather
         from customshift_jax.generate import save_png
 
-        i = self.inputs
-        ref_kv = self.prefill(base_params, trainable["rab"], i.ref_latents, i.subject_embeds, i.subject_pooled)
-        params = {"base": base_params, "cgb_lora": trainable["cgb"]}
-        got = self.sampler(params, self.noise, self.cond, self.schedule, guidance_scale=self.guidance,
-                           extra={"ref_kv": ref_kv, "gamma": self.gamma},
-                           vae_params=None if self.vae is None else self.vae[1])
-        got = gather(got)
+        got = gather(self._sample(trainable, base_params))
         images = got if self.vae is not None else np.stack([latent_preview(z) for z in got])
         if jax.process_index() != 0:
             return images
@@ -186,19 +204,39 @@ class TrainingSampler:
         if self.vae is None:
             np.save(folder / "latents.npy", got)
         pngs = {}
-        for k, (image, name) in enumerate(zip(images, i.names)):
+        for k, (image, name) in enumerate(zip(images, self.inputs.names)):
             path = folder / f"{k:02d}.png"
-            save_png(image, path, dict(prompt=name, step=step, seed=self.scfg["seed"], steps=self.scfg["steps"],
-                                       guidance=self.guidance, gamma=self.scfg["gamma"],
-                                       decoded=self.vae is not None))
+            save_png(image, path, dict(prompt=name, step=step, **self.meta))
             pngs[f"samples/{k:02d}"] = path.read_bytes()
         if metrics is not None:
             metrics.images(step, pngs)
         return images
 
 
+class BaseTrainingSampler(TrainingSampler):
+    """train.mode=base: the plain SD3 sampler (`sampling.make_sampler`) on the prompts, with the trained weights."""
+
+    def _inputs(self, scfg: dict, dataset: ShardDataset) -> SampleInputs:
+        npz = _npz(scfg["embeds"]) if scfg["embeds"] is not None else None
+        f32 = lambda a: np.ascontiguousarray(a, np.float32)  # noqa: E731
+        *arrays, names = _prompts(scfg, dataset, npz)
+        return SampleInputs(*map(f32, arrays), None, None, None, names)
+
+    def _build(self, config: Any, lora: Any, t: dict) -> None:  # noqa: ARG002
+        from customshift_jax.sampling import make_sampler
+
+        del self.meta["gamma"]
+        self.sampler = make_sampler(config, dtype=t["dtype"], decode=self.vae is not None,
+                                    vae_config=None if self.vae is None else self.vae[0])
+
+    def _sample(self, trainable: Any, base_params: Any) -> Any:  # noqa: ARG002
+        return self.sampler(trainable, self.noise, self.cond, self.schedule, guidance_scale=self.guidance,
+                            vae_params=None if self.vae is None else self.vae[1])
+
+
 def maybe_sampler(cfg: dict, parts: dict, out: Path) -> Callable | None:
-    """The training sampler when `sample.every` > 0, else None."""
+    """The training sampler of `train.mode` when `sample.every` > 0, else None."""
     if not int(cfg["sample"]["every"]):
         return None
-    return TrainingSampler(cfg, parts["config"], parts["lora"], parts["dataset"], out)
+    cls = BaseTrainingSampler if cfg["train"]["mode"] == "base" else TrainingSampler
+    return cls(cfg, parts["config"], parts["lora"], parts["dataset"], out)

@@ -2,7 +2,8 @@
 
 The frozen base params, the trainable LoRAs and their optimizer state are laid out by the rule set from
 their paths (a LoRA's A takes the layout of its base kernel's input dim, B of its output dim; Adam's moments
-follow their LoRA); the batch is split along "batch" and the metrics come back replicated.
+follow their LoRA); the batch is split along "batch" and the metrics come back replicated. In train.mode=base
+the trainable tree is the MMDiT itself (and its EMA), laid out by the same rules; the base argument is {}.
 """
 from __future__ import annotations
 
@@ -14,7 +15,11 @@ from jax.sharding import Mesh
 from customshift_jax import sharding as shd
 from customshift_jax.config import MMDiTConfig
 from customshift_jax.lora import LoRAConfig
+from train.base_step import make_base_train_step
 from train.step import make_train_step
+
+_ARG_AXES = ("params", "params", shd.BATCH_AXES)  # (state, base params, batch)
+_OUT_AXES = ("params", shd.REPLICATED)  # (state, metrics)
 
 
 def make_sharded_train_step(config: MMDiTConfig, lora: LoRAConfig, optimizer: optax.GradientTransformation,
@@ -28,4 +33,13 @@ def make_sharded_train_step(config: MMDiTConfig, lora: LoRAConfig, optimizer: op
     """
     fn = make_train_step(config, lora, optimizer, seed=seed, schedule=schedule, accum_steps=accum_steps,
                          activation_sharding=shd.activation_hook(mesh, rules), **loss_kw)
-    return shd.ShardedFunction(fn, mesh, rules, ("params", "params", shd.BATCH_AXES), ("params", shd.REPLICATED))
+    return shd.ShardedFunction(fn, mesh, rules, _ARG_AXES, _OUT_AXES)
+
+
+def make_sharded_base_train_step(config: MMDiTConfig, optimizer: optax.GradientTransformation, mesh: Mesh,
+                                 rules: shd.RulesLike = "fsdp", *, seed: int, schedule: optax.Schedule | None = None,
+                                 accum_steps: int = 1, **step_kw: Any) -> shd.ShardedFunction:
+    """`train.base_step.make_base_train_step` sharded on `mesh` by `rules`: call it as `step(state, {}, batch)`."""
+    fn = make_base_train_step(config, optimizer, seed=seed, schedule=schedule, accum_steps=accum_steps,
+                              activation_sharding=shd.activation_hook(mesh, rules), **step_kw)
+    return shd.ShardedFunction(fn, mesh, rules, _ARG_AXES, _OUT_AXES)

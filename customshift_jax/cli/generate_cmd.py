@@ -36,7 +36,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="folder of cached prompt embeddings (a prompt is encoded once)")
     p.add_argument("--embeds", help=".npz with prompt_embeds, pooled_prompt_embeds, negative_prompt_embeds, "
                    "negative_pooled_prompt_embeds (and subject_embeds, subject_pooled_embeds): no text encoders")
-    p.add_argument("--init-latents", help=".npy of initial latents (B, 16, h, w) instead of seeded noise")
+    p.add_argument("--init-latents", help=".npy of initial latents (B, C, h, w) instead of seeded noise (C: the "
+                   "model's latent channels, 16 for SD3)")
     p.add_argument("--save-latents", help="write the final latents (before decoding) to this .npy")
     p.add_argument("--mesh", help="run the MMDiT sharded on a device mesh, e.g. data=2,fsdp=4 (axes data, fsdp, "
                    "tensor, context; sizes multiply to the device count, one may be -1)")
@@ -124,7 +125,7 @@ def run(args: argparse.Namespace) -> int:
     if args.guidance > 1 and not embeds.has_negative:
         raise ValueError("guidance > 1 needs negative embeddings; the --embeds file has none (or use "
                          "--guidance 1).")
-    shape = (n_prompts * args.num_images, 16, height // scale, width // scale)
+    shape = (n_prompts * args.num_images, config.in_channels, height // scale, width // scale)
     init = None
     if args.init_latents:
         init = np.load(args.init_latents).astype(np.float32)

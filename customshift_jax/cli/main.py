@@ -5,10 +5,12 @@ import argparse
 import sys
 from typing import Callable, Sequence
 
-from customshift_jax.cli import convert_cmd, crosscheck_cmd, export_cmd, generate_cmd, prepare_cmd, train_cmd
+from customshift_jax.cli import (convert_cmd, crosscheck_cmd, demo_cmd, export_cmd, generate_cmd, prepare_cmd,
+                                 train_cmd)
 
 # name -> (module with `add_arguments(parser)` and `run(args) -> int`)
 SUBCOMMANDS = {
+    "demo": demo_cmd,
     "crosscheck": crosscheck_cmd,
     "convert": convert_cmd,
     "export": export_cmd,

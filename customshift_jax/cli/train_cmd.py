@@ -1,19 +1,27 @@
-"""Train CustomShift's two LoRAs (RAB and CGB) and beta on prepared data.
+"""Train CustomShift's two LoRAs (RAB and CGB) and beta on prepared data, or (train.mode=base) the base SD3
+MMDiT itself, every param, as a text-to-image model.
 
 Examples:
   customshift train --config train/configs/tiny.yaml output_dir=runs/tiny train.steps=200
   customshift train --config train/configs/sd35_medium_v5e8.yaml --resume
+  customshift train --config train/configs/tiny.yaml output_dir=runs/base train.mode=base train.ema_decay=0.999
 
 Overrides are `section.key=value` (value parsed as YAML). --resume restores the LoRAs, beta, optimizer
 state, data position and RNG from OUTPUT_DIR/checkpoints. SIGTERM saves a checkpoint and exits 0.
 With sample.every=M, samples from fixed prompts, reference and noise go to OUTPUT_DIR/samples/step-XXXXXX/
 and TensorBoard every M steps (see the `sample` section of train/config.py).
+
+train.mode: "customshift" (default: the LoRAs and beta on a frozen base, exported to OUTPUT_DIR/lora/) or
+"base" (the whole MMDiT, initialised from model.checkpoint or model.preset, written at the end as our
+checkpoint OUTPUT_DIR/model/ with model.checkpoint's other components, e.g. the VAE, copied; pass it as
+model.checkpoint to a following LoRA run). train.ema_decay: with train.mode=base, d > 0 keeps an EMA of the
+weights (ema = d ema + (1 - d) params), checkpointed with the rest and exported instead of the raw weights.
 """
 from __future__ import annotations
 
 import argparse
 
-HELP = "train the CustomShift LoRAs on data written by `customshift prepare`"
+HELP = "train the CustomShift LoRAs (or, train.mode=base, the base MMDiT) on data from `customshift prepare`"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

@@ -132,7 +132,8 @@ def _clip_vocab_and_merges(sentences: list[str], vocab_size: int) -> tuple[dict[
     return {t: i for i, t in enumerate(tokens)}, merges
 
 
-def _write_clip_tokenizer(folder: Path, vocab: dict[str, int], merges: list[tuple[str, str]], pad_token: str):
+def _write_clip_tokenizer(folder: Path, vocab: dict[str, int], merges: list[tuple[str, str]], pad_token: str,
+                          max_length: int = CLIP_MAX_LENGTH):
     """Write vocab.json/merges.txt, then load them with CLIPTokenizer and save_pretrained next to them."""
     from transformers import CLIPTokenizer
 
@@ -141,12 +142,12 @@ def _write_clip_tokenizer(folder: Path, vocab: dict[str, int], merges: list[tupl
     (folder / "merges.txt").write_text(
         "#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges), encoding="utf-8"
     )
-    tok = CLIPTokenizer.from_pretrained(folder, model_max_length=CLIP_MAX_LENGTH, pad_token=pad_token)
+    tok = CLIPTokenizer.from_pretrained(folder, model_max_length=max_length, pad_token=pad_token)
     tok.save_pretrained(folder)
     return tok
 
 
-def _write_t5_tokenizer(folder: Path, sentences: list[str], vocab_size: int, seed: int):
+def _write_t5_tokenizer(folder: Path, sentences: list[str], vocab_size: int, seed: int, model_type: str = "unigram"):
     """Train a unigram sentencepiece model with T5's ids (pad 0, eos 1, unk 2, no bos).
 
     Saves spiece.model and, through T5Tokenizer.save_pretrained, tokenizer.json.
@@ -160,7 +161,7 @@ def _write_t5_tokenizer(folder: Path, sentences: list[str], vocab_size: int, see
         sentence_iterator=iter(sentences),
         model_writer=buf,
         vocab_size=vocab_size,
-        model_type="unigram",
+        model_type=model_type,
         pad_id=0,
         eos_id=1,
         unk_id=2,
@@ -176,7 +177,8 @@ def _write_t5_tokenizer(folder: Path, sentences: list[str], vocab_size: int, see
     return tok
 
 
-def _clip_config(vocab: dict[str, int], tok, width: int, projection: int, hidden_act: str):
+def _clip_config(vocab: dict[str, int], tok, width: int, projection: int, hidden_act: str,
+                 max_length: int = CLIP_MAX_LENGTH):
     """A tiny CLIPTextConfig whose special-token ids match the tokenizer (pooling reads the first eos)."""
     from transformers import CLIPTextConfig
 
@@ -187,7 +189,7 @@ def _clip_config(vocab: dict[str, int], tok, width: int, projection: int, hidden
         projection_dim=projection,
         num_hidden_layers=3,
         num_attention_heads=2,
-        max_position_embeddings=CLIP_MAX_LENGTH,
+        max_position_embeddings=max_length,
         hidden_act=hidden_act,
         bos_token_id=tok.bos_token_id,
         eos_token_id=tok.eos_token_id,
@@ -201,12 +203,19 @@ def build_tiny_pipeline(
     transformer_config: dict | None = None,
     with_text_encoders: bool = True,
     seed: int = 0,
+    vae_config: dict | None = None,
+    sentences: list[str] | None = None,
+    clip_max_length: int = CLIP_MAX_LENGTH,
+    t5_tokenizer: tuple[str, int] = ("unigram", 200),
 ) -> Path:
     """Write a tiny random SD3 pipeline folder at `path` (created; must be empty or absent) and return it.
 
     `transformer_config` overrides DEFAULT_TRANSFORMER_CONFIG key by key. With
     `with_text_encoders=False` the text encoders and tokenizers are null in model_index.json and the
-    pipeline runs from precomputed embeddings only. Weights are deterministic in `seed`.
+    pipeline runs from precomputed embeddings only. Weights are deterministic in `seed`. `vae_config` replaces
+    DEFAULT_VAE_CONFIG; `sentences` (default: DreamBench-style prompts) train the tokenizers, and
+    `clip_max_length` is the CLIP tokenizers' and position embeddings' length (SD3: 77); `t5_tokenizer` is the
+    sentencepiece (model type, vocabulary size) of the T5 tokenizer.
     """
     import torch
     from diffusers import (
@@ -233,14 +242,14 @@ def build_tiny_pipeline(
         torch.manual_seed(seed)
         transformer = SD3Transformer2DModel(**config)
         torch.manual_seed(seed + 1)
-        vae = AutoencoderKL(**DEFAULT_VAE_CONFIG)
+        vae = AutoencoderKL(**(vae_config or DEFAULT_VAE_CONFIG))
         scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0)
         text = dict.fromkeys(
             ["text_encoder", "text_encoder_2", "text_encoder_3", "tokenizer", "tokenizer_2", "tokenizer_3"]
         )
         with tempfile.TemporaryDirectory() as tmp:
             if with_text_encoders:
-                text = _build_text_components(Path(tmp), config, seed)
+                text = _build_text_components(Path(tmp), config, seed, sentences, clip_max_length, t5_tokenizer)
             pipe = StableDiffusion3Pipeline(transformer=transformer, scheduler=scheduler, vae=vae, **text)
             path.mkdir(parents=True, exist_ok=True)
             with _quiet_hf():  # no "None cannot be saved" warnings or shard progress bars
@@ -299,7 +308,9 @@ def load_pipeline(path: str | Path, **kwargs: Any):
     return StableDiffusion3Pipeline.from_pretrained(path, **{**null_components(path), **kwargs})
 
 
-def _build_text_components(tmp: Path, transformer_config: dict, seed: int) -> dict:
+def _build_text_components(tmp: Path, transformer_config: dict, seed: int, sentences: list[str] | None = None,
+                           clip_max_length: int = CLIP_MAX_LENGTH,
+                           t5_tokenizer: tuple[str, int] = ("unigram", 200)) -> dict:
     """Tokenizers (trained on DreamBench-style text) and the three tiny random text encoders."""
     import torch
     from transformers import CLIPTextModelWithProjection, T5Config, T5EncoderModel
@@ -314,18 +325,22 @@ def _build_text_components(tmp: Path, transformer_config: dict, seed: int) -> di
             f"transformer_config['pooled_projection_dim'] must equal CLIP-L + CLIP-G projection "
             f"{TINY_POOLED_WIDTH} when text encoders are built, got {transformer_config['pooled_projection_dim']}"
         )
-    sentences = training_sentences()
+    sentences = training_sentences() if sentences is None else sentences
     vocab, merges = _clip_vocab_and_merges(sentences, vocab_size=600)
-    tok_l = _write_clip_tokenizer(tmp / "tokenizer", vocab, merges, pad_token="<|endoftext|>")
-    tok_g = _write_clip_tokenizer(tmp / "tokenizer_2", vocab, merges, pad_token="!")  # as SD3's CLIP-G
-    tok_t5 = _write_t5_tokenizer(tmp / "tokenizer_3", sentences, vocab_size=200, seed=seed)
+    tok_l = _write_clip_tokenizer(tmp / "tokenizer", vocab, merges, pad_token="<|endoftext|>",
+                                  max_length=clip_max_length)
+    tok_g = _write_clip_tokenizer(tmp / "tokenizer_2", vocab, merges, pad_token="!",  # as SD3's CLIP-G
+                                  max_length=clip_max_length)
+    tok_t5 = _write_t5_tokenizer(tmp / "tokenizer_3", sentences, vocab_size=t5_tokenizer[1], seed=seed,
+                                 model_type=t5_tokenizer[0])
 
     torch.manual_seed(seed + 2)
     enc_l = CLIPTextModelWithProjection(
-        _clip_config(vocab, tok_l, TINY_CLIP_L_WIDTH, TINY_CLIP_L_PROJECTION, "quick_gelu")
+        _clip_config(vocab, tok_l, TINY_CLIP_L_WIDTH, TINY_CLIP_L_PROJECTION, "quick_gelu", clip_max_length)
     )
     torch.manual_seed(seed + 3)
-    enc_g = CLIPTextModelWithProjection(_clip_config(vocab, tok_g, TINY_CLIP_G_WIDTH, TINY_CLIP_G_PROJECTION, "gelu"))
+    enc_g = CLIPTextModelWithProjection(
+        _clip_config(vocab, tok_g, TINY_CLIP_G_WIDTH, TINY_CLIP_G_PROJECTION, "gelu", clip_max_length))
     torch.manual_seed(seed + 4)
     enc_t5 = T5EncoderModel(
         T5Config(

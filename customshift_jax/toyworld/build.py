@@ -1,0 +1,243 @@
+"""Rebuild every shipped artefact of the subject world from seeds, stage by stage, in a work folder:
+the pipeline folder (random MMDiT and VAE, frozen text encoders), the trained VAE, the base MMDiT trained as a
+text-to-image model, CustomShift and the token-competition baseline trained on pairs, the judge, the evaluation.
+
+Each stage writes its own subfolder and is skipped when that is complete, so an interrupted build resumes.
+`python -m customshift_jax.toyworld.build WORK [--ship]` (with --ship, copies the weights into the package).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+STAGES: list[tuple[str, Callable, bool]] = []
+CONFIGS = Path(__file__).resolve().parents[2] / "train" / "configs"
+
+
+def stage(name: str, *, resumable: bool = False) -> Callable:
+    """Register a build stage; it runs only when WORK/<name>/.done is absent. A resumable stage (training)
+    keeps what an interrupted run left and continues it; any other starts again in an empty folder."""
+    def wrap(fn: Callable) -> Callable:
+        STAGES.append((name, fn, resumable))
+        return fn
+    return wrap
+
+
+@stage("pipeline")
+def build_pipeline(work: Path, out: Path, args) -> None:
+    """The diffusers SD3 pipeline folder of the world's shape, and its conversion to our checkpoint."""
+    from convert.convert import convert
+
+    from customshift_jax.toyworld.tiny_sd3 import build_world_pipeline
+
+    build_world_pipeline(out / "diffusers", seed=args.seed)
+    convert(out / "diffusers", out / "init", progress=False, log=lambda line: None)
+
+
+@stage("vae")
+def build_vae(work: Path, out: Path, args) -> None:
+    """Train the VAE on renders; write a checkpoint holding the random MMDiT and the trained VAE."""
+    from customshift_jax.checkpoint import load_checkpoint, save_checkpoint
+    from customshift_jax.toyworld.vae_train import train_vae
+
+    parts = load_checkpoint(work / "pipeline" / "init")
+    vae_config, vae_params = train_vae(*parts["vae"], steps=args.vae_steps, batch=16, seed=args.seed)
+    save_checkpoint(out / "model", {"transformer": parts["transformer"], "vae": (vae_config, vae_params)})
+
+
+def write_pairs(folder: Path, n: int, seed: int, subjects: list) -> Path:
+    """Render `n` pairs (same subject, two different contexts) as PNGs and write the manifest that
+    `customshift prepare` reads: reference = context A, target = context B, caption of B, subject name."""
+    import numpy as np
+    from PIL import Image
+    from tqdm import tqdm
+
+    from customshift_jax.toyworld import world
+
+    rng = np.random.default_rng(seed)
+    (folder / "images").mkdir(parents=True, exist_ok=True)
+    lines = []
+    for i in tqdm(range(n), desc="render pairs", file=sys.stderr, mininterval=5):
+        subject = subjects[int(rng.integers(len(subjects)))]
+        a = world.random_context(rng)
+        b = world.random_context(rng)
+        while b == a:
+            b = world.random_context(rng)
+        ref, tgt = world.render(subject, a, 32, rng), world.render(subject, b, 32, rng)
+        ref_path, tgt_path = folder / "images" / f"{i:06d}-ref.png", folder / "images" / f"{i:06d}-tgt.png"
+        Image.fromarray(ref).save(ref_path)
+        Image.fromarray(tgt).save(tgt_path)
+        lines.append(json.dumps({"reference": str(ref_path.relative_to(folder)),
+                                 "target": str(tgt_path.relative_to(folder)), "caption": world.caption(subject, b),
+                                 "subject": subject.name}))
+    manifest = folder / "manifest.jsonl"
+    manifest.write_text("\n".join(lines) + "\n")
+    return manifest
+
+
+def customshift_cli(*args: str) -> None:
+    """Run `customshift ARGS...` as a user would (a subprocess of the real CLI); a failure stops the build."""
+    import subprocess
+
+    cmd = [sys.executable, "-m", "customshift_jax.cli.main", *map(str, args)]
+    print("$ customshift " + " ".join(map(str, args)), file=sys.stderr)
+    code = subprocess.call(cmd)
+    if code:
+        raise SystemExit(f"`customshift {args[0]}` failed with exit code {code}; fix it and rerun the build "
+                         "(finished stages are kept).")
+
+
+@stage("data")
+def build_data(work: Path, out: Path, args) -> None:
+    """Training pairs of training identities only, rendered and prepared (VAE latents, text embeddings)."""
+    from customshift_jax.toyworld import world
+    from customshift_jax.toyworld.tiny_sd3 import IMAGE_SIZE, T5_MAX_LENGTH
+
+    train_subjects, _ = world.split_subjects(args.seed)
+    manifest = write_pairs(out / "pairs", args.pairs, args.seed + 1, train_subjects)
+    customshift_cli("prepare", manifest, out / "prepared", "--checkpoint", work / "vae" / "model",
+                    "--text-encoders", work / "pipeline" / "diffusers", "--size", IMAGE_SIZE, "--no-flip",
+                    "--batch-size", 64, "--shard-size", 4096, "--max-sequence-length", T5_MAX_LENGTH)
+    shutil.rmtree(out / "pairs" / "images")  # the prepared shards hold everything training reads
+
+
+def train_run(config: str, out: Path, *overrides: str) -> None:
+    """`customshift train --config train/configs/CONFIG ...` into `out`, resuming an interrupted run."""
+    resume = (out / "checkpoints").is_dir() and any((out / "checkpoints").iterdir())
+    customshift_cli("train", "--config", CONFIGS / config, f"output_dir={out}", *overrides,
+                    *(["--resume"] if resume else []))
+
+
+@stage("base", resumable=True)
+def build_base(work: Path, out: Path, args) -> None:
+    """The base MMDiT trained from scratch as text-to-image (every weight trains) on the pairs' targets."""
+    train_run("world-base.yaml", out, f"model.checkpoint={work / 'vae' / 'model'}",
+              f"data.path={work / 'data' / 'prepared'}", *args.base)
+
+
+@stage("customshift", resumable=True)
+def build_customshift(work: Path, out: Path, args) -> None:
+    """CustomShift: both LoRAs and beta on the trained base."""
+    train_run("world-customshift.yaml", out, f"model.checkpoint={work / 'base' / 'model'}",
+              f"data.path={work / 'data' / 'prepared'}", *args.lora)
+
+
+@stage("concat", resumable=True)
+def build_concat(work: Path, out: Path, args) -> None:
+    """The token-competition baseline: the same data, steps and rank, `shift="concat"` (no reference dropout:
+    concat ignores gamma, through which the dropout works)."""
+    train_run("world-customshift.yaml", out, f"model.checkpoint={work / 'base' / 'model'}",
+              f"data.path={work / 'data' / 'prepared'}", "train.shift=concat", "train.ref_dropout=0", *args.lora)
+
+
+@stage("judge")
+def build_judge(work: Path, out: Path, args) -> None:
+    """The judge, trained on ground-truth renders of training identities."""
+    from customshift_jax.toyworld import judge as J
+
+    config, params = J.train_judge(steps=args.judge_steps, seed=args.seed)
+    J.save_judge(out / "judge.npz", config, params)
+
+
+@stage("weights")
+def build_weights(work: Path, out: Path, args) -> None:
+    """Assemble what ships: model/ (our checkpoint, with the text encoders and the scheduler beside it, so that
+    `customshift generate --checkpoint model/` runs), customshift/ and concat/ (LoRA files), judge.npz."""
+    from customshift_jax.toyworld.methods import SCHEDULER_SHIFT
+
+    shutil.copytree(work / "base" / "model", out / "model")
+    pipeline = work / "pipeline" / "diffusers"
+    for name in ("text_encoder", "text_encoder_2", "text_encoder_3", "tokenizer", "tokenizer_2", "tokenizer_3"):
+        shutil.copytree(pipeline / name, out / "model" / name)
+    (out / "model" / "scheduler").mkdir()
+    (out / "model" / "scheduler" / "scheduler_config.json").write_text(json.dumps(
+        {"_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": 1000, "shift": SCHEDULER_SHIFT},
+        indent=2) + "\n")
+    for name in ("customshift", "concat"):
+        shutil.copytree(work / name / "lora", out / name)
+    shutil.copy2(work / "judge" / "judge.npz", out / "judge.npz")
+
+
+@stage("eval")
+def build_eval(work: Path, out: Path, args) -> None:
+    """The table and the plot: held-out subjects x contexts, every method, the judge's reading."""
+    from customshift_jax.toyworld import evaluate as E
+    from customshift_jax.toyworld import figures
+    from customshift_jax.toyworld import judge as J
+    from customshift_jax.toyworld.methods import Generator, WorldModel
+
+    weights = work / "weights"
+    model = WorldModel.load(weights)
+    cases = E.draw_cases(args.eval_seed, args.eval_subjects, args.eval_contexts)
+    rows, _ = E.evaluate(model, Generator(model), J.load_judge(weights / "judge.npz"), cases, E.GAMMAS)
+    E.write_json(out / "scores.json", {"seed": args.eval_seed, "subjects": args.eval_subjects,
+                                       "contexts_per_subject": args.eval_contexts, "table": rows})
+    table = E.markdown_table(rows)
+    (out / "table.md").write_text(table + "\n")
+    figures.tradeoff_plot({k: (r["context_all"], r["subject_all"]) for k, r in rows.items()}, out / "tradeoff.png")
+    print(table)
+
+
+def ship(work: Path) -> None:
+    """Copy the assembled weights into the package and the evaluation into docs/ (README shows them)."""
+    from customshift_jax.toyworld.methods import WEIGHTS
+
+    staging = WEIGHTS.with_name(".weights.new")
+    if staging.exists():
+        shutil.rmtree(staging)
+    shutil.copytree(work / "weights", staging)
+    if WEIGHTS.exists():
+        shutil.rmtree(WEIGHTS)
+    staging.rename(WEIGHTS)
+    docs = Path(__file__).resolve().parents[2] / "docs" / "world"
+    docs.mkdir(parents=True, exist_ok=True)
+    for name in ("scores.json", "table.md", "tradeoff.png"):
+        shutil.copy2(work / "eval" / name, docs / name)
+    print(f"shipped {WEIGHTS} and {docs}", file=sys.stderr)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m customshift_jax.toyworld.build", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("work", type=Path, help="work folder (created; an existing one resumes the build)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--until", default=None, help="stop after this stage")
+    parser.add_argument("--vae-steps", type=int, default=1200)
+    parser.add_argument("--pairs", type=int, default=30000, help="training pairs rendered (default 30000)")
+    parser.add_argument("--judge-steps", type=int, default=3000)
+    parser.add_argument("--eval-seed", type=int, default=1234)
+    parser.add_argument("--eval-subjects", type=int, default=64)
+    parser.add_argument("--eval-contexts", type=int, default=4, help="target contexts per held-out subject")
+    parser.add_argument("--ship", action="store_true", help="copy the weights into the package at the end")
+    parser.add_argument("--base", nargs="*", default=[], help="extra key=value overrides of the base training")
+    parser.add_argument("--lora", nargs="*", default=[], help="extra key=value overrides of both LoRA trainings")
+    args = parser.parse_args(argv)
+    args.work.mkdir(parents=True, exist_ok=True)
+    for name, fn, resumable in STAGES:
+        out = args.work / name
+        if (out / ".done").is_file():
+            print(f"[{name}] done before; skipped", file=sys.stderr)
+        else:
+            if out.exists() and not resumable:
+                shutil.rmtree(out)
+            out.mkdir(parents=True, exist_ok=True)
+            t0 = time.time()
+            print(f"[{name}] ...", file=sys.stderr)
+            fn(args.work, out, args)
+            seconds = time.time() - t0
+            (out / ".done").write_text(json.dumps({"seconds": round(seconds, 1)}) + "\n")
+            print(f"[{name}] {seconds:.0f} s", file=sys.stderr)
+        if name == args.until:
+            return 0
+    if args.ship:
+        ship(args.work)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

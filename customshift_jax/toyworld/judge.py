@@ -1,0 +1,430 @@
+"""The judge of the procedural world (DESIGN section 8): a small CNN trained on ground-truth renders that reads
+the subject factors (subject consistency, the DINO / CLIP-I analogue), the context factors (prompt fidelity,
+the CLIP-T analogue) and a continuous identity embedding (cosine of two images' embeddings, the DINO score).
+
+Functional Flax Linen: `Judge` describes the structure, params are a plain pytree, the entry points are pure
+functions of (config, params, inputs) with explicit seeds. The subject heads read the L2-normalised identity
+embedding, and a pair loss pulls together two renders of one identity in different contexts, so the embedding
+carries the subject and not the context.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import json
+import os
+import sys
+import tempfile
+import time
+import zipfile
+from pathlib import Path
+from typing import Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import traverse_util
+
+from customshift_jax.toyworld import world
+
+FORMAT = "customshift-toyworld-judge-v1"
+DEFAULT_WEIGHTS = Path(__file__).resolve().parent / "weights" / "judge.npz"
+SUBJECT_NAMES: tuple[str, ...] = tuple(world.SUBJECT_FACTORS)
+CONTEXT_NAMES: tuple[str, ...] = tuple(world.CONTEXT_FACTORS)
+CHUNK = 256  # images per jitted forward call
+
+
+def _world_factors() -> tuple[tuple[str, int], ...]:
+    """(factor name, number of values) for every subject then context factor of the world."""
+    all_factors = {**world.SUBJECT_FACTORS, **world.CONTEXT_FACTORS}
+    return tuple((name, len(values)) for name, values in all_factors.items())
+
+
+@dataclasses.dataclass(frozen=True)
+class JudgeConfig:
+    """Structure of the judge; hashable so it can be a static argument of jitted functions."""
+
+    image_size: int = 32
+    patch: int = 2  # space-to-depth first: (32, 32, 3) -> (16, 16, 12) keeps every pixel, 4x cheaper convs
+    stem_width: int = 32  # the conv at the patch grid
+    widths: tuple[int, ...] = (64, 128)  # one stage each: a stride-2 conv then a conv
+    groups: int = 8  # GroupNorm groups
+    attn_heads: int = 4  # learned spatial-softmax poolings beside mean and max (find the subject, read it)
+    feature_dim: int = 256
+    embed_dim: int = 64
+    embed_scale: float = 10.0  # logit scale of the auxiliary subject heads that read the unit-norm embedding
+    factors: tuple[tuple[str, int], ...] = dataclasses.field(default_factory=_world_factors)
+
+    def to_json(self) -> str:
+        """The config as a JSON string (saved beside the params)."""
+        return json.dumps(dataclasses.asdict(self))
+
+    @classmethod
+    def from_json(cls, text: str) -> "JudgeConfig":
+        """Inverse of to_json: lists back to tuples."""
+        d = json.loads(text)
+        d["widths"] = tuple(d["widths"])
+        d["factors"] = tuple((str(n), int(k)) for n, k in d["factors"])
+        return cls(**d)
+
+
+class ConvBlock(nn.Module):
+    """3x3 conv -> GroupNorm -> SiLU."""
+
+    width: int
+    stride: int
+    groups: int
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x = nn.Conv(self.width, (3, 3), strides=(self.stride, self.stride), padding=1)(x)
+        return nn.silu(nn.GroupNorm(num_groups=self.groups)(x))
+
+
+class Judge(nn.Module):
+    """Images in [0, 1] -> {"logits": {factor: (B, K)}, "embedding": (B, E)}."""
+
+    config: JudgeConfig
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> dict:
+        cfg = self.config
+        b, h, w, c = x.shape  # (B, H, W, 3)
+        p = cfg.patch
+        h, w = h // p, w // p
+        x = x.reshape(b, h, p, w, p, c).transpose(0, 1, 3, 2, 4, 5).reshape(b, h, w, p * p * c)  # (B, h, w, p*p*3)
+        yy, xx = jnp.meshgrid(jnp.linspace(-1, 1, h), jnp.linspace(-1, 1, w), indexing="ij")
+        coords = jnp.broadcast_to(jnp.stack([xx, yy], -1), (b, h, w, 2))  # position is a label: give it
+        x = jnp.concatenate([x * 2 - 1, coords], -1)  # (B, h, w, p*p*3 + 2)
+        x = ConvBlock(cfg.stem_width, 1, cfg.groups)(x)
+        for width in cfg.widths:
+            x = ConvBlock(width, 2, cfg.groups)(x)
+            x = ConvBlock(width, 1, cfg.groups)(x)
+        pools = [x.mean(axis=(1, 2)), x.max(axis=(1, 2))]  # 2 x (B, C)
+        if cfg.attn_heads:
+            att = nn.Dense(cfg.attn_heads, name="attend")(x).reshape(b, -1, cfg.attn_heads)  # (B, h*w, A)
+            att = jax.nn.softmax(att, axis=1)
+            pools.append(jnp.einsum("bpa,bpc->bac", att, x.reshape(b, -1, x.shape[-1])).reshape(b, -1))
+        pooled = jnp.concatenate(pools, -1)  # (B, (2 + A) C)
+        feat = nn.silu(nn.Dense(cfg.feature_dim, name="features")(pooled))  # (B, F)
+        emb = nn.Dense(cfg.embed_dim, name="embed")(feat)
+        emb = emb / jnp.sqrt(jnp.sum(emb * emb, -1, keepdims=True) + 1e-12)  # (B, E), unit norm
+        logits = {name: nn.Dense(k, name=f"head_{name}")(feat) for name, k in cfg.factors}  # (B, K) each
+        k_sub = dict(cfg.factors)
+        embed_logits = {name: nn.Dense(k_sub[name], name=f"embed_head_{name}")(emb * cfg.embed_scale)
+                        for name in SUBJECT_NAMES}  # the embedding must carry every subject factor
+        return {"logits": logits, "embed_logits": embed_logits, "embedding": emb}
+
+
+def init_params(config: JudgeConfig, seed: int = 0) -> dict:
+    """Fresh params (a plain pytree) for `config`."""
+    x = jnp.zeros((1, config.image_size, config.image_size, 3), jnp.float32)
+    return Judge(config).init(jax.random.PRNGKey(seed), x)["params"]
+
+
+def _to_unit(images: jax.Array) -> jax.Array:
+    """uint8 (B, H, W, 3) -> float32 in [0, 1]."""
+    return images.astype(jnp.float32) / 255.0
+
+
+# ---------------------------------------------------------------------------------------------------- data
+
+def _render_pool(subjects: list[world.Subject], per_subject: int, seed: int, show: bool = True
+                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Pre-rendered training images: (S, P, H, W, 3) uint8, subject labels (S, 4), context labels (S, P, 3)."""
+    from tqdm import tqdm
+
+    rng = np.random.default_rng(seed)
+    contexts = [[world.random_context(rng) for _ in range(per_subject)] for _ in subjects]
+    items = [(s, c) for s, cs in zip(subjects, contexts) for c in cs]
+    seeds = np.random.SeedSequence(seed + 1).spawn(len(items))
+    images = np.empty((len(items), 32, 32, 3), np.uint8)
+    for i in tqdm(range(len(items)), desc="render pool", file=sys.stderr, disable=not show, mininterval=2):
+        s, c = items[i]
+        images[i] = world.render(s, c, 32, np.random.default_rng(seeds[i]))
+    sub = np.array([[getattr(s, k) for k in SUBJECT_NAMES] for s in subjects], np.int32)  # (S, 4)
+    ctx = np.array([[[getattr(c, k) for k in CONTEXT_NAMES] for c in cs] for cs in contexts], np.int32)
+    return images.reshape(len(subjects), per_subject, 32, 32, 3), sub, ctx
+
+
+def _sample_pairs(pool: tuple, half: int, rng: np.random.Generator) -> tuple[np.ndarray, dict]:
+    """A batch of `half` identities x 2 renders in different contexts: images (2*half, H, W, 3), labels."""
+    images, sub, ctx = pool
+    n, per = images.shape[:2]
+    ids = rng.choice(n, half, replace=False)
+    j1 = rng.integers(per, size=half)
+    j2 = (j1 + rng.integers(1, per, size=half)) % per
+    ids2, js = np.concatenate([ids, ids]), np.concatenate([j1, j2])
+    labels = {k: sub[ids2, i] for i, k in enumerate(SUBJECT_NAMES)}
+    labels.update({k: ctx[ids2, js, i] for i, k in enumerate(CONTEXT_NAMES)})
+    return images[ids2, js], labels
+
+
+def _blur3(x: jax.Array) -> jax.Array:
+    """Separable [1, 2, 1] / 4 blur with edge padding; (B, H, W, C) -> same."""
+    p = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)), mode="edge")
+    v = (p[:, :-2] + 2 * p[:, 1:-1] + p[:, 2:]) / 4
+    return (v[:, :, :-2] + 2 * v[:, :, 1:-1] + v[:, :, 2:]) / 4
+
+
+def augment(key: jax.Array, x: jax.Array) -> jax.Array:
+    """Mild corruptions like those of generated / VAE-decoded images (softening, noise, tint); no flips, since
+    left/right is a label. x: (B, H, W, 3) in [0, 1]."""
+    b = x.shape[0]
+    k_blur, k_gain, k_bias, k_chan, k_sig, k_noise = jax.random.split(key, 6)
+    alpha = jax.random.uniform(k_blur, (b, 1, 1, 1), maxval=0.35)
+    x = (1 - alpha) * x + alpha * _blur3(x)
+    gain = 1 + jax.random.uniform(k_gain, (b, 1, 1, 1), minval=-0.04, maxval=0.04)
+    chan = 1 + jax.random.uniform(k_chan, (b, 1, 1, 3), minval=-0.02, maxval=0.02)
+    bias = jax.random.uniform(k_bias, (b, 1, 1, 1), minval=-0.02, maxval=0.02)
+    sigma = jax.random.uniform(k_sig, (b, 1, 1, 1), maxval=0.02)
+    x = x * gain * chan + bias + sigma * jax.random.normal(k_noise, x.shape)
+    return jnp.clip(x, 0.0, 1.0)
+
+
+# ---------------------------------------------------------------------------------------------------- training
+
+def loss_fn(config: JudgeConfig, params: dict, x: jax.Array, labels: dict, pair_weight: float
+            ) -> tuple[jax.Array, dict]:
+    """Cross-entropy summed over the heads and the embedding's subject heads + pair loss (1 - cosine of the two
+    renders of each identity)."""
+    out = Judge(config).apply({"params": params}, x)
+    metrics, total = {}, 0.0
+    for name, _ in config.factors:
+        logits = out["logits"][name]
+        ce = optax.softmax_cross_entropy_with_integer_labels(logits, labels[name]).mean()
+        total = total + ce
+        metrics[name] = jnp.mean(jnp.argmax(logits, -1) == labels[name])
+    for name, logits in out["embed_logits"].items():
+        total = total + optax.softmax_cross_entropy_with_integer_labels(logits, labels[name]).mean()
+    e = out["embedding"]  # (2 * half, E): first half and second half are the same identities
+    half = e.shape[0] // 2
+    pair = jnp.mean(1 - jnp.sum(e[:half] * e[half:], -1))
+    metrics["pair"] = pair
+    return total + pair_weight * pair, metrics
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 7))
+def _train_step(config: JudgeConfig, tx: optax.GradientTransformation, params: dict, opt_state,
+                key: jax.Array, images: jax.Array, labels: dict, pair_weight: float):
+    """One adam step on an augmented batch; returns (params, opt_state, loss, metrics)."""
+    x = augment(key, _to_unit(images))
+    (loss, metrics), grads = jax.value_and_grad(
+        lambda p: loss_fn(config, p, x, labels, pair_weight), has_aux=True)(params)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state, loss, metrics
+
+
+def train_judge(steps: int = 1500, batch: int = 128, seed: int = 0, log: Callable[[str], None] = print,
+                config: JudgeConfig | None = None, per_subject: int = 8, lr: float = 3e-3,
+                pair_weight: float = 1.0, pool: tuple | None = None, progress: bool = True,
+                log_every: int = 250) -> tuple[JudgeConfig, dict]:
+    """Train a judge on renders of the TRAINING identities of split_subjects(0) in random contexts; a pool of
+    `per_subject` renders per identity is drawn once, batches are identity pairs from it, augmented on device."""
+    from tqdm import tqdm
+
+    if batch < 2 or batch % 2:
+        raise ValueError(f"batch={batch}: must be an even number >= 2 (identity pairs).")
+    config = config or JudgeConfig()
+    train_ids, _ = world.split_subjects(0)
+    t0 = time.time()
+    if pool is None:
+        pool = _render_pool(train_ids, per_subject, seed, show=progress)
+        log(f"rendered {pool[0].shape[0] * pool[0].shape[1]} training images in {time.time() - t0:.1f}s")
+    params = init_params(config, seed)
+    sched = optax.warmup_cosine_decay_schedule(0.0, lr, min(100, steps // 10 + 1), max(steps, 2), lr * 0.02)
+    tx = optax.adam(sched)
+    opt_state = tx.init(params)
+    rng, key = np.random.default_rng(seed + 7), jax.random.PRNGKey(seed)
+    t1 = time.time()
+    running: list[dict] = []
+    bar = tqdm(range(steps), desc="train judge", file=sys.stderr, disable=not progress, mininterval=2)
+    for step in bar:
+        images, labels = _sample_pairs(pool, batch // 2, rng)
+        key, sub = jax.random.split(key)
+        params, opt_state, loss, metrics = _train_step(config, tx, params, opt_state, sub, jnp.asarray(images),
+                                                       {k: jnp.asarray(v) for k, v in labels.items()},
+                                                       pair_weight)
+        running.append(metrics)
+        if step % 50 == 0 or step == steps - 1:
+            worst = min((float(metrics[n]), n) for n, _ in config.factors)
+            bar.set_postfix(loss=f"{float(loss):.3f}", worst=f"{worst[1]}={worst[0]:.2f}")
+        if log_every and ((step + 1) % log_every == 0 or step == steps - 1):
+            mean = {k: float(np.mean([float(m[k]) for m in running])) for k in running[0]}
+            log(f"step {step + 1}: train acc " + " ".join(f"{k}={v:.3f}" for k, v in mean.items()))
+            running = []
+    log(f"trained {steps} steps (batch {batch}) in {time.time() - t1:.1f}s")
+    return config, params
+
+
+# ---------------------------------------------------------------------------------------------------- inference
+
+@functools.partial(jax.jit, static_argnums=0)
+def _forward(config: JudgeConfig, params: dict, images: jax.Array) -> dict:
+    """uint8 (B, H, W, 3) -> {"probs": {factor: (B, K)}, "embedding": (B, E)}."""
+    out = Judge(config).apply({"params": params}, _to_unit(images))
+    return {"probs": {k: jax.nn.softmax(v, -1) for k, v in out["logits"].items()}, "embedding": out["embedding"]}
+
+
+def judge_images(config: JudgeConfig, params: dict, images: np.ndarray) -> dict:
+    """Read images: {factor: predicted index (N,), "probs": {factor: (N, K)}, "embedding": (N, E)}."""
+    images = np.asarray(images)
+    s = config.image_size
+    if images.ndim != 4 or images.shape[1:] != (s, s, 3) or images.dtype != np.uint8:
+        raise ValueError(f"judge_images expects uint8 images of shape (N, {s}, {s}, 3), got {images.dtype} "
+                         f"{images.shape}; convert floats in [0, 1] with np.round(x * 255).astype(np.uint8).")
+    n = images.shape[0]
+    chunk = CHUNK if n >= CHUNK else max(8, 1 << max(n - 1, 0).bit_length())  # few compiled shapes
+    parts = []
+    for i in range(0, n, chunk):
+        x = images[i:i + chunk]
+        pad = chunk - x.shape[0]
+        if pad:
+            x = np.concatenate([x, np.zeros((pad, s, s, 3), np.uint8)])
+        out = jax.device_get(_forward(config, params, jnp.asarray(x)))
+        parts.append(jax.tree_util.tree_map(lambda a, m=chunk - pad: np.asarray(a[:m]), out))
+    if not parts:
+        parts = [jax.tree_util.tree_map(lambda a: np.asarray(a[:0]),
+                                        jax.device_get(_forward(config, params, jnp.zeros((8, s, s, 3), jnp.uint8))))]
+    out = jax.tree_util.tree_map(lambda *a: np.concatenate(a), *parts)
+    pred = {name: np.argmax(out["probs"][name], -1) for name, _ in config.factors}
+    return {**pred, "probs": out["probs"], "embedding": out["embedding"]}
+
+
+def score(pred: dict, subjects: list[world.Subject], contexts: list[world.Context]) -> dict:
+    """Per-factor accuracy plus "subject_all" (all four subject factors right) and "context_all" (all three)."""
+    n = len(pred[SUBJECT_NAMES[0]])
+    if len(subjects) != n or len(contexts) != n:
+        raise ValueError(f"score: {n} predictions but {len(subjects)} subjects and {len(contexts)} contexts; "
+                         "pass one true Subject and Context per judged image.")
+    right = {k: np.asarray(pred[k]) == np.array([getattr(s, k) for s in subjects]) for k in SUBJECT_NAMES}
+    right.update({k: np.asarray(pred[k]) == np.array([getattr(c, k) for c in contexts]) for k in CONTEXT_NAMES})
+    out = {k: float(np.mean(v)) for k, v in right.items()}
+    out["subject_all"] = float(np.mean(np.all([right[k] for k in SUBJECT_NAMES], 0)))
+    out["context_all"] = float(np.mean(np.all([right[k] for k in CONTEXT_NAMES], 0)))
+    return out
+
+
+def identity_cosine(emb_a: np.ndarray, emb_b: np.ndarray) -> np.ndarray:
+    """Row-wise cosine similarity of two (N, E) embedding arrays -> (N,) (the DINO-score analogue)."""
+    a, b = np.asarray(emb_a, np.float64), np.asarray(emb_b, np.float64)
+    if a.shape != b.shape or a.ndim != 2:
+        raise ValueError(f"identity_cosine expects two (N, E) arrays of one shape, got {a.shape} and {b.shape}.")
+    na, nb = np.linalg.norm(a, axis=-1), np.linalg.norm(b, axis=-1)
+    return np.sum(a * b, -1) / np.maximum(na * nb, 1e-12)
+
+
+def heldout_set(n: int, seed: int = 0) -> tuple[np.ndarray, list[world.Subject], list[world.Context]]:
+    """`n` clean renders of HELD-OUT identities of split_subjects(0) in random contexts: (images, subjects,
+    contexts)."""
+    _, held = world.split_subjects(0)
+    rng = np.random.default_rng(seed)
+    subjects = [held[i] for i in rng.integers(len(held), size=n)]
+    contexts = [world.random_context(rng) for _ in range(n)]
+    return world.render_batch(zip(subjects, contexts), seed=seed + 1), subjects, contexts
+
+
+def evaluate(config: JudgeConfig, params: dict, n: int = 1000, seed: int = 12345) -> dict:
+    """score() of the judge on `n` clean renders of held-out identities."""
+    images, subjects, contexts = heldout_set(n, seed)
+    return score(judge_images(config, params, images), subjects, contexts)
+
+
+# ---------------------------------------------------------------------------------------------------- files
+
+def save_judge(path: str | Path, config: JudgeConfig, params: dict) -> Path:
+    """Write config + params to ONE .npz file, atomically (temp file in the same folder, then os.replace)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    flat = traverse_util.flatten_dict(jax.device_get(params), sep="/")
+    arrays = {f"param/{k}": np.asarray(v, np.float32) for k, v in flat.items()}
+    arrays["__format__"] = np.array(FORMAT)
+    arrays["__config__"] = np.array(config.to_json())
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.savez(f, **arrays)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def load_judge(path: str | Path = DEFAULT_WEIGHTS) -> tuple[JudgeConfig, dict]:
+    """Read a file written by save_judge -> (config, params); a missing or damaged file is a one-line error."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no judge file there; train one with `python -m "
+                                f"customshift_jax.toyworld.judge train --out {path}`.")
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            files = {k: z[k] for k in z.files}
+        fmt = str(files.pop("__format__"))
+        if fmt != FORMAT:
+            raise ValueError(f"format {fmt!r}, expected {FORMAT!r}")
+        config = JudgeConfig.from_json(str(files.pop("__config__")))
+        flat = {k[len("param/"):]: v for k, v in files.items() if k.startswith("param/")}
+        expected = traverse_util.flatten_dict(jax.eval_shape(lambda: init_params(config)), sep="/")
+        if set(flat) != set(expected):
+            missing, extra = sorted(set(expected) - set(flat)), sorted(set(flat) - set(expected))
+            raise ValueError(f"param names differ from the config's judge (missing {missing[:3]}, extra {extra[:3]})")
+        for k, v in flat.items():
+            if v.shape != expected[k].shape:
+                raise ValueError(f"param {k} has shape {v.shape}, expected {expected[k].shape}")
+    except (zipfile.BadZipFile, EOFError, KeyError, ValueError, TypeError, OSError, json.JSONDecodeError) as e:
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise ValueError(f"{path}: not a readable judge file ({msg}); re-save it with save_judge or retrain "
+                         f"with `python -m customshift_jax.toyworld.judge train --out {path}`.") from None
+    params = traverse_util.unflatten_dict({k: jnp.asarray(v) for k, v in flat.items()}, sep="/")
+    return config, params
+
+
+# ---------------------------------------------------------------------------------------------------- CLI
+
+def _print_scores(scores: dict, n: int) -> None:
+    """One line per factor, then the all-right rates."""
+    print(f"accuracy on {n} clean renders of held-out identities:")
+    for k, v in scores.items():
+        print(f"  {k:12s} {v:.4f}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`train --out PATH [--steps N] [--seed S]` or `eval --judge PATH [--n N]`."""
+    ap = argparse.ArgumentParser(prog="python -m customshift_jax.toyworld.judge", description=__doc__.splitlines()[0])
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    tr = sub.add_parser("train", help="train a judge on renders of training identities and save it")
+    tr.add_argument("--out", required=True, help="where to write the judge (.npz)")
+    tr.add_argument("--steps", type=int, default=1500)
+    tr.add_argument("--seed", type=int, default=0)
+    tr.add_argument("--batch", type=int, default=128)
+    tr.add_argument("--per-subject", type=int, default=8, help="pre-rendered contexts per training identity")
+    tr.add_argument("--n", type=int, default=1000, help="held-out renders to evaluate on after training")
+    ev = sub.add_parser("eval", help="per-factor accuracy on clean renders of held-out identities")
+    ev.add_argument("--judge", default=str(DEFAULT_WEIGHTS), help="a judge file (default: the shipped one)")
+    ev.add_argument("--n", type=int, default=1000)
+    ev.add_argument("--seed", type=int, default=12345)
+    args = ap.parse_args(argv)
+    t0 = time.time()
+    if args.cmd == "train":
+        config, params = train_judge(args.steps, args.batch, args.seed, per_subject=args.per_subject)
+        print(f"saved {save_judge(args.out, config, params)} (train wall time {time.time() - t0:.1f}s)")
+        if args.n:
+            _print_scores(evaluate(config, params, args.n), args.n)
+    else:
+        try:
+            config, params = load_judge(args.judge)
+        except (FileNotFoundError, ValueError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        _print_scores(evaluate(config, params, args.n, args.seed), args.n)
+    print(f"wall time {time.time() - t0:.1f}s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

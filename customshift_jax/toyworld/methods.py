@@ -1,0 +1,133 @@
+"""The methods the world compares, each a jit-compiled sampler built once: the base model from text only, the
+training-free concatenation (zero LoRA, `shift="concat"`), the trained token-competition baseline, and
+CustomShift at any gamma (a jit input: one compile serves every gamma)."""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from customshift_jax.toyworld.tiny_sd3 import IMAGE_SIZE, T5_MAX_LENGTH
+
+WEIGHTS = Path(__file__).resolve().parent / "weights"
+STEPS = 20
+GUIDANCE = 1.0
+SCHEDULER_SHIFT = 1.0  # 64-token images: SD3's 3.0 suits 4096 tokens, 1.0 (no shift) these
+
+# name -> (LoRA folder under WEIGHTS, shift, whether the LoRA is zeroed): the methods the world compares. The
+# training-free concatenation runs the trained baseline's sampler with every LoRA weight zero (B = 0 adds
+# exactly nothing), so it shares that compile.
+METHODS: dict[str, tuple[str | None, str | None, bool]] = {
+    "text only": (None, None, False),
+    "concat (training-free)": ("concat", "concat", True),
+    "concat (trained)": ("concat", "concat", False),
+    "customshift": ("customshift", "cads", False),
+}
+
+
+@dataclasses.dataclass
+class WorldModel:
+    """The shipped tiny SD3 of the world and its trained LoRAs: everything generation needs, loaded once."""
+
+    config: Any
+    params: Any
+    vae_config: Any
+    vae_params: Any
+    encoders: Any
+    loras: dict[str, tuple[Any, Any, Any]]  # name -> (LoRAConfig, rab tree, cgb tree incl. beta)
+
+    @classmethod
+    def load(cls, weights: str | Path = WEIGHTS) -> "WorldModel":
+        """Read `weights/model` (our checkpoint with the text encoders beside it) and `weights/<lora>/`."""
+        from convert.lora_format import from_state_dict, load_lora_files
+
+        from customshift_jax.generate import load_components
+        from customshift_jax.text import TextEncoders
+
+        weights = Path(weights)
+        if not (weights / "model").is_dir():
+            raise FileNotFoundError(f"{weights}/model: no world model here; rebuild it with "
+                                    "`python -m customshift_jax.toyworld.build WORK --ship`.")
+        comps = load_components(weights / "model")
+        loras = {}
+        for name in sorted({m[0] for m in METHODS.values() if m[0]}):
+            state_dict, lora = load_lora_files(weights / name)
+            loras[name] = (lora, *from_state_dict(comps.config, lora, state_dict))
+        encoders = TextEncoders.from_pretrained(comps.text_folder)
+        return cls(comps.config, comps.params, comps.vae_config, comps.vae_params, encoders, loras)
+
+    def encode_text(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        """(embeds (N, 36, 96), pooled (N, 80)) of captions or subject names, float32."""
+        return self.encoders.encode_batch(list(texts), max_sequence_length=T5_MAX_LENGTH)
+
+    def encode_images(self, images: np.ndarray) -> jax.Array:
+        """uint8 (N, 32, 32, 3) -> scaled VAE latents (N, 4, 16, 16): what the RAB reads."""
+        from customshift_jax.toyworld.vae_train import to_model_images
+        from customshift_jax.vae import scale_latents, vae_encode
+
+        fn = jax.jit(lambda p, x: scale_latents(self.vae_config, vae_encode(self.vae_config, p, x)))
+        return fn(self.vae_params, jnp.asarray(to_model_images(images)))
+
+
+class Generator:
+    """Samplers for every method over one world model; `run(method, ...)` returns uint8 images."""
+
+    def __init__(self, model: WorldModel, *, steps: int = STEPS, guidance: float = GUIDANCE):
+        from customshift_jax.customshift import make_prefill
+        from customshift_jax.customshift_sampling import make_customshift_sampler
+        from customshift_jax.sampling import make_sampler
+        from customshift_jax.sampling.schedule import make_schedule
+
+        self.model, self.guidance = model, guidance
+        self.schedule = make_schedule({"shift": SCHEDULER_SHIFT}, steps)
+        kw = dict(decode=True, vae_config=model.vae_config)
+        self.base = make_sampler(model.config, **kw)
+        self.samplers, self.prefills = {}, {}
+        for lora_name, shift, _ in METHODS.values():
+            if shift is not None and lora_name not in self.samplers:
+                lora = model.loras[lora_name][0]
+                self.samplers[lora_name] = make_customshift_sampler(model.config, lora, shift=shift, **kw)
+                self.prefills[lora_name] = jax.jit(make_prefill(model.config, lora))
+
+    def _cond(self, embeds: np.ndarray, pooled: np.ndarray):
+        from customshift_jax.sampling import Conditioning
+
+        if self.guidance > 1:  # training drops the text to zeros: zeros are the unconditional input
+            return Conditioning(embeds, pooled, np.zeros_like(embeds), np.zeros_like(pooled))
+        return Conditioning(embeds, pooled)
+
+    def run(self, method: str, noise: jax.Array, prompt: tuple[np.ndarray, np.ndarray], *,
+            reference: jax.Array | None = None, subject: tuple[np.ndarray, np.ndarray] | None = None,
+            gamma: float = 1.0) -> np.ndarray:
+        """Images (B, 32, 32, 3) uint8 of `method` from noise (B, 4, 16, 16), prompt embeddings, and for the
+        reference methods the reference latents (B, 4, 16, 16) and the subject name's embeddings."""
+        from customshift_jax.toyworld.vae_train import to_uint8
+
+        if method not in METHODS:
+            raise ValueError(f"unknown method {method!r}; expected one of {list(METHODS)}.")
+        cond = self._cond(*prompt)
+        lora_name, shift, zeroed = METHODS[method]
+        m = self.model
+        if shift is None:
+            out = self.base(m.params, noise, cond, self.schedule, guidance_scale=self.guidance,
+                            vae_params=m.vae_params)
+            return to_uint8(out)
+        _, rab, cgb = m.loras[lora_name]
+        if zeroed:
+            rab, cgb = jax.tree_util.tree_map(jnp.zeros_like, (rab, cgb))
+        kv = self.prefills[lora_name](m.params, rab, reference, *subject)
+        out = self.samplers[lora_name]({"base": m.params, "cgb_lora": cgb}, noise, cond, self.schedule,
+                                       guidance_scale=self.guidance,
+                                       extra={"ref_kv": kv, "gamma": np.float32(gamma)}, vae_params=m.vae_params)
+        return to_uint8(out)
+
+
+def noise_for(seed: int, n: int) -> jax.Array:
+    """x_T for `n` images from `seed`: the same noise for every method, so columns differ only by method."""
+    from customshift_jax.sampling.sampler import initial_latents
+
+    return initial_latents(jax.random.key(seed), (n, 4, IMAGE_SIZE // 2, IMAGE_SIZE // 2))

@@ -1,0 +1,62 @@
+"""The tiny SD3 of the subject world: the real SD3 structure (MMDiT with joint blocks, AdaLN, qk RMS norm and
+the `context_pre_only` last block; the SD3 VAE; CLIP-L, CLIP-G and T5) at a width that trains on 2 CPU cores.
+
+Sizes, and why: 32 px images (the world's smallest readable size); a VAE with two blocks (one 2x downsampling:
+the patterns are 3-5 px, a deeper VAE of this width blurs them) and 4 latent channels, so the MMDiT sees 16x16
+latents = 64 tokens at patch 2; VAE widths 16 and 32, since on 2 cores a training step of twice that width
+takes twice the time; short tokenizer lengths (16 CLIP + 20 T5 tokens: the longest caption is 14 and 18 tokens long).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from customshift_jax.toyworld import world
+
+IMAGE_SIZE = 32
+CLIP_MAX_LENGTH = 16
+T5_MAX_LENGTH = 20
+
+TRANSFORMER_CONFIG: dict[str, Any] = {
+    "sample_size": 16,
+    "patch_size": 2,
+    "in_channels": 4,
+    "num_layers": 4,
+    "attention_head_dim": 32,
+    "num_attention_heads": 4,
+    "joint_attention_dim": 96,  # the tiny T5's width
+    "caption_projection_dim": 128,
+    "pooled_projection_dim": 80,  # CLIP-L + CLIP-G projections
+    "out_channels": 4,
+    "pos_embed_max_size": 16,
+    "dual_attention_layers": [],
+    "qk_norm": "rms_norm",
+}
+
+VAE_CONFIG: dict[str, Any] = {
+    "in_channels": 3,
+    "out_channels": 3,
+    "down_block_types": ["DownEncoderBlock2D", "DownEncoderBlock2D"],
+    "up_block_types": ["UpDecoderBlock2D", "UpDecoderBlock2D"],
+    "block_out_channels": [16, 32],
+    "layers_per_block": 1,
+    "act_fn": "silu",
+    "latent_channels": 4,
+    "norm_num_groups": 8,
+    "sample_size": IMAGE_SIZE,
+    "scaling_factor": 1.0,  # set from the trained VAE's latents (1 / std) by `vae_train`
+    "shift_factor": 0.0,
+    "force_upcast": True,
+    "use_quant_conv": False,
+    "use_post_quant_conv": False,
+}
+
+
+def build_world_pipeline(path: str | Path, seed: int = 0) -> Path:
+    """A diffusers SD3 pipeline folder of the world's shape: random MMDiT and VAE (trained later), frozen random
+    text encoders whose tokenizers are trained on every caption of the world."""
+    from customshift_jax.testing.tiny_pipeline import build_tiny_pipeline
+
+    return build_tiny_pipeline(path, transformer_config=TRANSFORMER_CONFIG, vae_config=VAE_CONFIG, seed=seed,
+                               sentences=world.sentences() * 4, clip_max_length=CLIP_MAX_LENGTH,
+                               t5_tokenizer=("bpe", 150))

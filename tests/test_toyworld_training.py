@@ -1,0 +1,51 @@
+"""The world's training path as a user runs it, on a few pairs: `customshift prepare` with the shipped tiny SD3
+(its VAE and text encoders), then a short base training (train.mode=base) and a short CustomShift training,
+both through the real CLI with the world's configs."""
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from customshift_jax.toyworld.build import CONFIGS, write_pairs
+from customshift_jax.toyworld.methods import WEIGHTS
+from customshift_jax.toyworld import world
+from customshift_jax.toyworld.tiny_sd3 import IMAGE_SIZE, T5_MAX_LENGTH
+from train_fixtures import ROOT, trainer_env
+
+pytestmark = pytest.mark.skipif(not (WEIGHTS / "model").is_dir(), reason="no shipped world weights")
+
+
+def _cli(tmp_path, *args: str) -> None:
+    cmd = [sys.executable, "-m", "customshift_jax.cli.main", *args]
+    r = subprocess.run(cmd, cwd=ROOT, env=trainer_env(tmp_path / "cache"), capture_output=True, text=True,
+                       timeout=900)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+
+
+def test_prepare_then_base_and_customshift_training_run(tmp_path):
+    train_subjects, _ = world.split_subjects(0)
+    manifest = write_pairs(tmp_path / "pairs", 8, seed=3, subjects=train_subjects)
+    _cli(tmp_path, "prepare", str(manifest), str(tmp_path / "prepared"), "--checkpoint", str(WEIGHTS / "model"),
+         "--text-encoders", str(WEIGHTS / "model"), "--size", str(IMAGE_SIZE), "--no-flip",
+         "--max-sequence-length", str(T5_MAX_LENGTH))
+    common = [f"data.path={tmp_path / 'prepared'}", "train.steps=2", "data.global_batch=4", "train.warmup_steps=0",
+              "train.schedule=constant", "log.tensorboard=false", "log.progress=false", "checkpoint.every=2"]
+    _cli(tmp_path, "train", "--config", str(CONFIGS / "world-base.yaml"), f"output_dir={tmp_path / 'base'}",
+         f"model.checkpoint={WEIGHTS / 'model'}", *common)
+    assert (tmp_path / "base" / "model" / "customshift_checkpoint.json").is_file()
+    _cli(tmp_path, "train", "--config", str(CONFIGS / "world-customshift.yaml"), f"output_dir={tmp_path / 'cs'}",
+         f"model.checkpoint={tmp_path / 'base' / 'model'}", *common)
+    assert sorted(p.name for p in (tmp_path / "cs" / "lora").iterdir()) == [
+        "customshift_beta.safetensors", "customshift_cgb.safetensors", "customshift_rab.safetensors"]
+    # The base run moved the weights it started from.
+    from customshift_jax.api import load_transformer
+
+    _, before = load_transformer(WEIGHTS / "model")
+    _, after = load_transformer(tmp_path / "base" / "model")
+    import jax
+
+    moved = jax.tree_util.tree_map(lambda a, b: bool(np.any(np.asarray(a) != np.asarray(b))), before, after)
+    assert any(jax.tree_util.tree_leaves(moved))
