@@ -245,33 +245,84 @@ def save_lora_files(directory: str | Path, state_dict: Mapping[str, Any], lora: 
     return written
 
 
-def load_lora_files(directory: str | Path) -> tuple[dict[str, np.ndarray], LoRAConfig]:
-    """Read what `save_lora_files` wrote: the combined state dict and the LoRAConfig (rank, alpha, targets)."""
-    from safetensors import safe_open
+def _one_line(error: BaseException) -> str:
+    """The error's text on one line, for messages that end up as a single `error: ...` line."""
+    return " ".join(str(error).split())
 
-    directory = Path(directory)
-    out: dict[str, np.ndarray] = {}
-    found: dict[str, dict] = {}
-    for branch, name in (("cgb", CGB_FILE), ("rab", RAB_FILE), ("beta", BETA_FILE)):
-        path = directory / name
-        if not path.exists():
-            continue
+
+def check_finite_tensor(value: np.ndarray, key: str, path: Path) -> None:
+    """Raise ValueError naming the key and file when a loaded tensor holds NaN or Inf (it would poison sampling)."""
+    if not np.issubdtype(value.dtype, np.inexact):
+        return
+    bad = ~np.isfinite(value)
+    if bad.any():
+        what = "the CADS shift beta" if key.endswith("." + BETA_NAME) else "tensor"
+        n_nan = int(np.isnan(value).sum())
+        raise ValueError(f"{path}: {what} {key!r} holds {n_nan} NaN and {int(bad.sum()) - n_nan} Inf of "
+                         f"{value.size} values; all must be finite (the training run diverged, or the file was "
+                         "edited): re-export it from a finite training checkpoint.")
+
+
+def _lora_config_from_meta(meta: Mapping[str, Any], path: Path) -> tuple[int, float, tuple[str, ...]]:
+    """(rank, alpha, targets) from a file's `customshift_lora` metadata; alpha must be a finite number."""
+    try:
+        alpha = float(meta["alpha"])
+        rank = int(meta["rank"])
+        targets = tuple(meta["targets"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise ValueError(f"{path}: {CUSTOMSHIFT_METADATA_KEY!r} metadata lacks a valid rank / alpha / targets "
+                         f"({_one_line(e)}).") from None
+    if not np.isfinite(alpha):
+        raise ValueError(f"{path}: {CUSTOMSHIFT_METADATA_KEY!r} metadata has alpha {alpha}; it must be a finite "
+                         "number (LoRA scale = alpha / rank).")
+    return rank, alpha, targets
+
+
+def _read_lora_file(path: Path, branch: str) -> tuple[dict, dict[str, np.ndarray]]:
+    """(customshift metadata, tensors by file key) of one LoRA file, every tensor checked finite."""
+    from safetensors import SafetensorError, safe_open
+
+    tensors: dict[str, np.ndarray] = {}
+    try:
         with safe_open(str(path), framework="numpy") as f:
             meta = json.loads((f.metadata() or {}).get(CUSTOMSHIFT_METADATA_KEY, "null") or "null")
             if meta is None or meta.get("branch") != branch:
                 raise ValueError(f"{path}: no {CUSTOMSHIFT_METADATA_KEY!r} metadata for branch {branch!r}; "
                                  "not written by save_lora_files.")
-            found[name] = meta
             for key in f.keys():
-                value = f.get_tensor(key)
-                if branch != "beta":
-                    if not key.startswith(DIFFUSERS_PREFIX):
-                        raise ValueError(f"{path}: key {key!r} lacks the {DIFFUSERS_PREFIX!r} prefix.")
-                    key = key[len(DIFFUSERS_PREFIX):]
-                out[(RAB_PREFIX if branch == "rab" else "") + key] = value
+                tensors[key] = f.get_tensor(key)
+    except SafetensorError as e:
+        raise ValueError(f"{path} is damaged or truncated ({_one_line(e)}); re-export it.") from None
+    for key, value in tensors.items():
+        check_finite_tensor(value, key, path)
+    return meta, tensors
+
+
+def load_lora_files(directory: str | Path) -> tuple[dict[str, np.ndarray], LoRAConfig]:
+    """Read what `save_lora_files` wrote: the combined state dict and the LoRAConfig (rank, alpha, targets).
+
+    Damaged files, non-finite tensors (LoRA weights, beta) and a non-finite alpha raise ValueError naming the file.
+    """
+    directory = Path(directory)
+    out: dict[str, np.ndarray] = {}
+    found: dict[str, dict] = {}
+    configs = set()
+    for branch, name in (("cgb", CGB_FILE), ("rab", RAB_FILE), ("beta", BETA_FILE)):
+        path = directory / name
+        if not path.exists():
+            continue
+        meta, tensors = _read_lora_file(path, branch)
+        found[name] = meta
+        configs.add(_lora_config_from_meta(meta, path))
+        for key, value in tensors.items():
+            if branch != "beta":
+                if not key.startswith(DIFFUSERS_PREFIX):
+                    raise ValueError(f"{path}: key {key!r} lacks the {DIFFUSERS_PREFIX!r} prefix.")
+                key = key[len(DIFFUSERS_PREFIX):]
+            out[(RAB_PREFIX if branch == "rab" else "") + key] = value
     if not found:
-        raise FileNotFoundError(f"{directory}: none of {CGB_FILE}, {RAB_FILE}, {BETA_FILE}.")
-    configs = {(m["rank"], float(m["alpha"]), tuple(m["targets"])) for m in found.values()}
+        what = "holds none of" if directory.is_dir() else "is no folder; expected one holding"
+        raise FileNotFoundError(f"{directory} {what} {CGB_FILE}, {RAB_FILE}, {BETA_FILE}.")
     if len(configs) != 1:
         raise ValueError(f"{directory}: the files disagree on rank / alpha / targets: {sorted(found.items())}.")
     rank, alpha, targets = configs.pop()
@@ -281,4 +332,5 @@ def load_lora_files(directory: str | Path) -> tuple[dict[str, np.ndarray], LoRAC
 __all__ = ["RAB_PREFIX", "BETA_NAME", "CGB_FILE", "RAB_FILE", "BETA_FILE", "LoRAStateDictMismatch",
            "keys_for_path", "lora_tree_to_state_dict", "state_dict_to_lora_tree", "expected_lora_shapes",
            "expected_state_dict_shapes", "check_lora_state_dict", "to_state_dict", "from_state_dict",
-           "split_state_dict", "diffusers_lora_metadata", "save_lora_files", "load_lora_files"]
+           "split_state_dict", "diffusers_lora_metadata", "save_lora_files", "load_lora_files",
+           "check_finite_tensor"]

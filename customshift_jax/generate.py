@@ -117,9 +117,23 @@ def check_size(config: MMDiTConfig, vae_scale: int, height: int, width: int) -> 
 
 
 def check_init_latents(latents: np.ndarray, expected: Sequence[int], path: str | Path) -> None:
+    """--init-latents must have the batch's latent shape and hold only finite values."""
     if tuple(latents.shape) != tuple(expected):
         raise ValueError(f"--init-latents {path} has shape {tuple(latents.shape)}; expected {tuple(expected)} "
                          "(batch = prompts x images per prompt, 16 latent channels, height/8, width/8).")
+    bad = int(np.size(latents) - np.isfinite(latents).sum())
+    if bad:
+        raise ValueError(f"--init-latents {path} holds {bad} NaN / Inf of {np.size(latents)} values; all must be "
+                         "finite.")
+
+
+def check_finite_latents(latents: np.ndarray, index: int, total: int) -> None:
+    """Stop before decoding when sampling gave NaN / Inf latents: they would decode to a black PNG."""
+    bad = int(np.size(latents) - np.isfinite(latents).sum())
+    if bad:
+        raise ValueError(f"sampling prompt {index + 1} of {total} gave non-finite latents ({bad} of "
+                         f"{np.size(latents)} values NaN or Inf); no PNG written for it. Check --guidance, "
+                         "--gamma, --lora and the --checkpoint weights.")
 
 
 def save_png(image: np.ndarray, path: Path, metadata: dict[str, Any]) -> None:

@@ -13,9 +13,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 from pathlib import Path
+from typing import Any
 
 HELP = "generate images (SD3, or CustomShift with --reference/--subject)"
+
+# jax.random.key takes any int64 but, without jax_enable_x64 (as here), keeps only the low 32 bits:
+# seeds past 2**32 - 1, and negative ones, would silently repeat another seed's image.
+SEED_MAX = 2**32 - 1
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -27,7 +33,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--width", type=int, help="image width in px (default: the model's native size)")
     p.add_argument("--steps", type=int, default=28, help="sampling steps (default 28)")
     p.add_argument("--guidance", type=float, default=7.0, help="classifier-free guidance scale; <= 1 turns it off")
-    p.add_argument("--seed", type=int, default=0, help="random seed: same seed, same image")
+    p.add_argument("--seed", type=int, default=0, help=f"random seed, 0 to {SEED_MAX}: same seed, same image")
     p.add_argument("--num-images", type=int, default=1, help="images per prompt")
     p.add_argument("--out", default="out", help="output folder for the PNGs (default ./out)")
     p.add_argument("--max-sequence-length", type=int, default=256, help="T5 tokens (default 256)")
@@ -83,17 +89,40 @@ def _encode(args, comps, prompts):
     return embeds, subject
 
 
+def check_seed(seed: int) -> None:
+    """--seed must be a seed jax.random.key tells apart: 0 .. SEED_MAX (else an OverflowError or an alias)."""
+    if not 0 <= seed <= SEED_MAX:
+        raise ValueError(f"--seed {seed} is out of range: give a whole number from 0 to {SEED_MAX} (2**32 - 1); "
+                         "JAX's random key keeps only 32 bits.")
+
+
+def check_gamma(gamma: float) -> None:
+    """--gamma must be finite and >= 0: CADS takes log(gamma), so a negative or NaN one gives NaN images."""
+    if not (math.isfinite(gamma) and gamma >= 0):
+        raise ValueError(f"--gamma {gamma} is not allowed: give a finite number >= 0 (0 ignores the reference, "
+                         "1 is the default, larger follows it more).")
+
+
+def check_numbers(args: argparse.Namespace) -> None:
+    """The numeric flags, checked before anything loads, so a bad value is one line, not a NaN image."""
+    if args.steps < 1 or args.num_images < 1:
+        raise ValueError("--steps and --num-images must be at least 1.")
+    check_seed(args.seed)
+    check_gamma(args.gamma)
+
+
 def run(args: argparse.Namespace) -> int:
+    check_numbers(args)  # before jax is imported: a bad number fails at once
+
     import jax
     import jax.numpy as jnp
     import numpy as np
 
     from customshift_jax.generate import (
-        StepProgress, check_init_latents, check_size, load_components, read_prompts, save_png)
+        StepProgress, check_finite_latents, check_init_latents, check_size, load_components, read_prompts,
+        save_png)
     from customshift_jax.sampling import Conditioning, make_sampler, make_schedule, make_sharded_sampler
 
-    if args.steps < 1 or args.num_images < 1:
-        raise ValueError("--steps and --num-images must be at least 1.")
     if args.reference is not None and not (args.subject or "").strip() and not args.embeds:
         raise ValueError("--reference needs --subject NAME (the subject's name, e.g. 'dog'); it is empty.")
     if args.subject is not None and not args.subject.strip():
@@ -105,6 +134,7 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError("give --prompt TEXT, --prompts-file FILE, or --embeds FILE.npz.")
 
     mesh = _mesh(args)  # before loading anything: a bad --mesh / --rules fails fast
+    lora_files = _read_lora(args.lora) if args.reference else None  # a damaged / NaN LoRA fails fast too
     comps = load_components(args.checkpoint, text_encoders=args.text_encoders)
     config, vae_config = comps.config, comps.vae_config
     scale = vae_config.downsample_factor
@@ -144,7 +174,7 @@ def run(args: argparse.Namespace) -> int:
         from customshift_jax.customshift_sampling import make_customshift_sampler, make_sharded_customshift_sampler
         from customshift_jax.vae import scale_latents, vae_encode
 
-        lora_cfg, rab_lora, cgb_lora = _load_lora(args.lora, config)
+        lora_cfg, rab_lora, cgb_lora = _lora_trees(lora_files, config)
         ref_latents = scale_latents(vae_config, jax.jit(vae_encode, static_argnums=0)(vae_config, comps.vae_params,
                                                                                       image))
         kw = dict(shift=args.shift, progress=progress, vae_config=vae_config)
@@ -181,6 +211,7 @@ def run(args: argparse.Namespace) -> int:
         z = jax.block_until_ready(z)
         progress.close()
         finals.append(np.asarray(z))
+        check_finite_latents(finals[-1], i, len(prompts))  # NaN latents would decode to a black PNG
         images = np.asarray(decode(comps.vae_params, finals[-1]))  # from the host: z may live on a mesh
         for j in range(n):
             meta = dict(prompt=prompt, negative_prompt=args.negative_prompt, seed=args.seed, index=j,
@@ -207,12 +238,26 @@ def _mesh(args):
     return shd.make_mesh(**shd.parse_mesh(args.mesh))
 
 
-def _load_lora(path, config):
-    """(LoRAConfig, RAB LoRA, CGB LoRA) from a CustomShift LoRA file, or (None, None, None) without one."""
+def _read_lora(path: str | None) -> tuple[dict, Any] | None:
+    """(state dict, LoRAConfig) of the --lora folder, checked (intact files, finite values), or None without one."""
     if path is None:
-        return None, None, None
-    from convert.lora_format import from_state_dict, load_lora_files
+        return None
+    from convert.lora_format import load_lora_files
 
-    state_dict, lora = load_lora_files(path)
+    try:
+        return load_lora_files(path)
+    except FileNotFoundError as e:  # the messages name the folder or file already
+        raise FileNotFoundError(f"--lora: {e}") from None
+    except ValueError as e:
+        raise ValueError(f"--lora: {e}") from None
+
+
+def _lora_trees(files: tuple[dict, Any] | None, config) -> tuple[Any, Any, Any]:
+    """(LoRAConfig, RAB LoRA, CGB LoRA) fitted to the model from `_read_lora`, or (None, None, None) without one."""
+    if files is None:
+        return None, None, None
+    from convert.lora_format import from_state_dict
+
+    state_dict, lora = files
     rab, cgb = from_state_dict(config, lora, state_dict)
     return lora, rab, cgb

@@ -80,7 +80,7 @@ def write_pairs(folder: Path, n: int, seed: int, subjects: list) -> Path:
     return manifest
 
 
-def customshift_cli(*args: str) -> None:
+def customshift_cli(*args) -> None:
     """Run `customshift ARGS...` as a user would (a subprocess of the real CLI); a failure stops the build."""
     import subprocess
 
@@ -106,33 +106,39 @@ def build_data(work: Path, out: Path, args) -> None:
     shutil.rmtree(out / "pairs" / "images")  # the prepared shards hold everything training reads
 
 
-def train_run(config: str, out: Path, *overrides: str) -> None:
+def train_command(config: str, out: Path, *overrides: str) -> list[str]:
     """`customshift train --config train/configs/CONFIG ...` into `out`, resuming an interrupted run."""
     resume = (out / "checkpoints").is_dir() and any((out / "checkpoints").iterdir())
-    customshift_cli("train", "--config", CONFIGS / config, f"output_dir={out}", *overrides,
-                    *(["--resume"] if resume else []))
+    return ["train", "--config", str(CONFIGS / config), f"output_dir={out}", *overrides,
+            *(["--resume"] if resume else [])]
 
 
 @stage("base", resumable=True)
 def build_base(work: Path, out: Path, args) -> None:
     """The base MMDiT trained from scratch as text-to-image (every weight trains) on the pairs' targets."""
-    train_run("world-base.yaml", out, f"model.checkpoint={work / 'vae' / 'model'}",
-              f"data.path={work / 'data' / 'prepared'}", *args.base)
+    customshift_cli(*train_command("world-base.yaml", out, f"model.checkpoint={work / 'vae' / 'model'}",
+                                   f"data.path={work / 'data' / 'prepared'}", *args.base))
 
 
-@stage("customshift", resumable=True)
-def build_customshift(work: Path, out: Path, args) -> None:
-    """CustomShift: both LoRAs and beta on the trained base."""
-    train_run("world-customshift.yaml", out, f"model.checkpoint={work / 'base' / 'model'}",
-              f"data.path={work / 'data' / 'prepared'}", *args.lora)
+@stage("loras", resumable=True)
+def build_loras(work: Path, out: Path, args) -> None:
+    """CustomShift (both LoRAs and beta) and the token-competition baseline (`shift="concat"`, the same data,
+    steps and rank; no reference dropout, which works through the gamma that concat ignores), on the trained
+    base, side by side: two small XLA programs share 2 cores better than one uses them."""
+    import subprocess
 
-
-@stage("concat", resumable=True)
-def build_concat(work: Path, out: Path, args) -> None:
-    """The token-competition baseline: the same data, steps and rank, `shift="concat"` (no reference dropout:
-    concat ignores gamma, through which the dropout works)."""
-    train_run("world-customshift.yaml", out, f"model.checkpoint={work / 'base' / 'model'}",
-              f"data.path={work / 'data' / 'prepared'}", "train.shift=concat", "train.ref_dropout=0", *args.lora)
+    common = [f"model.checkpoint={work / 'base' / 'model'}", f"data.path={work / 'data' / 'prepared'}", *args.lora]
+    runs = {"customshift": train_command("world-customshift.yaml", out / "customshift", *common),
+            "concat": train_command("world-customshift.yaml", out / "concat", *common, "train.shift=concat",
+                                    "train.ref_dropout=0", "log.progress=false")}
+    procs = {}
+    for name, cmd in runs.items():
+        print("$ customshift " + " ".join(cmd), file=sys.stderr)
+        procs[name] = subprocess.Popen([sys.executable, "-m", "customshift_jax.cli.main", *cmd])
+    failed = [name for name, p in procs.items() if p.wait() != 0]
+    if failed:
+        raise SystemExit(f"the {', '.join(failed)} training failed; fix it and rerun the build (finished stages "
+                         "and the runs' checkpoints are kept).")
 
 
 @stage("judge")
@@ -159,7 +165,7 @@ def build_weights(work: Path, out: Path, args) -> None:
         {"_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": 1000, "shift": SCHEDULER_SHIFT},
         indent=2) + "\n")
     for name in ("customshift", "concat"):
-        shutil.copytree(work / name / "lora", out / name)
+        shutil.copytree(work / "loras" / name / "lora", out / name)
     shutil.copy2(work / "judge" / "judge.npz", out / "judge.npz")
 
 
@@ -174,12 +180,20 @@ def build_eval(work: Path, out: Path, args) -> None:
     weights = work / "weights"
     model = WorldModel.load(weights)
     cases = E.draw_cases(args.eval_seed, args.eval_subjects, args.eval_contexts)
-    rows, _ = E.evaluate(model, Generator(model), J.load_judge(weights / "judge.npz"), cases, E.GAMMAS)
+    judge = J.load_judge(weights / "judge.npz")
+    rows, images = E.evaluate(model, Generator(model), judge, cases, E.GAMMAS)
+    judged = E.judge_report(judge, model)
     E.write_json(out / "scores.json", {"seed": args.eval_seed, "subjects": args.eval_subjects,
-                                       "contexts_per_subject": args.eval_contexts, "table": rows})
+                                       "contexts_per_subject": args.eval_contexts, "judge": judged, "table": rows})
     table = E.markdown_table(rows)
+    (out / "judge.md").write_text(E.judge_table(judged) + "\n")
     (out / "table.md").write_text(table + "\n")
     figures.tradeoff_plot({k: (r["context_all"], r["subject_all"]) for k, r in rows.items()}, out / "tradeoff.png")
+    shown = list(range(0, len(cases), args.eval_contexts))[:8]  # one context of each of 8 subjects
+    refs, columns = E.references(cases), E.method_columns(E.GAMMAS)
+    figures.grid([[refs[i]] + [images[label][i] for label, _, _ in columns] for i in shown],
+                 ["reference"] + [label for label, _, _ in columns],
+                 [E.case_label(cases[i]) for i in shown], out / "grid.png")
     print(table)
 
 
@@ -196,9 +210,21 @@ def ship(work: Path) -> None:
     staging.rename(WEIGHTS)
     docs = Path(__file__).resolve().parents[2] / "docs" / "world"
     docs.mkdir(parents=True, exist_ok=True)
-    for name in ("scores.json", "table.md", "tradeoff.png"):
+    for name in ("scores.json", "table.md", "judge.md", "tradeoff.png", "grid.png"):
         shutil.copy2(work / "eval" / name, docs / name)
     print(f"shipped {WEIGHTS} and {docs}", file=sys.stderr)
+
+
+def _lock(work: Path):
+    """An exclusive lock on WORK/.lock: a second build of the same folder would delete the first one's stages."""
+    import fcntl
+
+    f = open(work / ".lock", "w")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        raise SystemExit(f"error: another build is running in {work}; wait for it or use another folder.") from None
+    return f
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -218,6 +244,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--lora", nargs="*", default=[], help="extra key=value overrides of both LoRA trainings")
     args = parser.parse_args(argv)
     args.work.mkdir(parents=True, exist_ok=True)
+    lock = _lock(args.work)  # noqa: F841 (held until the process exits)
     for name, fn, resumable in STAGES:
         out = args.work / name
         if (out / ".done").is_file():

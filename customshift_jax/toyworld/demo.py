@@ -39,9 +39,8 @@ def run_demo(out: Path, *, seed: int = 0, n_subjects: int = 6, gammas: Sequence[
             entry["images"].append({"file": file, "method": method, "gamma": gamma, **case.context.factors()})
         subjects.append(entry)
         grid_rows.append([refs[i]] + [images[label][i] for label, _, _ in columns])
-    labels = [f"{c.subject.factors()['body']}/{c.subject.factors()['accent']} {c.subject.factors()['pattern']} "
-              f"{c.subject.name}: {c.prompt}" for c in cases]
-    figures.grid(grid_rows, ["reference"] + [label for label, _, _ in columns], labels, out / "grid.png")
+    figures.grid(grid_rows, ["reference"] + [label for label, _, _ in columns], [E.case_label(c) for c in cases],
+                 out / "grid.png")
     E.write_json(out / "subjects.json", {"seed": seed, "subjects": subjects})
     E.write_json(out / "scores.json", {"seed": seed, "subjects": n_subjects, "gammas": list(gammas), "table": rows})
     return E.markdown_table(rows)

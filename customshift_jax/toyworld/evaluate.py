@@ -33,6 +33,12 @@ class Case:
         return world.caption(self.subject, self.context)
 
 
+def case_label(case: "Case") -> str:
+    """A grid row's label: the subject's factors and the prompt, e.g. "red/blue stripes star: a star ..."."""
+    f = case.subject.factors()
+    return f"{f['body']}/{f['accent']} {f['pattern']} {case.subject.name}: {case.prompt}"
+
+
 def draw_cases(seed: int, n_subjects: int, contexts_per_subject: int = 1) -> list[Case]:
     """`n_subjects` held-out identities drawn from `seed` (never a training one), each with a reference context
     and `contexts_per_subject` other target contexts."""
@@ -132,6 +138,24 @@ def evaluate(model, generator, judge, cases: Sequence[Case], gammas: Sequence[fl
     return rows, images
 
 
+def judge_report(judge, model, n: int = 1000, seed: int = 4321) -> dict[str, dict[str, float]]:
+    """The judge's accuracy on clean renders of held-out subjects and on their VAE reconstructions: near 100% on
+    both, or the table measures the judge (or the VAE), not the generator."""
+    from customshift_jax.toyworld import judge as J
+    from customshift_jax.toyworld.vae_train import reconstruct
+
+    _, held = world.split_subjects(0)
+    rng = np.random.default_rng(seed)
+    subjects = [held[int(i)] for i in rng.integers(len(held), size=n)]
+    contexts = [world.random_context(rng) for _ in range(n)]
+    clean = world.render_batch(zip(subjects, contexts), 32, seed)
+    out = {}
+    for name, images in (("clean renders", clean),
+                         ("VAE reconstructions", reconstruct(model.vae_config, model.vae_params, clean))):
+        out[name] = {k: float(v) for k, v in J.score(J.judge_images(*judge, images), subjects, contexts).items()}
+    return out
+
+
 def markdown_table(rows: dict) -> str:
     """The table as Markdown: subject factors, all-subject, identity cosine, context factors, all-context, s/img."""
     head = ["method", *SUBJECT_KEYS, "subject all", "identity cos", *CONTEXT_KEYS, "prompt all", "s / img"]
@@ -141,6 +165,15 @@ def markdown_table(rows: dict) -> str:
                  f"{r['identity_cosine']:.3f}", *(f"{r[k]:.3f}" for k in CONTEXT_KEYS), f"{r['context_all']:.3f}",
                  f"{r['seconds_per_image']:.4f}"]
         lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def judge_table(report: dict) -> str:
+    """`judge_report` as Markdown: one row per image source, one column per factor."""
+    keys = [*SUBJECT_KEYS, "subject_all", *CONTEXT_KEYS, "context_all"]
+    lines = ["| judged images | " + " | ".join(keys) + " |", "|" + " --- |" * (len(keys) + 1)]
+    for name, r in report.items():
+        lines.append(f"| {name} | " + " | ".join(f"{r[k]:.3f}" for k in keys) + " |")
     return "\n".join(lines)
 
 

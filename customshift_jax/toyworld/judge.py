@@ -49,14 +49,23 @@ class JudgeConfig:
 
     image_size: int = 32
     patch: int = 2  # space-to-depth first: (32, 32, 3) -> (16, 16, 12) keeps every pixel, 4x cheaper convs
-    stem_width: int = 32  # the conv at the patch grid
-    widths: tuple[int, ...] = (64, 128)  # one stage each: a stride-2 conv then a conv
-    groups: int = 8  # GroupNorm groups
-    attn_heads: int = 4  # learned spatial-softmax poolings beside mean and max (find the subject, read it)
+    context_widths: tuple[int, ...] = (16, 32, 64)  # context reader: stem width, then one stage per width
+    subject_widths: tuple[int, ...] = (32, 64, 128)  # subject reader, on the subject crop
+    groups: int = 8  # GroupNorm groups (0: no normalisation)
+    attn_heads: int = 4  # learned spatial-softmax poolings beside mean and max
+    crop_size: int = 24  # the subject crop, resampled to this many pixels a side
+    crop_margin: float = 1.4  # crop half-side / the subject's nominal radius (room for jitter and rotation)
     feature_dim: int = 256
     embed_dim: int = 64
     embed_scale: float = 10.0  # logit scale of the auxiliary subject heads that read the unit-norm embedding
+    detach_embedding: bool = True  # train the embedding on top of the subject reader, not through it
     factors: tuple[tuple[str, int], ...] = dataclasses.field(default_factory=_world_factors)
+
+    def __post_init__(self):
+        """Lists (from JSON or a caller) become tuples, so the config stays hashable."""
+        for k in ("context_widths", "subject_widths"):
+            object.__setattr__(self, k, tuple(int(w) for w in getattr(self, k)))
+        object.__setattr__(self, "factors", tuple((str(n), int(k)) for n, k in self.factors))
 
     def to_json(self) -> str:
         """The config as a JSON string (saved beside the params)."""
@@ -65,10 +74,41 @@ class JudgeConfig:
     @classmethod
     def from_json(cls, text: str) -> "JudgeConfig":
         """Inverse of to_json: lists back to tuples."""
-        d = json.loads(text)
-        d["widths"] = tuple(d["widths"])
-        d["factors"] = tuple((str(n), int(k)) for n, k in d["factors"])
-        return cls(**d)
+        return cls(**json.loads(text))
+
+
+class _Midpoint:
+    """A stand-in rng whose uniform draws are the middle of their range: world.placement without jitter."""
+
+    def uniform(self, low: float = 0.0, high: float = 1.0) -> float:
+        return (low + high) / 2
+
+
+def nominal_boxes(margin: float) -> np.ndarray:
+    """(positions, sizes, 3) subject crop boxes (centre x, centre y, half-side) in image fractions, from the
+    world's own placement rule with the jitter at its mean."""
+    out = np.zeros((len(world.POSITIONS), len(world.SIZES), 3), np.float32)
+    for p in range(len(world.POSITIONS)):
+        for s in range(len(world.SIZES)):
+            cx, cy, radius, _ = world.placement(world.Context(0, p, s), _Midpoint())
+            out[p, s] = (cx, cy, margin * radius)
+    return out
+
+
+def _interp_matrix(centre: jax.Array, half: jax.Array, n_out: int, n_in: int) -> jax.Array:
+    """Bilinear resampling rows along one axis: centre, half (B,) in pixels -> (B, n_out, n_in)."""
+    t = (jnp.arange(n_out) + 0.5) / n_out * 2 - 1  # (n_out,) output pixel centres in [-1, 1]
+    src = jnp.clip(centre[:, None] + half[:, None] * t - 0.5, 0, n_in - 1)  # (B, n_out), input index space
+    return jnp.maximum(0.0, 1 - jnp.abs(src[..., None] - jnp.arange(n_in)))
+
+
+def crop(x: jax.Array, boxes: jax.Array, size: int) -> jax.Array:
+    """Resample the square box (centre x, centre y, half-side; image fractions) of each image to size x size
+    (edges clamped). x: (B, H, W, C), boxes: (B, 3) -> (B, size, size, C)."""
+    _, h, w, _ = x.shape
+    ry = _interp_matrix(boxes[:, 1] * h, boxes[:, 2] * h, size, h)  # (B, size, H)
+    rx = _interp_matrix(boxes[:, 0] * w, boxes[:, 2] * w, size, w)  # (B, size, W)
+    return jnp.einsum("boh,bhwc,bpw->bopc", ry, x, rx)
 
 
 class ConvBlock(nn.Module):
@@ -81,42 +121,73 @@ class ConvBlock(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         x = nn.Conv(self.width, (3, 3), strides=(self.stride, self.stride), padding=1)(x)
-        return nn.silu(nn.GroupNorm(num_groups=self.groups)(x))
+        return nn.silu(nn.GroupNorm(num_groups=self.groups)(x) if self.groups else x)
 
 
-class Judge(nn.Module):
-    """Images in [0, 1] -> {"logits": {factor: (B, K)}, "embedding": (B, E)}."""
+class Reader(nn.Module):
+    """A small CNN: space-to-depth, coordinate channels, conv stages with stride-2 downsampling, then mean, max
+    and attention pooling and a dense layer. (B, H, W, 3) in [0, 1] -> (B, F)."""
 
-    config: JudgeConfig
+    widths: tuple[int, ...]
+    patch: int
+    groups: int
+    attn_heads: int
+    feature_dim: int
 
     @nn.compact
-    def __call__(self, x: jax.Array) -> dict:
-        cfg = self.config
-        b, h, w, c = x.shape  # (B, H, W, 3)
-        p = cfg.patch
+    def __call__(self, x: jax.Array) -> jax.Array:
+        b, h, w, c = x.shape
+        p = self.patch
         h, w = h // p, w // p
         x = x.reshape(b, h, p, w, p, c).transpose(0, 1, 3, 2, 4, 5).reshape(b, h, w, p * p * c)  # (B, h, w, p*p*3)
         yy, xx = jnp.meshgrid(jnp.linspace(-1, 1, h), jnp.linspace(-1, 1, w), indexing="ij")
         coords = jnp.broadcast_to(jnp.stack([xx, yy], -1), (b, h, w, 2))  # position is a label: give it
         x = jnp.concatenate([x * 2 - 1, coords], -1)  # (B, h, w, p*p*3 + 2)
-        x = ConvBlock(cfg.stem_width, 1, cfg.groups)(x)
-        for width in cfg.widths:
-            x = ConvBlock(width, 2, cfg.groups)(x)
-            x = ConvBlock(width, 1, cfg.groups)(x)
+        x = ConvBlock(self.widths[0], 1, self.groups)(x)
+        for width in self.widths[1:]:
+            x = ConvBlock(width, 2, self.groups)(x)
+            x = ConvBlock(width, 1, self.groups)(x)
         pools = [x.mean(axis=(1, 2)), x.max(axis=(1, 2))]  # 2 x (B, C)
-        if cfg.attn_heads:
-            att = nn.Dense(cfg.attn_heads, name="attend")(x).reshape(b, -1, cfg.attn_heads)  # (B, h*w, A)
+        if self.attn_heads:
+            att = nn.Dense(self.attn_heads, name="attend")(x).reshape(b, -1, self.attn_heads)  # (B, h*w, A)
             att = jax.nn.softmax(att, axis=1)
             pools.append(jnp.einsum("bpa,bpc->bac", att, x.reshape(b, -1, x.shape[-1])).reshape(b, -1))
         pooled = jnp.concatenate(pools, -1)  # (B, (2 + A) C)
-        feat = nn.silu(nn.Dense(cfg.feature_dim, name="features")(pooled))  # (B, F)
-        emb = nn.Dense(cfg.embed_dim, name="embed")(feat)
+        return nn.silu(nn.Dense(self.feature_dim, name="features")(pooled))  # (B, F)
+
+
+class Judge(nn.Module):
+    """Images in [0, 1] -> {"logits": {factor: (B, K)}, "embed_logits": {subject factor: (B, K)},
+    "embedding": (B, E), "boxes": (B, 3)}.
+
+    A context reader sees the whole image and reads scene, position and size; the subject is then cropped from
+    the box its position and size imply (the true ones in training, the predicted ones otherwise) and a
+    subject reader reads the crop, so subject features are position- and size-normalised."""
+
+    config: JudgeConfig
+
+    def _reader(self, widths: tuple[int, ...], name: str) -> Reader:
+        cfg = self.config
+        return Reader(widths, cfg.patch, cfg.groups, cfg.attn_heads, cfg.feature_dim, name=name)
+
+    @nn.compact
+    def __call__(self, x: jax.Array, boxes: jax.Array | None = None) -> dict:
+        cfg = self.config
+        k = dict(cfg.factors)
+        ctx = self._reader(cfg.context_widths, "context_reader")(x)  # (B, F)
+        logits = {name: nn.Dense(k[name], name=f"head_{name}")(ctx) for name in CONTEXT_NAMES}
+        if boxes is None:
+            table = jnp.asarray(nominal_boxes(cfg.crop_margin))  # (P, S, 3)
+            boxes = table[jnp.argmax(logits["position"], -1), jnp.argmax(logits["size"], -1)]  # (B, 3)
+        sub = self._reader(cfg.subject_widths, "subject_reader")(crop(x, boxes, cfg.crop_size))  # (B, F)
+        logits.update({name: nn.Dense(k[name], name=f"head_{name}")(sub) for name in SUBJECT_NAMES})
+        # the embedding is a read-out of the subject features; its losses do not shape the reader
+        emb = nn.Dense(cfg.embed_dim, name="embed")(jax.lax.stop_gradient(sub) if cfg.detach_embedding else sub)
         emb = emb / jnp.sqrt(jnp.sum(emb * emb, -1, keepdims=True) + 1e-12)  # (B, E), unit norm
-        logits = {name: nn.Dense(k, name=f"head_{name}")(feat) for name, k in cfg.factors}  # (B, K) each
-        k_sub = dict(cfg.factors)
-        embed_logits = {name: nn.Dense(k_sub[name], name=f"embed_head_{name}")(emb * cfg.embed_scale)
+        embed_logits = {name: nn.Dense(k[name], name=f"embed_head_{name}")(emb * cfg.embed_scale)
                         for name in SUBJECT_NAMES}  # the embedding must carry every subject factor
-        return {"logits": logits, "embed_logits": embed_logits, "embedding": emb}
+        return {"logits": {name: logits[name] for name, _ in cfg.factors}, "embed_logits": embed_logits,
+                "embedding": emb, "boxes": boxes}
 
 
 def init_params(config: JudgeConfig, seed: int = 0) -> dict:
@@ -170,11 +241,23 @@ def _blur3(x: jax.Array) -> jax.Array:
     return (v[:, :, :-2] + 2 * v[:, :, 1:-1] + v[:, :, 2:]) / 4
 
 
-def augment(key: jax.Array, x: jax.Array) -> jax.Array:
-    """Mild corruptions like those of generated / VAE-decoded images (softening, noise, tint); no flips, since
-    left/right is a label. x: (B, H, W, 3) in [0, 1]."""
+def _shift(key: jax.Array, x: jax.Array, max_shift: int) -> jax.Array:
+    """Translate each image by up to `max_shift` pixels (edge padding); far below the position spacing (~7 px).
+    x: (B, H, W, C) -> same."""
+    b, h, w, _ = x.shape
+    m = max_shift
+    p = jnp.pad(x, ((0, 0), (m, m), (m, m), (0, 0)), mode="edge")
+    offsets = jax.random.randint(key, (b, 2), 0, 2 * m + 1)
+    return jax.vmap(lambda im, o: jax.lax.dynamic_slice(im, (o[0], o[1], 0), (h, w, im.shape[-1])))(p, offsets)
+
+
+def augment(key: jax.Array, x: jax.Array, max_shift: int = 1) -> jax.Array:
+    """Mild corruptions like those of generated / VAE-decoded images (shift, softening, noise, tint) that also
+    keep the reader from memorising renders; no flips, since left/right is a label. x: (B, H, W, 3) in [0, 1]."""
     b = x.shape[0]
-    k_blur, k_gain, k_bias, k_chan, k_sig, k_noise = jax.random.split(key, 6)
+    k_shift, k_blur, k_gain, k_bias, k_chan, k_sig, k_noise = jax.random.split(key, 7)
+    if max_shift:
+        x = _shift(k_shift, x, max_shift)
     alpha = jax.random.uniform(k_blur, (b, 1, 1, 1), maxval=0.35)
     x = (1 - alpha) * x + alpha * _blur3(x)
     gain = 1 + jax.random.uniform(k_gain, (b, 1, 1, 1), minval=-0.04, maxval=0.04)
@@ -187,20 +270,28 @@ def augment(key: jax.Array, x: jax.Array) -> jax.Array:
 
 # ---------------------------------------------------------------------------------------------------- training
 
-def loss_fn(config: JudgeConfig, params: dict, x: jax.Array, labels: dict, pair_weight: float
-            ) -> tuple[jax.Array, dict]:
+def true_boxes(key: jax.Array, config: JudgeConfig, labels: dict, jitter: float = 0.02) -> jax.Array:
+    """Crop boxes (B, 3) from the true position and size, jittered a little (centre +-jitter, half-side
+    *(1 +- 2.5 jitter)) so the subject reader tolerates imprecise placement."""
+    table = jnp.asarray(nominal_boxes(config.crop_margin))
+    boxes = table[labels["position"], labels["size"]]  # (B, 3)
+    u = jax.random.uniform(key, boxes.shape, minval=-1.0, maxval=1.0)
+    return boxes + jnp.stack([u[:, 0] * jitter, u[:, 1] * jitter, boxes[:, 2] * u[:, 2] * 2.5 * jitter], -1)
+
+
+def loss_fn(config: JudgeConfig, params: dict, x: jax.Array, labels: dict, pair_weight: float,
+            boxes: jax.Array | None = None) -> tuple[jax.Array, dict]:
     """Cross-entropy summed over the heads and the embedding's subject heads + pair loss (1 - cosine of the two
-    renders of each identity)."""
-    out = Judge(config).apply({"params": params}, x)
+    renders of each identity, the first and second half of the batch)."""
+    out = Judge(config).apply({"params": params}, x, boxes)
     metrics, total = {}, 0.0
     for name, _ in config.factors:
         logits = out["logits"][name]
-        ce = optax.softmax_cross_entropy_with_integer_labels(logits, labels[name]).mean()
-        total = total + ce
+        total = total + optax.softmax_cross_entropy_with_integer_labels(logits, labels[name]).mean()
         metrics[name] = jnp.mean(jnp.argmax(logits, -1) == labels[name])
     for name, logits in out["embed_logits"].items():
         total = total + optax.softmax_cross_entropy_with_integer_labels(logits, labels[name]).mean()
-    e = out["embedding"]  # (2 * half, E): first half and second half are the same identities
+    e = out["embedding"]  # (2 * half, E)
     half = e.shape[0] // 2
     pair = jnp.mean(1 - jnp.sum(e[:half] * e[half:], -1))
     metrics["pair"] = pair
@@ -211,9 +302,11 @@ def loss_fn(config: JudgeConfig, params: dict, x: jax.Array, labels: dict, pair_
 def _train_step(config: JudgeConfig, tx: optax.GradientTransformation, params: dict, opt_state,
                 key: jax.Array, images: jax.Array, labels: dict, pair_weight: float):
     """One adam step on an augmented batch; returns (params, opt_state, loss, metrics)."""
-    x = augment(key, _to_unit(images))
+    k_aug, k_box = jax.random.split(key)
+    x = augment(k_aug, _to_unit(images))
+    boxes = true_boxes(k_box, config, labels)
     (loss, metrics), grads = jax.value_and_grad(
-        lambda p: loss_fn(config, p, x, labels, pair_weight), has_aux=True)(params)
+        lambda p: loss_fn(config, p, x, labels, pair_weight, boxes), has_aux=True)(params)
     updates, opt_state = tx.update(grads, opt_state, params)
     return optax.apply_updates(params, updates), opt_state, loss, metrics
 
