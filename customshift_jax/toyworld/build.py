@@ -120,6 +120,15 @@ def build_base(work: Path, out: Path, args) -> None:
                                    f"data.path={work / 'data' / 'prepared'}", *args.base))
 
 
+@stage("judge")
+def build_judge(work: Path, out: Path, args) -> None:
+    """The judge, trained on ground-truth renders of training identities."""
+    from customshift_jax.toyworld import judge as J
+
+    config, params = J.train_judge(steps=args.judge_steps, seed=args.seed)
+    J.save_judge(out / "judge.npz", config, params)
+
+
 @stage("loras", resumable=True)
 def build_loras(work: Path, out: Path, args) -> None:
     """CustomShift (both LoRAs and beta) and the token-competition baseline (`shift="concat"`, the same data,
@@ -139,15 +148,6 @@ def build_loras(work: Path, out: Path, args) -> None:
     if failed:
         raise SystemExit(f"the {', '.join(failed)} training failed; fix it and rerun the build (finished stages "
                          "and the runs' checkpoints are kept).")
-
-
-@stage("judge")
-def build_judge(work: Path, out: Path, args) -> None:
-    """The judge, trained on ground-truth renders of training identities."""
-    from customshift_jax.toyworld import judge as J
-
-    config, params = J.train_judge(steps=args.judge_steps, seed=args.seed)
-    J.save_judge(out / "judge.npz", config, params)
 
 
 @stage("weights")
@@ -235,7 +235,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--until", default=None, help="stop after this stage")
     parser.add_argument("--vae-steps", type=int, default=1200)
     parser.add_argument("--pairs", type=int, default=30000, help="training pairs rendered (default 30000)")
-    parser.add_argument("--judge-steps", type=int, default=3000)
+    parser.add_argument("--judge-steps", type=int, default=1500)
     parser.add_argument("--eval-seed", type=int, default=1234)
     parser.add_argument("--eval-subjects", type=int, default=64)
     parser.add_argument("--eval-contexts", type=int, default=4, help="target contexts per held-out subject")

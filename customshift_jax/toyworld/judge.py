@@ -3,9 +3,16 @@ the subject factors (subject consistency, the DINO / CLIP-I analogue), the conte
 the CLIP-T analogue) and a continuous identity embedding (cosine of two images' embeddings, the DINO score).
 
 Functional Flax Linen: `Judge` describes the structure, params are a plain pytree, the entry points are pure
-functions of (config, params, inputs) with explicit seeds. The subject heads read the L2-normalised identity
-embedding, and a pair loss pulls together two renders of one identity in different contexts, so the embedding
-carries the subject and not the context.
+functions of (config, params, inputs) with explicit seeds. A context reader sees the whole image; the subject
+is cropped from the box that the (predicted) position and size imply and read by a subject reader, so subject
+features do not depend on where the subject stands or how big it is. The identity embedding is an
+L2-normalised projection of the subject features, trained (on top of them) so that linear heads recover every
+subject factor from it and two renders of one identity in different contexts agree.
+
+    config, params = load_judge()                      # the shipped judge
+    pred = judge_images(config, params, images)        # images: uint8 (N, 32, 32, 3)
+    score(pred, subjects, contexts)["subject_all"]     # all four subject factors right
+    identity_cosine(pred["embedding"], other["embedding"])
 """
 from __future__ import annotations
 
@@ -52,10 +59,9 @@ class JudgeConfig:
     context_widths: tuple[int, ...] = (16, 32, 64)  # context reader: stem width, then one stage per width
     subject_widths: tuple[int, ...] = (32, 64, 128)  # subject reader, on the subject crop
     groups: int = 8  # GroupNorm groups (0: no normalisation)
-    attn_heads: int = 4  # learned spatial-softmax poolings beside mean and max
     crop_size: int = 24  # the subject crop, resampled to this many pixels a side
     crop_margin: float = 1.4  # crop half-side / the subject's nominal radius (room for jitter and rotation)
-    feature_dim: int = 256
+    feature_dim: int = 128
     embed_dim: int = 64
     embed_scale: float = 10.0  # logit scale of the auxiliary subject heads that read the unit-norm embedding
     detach_embedding: bool = True  # train the embedding on top of the subject reader, not through it
@@ -125,13 +131,12 @@ class ConvBlock(nn.Module):
 
 
 class Reader(nn.Module):
-    """A small CNN: space-to-depth, coordinate channels, conv stages with stride-2 downsampling, then mean, max
-    and attention pooling and a dense layer. (B, H, W, 3) in [0, 1] -> (B, F)."""
+    """A small CNN: space-to-depth, coordinate channels, conv stages with stride-2 downsampling, then mean and
+    max pooling and a dense layer. (B, H, W, C) -> (B, F)."""
 
     widths: tuple[int, ...]
     patch: int
     groups: int
-    attn_heads: int
     feature_dim: int
 
     @nn.compact
@@ -139,20 +144,15 @@ class Reader(nn.Module):
         b, h, w, c = x.shape
         p = self.patch
         h, w = h // p, w // p
-        x = x.reshape(b, h, p, w, p, c).transpose(0, 1, 3, 2, 4, 5).reshape(b, h, w, p * p * c)  # (B, h, w, p*p*3)
+        x = x.reshape(b, h, p, w, p, c).transpose(0, 1, 3, 2, 4, 5).reshape(b, h, w, p * p * c)  # (B, h, w, p*p*C)
         yy, xx = jnp.meshgrid(jnp.linspace(-1, 1, h), jnp.linspace(-1, 1, w), indexing="ij")
         coords = jnp.broadcast_to(jnp.stack([xx, yy], -1), (b, h, w, 2))  # position is a label: give it
-        x = jnp.concatenate([x * 2 - 1, coords], -1)  # (B, h, w, p*p*3 + 2)
+        x = jnp.concatenate([x * 2 - 1, coords], -1)  # (B, h, w, p*p*C + 2)
         x = ConvBlock(self.widths[0], 1, self.groups)(x)
         for width in self.widths[1:]:
             x = ConvBlock(width, 2, self.groups)(x)
             x = ConvBlock(width, 1, self.groups)(x)
-        pools = [x.mean(axis=(1, 2)), x.max(axis=(1, 2))]  # 2 x (B, C)
-        if self.attn_heads:
-            att = nn.Dense(self.attn_heads, name="attend")(x).reshape(b, -1, self.attn_heads)  # (B, h*w, A)
-            att = jax.nn.softmax(att, axis=1)
-            pools.append(jnp.einsum("bpa,bpc->bac", att, x.reshape(b, -1, x.shape[-1])).reshape(b, -1))
-        pooled = jnp.concatenate(pools, -1)  # (B, (2 + A) C)
+        pooled = jnp.concatenate([x.mean(axis=(1, 2)), x.max(axis=(1, 2))], -1)  # (B, 2C)
         return nn.silu(nn.Dense(self.feature_dim, name="features")(pooled))  # (B, F)
 
 
@@ -168,7 +168,7 @@ class Judge(nn.Module):
 
     def _reader(self, widths: tuple[int, ...], name: str) -> Reader:
         cfg = self.config
-        return Reader(widths, cfg.patch, cfg.groups, cfg.attn_heads, cfg.feature_dim, name=name)
+        return Reader(widths, cfg.patch, cfg.groups, cfg.feature_dim, name=name)
 
     @nn.compact
     def __call__(self, x: jax.Array, boxes: jax.Array | None = None) -> dict:
@@ -203,7 +203,7 @@ def _to_unit(images: jax.Array) -> jax.Array:
 
 # ---------------------------------------------------------------------------------------------------- data
 
-def _render_pool(subjects: list[world.Subject], per_subject: int, seed: int, show: bool = True
+def _render_pool(subjects: list[world.Subject], per_subject: int, seed: int, size: int = 32, show: bool = True
                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Pre-rendered training images: (S, P, H, W, 3) uint8, subject labels (S, 4), context labels (S, P, 3)."""
     from tqdm import tqdm
@@ -212,13 +212,13 @@ def _render_pool(subjects: list[world.Subject], per_subject: int, seed: int, sho
     contexts = [[world.random_context(rng) for _ in range(per_subject)] for _ in subjects]
     items = [(s, c) for s, cs in zip(subjects, contexts) for c in cs]
     seeds = np.random.SeedSequence(seed + 1).spawn(len(items))
-    images = np.empty((len(items), 32, 32, 3), np.uint8)
+    images = np.empty((len(items), size, size, 3), np.uint8)
     for i in tqdm(range(len(items)), desc="render pool", file=sys.stderr, disable=not show, mininterval=2):
         s, c = items[i]
-        images[i] = world.render(s, c, 32, np.random.default_rng(seeds[i]))
+        images[i] = world.render(s, c, size, np.random.default_rng(seeds[i]))
     sub = np.array([[getattr(s, k) for k in SUBJECT_NAMES] for s in subjects], np.int32)  # (S, 4)
     ctx = np.array([[[getattr(c, k) for k in CONTEXT_NAMES] for c in cs] for cs in contexts], np.int32)
-    return images.reshape(len(subjects), per_subject, 32, 32, 3), sub, ctx
+    return images.reshape(len(subjects), per_subject, size, size, 3), sub, ctx
 
 
 def _sample_pairs(pool: tuple, half: int, rng: np.random.Generator) -> tuple[np.ndarray, dict]:
@@ -311,21 +311,23 @@ def _train_step(config: JudgeConfig, tx: optax.GradientTransformation, params: d
     return optax.apply_updates(params, updates), opt_state, loss, metrics
 
 
-def train_judge(steps: int = 1500, batch: int = 128, seed: int = 0, log: Callable[[str], None] = print,
+def train_judge(steps: int = 1500, batch: int = 64, seed: int = 0, log: Callable[[str], None] | None = None,
                 config: JudgeConfig | None = None, per_subject: int = 8, lr: float = 3e-3,
-                pair_weight: float = 1.0, pool: tuple | None = None, progress: bool = True,
+                pair_weight: float = 0.3, pool: tuple | None = None, progress: bool = True,
                 log_every: int = 250) -> tuple[JudgeConfig, dict]:
     """Train a judge on renders of the TRAINING identities of split_subjects(0) in random contexts; a pool of
-    `per_subject` renders per identity is drawn once, batches are identity pairs from it, augmented on device."""
+    `per_subject` renders per identity is drawn once, batches are identity pairs from it, augmented on device.
+    `log` gets progress lines (default: tqdm.write, which keeps them clear of the progress bar)."""
     from tqdm import tqdm
 
+    log = log or tqdm.write
     if batch < 2 or batch % 2:
         raise ValueError(f"batch={batch}: must be an even number >= 2 (identity pairs).")
     config = config or JudgeConfig()
     train_ids, _ = world.split_subjects(0)
     t0 = time.time()
     if pool is None:
-        pool = _render_pool(train_ids, per_subject, seed, show=progress)
+        pool = _render_pool(train_ids, per_subject, seed, config.image_size, show=progress)
         log(f"rendered {pool[0].shape[0] * pool[0].shape[1]} training images in {time.time() - t0:.1f}s")
     params = init_params(config, seed)
     sched = optax.warmup_cosine_decay_schedule(0.0, lr, min(100, steps // 10 + 1), max(steps, 2), lr * 0.02)
@@ -370,18 +372,14 @@ def judge_images(config: JudgeConfig, params: dict, images: np.ndarray) -> dict:
         raise ValueError(f"judge_images expects uint8 images of shape (N, {s}, {s}, 3), got {images.dtype} "
                          f"{images.shape}; convert floats in [0, 1] with np.round(x * 255).astype(np.uint8).")
     n = images.shape[0]
-    chunk = CHUNK if n >= CHUNK else max(8, 1 << max(n - 1, 0).bit_length())  # few compiled shapes
+    chunk = CHUNK if n >= CHUNK else max(8, 1 << max(n - 1, 0).bit_length())  # padded: few compiled shapes
     parts = []
-    for i in range(0, n, chunk):
+    for i in range(0, max(n, 1), chunk):  # an empty input still runs once, for the output structure
         x = images[i:i + chunk]
-        pad = chunk - x.shape[0]
-        if pad:
-            x = np.concatenate([x, np.zeros((pad, s, s, 3), np.uint8)])
+        m = x.shape[0]
+        x = np.concatenate([x, np.zeros((chunk - m, s, s, 3), np.uint8)])  # (chunk, H, W, 3)
         out = jax.device_get(_forward(config, params, jnp.asarray(x)))
-        parts.append(jax.tree_util.tree_map(lambda a, m=chunk - pad: np.asarray(a[:m]), out))
-    if not parts:
-        parts = [jax.tree_util.tree_map(lambda a: np.asarray(a[:0]),
-                                        jax.device_get(_forward(config, params, jnp.zeros((8, s, s, 3), jnp.uint8))))]
+        parts.append(jax.tree_util.tree_map(lambda a: np.asarray(a[:m]), out))
     out = jax.tree_util.tree_map(lambda *a: np.concatenate(a), *parts)
     pred = {name: np.argmax(out["probs"][name], -1) for name, _ in config.factors}
     return {**pred, "probs": out["probs"], "embedding": out["embedding"]}
@@ -440,6 +438,7 @@ def save_judge(path: str | Path, config: JudgeConfig, params: dict) -> Path:
     try:
         with os.fdopen(fd, "wb") as f:
             np.savez(f, **arrays)
+        os.chmod(tmp, 0o644)  # mkstemp makes it private; a shipped judge is readable by all
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -494,7 +493,7 @@ def main(argv: list[str] | None = None) -> int:
     tr.add_argument("--out", required=True, help="where to write the judge (.npz)")
     tr.add_argument("--steps", type=int, default=1500)
     tr.add_argument("--seed", type=int, default=0)
-    tr.add_argument("--batch", type=int, default=128)
+    tr.add_argument("--batch", type=int, default=64)
     tr.add_argument("--per-subject", type=int, default=8, help="pre-rendered contexts per training identity")
     tr.add_argument("--n", type=int, default=1000, help="held-out renders to evaluate on after training")
     ev = sub.add_parser("eval", help="per-factor accuracy on clean renders of held-out identities")
