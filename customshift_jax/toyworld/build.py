@@ -204,7 +204,7 @@ def ship(work: Path) -> None:
     staging = WEIGHTS.with_name(".weights.new")
     if staging.exists():
         shutil.rmtree(staging)
-    shutil.copytree(work / "weights", staging)
+    shutil.copytree(work / "weights", staging, ignore=shutil.ignore_patterns(".done"))
     if WEIGHTS.exists():
         shutil.rmtree(WEIGHTS)
     staging.rename(WEIGHTS)

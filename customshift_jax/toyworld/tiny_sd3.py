@@ -11,6 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from customshift_jax.testing.tiny_pipeline import DEFAULT_VAE_CONFIG
 from customshift_jax.toyworld import world
 
 IMAGE_SIZE = 32
@@ -33,23 +34,11 @@ TRANSFORMER_CONFIG: dict[str, Any] = {
     "qk_norm": "rms_norm",
 }
 
-VAE_CONFIG: dict[str, Any] = {
-    "in_channels": 3,
-    "out_channels": 3,
-    "down_block_types": ["DownEncoderBlock2D", "DownEncoderBlock2D"],
-    "up_block_types": ["UpDecoderBlock2D", "UpDecoderBlock2D"],
-    "block_out_channels": [16, 32],
-    "layers_per_block": 1,
-    "act_fn": "silu",
-    "latent_channels": 4,
-    "norm_num_groups": 8,
-    "sample_size": IMAGE_SIZE,
-    "scaling_factor": 1.0,  # set from the trained VAE's latents (1 / std) by `vae_train`
-    "shift_factor": 0.0,
-    "force_upcast": True,
-    "use_quant_conv": False,
-    "use_post_quant_conv": False,
-}
+# The tiny pipeline's SD3 VAE (no quant convs) at the world's widths; scaling and shift are set from the trained
+# VAE's latents (1 / std and the mean) by `vae_train`.
+VAE_CONFIG: dict[str, Any] = {**DEFAULT_VAE_CONFIG, "block_out_channels": [16, 32], "layers_per_block": 1,
+                              "latent_channels": 4, "norm_num_groups": 8, "sample_size": IMAGE_SIZE,
+                              "scaling_factor": 1.0, "shift_factor": 0.0}
 
 
 def build_world_pipeline(path: str | Path, seed: int = 0) -> Path:
