@@ -188,7 +188,8 @@ def build_eval(work: Path, out: Path, args) -> None:
     table = E.markdown_table(rows)
     (out / "judge.md").write_text(E.judge_table(judged) + "\n")
     (out / "table.md").write_text(table + "\n")
-    figures.tradeoff_plot({k: (r["context_all"], r["subject_all"]) for k, r in rows.items()}, out / "tradeoff.png")
+    figures.tradeoff_plot({k: (r["context_all"], r["identity_cosine"]) for k, r in rows.items()}, out / "tradeoff.png",
+                          ylabel="subject consistency (identity cosine to the reference)")
     shown = list(range(0, len(cases), args.eval_contexts))[:8]  # one context of each of 8 subjects
     refs, columns = E.references(cases), E.method_columns(E.GAMMAS)
     figures.grid([[refs[i]] + [images[label][i] for label, _, _ in columns] for i in shown],
