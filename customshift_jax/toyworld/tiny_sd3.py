@@ -11,28 +11,17 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from customshift_jax.testing.tiny_pipeline import DEFAULT_VAE_CONFIG
+from customshift_jax.testing.tiny_pipeline import DEFAULT_TRANSFORMER_CONFIG, DEFAULT_VAE_CONFIG
 from customshift_jax.toyworld import world
 
 IMAGE_SIZE = 32
 CLIP_MAX_LENGTH = 16
 T5_MAX_LENGTH = 20
 
-TRANSFORMER_CONFIG: dict[str, Any] = {
-    "sample_size": 16,
-    "patch_size": 2,
-    "in_channels": 4,
-    "num_layers": 4,
-    "attention_head_dim": 32,
-    "num_attention_heads": 4,
-    "joint_attention_dim": 96,  # the tiny T5's width
-    "caption_projection_dim": 128,
-    "pooled_projection_dim": 80,  # CLIP-L + CLIP-G projections
-    "out_channels": 4,
-    "pos_embed_max_size": 16,
-    "dual_attention_layers": [],
-    "qk_norm": "rms_norm",
-}
+# The tiny pipeline's MMDiT (its text widths: T5 96, pooled CLIP-L + CLIP-G 80) at the world's size.
+TRANSFORMER_CONFIG: dict[str, Any] = {**DEFAULT_TRANSFORMER_CONFIG, "sample_size": 16, "in_channels": 4,
+                                      "out_channels": 4, "num_layers": 4, "attention_head_dim": 32,
+                                      "num_attention_heads": 4, "caption_projection_dim": 128, "qk_norm": "rms_norm"}
 
 # The tiny pipeline's SD3 VAE (no quant convs) at the world's widths; scaling and shift are set from the trained
 # VAE's latents (1 / std and the mean) by `vae_train`.
