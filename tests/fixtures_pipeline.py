@@ -28,3 +28,13 @@ def tiny_sd3_pipe(tiny_pipeline_dir):
     from diffusers import StableDiffusion3Pipeline
 
     return StableDiffusion3Pipeline.from_pretrained(tiny_pipeline_dir)
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint_dir(tiny_pipeline_dir, tmp_path_factory) -> Path:
+    """`tiny_pipeline_dir` converted to our checkpoint by `customshift convert`, once per session."""
+    from customshift_jax.cli.main import main
+
+    dst = tmp_path_factory.mktemp("ckpt") / "tiny"
+    assert main(["convert", str(tiny_pipeline_dir), str(dst)]) == 0
+    return dst

@@ -4,7 +4,7 @@ import json
 import numpy as np
 import pytest
 from conftest import DREAMBENCH
-from fixtures_pipeline import tiny_pipeline_dir  # noqa: F401  (session fixture)
+from fixtures_pipeline import tiny_checkpoint_dir, tiny_pipeline_dir  # noqa: F401  (session fixtures)
 
 from customshift_jax.cli.main import main
 
@@ -13,11 +13,9 @@ SIZE = ["--height", "16", "--width", "24"]  # tiny VAE scale 2 x patch 2: latent
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tiny_pipeline_dir, tmp_path_factory):  # noqa: F811
-    """The tiny pipeline converted to our checkpoint, once per module."""
-    dst = tmp_path_factory.mktemp("ckpt") / "tiny"
-    assert main(["convert", str(tiny_pipeline_dir), str(dst)]) == 0
-    return dst
+def checkpoint(tiny_checkpoint_dir):  # noqa: F811
+    """The tiny pipeline converted to our checkpoint (session fixture)."""
+    return tiny_checkpoint_dir
 
 
 @pytest.fixture(scope="module")

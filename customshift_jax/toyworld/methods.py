@@ -39,6 +39,7 @@ class WorldModel:
     vae_params: Any
     encoders: Any
     loras: dict[str, tuple[Any, Any, Any]]  # name -> (LoRAConfig, rab tree, cgb tree incl. beta)
+    _encode: Any = dataclasses.field(default=None, repr=False)  # the jitted VAE encoder, built on first use
 
     @classmethod
     def load(cls, weights: str | Path = WEIGHTS) -> "WorldModel":
@@ -69,8 +70,9 @@ class WorldModel:
         from customshift_jax.toyworld.vae_train import to_model_images
         from customshift_jax.vae import scale_latents, vae_encode
 
-        fn = jax.jit(lambda p, x: scale_latents(self.vae_config, vae_encode(self.vae_config, p, x)))
-        return fn(self.vae_params, jnp.asarray(to_model_images(images)))
+        if self._encode is None:  # compiled once per model, not once per call
+            self._encode = jax.jit(lambda p, x: scale_latents(self.vae_config, vae_encode(self.vae_config, p, x)))
+        return self._encode(self.vae_params, jnp.asarray(to_model_images(images)))
 
 
 class Generator:
@@ -92,6 +94,9 @@ class Generator:
                 lora = model.loras[lora_name][0]
                 self.samplers[lora_name] = make_customshift_sampler(model.config, lora, shift=shift, **kw)
                 self.prefills[lora_name] = jax.jit(make_prefill(model.config, lora))
+        # The training-free method's all-zero LoRAs, made once.
+        self.zeroed = {name: (model.loras[name][0], *jax.tree_util.tree_map(jnp.zeros_like, model.loras[name][1:]))
+                       for name, _, zeroed in METHODS.values() if zeroed}
 
     def _cond(self, embeds: np.ndarray, pooled: np.ndarray):
         from customshift_jax.sampling import Conditioning
@@ -116,9 +121,7 @@ class Generator:
             out = self.base(m.params, noise, cond, self.schedule, guidance_scale=self.guidance,
                             vae_params=m.vae_params)
             return to_uint8(out)
-        _, rab, cgb = m.loras[lora_name]
-        if zeroed:
-            rab, cgb = jax.tree_util.tree_map(jnp.zeros_like, (rab, cgb))
+        _, rab, cgb = self.zeroed[lora_name] if zeroed else m.loras[lora_name]
         kv = self.prefills[lora_name](m.params, rab, reference, *subject)
         out = self.samplers[lora_name]({"base": m.params, "cgb_lora": cgb}, noise, cond, self.schedule,
                                        guidance_scale=self.guidance,
