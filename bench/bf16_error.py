@@ -21,8 +21,8 @@ def main() -> None:
 
     jax.config.update("jax_default_matmul_precision", "highest")
     from customshift_jax import MMDiTConfig, get_preset
-    from customshift_jax.crosscheck import ForwardInputs, jax_forward, random_diffusers_transformer, torch_forward
-    from customshift_jax.mapping import params_from_state_dict
+    from customshift_jax.crosscheck.mmdit import ForwardInputs, jax_forward, random_diffusers_transformer, torch_forward
+    from customshift_jax.models.mmdit.mapping import params_from_state_dict
     from customshift_jax.numerics import relative_error
 
     print(f"{'preset':<20} {'jax bf16 vs torch fp32':>24} {'torch bf16 vs torch fp32':>26}")

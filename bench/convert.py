@@ -56,9 +56,9 @@ def write_random_safetensors(path: Path, shapes: dict[str, tuple[int, ...]], dty
 
 def make_single_file(root: Path, dtype: str) -> Path:
     """An original-layout sd3-medium file: MMDiT + VAE under their Stability prefixes."""
-    from convert.single_file import TRANSFORMER_PREFIX, VAE_PREFIX, transformer_layout, vae_layout
-    from customshift_jax.config import get_preset
-    from customshift_jax.vae import VAEConfig
+    from customshift_jax.io.single_file import TRANSFORMER_PREFIX, VAE_PREFIX, transformer_layout, vae_layout
+    from customshift_jax.models.mmdit.config import get_preset
+    from customshift_jax.models.vae import VAEConfig
 
     shapes = {TRANSFORMER_PREFIX + k: t.shape for k, t in transformer_layout(get_preset("sd3-medium")).items()}
     shapes.update({VAE_PREFIX + k: t.shape for k, t in vae_layout(VAEConfig.sd3()).items()})
@@ -69,11 +69,11 @@ def make_single_file(root: Path, dtype: str) -> Path:
 
 def make_diffusers_folder(root: Path, dtype: str) -> Path:
     """A diffusers pipeline folder (transformer/ + vae/) with the sd3-medium shapes."""
-    from convert.single_file import vae_state_dict_shapes
-    from customshift_jax.checkpoint import config_dict
-    from customshift_jax.config import get_preset
-    from customshift_jax.mapping import state_dict_shapes
-    from customshift_jax.vae import VAEConfig
+    from customshift_jax.io.checkpoint import config_dict
+    from customshift_jax.io.single_file import vae_state_dict_shapes
+    from customshift_jax.models.mmdit.config import get_preset
+    from customshift_jax.models.mmdit.mapping import state_dict_shapes
+    from customshift_jax.models.vae import VAEConfig
 
     pipe = root / "sd3_medium_synthetic"
     for name, config, shapes in (("transformer", get_preset("sd3-medium"), state_dict_shapes),
@@ -100,7 +100,7 @@ def run_child(argv: list[str]) -> tuple[int, float, int]:
 
 LOAD_CHECK = """
 import sys, numpy as np
-from customshift_jax.checkpoint import load_checkpoint
+from customshift_jax.io.checkpoint import load_checkpoint
 out = load_checkpoint(sys.argv[1])
 print("loaded", {k: sum(a.size for a in __import__("jax").tree_util.tree_leaves(p)) for k, (c, p) in out.items()})
 """

@@ -28,9 +28,9 @@ def main() -> None:
     import numpy as np
 
     from customshift_jax import MMDiTConfig, get_preset, init_mmdit
-    from customshift_jax.customshift import init_lora, prefill
-    from customshift_jax.customshift_sampling import make_customshift_sampler
-    from customshift_jax.lora import LoRAConfig
+    from customshift_jax.customshift.branches import init_lora, prefill
+    from customshift_jax.customshift.sampling import make_customshift_sampler
+    from customshift_jax.models.mmdit.lora import LoRAConfig
     from customshift_jax.sampling import Conditioning, make_sampler, make_schedule
 
     config = MMDiTConfig.from_diffusers_config({**get_preset(args.preset).to_diffusers_config(),
@@ -65,16 +65,16 @@ def main() -> None:
 
     def cached():
         cache = prefill(config, params, *ref, rab_lora=rab, lora=lora)  # once per reference: counted here
-        return cached_sampler({"base": params, "cgb_lora": cgb}, latents, cond, schedule,
+        return cached_sampler({"base": params, "cgb": cgb}, latents, cond, schedule,
                               extra={"ref_kv": cache.kv, "gamma": 1.0}, **kw)
 
     rows = [
         timed("base SD3", lambda: base_sampler(params, latents, cond, schedule, **kw)),
         timed("CustomShift, cached RAB (prefill once)", cached),
         timed("CustomShift, RAB every step", lambda: recompute_sampler(
-            {"base": params, "cgb_lora": cgb, "rab_lora": rab}, latents, cond, schedule, extra=ref_extra, **kw)),
+            {"base": params, "cgb": cgb, "rab": rab}, latents, cond, schedule, extra=ref_extra, **kw)),
         timed("concat, reference tokens every step", lambda: concat_sampler(
-            {"base": params, "cgb_lora": cgb, "rab_lora": rab}, latents, cond, schedule, extra=ref_extra, **kw)),
+            {"base": params, "cgb": cgb, "rab": rab}, latents, cond, schedule, extra=ref_extra, **kw)),
     ]
     print(f"config: {args.preset} width, {args.layers} layers, latents {args.size}x{args.size}, {args.steps} steps, "
           f"guidance 7 (CFG batched), batch 1, fp32, LoRA rank 16, {jax.devices()[0].platform}")

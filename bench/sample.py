@@ -34,8 +34,8 @@ def main() -> None:
 
     jax.config.update("jax_default_matmul_precision", "highest")
     from customshift_jax import MMDiTConfig, get_preset
-    from customshift_jax.crosscheck import random_diffusers_transformer
-    from customshift_jax.mapping import params_from_state_dict
+    from customshift_jax.crosscheck.mmdit import random_diffusers_transformer
+    from customshift_jax.models.mmdit.mapping import params_from_state_dict
     from customshift_jax.numerics import relative_error
     from customshift_jax.sampling import Conditioning, make_sampler, make_schedule
     from customshift_jax.testing.tiny_pipeline import DEFAULT_VAE_CONFIG

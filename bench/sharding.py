@@ -32,11 +32,11 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
-from customshift_jax.api import param_shapes  # noqa: E402
-from customshift_jax.config import get_preset  # noqa: E402
-from customshift_jax.customshift import init_lora  # noqa: E402
-from customshift_jax.lora import LoRAConfig  # noqa: E402
-from customshift_jax import sharding as sh  # noqa: E402
+from customshift_jax.customshift.branches import init_lora  # noqa: E402
+from customshift_jax.models.mmdit.api import param_shapes  # noqa: E402
+from customshift_jax.models.mmdit.config import get_preset  # noqa: E402
+from customshift_jax.models.mmdit.lora import LoRAConfig  # noqa: E402
+from customshift_jax.parallel import sharding as sh  # noqa: E402
 
 GIB = 1024 ** 3
 IMAGE_TOKENS = (1024 // 8 // 2) ** 2  # 1024 px -> 128 x 128 latent -> 64 x 64 patches

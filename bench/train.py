@@ -48,9 +48,9 @@ def step_flops(config, lora, batch, make_step) -> tuple[float, str]:
     once, whatever its length, so compile 1 and 2 layers (shapes only) and extrapolate linearly."""
     import jax
 
-    from customshift_jax.api import init_mmdit
-    from train.optim import make_optimizer
-    from train.step import init_train_state
+    from customshift_jax.models.mmdit.api import init_mmdit
+    from customshift_jax.train.optim import make_optimizer
+    from customshift_jax.train.step import init_train_state
 
     layers = config.num_layers
     dual = set(config.dual_attention_layers)
@@ -88,11 +88,11 @@ def main(argv=None) -> int:
     import jax.numpy as jnp
     import numpy as np
 
-    from customshift_jax.api import init_mmdit
-    from customshift_jax.config import get_preset
-    from customshift_jax.lora import LoRAConfig
-    from train.optim import make_optimizer
-    from train.step import init_train_state, make_train_step
+    from customshift_jax.models.mmdit.api import init_mmdit
+    from customshift_jax.models.mmdit.config import get_preset
+    from customshift_jax.models.mmdit.lora import LoRAConfig
+    from customshift_jax.train.optim import make_optimizer
+    from customshift_jax.train.step import init_train_state, make_train_step
 
     config = dataclasses.replace(get_preset(args.preset), num_layers=args.layers)
     lora = LoRAConfig(args.rank, float(args.rank))

@@ -27,8 +27,8 @@ def main() -> None:
     import torch
 
     jax.config.update("jax_default_matmul_precision", "highest")
+    from customshift_jax.models.vae import VAEConfig, vae_decode, vae_params_from_state_dict
     from customshift_jax.numerics import relative_error
-    from customshift_jax.vae import VAEConfig, vae_decode, vae_params_from_state_dict
 
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -1,9 +1,24 @@
-"""customshift-jax: CustomShift (subject-driven customization on SD3) in JAX/Flax, exact to diffusers."""
-from customshift_jax.api import init_mmdit, load_transformer, make_forward, mmdit_apply, param_shapes
-from customshift_jax.config import PRESETS, MMDiTConfig, get_preset
-from customshift_jax.mapping import StateDictMismatch, params_from_state_dict, state_dict_from_params
+"""customshift-jax: CustomShift (subject-driven customization on SD3) in JAX/Flax, exact to diffusers.
 
-__all__ = [
-    "MMDiTConfig", "PRESETS", "get_preset", "init_mmdit", "load_transformer", "make_forward", "mmdit_apply",
-    "param_shapes", "params_from_state_dict", "state_dict_from_params", "StateDictMismatch",
-]
+The names below load on first use, so that importing one submodule does not import the whole library.
+Layout (docs/architecture.md): models/ (MMDiT, VAE), customshift/ (the method), sampling/, parallel/, io/, text/,
+train/, pipeline.py, cli/.
+"""
+import importlib
+
+_EXPORTS = {
+    "MMDiTConfig": "customshift_jax.models.mmdit.config", "PRESETS": "customshift_jax.models.mmdit.config",
+    "get_preset": "customshift_jax.models.mmdit.config", "init_mmdit": "customshift_jax.models.mmdit.api",
+    "make_forward": "customshift_jax.models.mmdit.api", "mmdit_apply": "customshift_jax.models.mmdit.api",
+    "param_shapes": "customshift_jax.models.mmdit.api", "load_transformer": "customshift_jax.io.loading",
+    "params_from_state_dict": "customshift_jax.models.mmdit.mapping",
+    "state_dict_from_params": "customshift_jax.models.mmdit.mapping",
+    "StateDictMismatch": "customshift_jax.models.mmdit.mapping",
+}
+__all__ = list(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'customshift_jax' has no attribute {name!r}")

@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 def config():
-    from customshift_jax.config import MMDiTConfig
+    from customshift_jax.models.mmdit.config import MMDiTConfig
 
     return MMDiTConfig(num_layers=2, qk_norm="rms_norm", sample_size=8, attention_head_dim=8, num_attention_heads=4,
                        caption_projection_dim=32, joint_attention_dim=32, pooled_projection_dim=24,
@@ -60,20 +60,20 @@ def train_batch(cfg):
 def init_params(cfg):
     import jax
 
-    from customshift_jax.api import init_mmdit
+    from customshift_jax.models.mmdit.api import init_mmdit
 
     return jax.jit(lambda k: init_mmdit(cfg, k))(jax.random.key(0))
 
 
 def lora():
-    from customshift_jax.lora import LoRAConfig
+    from customshift_jax.models.mmdit.lora import LoRAConfig
 
     return LoRAConfig(rank=LORA_RANK, alpha=LORA_ALPHA)
 
 
 def optimizer():
     """(AdamW, schedule): a constant lr, so the one step moves every LoRA leaf."""
-    from train.optim import make_optimizer
+    from customshift_jax.train.optim import make_optimizer
 
     return make_optimizer(1e-3)
 
@@ -82,7 +82,7 @@ def init_state(cfg, opt):
     """A train state whose every LoRA leaf (B and beta too) is non-zero, so every gradient flows."""
     import jax
 
-    from train.step import init_train_state
+    from customshift_jax.train.step import init_train_state
 
     state = init_train_state(cfg, lora(), opt, 0)
     leaves, tree = jax.tree_util.tree_flatten(state.trainable)
@@ -93,7 +93,7 @@ def init_state(cfg, opt):
 
 def train_step(cfg, mesh, opt, schedule):
     """The sharded LoRA training step on `mesh`."""
-    from train.sharded import make_sharded_train_step
+    from customshift_jax.train.sharded import make_sharded_train_step
 
     return make_sharded_train_step(cfg, lora(), opt, mesh, RULES, schedule=schedule, **STEP_KW)
 
@@ -110,7 +110,7 @@ def local_rows(tree, rows, mesh, logical):
     """Global arrays, laid out by RULES, from this process's rows of each leaf of a host `tree`."""
     import jax
 
-    from customshift_jax import distributed
+    from customshift_jax.parallel import distributed
 
     return jax.tree_util.tree_map(
         lambda x, ax: distributed.global_batch_array(x[rows], mesh, RULES, ax(x.shape), x.shape), tree, logical)
@@ -127,9 +127,9 @@ def run_forward(cfg, mesh, params, rows, out, log) -> dict:
     """The sharded forward, an orbax save / restore of the params, the forward again: gathered results."""
     import numpy as np
 
-    from customshift_jax import distributed
-    from customshift_jax import sharding as sh
-    from customshift_jax.sharding import BATCH_AXES, LATENT_AXES, TOKEN_AXES
+    from customshift_jax.parallel import distributed
+    from customshift_jax.parallel import sharding as sh
+    from customshift_jax.parallel.sharding import BATCH_AXES, LATENT_AXES, TOKEN_AXES
 
     sharded_inputs = local_rows(inputs(cfg), rows, mesh, (LATENT_AXES, BATCH_AXES, TOKEN_AXES, BATCH_AXES))
     skip = np.zeros((cfg.num_layers,), bool)
@@ -150,8 +150,8 @@ def run_train(cfg, mesh, params, rows, out, log) -> dict:
     import jax
     import numpy as np
 
-    from customshift_jax import distributed
-    from customshift_jax import sharding as sh
+    from customshift_jax.parallel import distributed
+    from customshift_jax.parallel import sharding as sh
 
     opt, schedule = optimizer()
     step = train_step(cfg, mesh, opt, schedule)
@@ -178,14 +178,14 @@ def main() -> int:
     args = parser.parse_args()
     start = time.time()
 
-    from customshift_jax import distributed
+    from customshift_jax.parallel import distributed
 
     distributed.initialize(args.coordinator, args.num_processes, args.process_id)
     import jax
     import numpy as np
 
     jax.config.update("jax_default_matmul_precision", "highest")
-    from customshift_jax import sharding as sh
+    from customshift_jax.parallel import sharding as sh
 
     log = lambda msg: print(f"[process {jax.process_index()} {time.time() - start:5.1f}s] {msg}", flush=True)  # noqa
     log(f"{jax.process_count()} processes, {jax.local_device_count()} local of {jax.device_count()} devices")

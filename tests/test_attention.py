@@ -8,12 +8,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
 from conftest import rel_err
-from customshift_jax import attention as attn
-from customshift_jax.api import init_mmdit, make_forward, skip_mask
-from customshift_jax.cads import cads_attention
-from customshift_jax.config import get_preset
+
+from customshift_jax.customshift.cads import cads_attention
+from customshift_jax.models.mmdit import attention as attn
+from customshift_jax.models.mmdit.api import init_mmdit, make_forward, skip_mask
+from customshift_jax.models.mmdit.config import get_preset
 
 
 def _qkv(b=2, nq=37, nk=29, h=3, d=8, seed=0):
@@ -73,8 +73,8 @@ def test_mmdit_forward_on_blocked_backend(small_block):
 
 def test_blocked_backend_matches_diffusers(small_block):
     """The MMDiT on the blocked backend against diffusers itself (DESIGN section 7: rel err <= 1e-5)."""
-    from customshift_jax.crosscheck import ForwardInputs, random_diffusers_transformer, torch_forward
-    from customshift_jax.mapping import params_from_state_dict
+    from customshift_jax.crosscheck.mmdit import ForwardInputs, random_diffusers_transformer, torch_forward
+    from customshift_jax.models.mmdit.mapping import params_from_state_dict
 
     config = get_preset("tiny-sd3.5-medium")
     model = random_diffusers_transformer(config, seed=3)

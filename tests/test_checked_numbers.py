@@ -54,10 +54,10 @@ def _lora_folder(checkpoint, path, seed: int = 0):
     """A CustomShift LoRA folder (the three files) from random trees fitting the tiny checkpoint."""
     import jax
 
-    from convert.lora_format import save_lora_files, to_state_dict
-    from customshift_jax.checkpoint import load_checkpoint
-    from customshift_jax.customshift import init_lora
-    from customshift_jax.lora import LoRAConfig
+    from customshift_jax.customshift.branches import init_lora
+    from customshift_jax.io.checkpoint import load_checkpoint
+    from customshift_jax.io.lora_files import save_lora_files, to_state_dict
+    from customshift_jax.models.mmdit.lora import LoRAConfig
 
     config = load_checkpoint(checkpoint, ["transformer"])["transformer"][0]
     lora = LoRAConfig(rank=2, alpha=2.0)
@@ -96,7 +96,7 @@ def test_bad_gamma_is_one_line(gamma, checkpoint, embeds, tmp_path, capsys):
 # Row 2: non-finite LoRA tensors, beta or alpha name the tensor / metadata and the file.
 @pytest.mark.parametrize("case", ["lora_nan", "lora_inf", "beta_nan", "alpha_nan"])
 def test_non_finite_lora_is_one_line(case, checkpoint, embeds, tmp_path, capsys):
-    from convert.lora_format import BETA_FILE, CGB_FILE, RAB_FILE
+    from customshift_jax.io.lora_files import BETA_FILE, CGB_FILE, RAB_FILE
 
     folder = _lora_folder(checkpoint, tmp_path / "lora")
     if case == "alpha_nan":
@@ -114,7 +114,7 @@ def test_non_finite_lora_is_one_line(case, checkpoint, embeds, tmp_path, capsys)
 
 # Row 3: a truncated LoRA file is named, not a SafetensorError traceback.
 def test_truncated_lora_file_is_one_line(checkpoint, embeds, tmp_path, capsys):
-    from convert.lora_format import CGB_FILE
+    from customshift_jax.io.lora_files import CGB_FILE
 
     folder = _lora_folder(checkpoint, tmp_path / "lora")
     data = (folder / CGB_FILE).read_bytes()
@@ -148,7 +148,7 @@ def test_seed_range_is_what_jax_tells_apart():
 
 # Row 5: non-finite latents stop before decoding, naming the prompt; no PNG.
 def test_non_finite_latents_check():
-    from customshift_jax.generate import check_finite_latents
+    from customshift_jax.pipeline import check_finite_latents
 
     check_finite_latents(np.zeros((2, 16, 8, 12), np.float32), 0, 3)
     z = np.zeros((2, 16, 8, 12), np.float32)

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from customshift_jax import get_preset, load_transformer, param_shapes
-from customshift_jax.checkpoint import (
+from customshift_jax.io.checkpoint import (
     MARKER,
     CheckpointExists,
     checkpoint_components,
@@ -18,8 +18,8 @@ from customshift_jax.checkpoint import (
     nest_leaves,
     save_checkpoint,
 )
-from customshift_jax.vae import VAEConfig
-from customshift_jax.vae.model import param_shapes as vae_param_shapes
+from customshift_jax.models.vae import VAEConfig
+from customshift_jax.models.vae.model import param_shapes as vae_param_shapes
 
 CONFIG = get_preset("tiny-sd3.5-medium")  # scanned groups named "0:2", "2:3", "3:4"
 

@@ -12,8 +12,13 @@ import numpy as np
 import pytest
 import torch
 
-from convert.convert import Progress, cast_array, convert, release_pages
-from convert.single_file import (
+from customshift_jax import get_preset, load_transformer
+from customshift_jax.cli.main import main
+from customshift_jax.crosscheck.mmdit import crosscheck_model, random_diffusers_transformer
+from customshift_jax.io.checkpoint import load_checkpoint
+from customshift_jax.io.convert import Progress, cast_array, convert, release_pages
+from customshift_jax.io.safetensors import SafetensorsFile, write_safetensors
+from customshift_jax.io.single_file import (
     TRANSFORMER_PREFIX,
     VAE_PREFIX,
     infer_transformer_config,
@@ -23,12 +28,7 @@ from convert.single_file import (
     vae_layout,
     vae_to_original,
 )
-from customshift_jax import get_preset, load_transformer
-from customshift_jax.checkpoint import load_checkpoint
-from customshift_jax.cli.main import main
-from customshift_jax.crosscheck import crosscheck_model, random_diffusers_transformer
-from customshift_jax.mapping import params_from_state_dict, state_dict_from_params
-from customshift_jax.safetensors_io import SafetensorsFile, write_safetensors
+from customshift_jax.models.mmdit.mapping import params_from_state_dict, state_dict_from_params
 
 TOL = 1e-5
 TINY = ["tiny-sd3-medium", "tiny-sd3.5-medium", "tiny-sd3.5-large"]
@@ -136,7 +136,7 @@ def test_config_inference_on_released_shapes(name):
 
 
 def test_vae_config_inference_on_sd3_shapes():
-    from customshift_jax.vae import VAEConfig
+    from customshift_jax.models.vae import VAEConfig
 
     config = VAEConfig.sd3()
     shapes = {k: t.shape for k, t in vae_layout(config).items()}
@@ -147,8 +147,8 @@ def test_vae_config_inference_on_sd3_shapes():
 
 def test_vae_expected_shapes_follow_the_vae_mapping():
     # Our key/shape rule for the VAE must agree with customshift_jax.vae's own mapping.
-    from convert.single_file import vae_state_dict_shapes
-    from customshift_jax.vae import VAEConfig, init_vae, vae_state_dict_from_params
+    from customshift_jax.io.single_file import vae_state_dict_shapes
+    from customshift_jax.models.vae import VAEConfig, init_vae, vae_state_dict_from_params
 
     config = VAEConfig.tiny()
     sd = vae_state_dict_from_params(config, init_vae(config, jax.random.key(0)))
@@ -166,7 +166,7 @@ def test_pipeline_round_trip_is_bit_exact(tiny_pipeline, tmp_path, capsys):
     # diffusers -> orbax -> diffusers at fp32: every tensor identical, and diffusers loads the export.
     from diffusers import AutoencoderKL, SD3Transformer2DModel
 
-    from customshift_jax.vae import load_vae
+    from customshift_jax.io.loading import load_vae
 
     ckpt, out = tmp_path / "ckpt", tmp_path / "exported"
     assert main(["convert", str(tiny_pipeline), str(ckpt), "--no-progress"]) == 0
@@ -223,7 +223,7 @@ def test_conversion_written_in_pieces_reads_back_equal(tiny_pipeline, tmp_path, 
 def test_single_file_vae_matches_diffusers_single_file_loader(tiny_pipeline, tmp_path):
     from diffusers import AutoencoderKL
 
-    from customshift_jax.vae import VAEConfig, vae_params_from_state_dict
+    from customshift_jax.models.vae import VAEConfig, vae_params_from_state_dict
 
     vae = AutoencoderKL.from_pretrained(tiny_pipeline, subfolder="vae")
     config = VAEConfig.from_diffusers_config(dict(vae.config))
@@ -323,7 +323,7 @@ def test_progress_bar_in_a_log_file_ends_with_the_final_count(capsys):
 @pytest.mark.parametrize("dtype", [np.float32, ml_dtypes.bfloat16])
 def test_tiled_fill_of_large_transposed_tensors_is_exact(dtype):
     # Real-width kernels (>= 1M values) are filled tile by tile; edges that are not tile multiples included.
-    from customshift_jax.mapping import _fill
+    from customshift_jax.models.mmdit.mapping import _fill
 
     source = np.random.default_rng(0).standard_normal((1100, 1030)).astype(np.float32)
     target = np.empty((1030, 1100), dtype)

@@ -6,11 +6,11 @@ import json
 import numpy as np
 import pytest
 
-from convert.single_file import TRANSFORMER_PREFIX, transformer_to_original
 from customshift_jax import get_preset
 from customshift_jax.cli.main import main
-from customshift_jax.crosscheck import random_diffusers_transformer
-from customshift_jax.safetensors_io import write_safetensors
+from customshift_jax.crosscheck.mmdit import random_diffusers_transformer
+from customshift_jax.io.safetensors import write_safetensors
+from customshift_jax.io.single_file import TRANSFORMER_PREFIX, transformer_to_original
 
 QKV = f"{TRANSFORMER_PREFIX}joint_blocks.1.x_block.attn.qkv.weight"
 PROJ = f"{TRANSFORMER_PREFIX}joint_blocks.1.x_block.attn.proj.weight"
@@ -95,7 +95,7 @@ def test_wrong_shape_in_a_diffusers_folder(sources, capsys, tmp_path):
     root, _ = sources
     import shutil
 
-    from customshift_jax.safetensors_io import SafetensorsFile
+    from customshift_jax.io.safetensors import SafetensorsFile
 
     folder = tmp_path / "transformer"
     shutil.copytree(root / "transformer", folder)

@@ -11,12 +11,12 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("diffusers")
 
-from convert import lora_format  # noqa: E402
-from convert.torch_customshift import TorchCustomShift  # noqa: E402
 from customshift_jax import get_preset  # noqa: E402
 from customshift_jax.cli.main import main  # noqa: E402
-from customshift_jax.crosscheck_customshift import random_lora  # noqa: E402
-from customshift_jax.lora import LoRAConfig  # noqa: E402
+from customshift_jax.crosscheck.customshift import random_lora  # noqa: E402
+from customshift_jax.io import lora_files as lora_format  # noqa: E402
+from customshift_jax.models.mmdit.lora import LoRAConfig  # noqa: E402
+from customshift_jax.reference.torch_customshift import TorchCustomShift  # noqa: E402
 
 PRESET = "tiny-sd3.5-large"
 ARGS = ["crosscheck", "--customshift", "--presets", PRESET, "--batch", "2", "--height", "8", "--width", "12"]

@@ -5,10 +5,10 @@ import numpy as np
 import pytest
 
 from customshift_jax import MMDiTConfig, get_preset, init_mmdit, mmdit_apply
-from customshift_jax.attention import attention
-from customshift_jax.cads import cads_attention, shift_logit
-from customshift_jax.customshift import customshift_apply, init_lora, prefill
-from customshift_jax.lora import LoRAConfig, merge_lora
+from customshift_jax.customshift.branches import customshift_apply, init_lora, prefill
+from customshift_jax.customshift.cads import cads_attention, shift_logit
+from customshift_jax.models.mmdit.attention import attention
+from customshift_jax.models.mmdit.lora import LoRAConfig, merge_lora
 from customshift_jax.numerics import relative_error
 
 TINY = ["tiny-sd3-medium", "tiny-sd3.5-medium", "tiny-sd3.5-large"]

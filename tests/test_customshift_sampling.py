@@ -5,11 +5,11 @@ import pytest
 from conftest import DREAMBENCH
 
 from customshift_jax import get_preset, init_mmdit
-from customshift_jax.customshift import init_lora, prefill
-from customshift_jax.customshift_sampling import make_customshift_sampler
-from customshift_jax.lora import LoRAConfig
+from customshift_jax.customshift.branches import init_lora, prefill
+from customshift_jax.customshift.sampling import make_customshift_sampler
+from customshift_jax.io.images import load_reference_image
+from customshift_jax.models.mmdit.lora import LoRAConfig
 from customshift_jax.numerics import relative_error
-from customshift_jax.reference_image import load_reference_image
 from customshift_jax.sampling import Conditioning, make_sampler, make_schedule
 
 CONFIG = get_preset("tiny-sd3.5-medium")
@@ -41,10 +41,10 @@ def test_cached_equals_recomputed_rab_every_step(setup):
     params, rab, cgb, cond, ref, latents, schedule = setup
     cache = prefill(CONFIG, params, *ref, rab_lora=rab, lora=LORA)
     cached = make_customshift_sampler(CONFIG, LORA)(
-        {"base": params, "cgb_lora": cgb}, latents, cond, schedule, guidance_scale=4.0,
+        {"base": params, "cgb": cgb}, latents, cond, schedule, guidance_scale=4.0,
         extra={"ref_kv": cache.kv, "gamma": 1.3})
     recomputed = make_customshift_sampler(CONFIG, LORA, recompute_rab=True)(
-        {"base": params, "cgb_lora": cgb, "rab_lora": rab}, latents, cond, schedule, guidance_scale=4.0,
+        {"base": params, "cgb": cgb, "rab": rab}, latents, cond, schedule, guidance_scale=4.0,
         extra={"ref_latents": ref[0], "subject_embeds": ref[1], "subject_pooled": ref[2], "gamma": 1.3})
     assert relative_error(cached, recomputed) <= 1e-6
     base = make_sampler(CONFIG)(params, latents, cond, schedule, guidance_scale=4.0)
@@ -55,7 +55,7 @@ def test_gamma_zero_with_zero_lora_is_base_sd3(setup):
     params, _, _, cond, ref, latents, schedule = setup
     cache = prefill(CONFIG, params, *ref)
     zero = init_lora(CONFIG, LORA, jax.random.key(5), branch="cgb")
-    out = make_customshift_sampler(CONFIG, LORA)({"base": params, "cgb_lora": zero}, latents, cond, schedule,
+    out = make_customshift_sampler(CONFIG, LORA)({"base": params, "cgb": zero}, latents, cond, schedule,
                                                  guidance_scale=4.0, extra={"ref_kv": cache.kv, "gamma": 0.0})
     base = make_sampler(CONFIG)(params, latents, cond, schedule, guidance_scale=4.0)
     np.testing.assert_array_equal(np.asarray(out), np.asarray(base))

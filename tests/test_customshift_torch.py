@@ -17,14 +17,15 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("diffusers")
 
 from conftest import rel_err  # noqa: E402
-from convert import lora_format  # noqa: E402
-from convert.torch_customshift import TorchCustomShift  # noqa: E402
+
 from customshift_jax import get_preset  # noqa: E402
-from customshift_jax.api import skip_mask  # noqa: E402
-from customshift_jax.crosscheck import random_diffusers_transformer  # noqa: E402
-from customshift_jax.customshift import make_customshift_forward, make_prefill  # noqa: E402
-from customshift_jax.lora import LoRAConfig  # noqa: E402
-from customshift_jax.mapping import StateDictMismatch, params_from_state_dict  # noqa: E402
+from customshift_jax.crosscheck.mmdit import random_diffusers_transformer  # noqa: E402
+from customshift_jax.customshift.branches import make_customshift_forward, make_prefill  # noqa: E402
+from customshift_jax.io import lora_files as lora_format  # noqa: E402
+from customshift_jax.models.mmdit.api import skip_mask  # noqa: E402
+from customshift_jax.models.mmdit.lora import LoRAConfig  # noqa: E402
+from customshift_jax.models.mmdit.mapping import StateDictMismatch, params_from_state_dict  # noqa: E402
+from customshift_jax.reference.torch_customshift import TorchCustomShift  # noqa: E402
 
 PRESETS = ("tiny-sd3-medium", "tiny-sd3.5-medium", "tiny-sd3.5-large")
 SKIP = {"tiny-sd3.5-medium": (1,)}  # skip-layer guidance on one preset (a dual-attention layer)

@@ -10,14 +10,14 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from convert.torch_customshift import TorchCustomShift  # noqa: E402
 from customshift_jax import get_preset  # noqa: E402
-from customshift_jax.crosscheck import random_diffusers_transformer  # noqa: E402
-from customshift_jax.customshift import prefill  # noqa: E402
-from customshift_jax.customshift_sampling import make_customshift_sampler  # noqa: E402
-from customshift_jax.lora import LoRAConfig  # noqa: E402
-from customshift_jax.mapping import params_from_state_dict  # noqa: E402
+from customshift_jax.crosscheck.mmdit import random_diffusers_transformer  # noqa: E402
+from customshift_jax.customshift.branches import prefill  # noqa: E402
+from customshift_jax.customshift.sampling import make_customshift_sampler  # noqa: E402
+from customshift_jax.models.mmdit.lora import LoRAConfig  # noqa: E402
+from customshift_jax.models.mmdit.mapping import params_from_state_dict  # noqa: E402
 from customshift_jax.numerics import relative_error  # noqa: E402
+from customshift_jax.reference.torch_customshift import TorchCustomShift  # noqa: E402
 from customshift_jax.sampling import Conditioning, make_schedule  # noqa: E402
 
 STEPS, GUIDANCE, GAMMA = 8, 5.0, 1.3
@@ -25,7 +25,7 @@ LORA = LoRAConfig(rank=4, alpha=8.0)
 
 
 def _random_lora(config, branch, rng):
-    from convert.lora_format import expected_lora_shapes
+    from customshift_jax.io.lora_files import expected_lora_shapes
 
     return jax.tree_util.tree_map_with_path(
         lambda path, s: rng.normal(0.0, 0.5 if path[-1].key == "beta" else 0.05, s.shape).astype(np.float32),
@@ -50,7 +50,7 @@ def test_eight_step_customshift_sample_matches_torch_reference():
 
     cache = prefill(config, params, ref, subject, subject_pooled, rab_lora=rab, lora=LORA)
     ours = make_customshift_sampler(config, LORA)(
-        {"base": params, "cgb_lora": cgb}, x_t, Conditioning(pe, pooled, neg, neg_pooled),
+        {"base": params, "cgb": cgb}, x_t, Conditioning(pe, pooled, neg, neg_pooled),
         make_schedule({"shift": 3.0}, STEPS), guidance_scale=GUIDANCE, extra={"ref_kv": cache.kv, "gamma": GAMMA})
 
     scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0)

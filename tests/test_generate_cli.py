@@ -67,6 +67,8 @@ def test_cli_latents_match_diffusers_pipeline(checkpoint, embeds_file, tiny_pipe
     png = Image.open(tmp_path / "out" / "001_00.png")
     assert png.size == (24, 16)
     assert json.loads(png.text["parameters"])["guidance"] == 5.0
+    settings = json.loads((tmp_path / "out" / "settings.json").read_text())
+    assert settings["guidance"] == 5.0 and not [k for k in settings if k.startswith("_")], settings
 
 
 def test_text_encoders_and_customshift_reference(checkpoint, tiny_pipeline_dir, tmp_path, capsys):  # noqa: F811
@@ -94,11 +96,11 @@ def test_reference_from_embeds_file_only(checkpoint, embeds_file, tmp_path, caps
 def test_lora_folder_is_loaded_and_checked(checkpoint, embeds_file, tmp_path, capsys):
     import jax
 
-    from convert.lora_format import save_lora_files, to_state_dict
     from customshift_jax import MMDiTConfig
-    from customshift_jax.checkpoint import load_checkpoint
-    from customshift_jax.customshift import init_lora
-    from customshift_jax.lora import LoRAConfig
+    from customshift_jax.customshift.branches import init_lora
+    from customshift_jax.io.checkpoint import load_checkpoint
+    from customshift_jax.io.lora_files import save_lora_files, to_state_dict
+    from customshift_jax.models.mmdit.lora import LoRAConfig
 
     _, with_subject = embeds_file
     config = load_checkpoint(checkpoint, ["transformer"])["transformer"][0]
@@ -110,6 +112,8 @@ def test_lora_folder_is_loaded_and_checked(checkpoint, embeds_file, tmp_path, ca
             "--reference", str(DOG), "--out", str(tmp_path / "o")]
     code, out, err = _run(capsys, *argv, "--lora", str(good))
     assert code == 0, err
+    meta = json.loads(Image.open(tmp_path / "o" / "000_00.png").text["parameters"])
+    assert meta["lora"] == str(good) and meta["gamma"] == 1.0, meta  # the PNG records what shaped it
     other = MMDiTConfig.from_diffusers_config({**config.to_diffusers_config(), "num_layers": config.num_layers + 1})
     bad = tmp_path / "other_model"
     save_lora_files(bad, to_state_dict(init_lora(other, lora, jax.random.key(0), branch="rab"),
@@ -140,7 +144,8 @@ def test_mesh_gives_the_unsharded_latents(checkpoint, embeds_file, tmp_path, cap
 
 
 @pytest.mark.parametrize("case", ["missing_checkpoint", "bad_size", "empty_prompts", "bad_init_latents",
-                                  "embeds_missing_array", "unreadable_reference", "empty_subject", "no_text"])
+                                  "embeds_missing_array", "unreadable_reference", "empty_subject", "no_text",
+                                  "lora_without_reference"])
 def test_bad_input_is_a_clear_error(case, checkpoint, embeds_file, tmp_path, capsys):
     embeds, with_subject = embeds_file
     base = ["--checkpoint", str(checkpoint), "--embeds", str(embeds), *SIZE, "--steps", "1", "--out",
@@ -166,6 +171,8 @@ def test_bad_input_is_a_clear_error(case, checkpoint, embeds_file, tmp_path, cap
         argv, expect = with_ref + ["--reference", str(tmp_path / "bad.jpg")], "cannot be read"
     elif case == "empty_subject":
         argv, expect = base + ["--reference", str(DOG), "--subject", "  "], "--subject is empty"
+    elif case == "lora_without_reference":
+        argv, expect = base + ["--lora", str(tmp_path)], "--lora applies to CustomShift runs"
     else:
         argv, expect = ["--checkpoint", str(checkpoint), "--prompt", "x"], "has no text encoders"
     code, out, err = _run(capsys, *argv)
@@ -174,8 +181,8 @@ def test_bad_input_is_a_clear_error(case, checkpoint, embeds_file, tmp_path, cap
 
 
 def test_load_vae_reads_our_checkpoint(checkpoint, tiny_pipeline_dir):  # noqa: F811
-    from customshift_jax.mapping import _flat_paths
-    from customshift_jax.vae import load_vae
+    from customshift_jax.io.loading import load_vae
+    from customshift_jax.models.mmdit.mapping import _flat_paths
 
     config_a, params_a = load_vae(checkpoint)
     config_b, params_b = load_vae(tiny_pipeline_dir)

@@ -6,9 +6,9 @@ import pytest
 
 from customshift_jax import StateDictMismatch, get_preset, load_transformer, params_from_state_dict
 from customshift_jax.cli.main import main
-from customshift_jax.crosscheck import random_diffusers_transformer
-from customshift_jax.mapping import iter_torch_keys, state_dict_from_params
-from customshift_jax.safetensors_io import SafetensorsFile, write_safetensors
+from customshift_jax.crosscheck.mmdit import random_diffusers_transformer
+from customshift_jax.io.safetensors import SafetensorsFile, write_safetensors
+from customshift_jax.models.mmdit.mapping import iter_torch_keys, state_dict_from_params
 
 CONFIG = get_preset("tiny-sd3.5-medium")
 WEIGHTS = "diffusion_pytorch_model.safetensors"

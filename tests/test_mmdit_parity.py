@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 
 from customshift_jax import MMDiTConfig, get_preset
-from customshift_jax.crosscheck import crosscheck_model, random_diffusers_transformer
+from customshift_jax.crosscheck.mmdit import crosscheck_model, random_diffusers_transformer
 
 TOL = 1e-5
 TINY = ["tiny-sd3-medium", "tiny-sd3.5-medium", "tiny-sd3.5-large"]
@@ -35,8 +35,8 @@ def test_full_forward_matches_diffusers(tiny):
 def test_skip_layers_change_the_output(tiny):
     # Guards the test above: skipping a block must matter, or skip_layers parity proves nothing.
     name, config, model = tiny
-    from customshift_jax.crosscheck import ForwardInputs, jax_forward
-    from customshift_jax.mapping import params_from_state_dict
+    from customshift_jax.crosscheck.mmdit import ForwardInputs, jax_forward
+    from customshift_jax.models.mmdit.mapping import params_from_state_dict
 
     params = params_from_state_dict(config, model.state_dict())
     inputs = ForwardInputs.random(config, batch=2, height=8, width=12, seed=2)
@@ -74,8 +74,8 @@ def test_bf16_forward_runs_and_stays_close():
     import jax
     import jax.numpy as jnp
 
-    from customshift_jax.crosscheck import ForwardInputs, jax_forward, torch_forward
-    from customshift_jax.mapping import params_from_state_dict
+    from customshift_jax.crosscheck.mmdit import ForwardInputs, jax_forward, torch_forward
+    from customshift_jax.models.mmdit.mapping import params_from_state_dict
 
     config = get_preset("tiny-sd3.5-medium")
     model = random_diffusers_transformer(config, seed=2)

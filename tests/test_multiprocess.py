@@ -13,8 +13,8 @@ import jax
 import numpy as np
 import pytest
 
-from customshift_jax import sharding as sh
 from customshift_jax.numerics import relative_error
+from customshift_jax.parallel import sharding as sh
 
 sys.path.insert(0, str(Path(__file__).parent))
 import multiprocess_worker as worker  # noqa: E402

@@ -18,13 +18,13 @@ from fixtures_sampler import (  # noqa: E402,F401
     DYNAMIC_SHIFT,
     dynamic_pipe,
     sampler_dynamic_dir,
-    sampler_sd35m_dir,
     sampler_sd3m_dir,
-    sd35m_pipe,
+    sampler_sd35m_dir,
     sd3m_pipe,
+    sd35m_pipe,
 )
 
-from customshift_jax.api import load_transformer  # noqa: E402
+from customshift_jax.io.loading import load_transformer  # noqa: E402
 from customshift_jax.sampling import (  # noqa: E402
     Conditioning,
     Schedule,
@@ -238,7 +238,7 @@ def test_dynamic_shifting_matches_pipeline(dynamic_pipe, sampler_dynamic_dir):
 
 
 def test_decode_matches_pipeline(sd3m_pipe, sampler_sd3m_dir):
-    from customshift_jax.vae import load_vae
+    from customshift_jax.io.loading import load_vae
 
     x = Inputs.random(sd3m_pipe.transformer.config, sd3m_pipe.vae_scale_factor, seed=4)
     ref = run_pipe(sd3m_pipe, x, steps=4, guidance=5.0, output_type="pt")  # (B, 3, H, W) in [0, 1]

@@ -6,12 +6,13 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec
 
-from customshift_jax.api import init_mmdit, make_forward
-from customshift_jax.config import MMDiTConfig
-from customshift_jax.customshift import init_lora, make_customshift_forward, make_prefill
-from customshift_jax.lora import LoRAConfig
+from customshift_jax.customshift import sharded as cs_sharded
+from customshift_jax.customshift.branches import init_lora, make_customshift_forward, make_prefill
+from customshift_jax.models.mmdit.api import init_mmdit, make_forward
+from customshift_jax.models.mmdit.config import MMDiTConfig
+from customshift_jax.models.mmdit.lora import LoRAConfig
 from customshift_jax.numerics import relative_error
-from customshift_jax import sharding as sh
+from customshift_jax.parallel import sharding as sh
 
 TOL = 1e-5
 # Width 32 = 4 heads x 8 divides every mesh axis used below; batch 8 divides dp=8.
@@ -75,8 +76,8 @@ def test_sharded_equals_unsharded(setup, sharded_forward, mesh_id):
     s = setup
     forward = sharded_forward(mesh_id)
     mesh = forward.mesh
-    prefill = sh.make_sharded_prefill(CONFIG, mesh, rules, LORA)
-    cgb_forward = sh.make_sharded_customshift_forward(CONFIG, mesh, rules, LORA)
+    prefill = cs_sharded.make_sharded_prefill(CONFIG, mesh, rules, LORA)
+    cgb_forward = cs_sharded.make_sharded_customshift_forward(CONFIG, mesh, rules, LORA)
     params = sh.shard_params(s["params"], mesh, rules)
 
     base = forward(params, *s["inputs"], s["skip"])
@@ -187,8 +188,9 @@ def test_rules_replicate_what_does_not_divide_and_say_so():
 def test_mesh_errors_name_sizes_and_device_count():
     with pytest.raises(ValueError, match=r"make 6 devices, but there are 8"):
         sh.make_mesh(fsdp=3, tensor=2)
-    with pytest.raises(ValueError, match=r"do not divide the 8 devices"):
+    with pytest.raises(ValueError, match=r"do not divide the 8 devices") as e:
         sh.make_mesh(fsdp=-1, tensor=3)
+    assert "xla_force_host_platform_device_count" in str(e.value)  # the hint in every mesh error
     assert dict(sh.make_mesh(fsdp=-1, tensor=2).shape) == {"data": 1, "fsdp": 4, "tensor": 2, "context": 1}
     with pytest.raises(ValueError, match="unknown rule set"):
         sh.as_rules("zero3")

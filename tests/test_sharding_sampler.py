@@ -4,15 +4,20 @@ import jax
 import numpy as np
 import pytest
 
-from customshift_jax.api import init_mmdit
-from customshift_jax.config import MMDiTConfig
-from customshift_jax.customshift import init_lora, prefill
-from customshift_jax.customshift_sampling import make_customshift_sampler, make_sharded_customshift_sampler
-from customshift_jax.lora import LoRAConfig
+from customshift_jax.customshift.branches import init_lora, prefill
+from customshift_jax.customshift.sampling import make_customshift_sampler, make_sharded_customshift_sampler
+from customshift_jax.models.mmdit.api import init_mmdit
+from customshift_jax.models.mmdit.config import MMDiTConfig
+from customshift_jax.models.mmdit.lora import LoRAConfig
 from customshift_jax.numerics import relative_error
-from customshift_jax.sampling import Conditioning, make_sampler, make_schedule, make_sharded_sampler, \
-    skip_layer_guidance
-from customshift_jax import sharding as sh
+from customshift_jax.parallel import sharding as sh
+from customshift_jax.sampling import (
+    Conditioning,
+    make_sampler,
+    make_schedule,
+    make_sharded_sampler,
+    skip_layer_guidance,
+)
 
 TOL = 1e-5
 # As tests/test_sharding_train.py: dual attention, qk norm, the context_pre_only last block; width 32.
@@ -51,7 +56,7 @@ def setup():
     slg = skip_layer_guidance(CONFIG, [0], STEPS, start=0.0, stop=1.0)  # the third pass on steps 1 and 2
     kv = prefill(CONFIG, params, *ref, rab_lora=rab, lora=LORA).kv
     base = make_sampler(CONFIG)(params, latents, cond, schedule, guidance_scale=GUIDANCE, slg=slg)
-    shifted = make_customshift_sampler(CONFIG, LORA)({"base": params, "cgb_lora": cgb}, latents, cond, schedule,
+    shifted = make_customshift_sampler(CONFIG, LORA)({"base": params, "cgb": cgb}, latents, cond, schedule,
                                                      guidance_scale=GUIDANCE, extra={"ref_kv": kv, "gamma": GAMMA})
     return dict(params=params, cgb=cgb, cond=cond, latents=latents, schedule=schedule, slg=slg, kv=kv, base=base,
                 shifted=shifted)
@@ -73,16 +78,16 @@ def test_sharded_customshift_sampler_equals_unsharded(setup, mesh_id):
     mesh = sh.make_mesh(**sizes)
     params = sh.shard_params(s["params"], mesh, rules)
     run = make_sharded_customshift_sampler(CONFIG, mesh, rules, LORA)
-    shifted = run({"base": params, "cgb_lora": s["cgb"]}, s["latents"], s["cond"], s["schedule"],
+    shifted = run({"base": params, "cgb": s["cgb"]}, s["latents"], s["cond"], s["schedule"],
                   guidance_scale=GUIDANCE, extra={"ref_kv": s["kv"], "gamma": GAMMA})
     error = relative_error(shifted, s["shifted"])
     print(mesh_id, f"customshift sampler {error:.1e}")
     assert error <= TOL, (mesh_id, error)
     assert relative_error(s["shifted"], s["base"]) > 1e-3  # the reference and the LoRA matter
     assert shifted.sharding.spec[0] == _batch_axes(mesh_id)
-    # Params go in laid out by path, the nested {"base", "cgb_lora"} tree too; the cache's one sample stays whole.
+    # Params go in laid out by path, the nested {"base", "cgb"} tree too; the cache's one sample stays whole.
     in_shardings, _ = run.sharded[True].shardings(
-        {"base": s["params"], "cgb_lora": s["cgb"]}, s["latents"], s["cond"], s["schedule"], np.float32(GUIDANCE),
+        {"base": s["params"], "cgb": s["cgb"]}, s["latents"], s["cond"], s["schedule"], np.float32(GUIDANCE),
         None, {"ref_kv": s["kv"], "gamma": GAMMA}, None)
     kernel = in_shardings[0]["base"]["transformer_blocks"]["0:1"]["scan"]["attn"]["to_q"]["kernel"]
     assert kernel.spec == params["transformer_blocks"]["0:1"]["scan"]["attn"]["to_q"]["kernel"].sharding.spec

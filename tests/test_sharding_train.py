@@ -8,14 +8,14 @@ import jax
 import numpy as np
 import pytest
 
-from customshift_jax.api import init_mmdit
-from customshift_jax.config import MMDiTConfig
-from customshift_jax.lora import LoRAConfig
+from customshift_jax.models.mmdit.api import init_mmdit
+from customshift_jax.models.mmdit.config import MMDiTConfig
+from customshift_jax.models.mmdit.lora import LoRAConfig
 from customshift_jax.numerics import relative_error
-from customshift_jax import sharding as sh
-from train.optim import make_optimizer
-from train.sharded import make_sharded_train_step
-from train.step import init_train_state, make_train_step
+from customshift_jax.parallel import sharding as sh
+from customshift_jax.train.optim import make_optimizer
+from customshift_jax.train.sharded import make_sharded_train_step
+from customshift_jax.train.step import init_train_state, make_train_step
 
 TOL = 1e-5
 # 4 heads x 8 = width 32: divides every mesh axis below; batch 8 divides dp=8.

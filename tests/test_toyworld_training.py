@@ -8,12 +8,12 @@ import sys
 
 import numpy as np
 import pytest
+from train_fixtures import ROOT, trainer_env
 
+from customshift_jax.toyworld import world
 from customshift_jax.toyworld.build import CONFIGS, write_pairs
 from customshift_jax.toyworld.methods import WEIGHTS
-from customshift_jax.toyworld import world
 from customshift_jax.toyworld.tiny_sd3 import IMAGE_SIZE, T5_MAX_LENGTH
-from train_fixtures import ROOT, trainer_env
 
 pytestmark = pytest.mark.skipif(not (WEIGHTS / "model").is_dir(), reason="no shipped world weights")
 
@@ -41,7 +41,7 @@ def test_prepare_then_base_and_customshift_training_run(tmp_path):
     assert sorted(p.name for p in (tmp_path / "cs" / "lora").iterdir()) == [
         "customshift_beta.safetensors", "customshift_cgb.safetensors", "customshift_rab.safetensors"]
     # The base run moved the weights it started from.
-    from customshift_jax.api import load_transformer
+    from customshift_jax.io.loading import load_transformer
 
     _, before = load_transformer(WEIGHTS / "model")
     _, after = load_transformer(tmp_path / "base" / "model")

@@ -10,19 +10,20 @@ import subprocess
 import jax
 import numpy as np
 import pytest
-
 from train_fixtures import ROOT, trainer_cmd, trainer_env, write_synthetic_dataset
-from customshift_jax import sharding as sh
-from customshift_jax.api import init_mmdit, load_transformer
-from customshift_jax.checkpoint import save_checkpoint
-from customshift_jax.config import MMDiTConfig
+
+from customshift_jax.io.checkpoint import save_checkpoint
+from customshift_jax.io.loading import load_transformer, load_vae
+from customshift_jax.models.mmdit.api import init_mmdit
+from customshift_jax.models.mmdit.config import MMDiTConfig
+from customshift_jax.models.vae import init_vae
+from customshift_jax.models.vae.config import VAEConfig
 from customshift_jax.numerics import relative_error
-from customshift_jax.vae import init_vae, load_vae
-from customshift_jax.vae.config import VAEConfig
-from train.base_step import init_base_train_state, make_base_train_step
-from train.loop import final_trainable, load_base
-from train.optim import make_optimizer
-from train.sharded import make_sharded_base_train_step
+from customshift_jax.parallel import sharding as sh
+from customshift_jax.train.base_step import init_base_train_state, make_base_train_step
+from customshift_jax.train.loop import final_trainable, load_base
+from customshift_jax.train.optim import make_optimizer
+from customshift_jax.train.sharded import make_sharded_base_train_step
 
 CONFIG_YAML = ROOT / "train" / "configs" / "tiny.yaml"
 TINY = {"checkpoint": None, "preset": "tiny-sd3-medium", "num_layers": 2, "init_seed": 0, "base_dtype": "fp32"}
@@ -66,10 +67,11 @@ def test_base_run_exports_a_trained_checkpoint(runs):
     assert len(init) == len(ema)
     changed = sum(not np.array_equal(a, b) for a, b in zip(init, ema))
     assert changed > len(init) / 2, f"only {changed} of {len(init)} params moved"
-    # The checkpoint's state: step, the raw params, Adam's state, then the EMA (the exported weights).
+    # The checkpoint's state by parameter path: the raw params (trainable/) and the EMA (ema/, the exported weights).
     state = final_trainable(tmp / "straight")
-    flat = [state[k] for k in sorted(k for k in state if k != "step")]
-    raw, saved_ema = flat[1:1 + len(init)], flat[-len(init):]
+    raw = [v for k, v in state.items() if k.startswith("state/trainable/")]
+    saved_ema = [v for k, v in state.items() if k.startswith("state/ema/")]
+    assert len(raw) == len(saved_ema) == len(init)
     for a, b in zip(saved_ema, ema):
         np.testing.assert_array_equal(a, b)
     assert sum(not np.array_equal(a, b) for a, b in zip(raw, ema)) > len(init) / 2, "the EMA equals the params"

@@ -7,12 +7,19 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from fixtures_pipeline import tiny_pipeline_dir  # noqa: F401 - pytest fixture
 from train_fixtures import write_synthetic_dataset
-from train.config import load_config
-from train.data import (BadCounter, BadDataWarning, BatchIterator, ShardDataset, TooMuchBadData, read_manifest,
-                        read_pairs)
+
+from customshift_jax.train.config import load_config
+from customshift_jax.train.data import (
+    BadCounter,
+    BadDataWarning,
+    BatchIterator,
+    ShardDataset,
+    TooMuchBadData,
+    read_manifest,
+    read_pairs,
+)
 
 
 def _png(path: Path, seed: int) -> Path:
@@ -110,7 +117,7 @@ def test_iterator_deterministic_sharded_resumable(tmp_path):
 
 
 def test_tensorboard_events_roundtrip(tmp_path):
-    from train.metrics import MetricsLogger, read_events
+    from customshift_jax.train.metrics import MetricsLogger, read_events
 
     m = MetricsLogger(tmp_path)
     m.log(1, {"loss": 0.5, "lr": 1e-4})
@@ -122,7 +129,7 @@ def test_tensorboard_events_roundtrip(tmp_path):
 
 
 def test_prepare_skips_bad_records_and_writes_shards(tmp_path, tiny_pipeline_dir):
-    from train.prepare import prepare
+    from customshift_jax.train.prepare import prepare
 
     path, lines = _manifest(tmp_path, 5)
     path.write_text("\n".join(lines[:2] + _bad_lines(tmp_path) + lines[2:]) + "\n")

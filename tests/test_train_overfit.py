@@ -6,7 +6,6 @@ import json
 import subprocess
 
 import numpy as np
-
 from train_fixtures import ROOT, trainer_cmd, trainer_env, write_synthetic_dataset
 
 

@@ -10,7 +10,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from train_fixtures import ROOT, start_trainer, write_synthetic_dataset
 
 CONFIG = ROOT / "train" / "configs" / "tiny.yaml"
@@ -32,7 +31,7 @@ def _wait_for_step(proc, metrics: Path, step: int, timeout: float = 600) -> int:
 
 
 def _final(out: Path) -> dict:
-    from train.loop import final_trainable
+    from customshift_jax.train.loop import final_trainable
 
     return final_trainable(out)
 
@@ -77,3 +76,18 @@ def test_exact_resume_after_sigterm_and_kill9(setup):
     for k in a:
         np.testing.assert_array_equal(a[k], b[k], err_msg=f"leaf {k} differs after resume")
     assert (run / "lora" / "customshift_cgb.safetensors").is_file()
+
+
+def test_ctrl_c_saves_and_says_how_to_resume(setup):
+    """SIGINT (Ctrl-C) saves at the step boundary like SIGTERM, instead of losing the steps since the last save."""
+    data, cache, tmp = setup
+    run = tmp / "ctrl-c"
+    p = start_trainer(CONFIG, f"data.path={data}", f"train.steps={STEPS}", "checkpoint.every=1000", "log.every=1",
+                      "debug.sleep_per_step=0.3", f"output_dir={run}", cache_dir=cache, log=tmp / "ctrl-c.log")
+    seen = _wait_for_step(p, run / "metrics.jsonl", 2)
+    p.send_signal(signal.SIGINT)
+    assert p.wait(300) == 0, (tmp / "ctrl-c.log").read_text()[-3000:]
+    text = (tmp / "ctrl-c.log").read_text()
+    assert "SIGINT: saved step" in text and "--resume" in text, text[-2000:]
+    saved = sorted(int(d.name) for d in (run / "checkpoints").iterdir() if d.name.isdigit())
+    assert saved and seen <= saved[-1] < STEPS, saved

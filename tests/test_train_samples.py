@@ -8,10 +8,10 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
-
 from fixtures_pipeline import tiny_pipeline_dir_no_text  # noqa: F401 - pytest fixture
 from train_fixtures import ROOT, write_synthetic_dataset
-from train.config import load_config
+
+from customshift_jax.train.config import load_config
 
 CONFIG = ROOT / "train" / "configs" / "tiny.yaml"
 
@@ -32,15 +32,15 @@ def _perturbed(trainable, scale: float):
 
 
 def test_sampler_compiles_once_and_fixed_noise(data, tmp_path, tiny_pipeline_dir_no_text):
-    from train.loop import build
-    from train.metrics import MetricsLogger, read_events
-    from train.samples import TrainingSampler
+    from customshift_jax.train.loop import build
+    from customshift_jax.train.metrics import MetricsLogger, read_events
+    from customshift_jax.train.samples import TrainingSampler
 
     cfg = _cfg(data, tmp_path, "sample.every=1", "sample.prompts=[0, 2]", "sample.reference=1", "sample.steps=3",
                "sample.guidance=2.0", f"sample.vae={tiny_pipeline_dir_no_text}")
     parts = build(cfg)
-    sampler = TrainingSampler(cfg, parts["config"], parts["lora"], parts["dataset"], tmp_path)
-    trainable, base = parts["state"].trainable, parts["base"]
+    sampler = TrainingSampler(cfg, parts.config, parts.lora, parts.dataset, tmp_path)
+    trainable, base = parts.state.trainable, parts.base
     metrics = MetricsLogger(tmp_path)
     a = sampler(trainable, base, 3, metrics)
     b = sampler(_perturbed(trainable, 0.05), base, 6, metrics)
@@ -49,7 +49,8 @@ def test_sampler_compiles_once_and_fixed_noise(data, tmp_path, tiny_pipeline_dir
     assert a.shape == (2, 3, 16, 16) and np.all(np.isfinite(a)) and np.all(np.isfinite(b))  # 8x8 latents, VAE x2
     np.testing.assert_array_equal(a, c)  # same LoRAs: same samples (fixed noise, nothing else drawn)
     assert np.max(np.abs(a - b)) > 1e-3  # the samples follow the LoRAs
-    assert sampler.sampler.jitted._cache_size() == 1 and sampler.prefill._cache_size() == 1
+    pipe = sampler.pipe
+    assert pipe.customshift_sampler().jitted._cache_size() == 1 and pipe.prefill_function()._cache_size() == 1
     for step in (3, 6, 9):
         assert sorted(p.name for p in (tmp_path / "samples" / f"step-{step:06d}").iterdir()) == ["00.png", "01.png"]
     (ev,) = (tmp_path / "tb").glob("events.out.tfevents.*")
@@ -61,9 +62,9 @@ def test_sampler_compiles_once_and_fixed_noise(data, tmp_path, tiny_pipeline_dir
 def test_sample_inputs_and_config_errors(data, tmp_path, tiny_pipeline_dir_no_text):
     from PIL import Image
 
-    from train.data import ShardDataset
-    from customshift_jax.vae import load_vae
-    from train.samples import sample_inputs
+    from customshift_jax.io.loading import load_vae
+    from customshift_jax.train.data import ShardDataset
+    from customshift_jax.train.samples import sample_inputs
 
     ds = ShardDataset(data)
     base = _cfg(data, tmp_path)["sample"]
@@ -88,8 +89,8 @@ def test_sample_inputs_and_config_errors(data, tmp_path, tiny_pipeline_dir_no_te
 
 
 def test_samples_at_their_steps_and_training_unchanged_by_sampling_and_resume(data, tmp_path):
-    from train.loop import final_trainable, train
-    from train.metrics import read_events
+    from customshift_jax.train.loop import final_trainable, train
+    from customshift_jax.train.metrics import read_events
 
     common = ("train.steps=12", "checkpoint.every=4")
     assert train(_cfg(data, tmp_path / "plain", *common), log=lambda *_: None) == 0

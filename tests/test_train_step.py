@@ -9,13 +9,13 @@ import subprocess
 import jax
 import jax.numpy as jnp
 import numpy as np
-
 from train_fixtures import ROOT, trainer_cmd, trainer_env, write_synthetic_dataset
-from customshift_jax.api import init_mmdit
-from customshift_jax.config import get_preset
-from customshift_jax.lora import LoRAConfig
-from train.optim import make_optimizer
-from train.step import init_train_state, make_loss_fn, make_train_step
+
+from customshift_jax.models.mmdit.api import init_mmdit
+from customshift_jax.models.mmdit.config import get_preset
+from customshift_jax.models.mmdit.lora import LoRAConfig
+from customshift_jax.train.optim import make_optimizer
+from customshift_jax.train.step import init_train_state, make_loss_fn, make_train_step
 
 CONFIG = dataclasses.replace(get_preset("tiny-sd3-medium"), num_layers=1)
 LORA = LoRAConfig(rank=2, alpha=2.0)
@@ -62,7 +62,7 @@ def test_dropout_is_decided_per_sample():
 def test_sharded_step_matches_plain():
     from jax.sharding import NamedSharding, PartitionSpec
 
-    from customshift_jax import sharding as shd
+    from customshift_jax.parallel import sharding as shd
 
     base = init_mmdit(CONFIG, jax.random.key(0))
     opt, sched = make_optimizer(1e-3)

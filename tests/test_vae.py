@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 from conftest import rel_err
 
-from customshift_jax.vae import (
+from customshift_jax.io.loading import load_vae
+from customshift_jax.models.vae import (
     VAEConfig,
     init_vae,
-    load_vae,
     scale_latents,
     unscale_latents,
     vae_decode,

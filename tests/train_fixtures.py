@@ -12,7 +12,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # `train` is a top-level package of the repo (until the editable install lists it)
     sys.path.insert(0, str(ROOT))
 
-from train.data import ShardWriter  # noqa: E402
+from customshift_jax.train.data import ShardWriter  # noqa: E402
 
 
 def write_synthetic_dataset(out: Path, n: int = 4, *, latent: int = 8, text_len: int = 6, seed: int = 0,

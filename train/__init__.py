@@ -1,7 +1,4 @@
-"""LoRA training of CustomShift's two branches (DESIGN section 4, "Training"): a pure jit-able step,
-the optimizer, a deterministic data pipeline over prepared latent shards, and the `customshift train` loop."""
-from train.step import TrainState, init_train_state, make_train_step, rectified_flow_loss, step_key
-from train.optim import make_optimizer, make_schedule
-
-__all__ = ["TrainState", "init_train_state", "make_train_step", "rectified_flow_loss", "step_key",
-           "make_optimizer", "make_schedule"]
+"""The training entry points of the repository: `train/configs/` (the YAML configs) and old import paths.
+The training code lives in `customshift_jax.train` (run it with `customshift train`)."""
+from customshift_jax.train import *  # noqa: F401,F403
+from customshift_jax.train import __all__  # noqa: F401

@@ -39,7 +39,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from convert.convert import CONVERTERS, convert
+    from customshift_jax.io.convert import CONVERTERS, convert
 
     quiet_orbax()
     start = time.perf_counter()

@@ -16,8 +16,8 @@ import argparse
 from typing import TYPE_CHECKING, Any, Sequence
 
 if TYPE_CHECKING:
-    from customshift_jax.config import MMDiTConfig
-    from customshift_jax.crosscheck import Row
+    from customshift_jax.crosscheck.mmdit import Row
+    from customshift_jax.models.mmdit.config import MMDiTConfig
 
 HELP = "check the JAX MMDiT (or, with --customshift, CustomShift) against PyTorch, number for number"
 PRESETS = "tiny-sd3-medium,tiny-sd3.5-medium,tiny-sd3.5-large"
@@ -71,7 +71,7 @@ def run(args: argparse.Namespace) -> int:
         _check_size(config, args)
     rows = _run_customshift(args, jobs, lora_files) if args.customshift else _run_base(args, jobs)
     if args.json:
-        from customshift_jax.crosscheck import write_rows_json
+        from customshift_jax.crosscheck.mmdit import write_rows_json
 
         write_rows_json(args.json, rows)
     ok = all(r.passed for r in rows)
@@ -119,8 +119,8 @@ def _jobs(args: argparse.Namespace) -> list[tuple[str, Any, Any, Any]]:
     """(name, config, torch model, JAX params or None) per model to check: the --torch folder, or the presets."""
     if args.torch:
         return [_load_torch(args.torch)]
-    from customshift_jax.config import get_preset
-    from customshift_jax.crosscheck import random_diffusers_transformer
+    from customshift_jax.crosscheck.mmdit import random_diffusers_transformer
+    from customshift_jax.models.mmdit.config import get_preset
 
     jobs = []
     for name in [n.strip() for n in args.presets.split(",") if n.strip()]:
@@ -133,8 +133,8 @@ def _jobs(args: argparse.Namespace) -> list[tuple[str, Any, Any, Any]]:
 
 def _load_torch(path: str) -> tuple[str, Any, Any, Any]:
     """A user's diffusers transformer: our params (every key validated first) and diffusers' model."""
-    from customshift_jax.api import load_transformer
-    from customshift_jax.checkpoint_io import component_folder
+    from customshift_jax.io.diffusers_folder import component_folder
+    from customshift_jax.io.loading import load_transformer
 
     folder = component_folder(path, "transformer")
     config, params = load_transformer(folder)  # validates every key before torch loads anything
@@ -147,7 +147,7 @@ def _load_torch(path: str) -> tuple[str, Any, Any, Any]:
 
 def _run_base(args: argparse.Namespace, jobs) -> list[Row]:
     """The base MMDiT forward (and per block) per model; prints its table."""
-    from customshift_jax.crosscheck import crosscheck_model
+    from customshift_jax.crosscheck.mmdit import crosscheck_model
 
     header = f"{'model':<28} {'output shape':<20} {'max abs err':>12} {'rel err':>10} {'tol':>8}  result"
     print(header)
@@ -169,14 +169,14 @@ def _read_lora(args: argparse.Namespace):
     """The --lora folder's (state dict, LoRAConfig), checked, or None for random LoRAs."""
     if args.lora is None:
         return None
-    from customshift_jax.crosscheck_customshift import read_lora_folder
+    from customshift_jax.crosscheck.customshift import read_lora_folder
 
     return read_lora_folder(args.lora)
 
 
 def _run_customshift(args: argparse.Namespace, jobs, lora_files) -> list[Row]:
     """CustomShift's rows per model against the PyTorch reference; prints them as they come."""
-    from customshift_jax.crosscheck_customshift import build_case, crosscheck_customshift
+    from customshift_jax.crosscheck.customshift import build_case, crosscheck_customshift
 
     print_header()
     rows = []
@@ -217,6 +217,6 @@ def _check_size(config: MMDiTConfig, args: argparse.Namespace) -> None:
     p, m = config.patch_size, config.pos_embed_max_size
     if args.height % p or args.width % p:
         raise ValueError(f"--height and --width must be multiples of the patch size {p}.")
-    if args.height // p > m or args.width // p > m:
+    if not config.latent_fits(args.height, args.width):
         raise ValueError(f"--height/--width give a {args.height // p}x{args.width // p} grid, over "
                          f"pos_embed_max_size {m}.")

@@ -25,8 +25,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from convert.export import export
     from customshift_jax.cli.convert_cmd import quiet_orbax
+    from customshift_jax.io.export import export
 
     quiet_orbax()
     dst = export(args.src, args.dst, components=args.components, dtype=args.dtype, overwrite=args.overwrite)

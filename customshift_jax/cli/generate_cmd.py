@@ -29,10 +29,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prompt", help="the prompt")
     p.add_argument("--prompts-file", help="a file of prompts, one a line (one compile serves them all)")
     p.add_argument("--negative-prompt", default="", help="negative prompt for classifier-free guidance")
-    p.add_argument("--height", type=int, help="image height in px (default: the model's native size)")
-    p.add_argument("--width", type=int, help="image width in px (default: the model's native size)")
-    p.add_argument("--steps", type=int, default=28, help="sampling steps (default 28)")
-    p.add_argument("--guidance", type=float, default=7.0, help="classifier-free guidance scale; <= 1 turns it off")
+    p.add_argument("--height", type=int, help="image height in px (default: the model's sample_size x the VAE factor: 1024 for SD3)")
+    p.add_argument("--width", type=int, help="image width in px (default: the model's sample_size x the VAE factor: 1024 for SD3)")
+    p.add_argument("--steps", "--num-inference-steps", type=int, default=28, help="sampling steps (default 28)")
+    p.add_argument("--guidance", "--guidance-scale", type=float, default=7.0,
+                   help="classifier-free guidance scale; <= 1 turns it off")
     p.add_argument("--seed", type=int, default=0, help=f"random seed, 0 to {SEED_MAX}: same seed, same image")
     p.add_argument("--num-images", type=int, default=1, help="images per prompt")
     p.add_argument("--out", default="out", help="output folder for the PNGs (default ./out)")
@@ -62,7 +63,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def _encode(args, comps, prompts):
     """(PromptEmbeds for the prompts, subject (embeds, pooled) or None)."""
-    from customshift_jax.generate import load_embeds_file
+    from customshift_jax.pipeline import load_embeds_file
     from customshift_jax.text import CachedTextEncoder, TextEncoders
 
     need_subject = args.reference is not None
@@ -115,13 +116,19 @@ def run(args: argparse.Namespace) -> int:
     check_numbers(args)  # before jax is imported: a bad number fails at once
 
     import jax
-    import jax.numpy as jnp
     import numpy as np
 
-    from customshift_jax.generate import (
-        StepProgress, check_finite_latents, check_init_latents, check_size, load_components, read_prompts,
-        save_png)
-    from customshift_jax.sampling import Conditioning, make_sampler, make_schedule, make_sharded_sampler
+    from customshift_jax.pipeline import (
+        Pipeline,
+        StepProgress,
+        check_finite_latents,
+        check_init_latents,
+        check_size,
+        load_components,
+        read_prompts,
+        save_png,
+    )
+    from customshift_jax.sampling import Conditioning, make_schedule
 
     if args.reference is not None and not (args.subject or "").strip() and not args.embeds:
         raise ValueError("--reference needs --subject NAME (the subject's name, e.g. 'dog'); it is empty.")
@@ -129,6 +136,9 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError("--subject is empty; give the subject's name, e.g. 'dog'.")
     if args.subject and args.reference is None:
         raise ValueError("--subject is given without --reference IMAGE.")
+    if args.lora and args.reference is None:
+        raise ValueError("--lora applies to CustomShift runs: give --reference IMAGE (and --subject NAME) with it, "
+                         "or drop --lora.")
     prompts = read_prompts(args.prompt, args.prompts_file) if (args.prompt or args.prompts_file) else None
     if prompts is None and not args.embeds:
         raise ValueError("give --prompt TEXT, --prompts-file FILE, or --embeds FILE.npz.")
@@ -143,7 +153,7 @@ def run(args: argparse.Namespace) -> int:
     check_size(config, scale, height, width)
     image = None
     if args.reference:  # read it before the slow steps, so a bad file fails fast
-        from customshift_jax.reference_image import load_reference_image
+        from customshift_jax.io.images import load_reference_image
 
         image = load_reference_image(args.reference, height, width)
     embeds, subject = _encode(args, comps, prompts or [])
@@ -164,36 +174,18 @@ def run(args: argparse.Namespace) -> int:
     schedule = make_schedule(comps.scheduler, args.steps, image_seq_len=(height // scale // config.patch_size) *
                              (width // scale // config.patch_size))
     progress = StepProgress()
-    extra, params = None, comps.params
+    lora_cfg, rab_lora, cgb_lora = _lora_trees(lora_files, config) if args.reference else (None, None, None)
+    pipe = Pipeline(config, vae_config, lora=lora_cfg, shift=args.shift, decode=False, mesh=mesh, rules=args.rules,
+                    progress=progress)
+    params = comps.params
     if mesh is not None:
-        from customshift_jax import sharding as shd
+        from customshift_jax.parallel import sharding as shd
 
         params = shd.shard_params(params, mesh, args.rules)
+    ref_kv = None
     if args.reference:
-        from customshift_jax.customshift import prefill
-        from customshift_jax.customshift_sampling import make_customshift_sampler, make_sharded_customshift_sampler
-        from customshift_jax.vae import scale_latents, vae_encode
-
-        lora_cfg, rab_lora, cgb_lora = _lora_trees(lora_files, config)
-        ref_latents = scale_latents(vae_config, jax.jit(vae_encode, static_argnums=0)(vae_config, comps.vae_params,
-                                                                                      image))
-        kw = dict(shift=args.shift, progress=progress, vae_config=vae_config)
-        if mesh is None:
-            kv = prefill(config, params, ref_latents, subject[0], subject[1], rab_lora=rab_lora, lora=lora_cfg).kv
-            sampler = make_customshift_sampler(config, lora_cfg, **kw)
-        else:
-            kv = shd.make_sharded_prefill(config, mesh, args.rules, lora_cfg)(params, rab_lora, ref_latents, *subject)
-            sampler = make_sharded_customshift_sampler(config, mesh, args.rules, lora_cfg, **kw)
-        params = {"base": params, "cgb_lora": cgb_lora}
-        extra = {"ref_kv": kv, "gamma": np.float32(args.gamma)}
-    elif mesh is None:
-        sampler = make_sampler(config, progress=progress, vae_config=vae_config)
-    else:
-        sampler = make_sharded_sampler(config, mesh, args.rules, progress=progress, vae_config=vae_config)
-
-    from customshift_jax.vae import unscale_latents, vae_decode
-
-    decode = jax.jit(lambda p, z: vae_decode(vae_config, p, unscale_latents(vae_config, z)))
+        ref_latents = pipe.encode_reference(comps.vae_params, image)
+        ref_kv = pipe.reference_cache(params, rab_lora, ref_latents, *subject)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     key = jax.random.key(args.seed)
@@ -207,24 +199,28 @@ def run(args: argparse.Namespace) -> int:
         progress.start(args.steps, f"prompt {i + 1}/{len(prompts)}")
         kw = dict(latents=init[i * n:(i + 1) * n]) if init is not None else dict(
             latents=None, key=jax.random.fold_in(key, i), height=height, width=width)
-        z = sampler(params, cond=cond, schedule=schedule, guidance_scale=args.guidance, extra=extra, **kw)
+        z = pipe.sample(params, cond=cond, schedule=schedule, guidance=args.guidance, cgb=cgb_lora, ref_kv=ref_kv,
+                        gamma=args.gamma, **kw)
         z = jax.block_until_ready(z)
         progress.close()
         finals.append(np.asarray(z))
         check_finite_latents(finals[-1], i, len(prompts))  # NaN latents would decode to a black PNG
-        images = np.asarray(decode(comps.vae_params, finals[-1]))  # from the host: z may live on a mesh
+        images = np.asarray(pipe.decode_latents(comps.vae_params, finals[-1]))  # from the host: z may be on a mesh
         for j in range(n):
             meta = dict(prompt=prompt, negative_prompt=args.negative_prompt, seed=args.seed, index=j,
                         steps=args.steps, guidance=args.guidance, height=height, width=width,
                         checkpoint=str(args.checkpoint), reference=args.reference, subject=args.subject,
-                        gamma=args.gamma if args.reference else None, shift=args.shift if args.reference else None)
+                        gamma=args.gamma if args.reference else None, shift=args.shift if args.reference else None,
+                        lora=args.lora, mesh=args.mesh, rules=args.rules if args.mesh else None,
+                        init_latents=args.init_latents)
             path = out / f"{i:03d}_{j:02d}.png"
             save_png(images[j], path, meta)
             print(path)
     if args.save_latents:
         np.save(args.save_latents, np.concatenate(finals, axis=0))
         print(f"final latents -> {args.save_latents}")
-    (out / "settings.json").write_text(json.dumps(vars(args), indent=1, default=str))
+    settings = {k: v for k, v in vars(args).items() if not k.startswith("_")}  # no internal entries
+    (out / "settings.json").write_text(json.dumps(settings, indent=1, default=str))
     return 0
 
 
@@ -232,7 +228,7 @@ def _mesh(args):
     """The device mesh of --mesh (checked with --rules), or None without it."""
     if not args.mesh:
         return None
-    from customshift_jax import sharding as shd
+    from customshift_jax.parallel import sharding as shd
 
     shd.as_rules(args.rules)  # an unknown rule set fails here, naming the known ones
     return shd.make_mesh(**shd.parse_mesh(args.mesh))
@@ -242,7 +238,7 @@ def _read_lora(path: str | None) -> tuple[dict, Any] | None:
     """(state dict, LoRAConfig) of the --lora folder, checked (intact files, finite values), or None without one."""
     if path is None:
         return None
-    from convert.lora_format import load_lora_files
+    from customshift_jax.io.lora_files import load_lora_files
 
     try:
         return load_lora_files(path)
@@ -256,7 +252,7 @@ def _lora_trees(files: tuple[dict, Any] | None, config) -> tuple[Any, Any, Any]:
     """(LoRAConfig, RAB LoRA, CGB LoRA) fitted to the model from `_read_lora`, or (None, None, None) without one."""
     if files is None:
         return None, None, None
-    from convert.lora_format import from_state_dict
+    from customshift_jax.io.lora_files import from_state_dict
 
     state_dict, lora = files
     rab, cgb = from_state_dict(config, lora, state_dict)

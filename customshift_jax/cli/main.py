@@ -5,8 +5,7 @@ import argparse
 import sys
 from typing import Callable, Sequence
 
-from customshift_jax.cli import (convert_cmd, crosscheck_cmd, demo_cmd, export_cmd, generate_cmd, prepare_cmd,
-                                 train_cmd)
+from customshift_jax.cli import convert_cmd, crosscheck_cmd, demo_cmd, export_cmd, generate_cmd, prepare_cmd, train_cmd
 
 # name -> (module with `add_arguments(parser)` and `run(args) -> int`)
 SUBCOMMANDS = {
@@ -22,17 +21,42 @@ SUBCOMMANDS = {
 USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError, IsADirectoryError, PermissionError)
 
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """The docstring as written, and every option's default in its help line (unless the help already says it)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        shown = not (default is None or default is False or default == argparse.SUPPRESS)  # 0 is shown
+        if "default" not in text and shown and action.option_strings and action.nargs != 0:
+            text += " (default: %(default)s)"
+        return text
+
+
+def version() -> str:
+    """The installed package's version."""
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as installed
+
+    try:
+        return installed("customshift-jax")
+    except PackageNotFoundError:
+        return "unknown (not installed)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="customshift",
         description="CustomShift on Stable Diffusion 3, in JAX: cross-check against diffusers, convert, generate.",
     )
+    parser.add_argument("--version", action="version", version=f"customshift {version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    parser.subcommands = {}
     for name, module in SUBCOMMANDS.items():
-        p = sub.add_parser(name, help=module.HELP, description=module.__doc__,
-                           formatter_class=argparse.RawDescriptionHelpFormatter)
+        p = sub.add_parser(name, help=module.HELP, description=module.__doc__, formatter_class=HelpFormatter)
         module.add_arguments(p)
         p.set_defaults(_run=module.run)
+        parser.subcommands[name] = p
     return parser
 
 
@@ -50,7 +74,9 @@ def run_guarded(fn: Callable[[], int]) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:  # the subcommand's usage, not the top-level one
+        (parser.subcommands.get(args.command) or parser).error(f"unrecognized arguments: {' '.join(unknown)}")
     if not getattr(args, "_run", None):
         parser.print_help()
         return 1

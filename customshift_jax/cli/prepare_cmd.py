@@ -30,7 +30,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from train.prepare import prepare
+    from customshift_jax.train.prepare import prepare
 
     prepare(args.manifest, args.out, checkpoint=args.checkpoint, text_encoders=args.text_encoders, size=args.size,
             batch_size=args.batch_size, shard_size=args.shard_size, flip=not args.no_flip,

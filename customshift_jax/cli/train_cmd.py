@@ -31,8 +31,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from train.config import load_config
-    from train.loop import train
+    from customshift_jax.train.config import load_config
+    from customshift_jax.train.loop import train
 
     cfg = load_config(args.config, args.overrides)
     return train(cfg, resume=args.resume)

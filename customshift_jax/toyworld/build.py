@@ -31,8 +31,7 @@ def stage(name: str, *, resumable: bool = False) -> Callable:
 @stage("pipeline")
 def build_pipeline(work: Path, out: Path, args) -> None:
     """The diffusers SD3 pipeline folder of the world's shape, and its conversion to our checkpoint."""
-    from convert.convert import convert
-
+    from customshift_jax.io.convert import convert
     from customshift_jax.toyworld.tiny_sd3 import build_world_pipeline
 
     build_world_pipeline(out / "diffusers", seed=args.seed)
@@ -42,7 +41,7 @@ def build_pipeline(work: Path, out: Path, args) -> None:
 @stage("vae")
 def build_vae(work: Path, out: Path, args) -> None:
     """Train the VAE on renders; write a checkpoint holding the random MMDiT and the trained VAE."""
-    from customshift_jax.checkpoint import load_checkpoint, save_checkpoint
+    from customshift_jax.io.checkpoint import load_checkpoint, save_checkpoint
     from customshift_jax.toyworld.vae_train import train_vae
 
     parts = load_checkpoint(work / "pipeline" / "init")

@@ -44,9 +44,8 @@ class WorldModel:
     @classmethod
     def load(cls, weights: str | Path = WEIGHTS) -> "WorldModel":
         """Read `weights/model` (our checkpoint with the text encoders beside it) and `weights/<lora>/`."""
-        from convert.lora_format import from_state_dict, load_lora_files
-
-        from customshift_jax.generate import load_components
+        from customshift_jax.io.lora_files import from_state_dict, load_lora_files
+        from customshift_jax.pipeline import load_components
         from customshift_jax.text import TextEncoders
 
         weights = Path(weights)
@@ -67,8 +66,8 @@ class WorldModel:
 
     def encode_images(self, images: np.ndarray) -> jax.Array:
         """uint8 (N, 32, 32, 3) -> scaled VAE latents (N, 4, 16, 16): what the RAB reads."""
+        from customshift_jax.models.vae import scale_latents, vae_encode
         from customshift_jax.toyworld.vae_train import to_model_images
-        from customshift_jax.vae import scale_latents, vae_encode
 
         if self._encode is None:  # compiled once per model, not once per call
             self._encode = jax.jit(lambda p, x: scale_latents(self.vae_config, vae_encode(self.vae_config, p, x)))
@@ -76,24 +75,17 @@ class WorldModel:
 
 
 class Generator:
-    """Samplers for every method over one world model; `run(method, ...)` returns uint8 images."""
+    """One pipeline per LoRA over one world model; `run(method, ...)` returns uint8 images."""
 
     def __init__(self, model: WorldModel, *, steps: int = STEPS, guidance: float = GUIDANCE):
-        from customshift_jax.customshift import make_prefill
-        from customshift_jax.customshift_sampling import make_customshift_sampler
-        from customshift_jax.sampling import make_sampler
+        from customshift_jax.pipeline import Pipeline
         from customshift_jax.sampling.schedule import make_schedule
 
         self.model, self.guidance = model, guidance
         self.schedule = make_schedule({"shift": SCHEDULER_SHIFT}, steps)
-        kw = dict(decode=True, vae_config=model.vae_config)
-        self.base = make_sampler(model.config, **kw)
-        self.samplers, self.prefills = {}, {}
-        for lora_name, shift, _ in METHODS.values():
-            if shift is not None and lora_name not in self.samplers:
-                lora = model.loras[lora_name][0]
-                self.samplers[lora_name] = make_customshift_sampler(model.config, lora, shift=shift, **kw)
-                self.prefills[lora_name] = jax.jit(make_prefill(model.config, lora))
+        self.base = Pipeline(model.config, model.vae_config)
+        self.pipes = {lora_name: Pipeline(model.config, model.vae_config, lora=model.loras[lora_name][0], shift=shift)
+                      for lora_name, shift, _ in METHODS.values() if shift is not None}
         # The training-free method's all-zero LoRAs, made once.
         self.zeroed = {name: (model.loras[name][0], *jax.tree_util.tree_map(jnp.zeros_like, model.loras[name][1:]))
                        for name, _, zeroed in METHODS.values() if zeroed}
@@ -118,15 +110,13 @@ class Generator:
         lora_name, shift, zeroed = METHODS[method]
         m = self.model
         if shift is None:
-            out = self.base(m.params, noise, cond, self.schedule, guidance_scale=self.guidance,
-                            vae_params=m.vae_params)
-            return to_uint8(out)
+            return to_uint8(self.base.sample(m.params, noise, cond, self.schedule, guidance=self.guidance,
+                                             vae_params=m.vae_params))
         _, rab, cgb = self.zeroed[lora_name] if zeroed else m.loras[lora_name]
-        kv = self.prefills[lora_name](m.params, rab, reference, *subject)
-        out = self.samplers[lora_name]({"base": m.params, "cgb_lora": cgb}, noise, cond, self.schedule,
-                                       guidance_scale=self.guidance,
-                                       extra={"ref_kv": kv, "gamma": np.float32(gamma)}, vae_params=m.vae_params)
-        return to_uint8(out)
+        pipe = self.pipes[lora_name]
+        kv = pipe.reference_cache(m.params, rab, reference, *subject)
+        return to_uint8(pipe.sample(m.params, noise, cond, self.schedule, guidance=self.guidance, cgb=cgb,
+                                    ref_kv=kv, gamma=gamma, vae_params=m.vae_params))
 
 
 def noise_for(seed: int, n: int) -> jax.Array:

@@ -11,9 +11,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from customshift_jax.models.vae.api import vae_decode, vae_encode_moments
+from customshift_jax.models.vae.config import VAEConfig
 from customshift_jax.toyworld import world
-from customshift_jax.vae.api import vae_decode, vae_encode_moments
-from customshift_jax.vae.config import VAEConfig
 
 KL_WEIGHT = 1e-4  # small: the latents stay informative, the KL only keeps their scale bounded
 

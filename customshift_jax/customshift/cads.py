@@ -1,0 +1,116 @@
+"""Conditional Attention Distribution Shift (DESIGN section 4): image queries also read the reference K/V.
+
+For an image query i and head h, with base keys B = [x; c] and reference keys R = [r; s]:
+    alpha_i = sigmoid(LSE_R(i) - LSE_B(i) + lambda_h),  lambda_h = beta_h + log(gamma)
+    out_i   = (1 - alpha_i) o_B(i) + alpha_i o_R(i)
+Text queries attend over B only. Two equal forms: (a) two attentions returning the LSE, then the merge;
+(b) one attention over [B; R] with lambda added on the R columns and the text rows masked from R.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Literal
+
+import jax
+import jax.numpy as jnp
+
+from customshift_jax.models.mmdit.attention import attention
+
+Shift = Literal["cads", "concat"]
+Form = Literal["two_pass", "single"]
+SHIFTS = ("cads", "concat")
+FORMS = ("two_pass", "single")
+
+
+def shift_logit(beta: jax.Array, gamma: jax.Array, shift: Shift = "cads") -> jax.Array:
+    """lambda float32: beta + log(gamma) for "cads"; 0 for "concat" (plain concatenation baseline).
+
+    beta (H,); gamma a scalar (lambda (H,)) or one per sample (B,) (lambda (B, H)). gamma = 0 gives
+    lambda = -inf: the reference path carries no mass and the output is the base one.
+    """
+    if shift not in SHIFTS:
+        raise ValueError(f"unknown shift {shift!r}; expected one of {SHIFTS}.")
+    beta = beta.astype(jnp.float32)
+    gamma = jnp.asarray(gamma, jnp.float32)
+    if gamma.ndim > 1:
+        raise ValueError(f"gamma must be a scalar or one value per sample (B,), got shape {gamma.shape}.")
+    if shift == "concat":
+        return jnp.zeros(gamma.shape + beta.shape, jnp.float32)
+    return beta + jnp.log(gamma)[..., None]  # (H,) for a scalar gamma, (B, H) for one per sample
+
+
+def _per_batch_head(lam: jax.Array) -> jax.Array:
+    """lambda (H,) or (B, H) -> broadcastable (1 or B, H, 1, 1) against (B, H, Nq, Nk)."""
+    return lam[None, :, None, None] if lam.ndim == 1 else lam[:, :, None, None]
+
+
+def merge_with_reference(o_base, lse_base, o_ref, lse_ref, lam):
+    """(1 - alpha) o_B + alpha o_R with alpha = sigmoid(LSE_R - LSE_B + lambda), in float32.
+
+    o_*: (B, N, H, D); lse_*: (B, H, N); lam: (H,) or (B, H). Returns (B, N, H, D) in o_base's dtype.
+    """
+    alpha = jax.nn.sigmoid(lse_ref - lse_base + _per_batch_head(lam)[..., 0])  # (B, H, N)
+    alpha = jnp.swapaxes(alpha, 1, 2)[..., None]  # (B, N, H, 1)
+    merged = (1 - alpha) * o_base.astype(jnp.float32) + alpha * o_ref.astype(jnp.float32)
+    return merged.astype(o_base.dtype)
+
+
+def cads_attention(q, k, v, k_ref, v_ref, lam, n_img: int, *, form: Form = "two_pass", backend: str = "xla"):
+    """Joint attention in which the first `n_img` queries also read (k_ref, v_ref) through the shift.
+
+    q: (B, Nq, H, D) with image queries first; k, v: (B, Nk, H, D) base keys [x; c];
+    k_ref, v_ref: (B or 1, R, H, D); lam: (H,) or per sample (B, H), float32. Returns (B, Nq, H, D).
+    """
+    b = q.shape[0]
+    k_ref = jnp.broadcast_to(k_ref, (b,) + k_ref.shape[1:]).astype(k.dtype)
+    v_ref = jnp.broadcast_to(v_ref, (b,) + v_ref.shape[1:]).astype(v.dtype)
+    if form == "two_pass":
+        o_base, lse_base = attention(q, k, v, backend=backend, return_lse=True)
+        o_ref, lse_ref = attention(q[:, :n_img], k_ref, v_ref, backend=backend, return_lse=True)
+        img = merge_with_reference(o_base[:, :n_img], lse_base[..., :n_img], o_ref, lse_ref, lam)
+        return jnp.concatenate([img, o_base[:, n_img:]], axis=1)
+    if form == "single":
+        nq, nk, nr = q.shape[1], k.shape[1], k_ref.shape[1]
+        is_img = (jnp.arange(nq) < n_img)[None, None, :, None]  # (1, 1, Nq, 1)
+        ref_bias = jnp.where(is_img, _per_batch_head(lam), -jnp.inf)  # (1 or B, H, Nq, 1)
+        lead = ref_bias.shape[:2]
+        bias = jnp.concatenate([jnp.zeros(lead + (nq, nk), jnp.float32),
+                                jnp.broadcast_to(ref_bias, lead + (nq, nr))], axis=-1)
+        return attention(q, jnp.concatenate([k, k_ref], axis=1), jnp.concatenate([v, v_ref], axis=1),
+                         bias=bias, backend=backend)
+    raise ValueError(f"unknown CADS form {form!r}; expected one of {FORMS}.")
+
+
+@dataclasses.dataclass(frozen=True)
+class CustomShiftAttnProcessor:
+    """The joint-attention processor of both CustomShift branches, injected through `RunOptions.processor`.
+
+    per_layer: this layer's reference (K, V), (B or 1, R, H, D) each, or None (then the base attention: the
+    RAB prefill, or the CGB without a reference); shared: gamma, a scalar or (B,) (None: 1). beta (H,), the
+    learned shift, lives in the "lora" collection at the attention's path (`.../attn/beta`): created when the
+    LoRA asks for it (`LoRAConfig.with_beta`, the CGB), read whenever the tree carries it, else 0."""
+
+    shift: Shift = "cads"
+    form: Form = "two_pass"
+
+    def __post_init__(self):
+        if self.shift not in SHIFTS:
+            raise ValueError(f"unknown shift {self.shift!r}; expected one of {SHIFTS}.")
+        if self.form not in FORMS:
+            raise ValueError(f"unknown CADS form {self.form!r}; expected one of {FORMS}.")
+
+    @staticmethod
+    def beta(attn: Any) -> jax.Array:
+        """beta (H,) float32 from the calling attention module's "lora" collection; 0 if absent."""
+        lora = attn.options.lora
+        creating = attn.is_initializing() and lora is not None and lora.with_beta
+        if creating or attn.has_variable("lora", "beta"):
+            return attn.variable("lora", "beta", lambda: jnp.zeros((attn.heads,), jnp.float32)).value
+        return jnp.zeros((attn.heads,), jnp.float32)
+
+    def __call__(self, attn, q, k, v, *, n_img, per_layer, shared):
+        lam = shift_logit(self.beta(attn), 1.0 if shared is None else shared, self.shift)
+        if per_layer is None:
+            return attention(q, k, v, backend=attn.options.backend)
+        k_ref, v_ref = per_layer
+        return cads_attention(q, k, v, k_ref, v_ref, lam, n_img, form=self.form, backend=attn.options.backend)

@@ -1,0 +1,94 @@
+"""Our orbax checkpoint -> diffusers folders (`<component>/config.json` + `diffusion_pytorch_model.safetensors`)
+that `SD3Transformer2DModel.from_pretrained` and `AutoencoderKL.from_pretrained` load. Exact: the bytes of
+every tensor are the stored params, transposed back (fp32 in, fp32 out, bit for bit)."""
+from __future__ import annotations
+
+import json
+import struct
+import sys
+from pathlib import Path
+from typing import Callable, Iterable, Mapping
+
+import numpy as np
+
+from customshift_jax.io.checkpoint import atomic_directory, check_destination, config_dict, load_checkpoint, read_marker
+from customshift_jax.io.convert import CONVERTERS, DTYPES, cast_array, parse_components
+from customshift_jax.io.diffusers_folder import WEIGHTS_NAME
+from customshift_jax.io.safetensors import DTYPE_NAMES
+
+EXPORT_MARKER = "customshift_export.json"
+
+
+def _diffusers_version() -> str:
+    from importlib import metadata
+
+    try:
+        return metadata.version("diffusers")
+    except metadata.PackageNotFoundError:
+        return "0.42.1"
+
+
+def write_streaming(path: Path, tensors: Mapping[str, np.ndarray], dtype: np.dtype | None = None) -> None:
+    """Write a safetensors file (torch's "pt" format metadata) from arrays or views, optionally cast, one
+    tensor in memory at a time: the header comes from shapes alone, then each tensor is cast and written."""
+    header, offset = {}, 0
+    for name, array in tensors.items():
+        dt = np.dtype(dtype or array.dtype)
+        if dt not in DTYPE_NAMES:
+            raise ValueError(f"cannot write tensor {name!r} of dtype {dt} to safetensors.")
+        nbytes = dt.itemsize * int(np.prod(array.shape, dtype=np.int64))
+        header[name] = {"dtype": DTYPE_NAMES[dt], "shape": list(array.shape), "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    header["__metadata__"] = {"format": "pt"}
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(blob)))
+        f.write(blob)
+        for array in tensors.values():
+            out = array if dtype is None else cast_array(array, dtype)
+            f.write(np.ascontiguousarray(out).reshape(-1).view(np.uint8))
+
+
+def _check_export_destination(dst: Path, overwrite: bool) -> None:
+    check_destination(dst, overwrite, is_ours=lambda d: (d / EXPORT_MARKER).is_file(), what="export",
+                      ours=f"an earlier `customshift export` (no {EXPORT_MARKER})")
+
+
+def export(src: str | Path, dst: str | Path, *, components: str | Iterable[str] | None = None,
+           dtype: str | None = None, overwrite: bool = False,
+           log: Callable[[str], None] | None = None) -> Path:
+    """Write the components of our checkpoint SRC as diffusers folders DST/<component>/, atomically.
+
+    `dtype` ("fp32"/"bf16") casts on the way out; default: as stored. DST appears only when complete.
+    """
+    log = log or (lambda msg: print(msg, file=sys.stderr))
+    src, dst = Path(src), Path(dst).absolute()
+    marker = read_marker(src)
+    wanted = parse_components(components)
+    present = [c for c in marker.get("components", {}) if c in CONVERTERS]
+    others = [c for c in marker.get("components", {}) if c not in CONVERTERS]
+    if others:
+        log(f"note: not exported (no diffusers form here): {', '.join(others)}.")
+    names = present if wanted is None else wanted
+    absent = [c for c in names if c not in present]
+    if absent or not names:
+        raise ValueError(f"{src}: has no {', '.join(absent) or 'exportable component'}; it holds "
+                         f"{', '.join(present) or 'nothing exportable'}.")
+    if dtype is not None and dtype not in DTYPES:
+        raise ValueError(f"unknown --dtype {dtype!r}; choose fp32 or bf16.")
+    _check_export_destination(dst, overwrite)
+    with atomic_directory(dst, lambda d: _check_export_destination(d, overwrite)) as tmp:
+        for name in names:  # one component in memory at a time
+            config, params = load_checkpoint(src, components=[name])[name]
+            conv = CONVERTERS[name]
+            tensors = conv.to_state_dict(config, params)
+            (tmp / name).mkdir()
+            data = {"_class_name": conv.diffusers_class, "_diffusers_version": _diffusers_version(),
+                    **{k: v for k, v in config_dict(name, config).items() if k != "_class_name"}}
+            (tmp / name / "config.json").write_text(json.dumps(data, indent=2) + "\n")
+            write_streaming(tmp / name / WEIGHTS_NAME, tensors, None if dtype is None else DTYPES[dtype])
+            del params, tensors
+        (tmp / EXPORT_MARKER).write_text(json.dumps({"exported_from": str(src.absolute()),
+                                                     "components": names}, indent=2) + "\n")
+    return dst

@@ -1,0 +1,2 @@
+"""The SD3 / SD3.5 MMDiT in Flax Linen (DESIGN section 3): config, layers, embeddings, attention, LoRA,
+the model, the diffusers state-dict mapping, the logical axes of its params, and pure entry points (`api`)."""

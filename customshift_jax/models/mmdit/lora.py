@@ -1,0 +1,72 @@
+"""LoRA on the linears of the joint blocks: config, targeting by module path, init, and merge.
+
+LoRA params live in their own variable collection, "lora", with the same paths as the base params
+(`.../attn/to_q/lora_A`), so the frozen base tree is shared by both CustomShift branches while each
+branch has its own LoRA tree. Kernels are (in, r) and (r, out); PEFT's are their transposes.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+# Every linear of the joint blocks: q, k, v, out of both streams (and of attn2), both MLPs.
+DEFAULT_TARGETS = (
+    "to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out",
+    "ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2",
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class LoRAConfig:
+    """Rank, alpha (scale = alpha / rank) and target modules (dotted suffixes of diffusers module names)."""
+
+    rank: int = 16
+    alpha: float = 16.0
+    targets: tuple[str, ...] = DEFAULT_TARGETS
+    with_beta: bool = False  # the Cross-Guidance Branch also learns the CADS shift beta (per layer, head)
+
+    def __post_init__(self):
+        if self.rank < 1:
+            raise ValueError(f"LoRA rank must be >= 1, got {self.rank}.")
+        object.__setattr__(self, "targets", tuple(self.targets))
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.rank
+
+    def targets_path(self, path: tuple[str, ...]) -> bool:
+        """Whether the linear at flax module `path` gets LoRA (only inside `transformer_blocks`)."""
+        if not path or path[0] != "transformer_blocks":
+            return False
+        dotted = ".".join(p for p in path if p != "scan")
+        return any(dotted.endswith("." + t) for t in self.targets)
+
+
+def lora_delta(lora: dict, scale: float) -> jax.Array:
+    """scale * A @ B for one linear's LoRA dict (stacked or not): the update to its kernel."""
+    return scale * jnp.matmul(lora["lora_A"].astype(jnp.float32), lora["lora_B"].astype(jnp.float32))
+
+
+def merge_lora(params: dict, lora: dict, config: LoRAConfig) -> dict:
+    """Fold a branch's LoRA into the base kernels (for inference without the LoRA path); beta is not a kernel."""
+
+    def merge(p, l):
+        if not isinstance(l, dict):
+            return p
+        out = dict(p)
+        if "lora_A" in l:
+            out["kernel"] = (p["kernel"].astype(jnp.float32) + lora_delta(l, config.scale)).astype(p["kernel"].dtype)
+        for key, sub in l.items():
+            if key not in ("lora_A", "lora_B", "beta"):
+                out[key] = merge(p[key], sub)
+        return out
+
+    return merge(params, lora)
+
+
+def lora_param_count(lora: Any) -> int:
+    """Number of trainable scalars in a LoRA tree."""
+    return sum(int(x.size) for x in jax.tree_util.tree_leaves(lora))

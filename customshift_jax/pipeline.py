@@ -1,0 +1,266 @@
+"""End-to-end generation: load the components, encode the text, (prefill the reference), sample, decode.
+
+The pieces are the library's pure functions; this module only wires them for `customshift generate`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from customshift_jax.models.mmdit.config import MMDiTConfig
+
+SUBJECT_ARRAYS = ("subject_embeds", "subject_pooled_embeds")
+
+
+@dataclasses.dataclass
+class Components:
+    """What generation needs from a checkpoint: MMDiT, VAE, scheduler config, and where text encoders are."""
+
+    config: MMDiTConfig
+    params: Any
+    vae_config: Any
+    vae_params: Any
+    scheduler: dict | str
+    text_folder: Path | None
+
+
+def load_components(path: str | Path, *, text_encoders: str | Path | None = None) -> Components:
+    """From our orbax checkpoint or a diffusers pipeline folder; text encoders from `text_encoders` or the folder."""
+    from customshift_jax.io.checkpoint import is_checkpoint, load_checkpoint
+
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"checkpoint {path}: no such file or folder; give a checkpoint written by "
+                                "`customshift convert` or a diffusers SD3 pipeline folder.")
+    if is_checkpoint(path):
+        parts = load_checkpoint(path, ["transformer", "vae"])
+        (config, params), (vae_config, vae_params) = parts["transformer"], parts["vae"]
+        scheduler: dict | str = {"shift": 3.0}  # SD3's scheduler; the checkpoint stores none
+        if (path / "scheduler").is_dir():
+            scheduler = str(path / "scheduler")
+    else:
+        from customshift_jax.io.loading import load_transformer, load_vae
+
+        if not (path / "model_index.json").exists():
+            raise ValueError(f"{path}: neither a customshift checkpoint nor a diffusers pipeline folder "
+                             "(no customshift_checkpoint.json, no model_index.json).")
+        config, params = load_transformer(path)
+        vae_config, vae_params = load_vae(path)
+        scheduler = str(path / "scheduler") if (path / "scheduler").is_dir() else {"shift": 3.0}
+    text_folder = Path(text_encoders) if text_encoders else None
+    if text_folder is None and (path / "text_encoder").is_dir():
+        text_folder = path
+    params = jax.tree_util.tree_map(jnp.asarray, params)
+    vae_params = jax.tree_util.tree_map(jnp.asarray, vae_params)
+    return Components(config, params, vae_config, vae_params, scheduler, text_folder)
+
+
+def read_prompts(prompt: str | None, prompts_file: str | Path | None) -> list[str]:
+    """The prompts: one `--prompt`, or a file of one prompt a line (blank lines and # comments skipped)."""
+    if (prompt is None) == (prompts_file is None):
+        raise ValueError("give exactly one of --prompt TEXT or --prompts-file FILE.")
+    if prompt is not None:
+        if not prompt.strip():
+            raise ValueError("--prompt is empty; give the text to generate.")
+        return [prompt]
+    path = Path(prompts_file)
+    if not path.is_file():
+        raise FileNotFoundError(f"prompts file {path}: no such file.")
+    lines = [line.strip() for line in path.read_text().splitlines()]
+    prompts = [line for line in lines if line and not line.startswith("#")]
+    if not prompts:
+        raise ValueError(f"prompts file {path} holds no prompts (one prompt a line expected).")
+    return prompts
+
+
+def load_embeds_file(path: str | Path, *, need_subject: bool) -> tuple[Any, tuple[np.ndarray, np.ndarray] | None]:
+    """(PromptEmbeds, (subject_embeds, subject_pooled) or None) from an `--embeds` .npz file."""
+    from customshift_jax.text import PromptEmbeds
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"embeddings file {path}: no such file.")
+    try:
+        embeds = PromptEmbeds.load_npz(path)
+    except KeyError as e:
+        raise ValueError(f"embeddings file {path}: {e.args[0] if e.args else e}") from None
+    subject = None
+    with np.load(path) as data:
+        present = [k for k in SUBJECT_ARRAYS if k in data]
+        if need_subject:
+            if len(present) != 2:
+                missing = [k for k in SUBJECT_ARRAYS if k not in data]
+                raise ValueError(f"embeddings file {path} lacks {', '.join(missing)}, needed with --reference "
+                                 "unless text encoders are available (--text-encoders).")
+            subject = (np.asarray(data["subject_embeds"], np.float32), np.asarray(data["subject_pooled_embeds"],
+                                                                                  np.float32))
+    return embeds, subject
+
+
+def check_size(config: MMDiTConfig, vae_scale: int, height: int, width: int) -> None:
+    """Height and width must be multiples of vae scale x patch size, and fit the position grid."""
+    unit = vae_scale * config.patch_size
+    if height <= 0 or width <= 0 or height % unit or width % unit:
+        raise ValueError(f"--height {height} and --width {width} must be positive multiples of {unit} (VAE scale "
+                         f"{vae_scale} x patch size {config.patch_size}).")
+    grid = max(height, width) // unit
+    if not config.latent_fits(height // vae_scale, width // vae_scale):
+        raise ValueError(f"{height}x{width} px needs a {grid}-patch grid, over this model's pos_embed_max_size "
+                         f"{config.pos_embed_max_size}; the largest side is {config.pos_embed_max_size * unit} px.")
+
+
+def check_init_latents(latents: np.ndarray, expected: Sequence[int], path: str | Path) -> None:
+    """--init-latents must have the batch's latent shape and hold only finite values."""
+    if tuple(latents.shape) != tuple(expected):
+        raise ValueError(f"--init-latents {path} has shape {tuple(latents.shape)}; expected {tuple(expected)} "
+                         "(batch = prompts x images per prompt, 16 latent channels, height/8, width/8).")
+    bad = int(np.size(latents) - np.isfinite(latents).sum())
+    if bad:
+        raise ValueError(f"--init-latents {path} holds {bad} NaN / Inf of {np.size(latents)} values; all must be "
+                         "finite.")
+
+
+def check_finite_latents(latents: np.ndarray, index: int, total: int) -> None:
+    """Stop before decoding when sampling gave NaN / Inf latents: they would decode to a black PNG."""
+    bad = int(np.size(latents) - np.isfinite(latents).sum())
+    if bad:
+        raise ValueError(f"sampling prompt {index + 1} of {total} gave non-finite latents ({bad} of "
+                         f"{np.size(latents)} values NaN or Inf); no PNG written for it. Check --guidance, "
+                         "--gamma, --lora and the --checkpoint weights.")
+
+
+def save_png(image: np.ndarray, path: Path, metadata: dict[str, Any]) -> None:
+    """(3, H, W) in [-1, 1] -> PNG with the prompt and settings in its text chunks."""
+    from PIL import Image
+    from PIL.PngImagePlugin import PngInfo
+
+    pixels = np.clip((np.asarray(image, np.float32).transpose(1, 2, 0) + 1.0) * 127.5 + 0.5, 0, 255).astype(np.uint8)
+    info = PngInfo()
+    info.add_text("prompt", str(metadata.get("prompt", "")))
+    info.add_text("parameters", json.dumps(metadata, sort_keys=True))
+    Image.fromarray(pixels).save(path, pnginfo=info)
+
+
+class StepProgress:
+    """A tqdm bar over sampling steps, fed from inside the jitted loop by `jax.debug.callback`.
+
+    One instance serves many sampler calls: `start` opens a bar, each step advances it, `close` ends it.
+    """
+
+    def __init__(self) -> None:
+        self._bar = None
+
+    def start(self, total: int, desc: str) -> None:
+        from tqdm import tqdm
+
+        self.close()
+        self._bar = tqdm(total=total, desc=desc, unit="step", leave=False)
+
+    def __call__(self, _index) -> None:
+        if self._bar is not None:
+            self._bar.update(1)
+
+    def close(self) -> None:
+        jax.effects_barrier()  # let the last steps' callbacks land before the bar closes
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+
+
+class Pipeline:
+    """Prompt embeddings -> (reference -> cache) -> sampler -> VAE decode, for one model: what `customshift
+    generate`, training samples and `customshift demo` run.
+
+    The compiled functions are built once (on first use); the weights are call arguments, named as everywhere:
+    the base params, and the CustomShift LoRAs `rab` and `cgb` (the CGB's with beta). `lora` is their
+    `LoRAConfig` (None: no reference path). With `mesh`, every function runs sharded under `rules`.
+    """
+
+    def __init__(self, config: MMDiTConfig, vae_config: Any = None, *, lora: Any = None, shift: str = "cads",
+                 form: str = "two_pass", dtype: Any = jnp.float32, decode: bool = True, mesh: Any = None,
+                 rules: Any = "fsdp", progress: Any = None):
+        from customshift_jax.customshift.cads import CustomShiftAttnProcessor
+
+        CustomShiftAttnProcessor(shift, form)  # a bad shift or form fails here, before anything compiles
+        if decode and vae_config is None:
+            raise ValueError("Pipeline(decode=True) needs the vae_config.")
+        self.config, self.vae_config, self.lora = config, vae_config, lora
+        self.shift, self.form, self.dtype, self.decode = shift, form, dtype, decode
+        self.mesh, self.rules, self.progress = mesh, rules, progress
+        self._built: dict[str, Any] = {}
+
+    def _get(self, name: str, build) -> Any:
+        if name not in self._built:
+            self._built[name] = build()
+        return self._built[name]
+
+    def _sampler_kw(self) -> dict[str, Any]:
+        return dict(dtype=self.dtype, decode=self.decode, vae_config=self.vae_config, progress=self.progress)
+
+    def plain_sampler(self):
+        """The SD3 sampler without a reference (`sampling.make_sampler`, sharded on the mesh if any)."""
+        from customshift_jax.sampling import make_sampler, make_sharded_sampler
+
+        if self.mesh is None:
+            return self._get("plain", lambda: make_sampler(self.config, **self._sampler_kw()))
+        return self._get("plain", lambda: make_sharded_sampler(self.config, self.mesh, self.rules,
+                                                               **self._sampler_kw()))
+
+    def customshift_sampler(self):
+        """The sampler whose forward is the Cross-Guidance Branch reading the reference cache."""
+        from customshift_jax.customshift.sampling import make_customshift_sampler, make_sharded_customshift_sampler
+
+        kw = dict(shift=self.shift, form=self.form, **self._sampler_kw())
+        if self.mesh is None:
+            return self._get("customshift", lambda: make_customshift_sampler(self.config, self.lora, **kw))
+        return self._get("customshift", lambda: make_sharded_customshift_sampler(
+            self.config, self.mesh, self.rules, self.lora, **kw))
+
+    def encode_reference(self, vae_params: Any, images: Any) -> jax.Array:
+        """Reference images (B, 3, H, W) in [-1, 1] -> scaled VAE latents (B, C, H/f, W/f): what the RAB reads."""
+        from customshift_jax.models.vae import scale_latents, vae_encode
+
+        encode = self._get("encode", lambda: jax.jit(
+            lambda p, x: scale_latents(self.vae_config, vae_encode(self.vae_config, p, x))))
+        return encode(vae_params, jnp.asarray(images))
+
+    def prefill_function(self):
+        """The compiled Reference-Alignment Branch `f(params, rab, ref_latents, subject_embeds, subject_pooled)`."""
+        from customshift_jax.customshift.branches import make_prefill
+        from customshift_jax.customshift.sharded import make_sharded_prefill
+
+        if self.mesh is None:
+            return self._get("prefill", lambda: jax.jit(make_prefill(self.config, self.lora, dtype=self.dtype)))
+        return self._get("prefill", lambda: make_sharded_prefill(self.config, self.mesh, self.rules, self.lora,
+                                                                 dtype=self.dtype))
+
+    def reference_cache(self, params: Any, rab: Any, ref_latents: Any, subject_embeds: Any,
+                        subject_pooled: Any) -> Any:
+        """The Reference-Alignment Branch once: {group: (K, V)} of every layer (`RefCache.kv`)."""
+        return self.prefill_function()(params, rab, ref_latents, subject_embeds, subject_pooled)
+
+    def sample(self, params: Any, latents: Any, cond: Any, schedule: Any, *, guidance: float = 1.0,
+               cgb: Any = None, ref_kv: Any = None, gamma: float = 1.0, vae_params: Any = None,
+               **noise_kw: Any) -> jax.Array:
+        """Final latents, or images (B, 3, H, W) in [-1, 1] when the pipeline decodes. Without `ref_kv`: the
+        plain SD3 sampler; with it: CustomShift at `gamma`. `latents` None: drawn from `key=` at `height=`,
+        `width=` (pixels), as `sampling.make_sampler`'s runner does."""
+        kw = dict(guidance_scale=guidance, vae_params=vae_params, **noise_kw)
+        if ref_kv is None:
+            return self.plain_sampler()(params, latents=latents, cond=cond, schedule=schedule, **kw)
+        return self.customshift_sampler()({"base": params, "cgb": cgb}, latents=latents, cond=cond, schedule=schedule,
+                                          extra={"ref_kv": ref_kv, "gamma": np.float32(gamma)}, **kw)
+
+    def decode_latents(self, vae_params: Any, z: Any) -> jax.Array:
+        """Final latents (B, C, h, w) -> images (B, 3, H, W) in [-1, 1] (for a pipeline that does not decode)."""
+        from customshift_jax.models.vae import unscale_latents, vae_decode
+
+        decode = self._get("decode", lambda: jax.jit(
+            lambda p, x: vae_decode(self.vae_config, p, unscale_latents(self.vae_config, x))))
+        return decode(vae_params, jnp.asarray(z))

@@ -1,0 +1,420 @@
+"""The `customshift train` loop: base params, data, jitted (optionally sharded) step, orbax checkpoints with
+exact resume, SIGTERM preemption, non-finite-loss stop, metrics, and the export at the end: the LoRA
+(train.mode=customshift) or the trained base MMDiT as our checkpoint at OUTPUT_DIR/model (train.mode=base)."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+EXIT_NONFINITE = 3
+
+
+class _Preempt:
+    """SIGTERM (a preemption) or SIGINT (Ctrl-C) sets a flag; the loop saves a checkpoint at the next step
+    boundary and exits cleanly, saying how to resume."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self):
+        self.requested: str | None = None
+        self._old = {s: signal.signal(s, self._handler) for s in self.SIGNALS}
+
+    def _handler(self, signum, frame):  # noqa: ARG002
+        self.requested = signal.Signals(signum).name
+
+    def restore(self) -> None:
+        for s, old in self._old.items():
+            signal.signal(s, old)
+
+
+def _check_text_widths(dataset, config, path) -> None:
+    """Refuse shards whose text embeddings do not fit the model (prepared with another model's encoders)."""
+    widths = {name: parts[0].shape[-1] for name, parts in dataset.parts.items() if "embeds" in name or "pooled" in name}
+    for name, width in widths.items():
+        want = config.pooled_projection_dim if "pooled" in name else config.joint_attention_dim
+        if width != want:
+            raise ValueError(f"{path}: {name} are {width} wide but the model takes {want}: the data was prepared "
+                             "with another model's text encoders. Set model.checkpoint to the model the data was "
+                             "prepared for, or run `customshift prepare` with this model's text encoders.")
+
+
+def load_base(mcfg: dict) -> tuple[Any, Any]:
+    """(MMDiTConfig, frozen base params) from `model.checkpoint`, or random ones of `model.preset`."""
+    import jax
+
+    from customshift_jax.io.loading import load_transformer
+    from customshift_jax.models.mmdit.api import as_dtype, init_mmdit
+    from customshift_jax.models.mmdit.config import get_preset
+
+    dtype = as_dtype(mcfg["base_dtype"])
+    if mcfg["checkpoint"] is not None:
+        return load_transformer(mcfg["checkpoint"], dtype=dtype)
+    config = get_preset(mcfg["preset"])
+    if mcfg["num_layers"]:
+        config = dataclasses.replace(config, num_layers=int(mcfg["num_layers"]))
+    params = jax.jit(lambda k: init_mmdit(config, k, param_dtype=dtype))(jax.random.key(mcfg["init_seed"]))
+    return config, params
+
+
+def state_path(path) -> str:
+    """A train-state leaf's parameter path, e.g. "trainable/cgb/transformer_blocks/0:2/scan/attn/beta"."""
+    return "/".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
+
+
+def _flat_state(state) -> dict:
+    """{parameter path: leaf} in the state's leaf order: how a training checkpoint stores the state."""
+    import jax
+
+    return {state_path(p): x for p, x in jax.tree_util.tree_flatten_with_path(state)[0]}
+
+
+def _nested(flat: dict) -> dict:
+    """{"a/b/c": x} -> {"a": {"b": {"c": x}}}: orbax stores the tree under its parameter paths."""
+    out: dict = {}
+    for path, x in flat.items():
+        *parents, leaf = path.split("/")
+        node = out
+        for name in parents:
+            node = node.setdefault(name, {})
+        node[leaf] = x
+    return out
+
+
+def _flatten_nested(tree: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in tree.items():
+        path = f"{prefix}{k}"
+        out.update(_flatten_nested(v, path + "/") if isinstance(v, dict) else {path: v})
+    return out
+
+
+def _step_parts(cfg: dict, config, base, lora, optimizer, schedule) -> tuple:
+    """(initial state, base argument of the step, plain step, mesh -> sharded step) for `train.mode`."""
+    t = cfg["train"]
+    step_kw = dict(seed=int(t["seed"]), schedule=schedule, accum_steps=int(t["accum_steps"]),
+                   dtype=t["dtype"], remat=t["remat"], text_dropout=float(t["text_dropout"]))
+    rules = cfg["mesh"]["rules"]
+    if t["mode"] == "base":
+        from customshift_jax.train.base_step import init_base_train_state, make_base_train_step
+        from customshift_jax.train.sharded import make_sharded_base_train_step
+
+        step_kw["ema_decay"] = float(t["ema_decay"])
+        state = init_base_train_state(base, optimizer, ema_decay=step_kw["ema_decay"])
+        return (state, {}, make_base_train_step(config, optimizer, **step_kw),
+                lambda mesh: make_sharded_base_train_step(config, optimizer, mesh, rules, **step_kw))
+    from customshift_jax.train.sharded import make_sharded_train_step
+    from customshift_jax.train.step import init_train_state, make_train_step
+
+    step_kw.update(shift=t["shift"], form=t["form"], ref_dropout=float(t["ref_dropout"]))
+    state = init_train_state(config, lora, optimizer, int(t["seed"]))
+    return (state, base, make_train_step(config, lora, optimizer, **step_kw),
+            lambda mesh: make_sharded_train_step(config, lora, optimizer, mesh, rules, **step_kw))
+
+
+@dataclasses.dataclass
+class TrainParts:
+    """Everything the loop needs, built from the resolved config by `build`."""
+
+    config: Any          # MMDiTConfig
+    base: Any            # the frozen base params (LoRA mode), or {} (train.mode=base: the state holds them)
+    lora: Any            # LoRAConfig
+    dataset: Any         # ShardDataset
+    it: Any              # BatchIterator (its position is checkpointed)
+    optimizer: Any       # optax.GradientTransformation
+    state: Any           # TrainState
+    jstep: Callable      # jitted step(state, base, batch) -> (state, metrics)
+    put_batch: Callable  # host batch -> device batch (sharded on the mesh)
+    mesh: Any            # jax Mesh, or None
+
+
+def build(cfg: dict) -> TrainParts:
+    """Everything the loop needs, from the resolved config (no side effects on disk)."""
+    import jax
+
+    from customshift_jax.models.mmdit.lora import LoRAConfig
+    from customshift_jax.train.data import BatchIterator, ShardDataset
+    from customshift_jax.train.optim import make_optimizer
+
+    t, d = cfg["train"], cfg["data"]
+    # train.mode=base trains the loaded params themselves: fp32 masters, whatever model.base_dtype says.
+    config, base = load_base({**cfg["model"], "base_dtype": "fp32"} if t["mode"] == "base" else cfg["model"])
+    lora = LoRAConfig(rank=int(cfg["lora"]["rank"]), alpha=float(cfg["lora"]["alpha"]))
+    dataset = ShardDataset(d["path"])
+    lat_shape = dataset.index["latent_shape"]
+    if lat_shape[0] != config.in_channels:
+        raise ValueError(f"{d['path']}: latents have {lat_shape[0]} channels, the model takes {config.in_channels}.")
+    _check_text_widths(dataset, config, d["path"])
+    it = BatchIterator(dataset, int(d["global_batch"]), seed=int(t["seed"]), shuffle=bool(d["shuffle"]),
+                       flip_prob=float(d["flip_prob"]))
+    optimizer, schedule = make_optimizer(
+        float(t["lr"]), warmup_steps=int(t["warmup_steps"]), schedule=t["schedule"],
+        total_steps=int(t["steps"]) // int(t["accum_steps"]), weight_decay=float(t["weight_decay"]),
+        clip_norm=t["clip_norm"], accum_steps=int(t["accum_steps"]))
+    state, base, plain_step, sharded_step = _step_parts(cfg, config, base, lora, optimizer, schedule)
+    m = cfg["mesh"]
+    if m["enabled"]:
+        from customshift_jax.parallel import sharding as shd
+
+        mesh = shd.make_mesh(int(m["data"]), int(m["fsdp"]), int(m["tensor"]))
+        sharded = sharded_step(mesh)
+        global_batch = {k: jax.ShapeDtypeStruct((int(d["global_batch"]),) + v.shape, v.dtype)
+                        for k, v in dataset.get(0).items()}  # a batch stacks records: shapes from one
+        # Trainable tree, Adam moments and base laid out by the rules (not replicated); the batch split along "batch".
+        (_, _, batch_sh), _ = sharded.shardings(state, base, global_batch)
+        jstep = sharded.jitted(state, base, global_batch)
+        state, base = sharded.place(state, base)
+
+        def put_batch(batch):
+            if jax.process_count() == 1:
+                return {k: jax.device_put(v, batch_sh[k]) for k, v in batch.items()}
+            return {k: jax.make_array_from_process_local_data(batch_sh[k], v, global_batch[k].shape)
+                    for k, v in batch.items()}
+    else:
+        mesh = None
+        jstep = jax.jit(plain_step)
+
+        def put_batch(batch):
+            return batch
+
+    return TrainParts(config=config, base=base, lora=lora, dataset=dataset, it=it, optimizer=optimizer, state=state,
+                      jstep=jstep, put_batch=put_batch, mesh=mesh)
+
+
+def _manager(directory: Path, keep: int, async_: bool):
+    import orbax.checkpoint as ocp
+
+    options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_, create=True)
+    return ocp.CheckpointManager(directory.absolute(), options=options)
+
+
+def _save(mngr, step: int, state, it, seed: int) -> None:
+    import orbax.checkpoint as ocp
+
+    meta = {"data": it.state(), "seed": seed, "step": step}
+    mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(_nested(_flat_state(state))),
+                                            meta=ocp.args.JsonSave(meta)), force=True)
+
+
+def _restore(mngr, state, it, seed: int):
+    """(state, step) from the latest checkpoint: params, optimizer state, data position; RNG is (seed, step)."""
+    import jax
+    import orbax.checkpoint as ocp
+
+    step = mngr.latest_step()
+    if step is None:
+        return state, 0
+    flat = _flat_state(state)
+    abstract = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=getattr(v, "sharding", None))
+                for k, v in flat.items()}
+    by_index = _is_indexed(mngr, step)  # a checkpoint of before parameter paths: leaves under "00000", ...
+    target = {f"{i:05d}": a for i, a in enumerate(abstract.values())} if by_index else _nested(abstract)
+    got = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target),
+                                                     meta=ocp.args.JsonRestore()))
+    meta = got["meta"]
+    if meta["seed"] != seed:
+        raise ValueError(f"the checkpoint at step {step} was trained with seed {meta['seed']}, this config has "
+                         f"train.seed={seed}; resume with the same seed.")
+    saved = got["state"] if by_index else _flatten_nested(got["state"])
+    leaves = [saved[k] for k in sorted(saved)] if by_index else [saved[k] for k in flat]
+    it.restore(meta["data"])
+    return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(state), leaves), step
+
+
+def _is_indexed(mngr, step: int) -> bool:
+    """Whether the checkpoint at `step` keeps its leaves by index (written before parameter paths)."""
+    names = list(_stored_state(mngr, step))
+    return bool(names) and all(n.isdigit() for n in names)
+
+
+def _stored_state(mngr, step: int) -> dict:
+    """The top level of the saved state's tree (names -> metadata), read without loading arrays."""
+    meta = mngr.item_metadata(step)
+    state = meta["state"] if isinstance(meta, dict) or hasattr(meta, "__getitem__") else getattr(meta, "state")
+    return dict(getattr(state, "tree", state) or {})
+
+
+def export_lora(out: Path, state, lora) -> list[Path]:
+    """Write the trained LoRAs and beta in the PEFT / diffusers-named format (`convert.lora_format`)."""
+    from customshift_jax.io.lora_files import save_lora_files, to_state_dict
+    from customshift_jax.parallel.distributed import gather
+
+    trainable = gather(state.trainable)
+    return save_lora_files(out, to_state_dict(trainable["rab"], trainable["cgb"]), lora)
+
+
+def _other_components(src: Any) -> dict[str, tuple[Any, Any]]:
+    """{name: (config dict, params loader)} of every non-transformer component of our checkpoint `src`
+    (none when `src` is not one of ours); loaders, so one component at a time is in memory while copying."""
+    from customshift_jax.io.checkpoint import CONFIG_NAME, is_checkpoint, load_checkpoint, read_marker
+
+    if src is None or not is_checkpoint(src):
+        return {}
+    entries = read_marker(src).get("components", {})
+    return {name: (json.loads((Path(src) / entry.get("config", f"{name}/{CONFIG_NAME}")).read_text()),
+                   lambda name=name: load_checkpoint(src, [name])[name][1])
+            for name, entry in entries.items() if name != "transformer"}
+
+
+def export_model(dst: Path, params, config, source: Any = None, metadata: dict | None = None) -> list[str]:
+    """Write `params` (host arrays) as the transformer of our checkpoint at `dst`, with the other components of
+    `source` (e.g. the VAE) copied, so that `model.checkpoint=dst` and `load_transformer(dst)` take it; returns
+    the component names. An earlier checkpoint at `dst` is replaced once the new one is complete."""
+    from customshift_jax.io.checkpoint import save_checkpoint
+
+    components = {"transformer": (config, params), **_other_components(source)}
+    save_checkpoint(dst, components, overwrite=True, metadata=metadata)
+    return list(components)
+
+
+def _check_model_destination(dst: Path) -> None:
+    """Refuse, before training, an OUTPUT_DIR/model that the export at the end could not replace."""
+    from customshift_jax.io.checkpoint import check_destination
+
+    check_destination(dst, True, what="trained model")
+
+
+def train(cfg: dict, *, resume: bool = False, log=print) -> int:
+    """Run training as configured; returns the process exit code (0 done or preempted, 3 non-finite loss)."""
+    import jax
+
+    from customshift_jax.train.base_step import model_params
+    from customshift_jax.train.metrics import MetricsLogger
+    from customshift_jax.train.samples import maybe_sampler
+
+    out = Path(cfg["output_dir"])
+    ckpt_dir = out / "checkpoints"
+    if not resume and ckpt_dir.exists() and any(ckpt_dir.iterdir()):
+        raise ValueError(f"{ckpt_dir} already holds checkpoints: pass --resume to continue that run, or choose "
+                         "another output_dir.")
+    base_mode = cfg["train"]["mode"] == "base"
+    if base_mode:
+        _check_model_destination(out / "model")
+    out.mkdir(parents=True, exist_ok=True)
+    seed, total = int(cfg["train"]["seed"]), int(cfg["train"]["steps"])
+    parts = build(cfg)
+    state, it, jstep, put_batch = parts.state, parts.it, parts.jstep, parts.put_batch
+    sampler = maybe_sampler(cfg, parts, out)
+    sample_every = int(cfg["sample"]["every"])
+    mngr = _manager(ckpt_dir, int(cfg["checkpoint"]["keep"]), bool(cfg["checkpoint"]["async"]))
+    start = 0
+    if resume:
+        state, start = _restore(mngr, state, it, seed)
+        log(f"resumed from step {start}" if start else "no checkpoint to resume from: starting at step 0")
+    if jax.process_index() == 0:
+        import yaml
+
+        (out / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
+    metrics = MetricsLogger(out, tensorboard=bool(cfg["log"]["tensorboard"])) if jax.process_index() == 0 else None
+    preempt = _Preempt()
+    every, log_every = int(cfg["checkpoint"]["every"]), max(1, int(cfg["log"]["every"]))
+    gb = int(cfg["data"]["global_batch"])
+    bar = None
+    if cfg["log"]["progress"] and jax.process_index() == 0:
+        from tqdm import tqdm
+
+        bar = tqdm(total=total, initial=start, desc="train", file=sys.stderr, dynamic_ncols=True)
+    last_saved = start if start else None
+    code = 0
+    t_last, n_last = time.perf_counter(), start
+    ctx = jax.set_mesh(parts.mesh) if parts.mesh is not None else _null()
+    try:
+        with ctx:
+            step = start
+            while step < total:
+                if preempt.requested:
+                    if last_saved != step:
+                        _save(mngr, step, state, it, seed)
+                    mngr.wait_until_finished()
+                    log(f"{preempt.requested}: saved step {step} to {ckpt_dir}; resume with the same command and "
+                        "--resume.")
+                    return 0
+                state, m = jstep(state, parts.base, put_batch(next(it)))
+                loss = float(m["loss"])
+                if not math.isfinite(loss):
+                    mngr.wait_until_finished()
+                    good = mngr.latest_step()
+                    log(f"error: non-finite loss ({loss}) at step {step}; stopping. The last good checkpoint is "
+                        + (f"step {good} in {ckpt_dir}." if good is not None else "none (nothing was saved)."))
+                    code = EXIT_NONFINITE
+                    return code
+                step += 1
+                if cfg["debug"]["sleep_per_step"]:
+                    time.sleep(float(cfg["debug"]["sleep_per_step"]))
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{loss:.4f}")
+                if metrics is not None and (step % log_every == 0 or step == total):
+                    now = time.perf_counter()
+                    sps = (step - n_last) / max(now - t_last, 1e-9)
+                    t_last, n_last = now, step
+                    values = {k: float(v) for k, v in m.items()}
+                    values.update(steps_per_s=sps, images_per_s=sps * gb)
+                    metrics.log(step, values)
+                if sampler is not None and step % sample_every == 0:
+                    sampler(model_params(state), parts.base, step, metrics)
+                if step % every == 0 or step == total:
+                    _save(mngr, step, state, it, seed)
+                    last_saved = step
+            mngr.wait_until_finished()
+            if base_mode:
+                _export_base(cfg, out / "model", state, parts.config, total, log)
+            elif cfg["export_lora"] and jax.process_index() == 0:
+                files = export_lora(out / "lora", state, parts.lora)
+                log(f"exported the LoRA: {', '.join(str(f) for f in files)}")
+            log(f"done: {total} steps; checkpoints in {ckpt_dir}")
+            return code
+    finally:
+        preempt.restore()
+        if bar is not None:
+            bar.close()
+        if metrics is not None:
+            metrics.close()
+        mngr.wait_until_finished()
+        mngr.close()
+
+
+def _export_base(cfg: dict, dst: Path, state, config, steps: int, log) -> None:
+    """train.mode=base: gather the trained weights (EMA if kept) on every process; process 0 writes them."""
+    import jax
+
+    from customshift_jax.parallel.distributed import gather
+    from customshift_jax.train.base_step import model_params
+
+    weights = gather(model_params(state))  # a collective: every process takes part
+    if jax.process_index() != 0:
+        return
+    ema = float(cfg["train"]["ema_decay"])
+    meta = {"trained": {"by": "customshift train (train.mode=base)", "steps": steps, "ema_decay": ema}}
+    names = export_model(dst, weights, config, cfg["model"]["checkpoint"], meta)
+    log(f"wrote the trained transformer{' (EMA weights)' if ema > 0 else ''} to {dst} "
+        f"(components: {', '.join(names)}); use it with model.checkpoint={dst}")
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *a):
+        return False
+
+
+def final_trainable(output_dir: str | Path) -> dict[str, np.ndarray]:
+    """The latest checkpoint as numpy, for comparisons: {"step": its step, "state/<parameter path>": array}."""
+    import orbax.checkpoint as ocp
+
+    mngr = _manager(Path(output_dir) / "checkpoints", 100, False)
+    try:
+        step = mngr.latest_step()
+        got = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(),
+                                                         meta=ocp.args.JsonRestore()))
+        return {"step": step, **{f"state/{k}": np.asarray(v) for k, v in _flatten_nested(got["state"]).items()}}
+    finally:
+        mngr.close()
