@@ -3,7 +3,7 @@ extrapolated: the scanned layers' body is counted once by the analysis), MFU on 
 
 Default: sd3-medium width with 4 layers, 512 px (64x64 latents), batch 1, LoRA rank 16, fp32 and bf16.
   python bench/train.py                                  # as above
-  python bench/train.py --size 256 --layers 2 --text-len 77 --steps 2   # smaller, for a busy CPU
+  python bench/train.py --size 32 --layers 2 --text-len 77 --steps 2   # smaller, for a busy CPU
 """
 from __future__ import annotations
 
@@ -73,7 +73,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", default="sd3-medium")
     p.add_argument("--layers", type=int, default=4)
-    p.add_argument("--size", type=int, default=512, help="image px (latent = size / 8)")
+    p.add_argument("--size", type=int, default=64, help="latent height and width (64 = 512 px), as in every bench")
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--rank", type=int, default=16)
     p.add_argument("--text-len", type=int, default=333, help="prompt tokens (77 CLIP + 256 T5)")
@@ -98,9 +98,9 @@ def main(argv=None) -> int:
     lora = LoRAConfig(args.rank, float(args.rank))
     dev = jax.devices()[0]
     print(f"device {dev.device_kind} ({jax.default_backend()}), {config.num_layers} layers width "
-          f"{config.num_attention_heads * config.attention_head_dim}, {args.size} px batch {args.batch} rank {args.rank}",
+          f"{config.num_attention_heads * config.attention_head_dim}, {args.size * 8} px batch {args.batch} rank {args.rank}",
           flush=True)
-    h = args.size // 8
+    h = args.size
     rng = np.random.default_rng(0)
     f = lambda *s: jnp.asarray(rng.standard_normal(s).astype(np.float32))  # noqa: E731
     batch = {"latents": f(args.batch, 16, h, h), "ref_latents": f(args.batch, 16, h, h),

@@ -13,7 +13,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from customshift_jax.customshift.branches import make_prefill
+from customshift_jax.customshift.cads import CustomShiftAttnProcessor
+from customshift_jax.customshift.sampling import make_customshift_sampler, make_sharded_customshift_sampler
+from customshift_jax.customshift.sharded import make_sharded_prefill
+from customshift_jax.io.checkpoint import is_checkpoint, load_checkpoint
+from customshift_jax.io.loading import load_transformer, load_vae
 from customshift_jax.models.mmdit.config import MMDiTConfig
+from customshift_jax.models.vae import scale_latents, unscale_latents, vae_decode, vae_encode
+from customshift_jax.sampling import make_sampler, make_sharded_sampler
+from customshift_jax.text import PromptEmbeds
 
 SUBJECT_ARRAYS = ("subject_embeds", "subject_pooled_embeds")
 
@@ -32,8 +41,6 @@ class Components:
 
 def load_components(path: str | Path, *, text_encoders: str | Path | None = None) -> Components:
     """From our orbax checkpoint or a diffusers pipeline folder; text encoders from `text_encoders` or the folder."""
-    from customshift_jax.io.checkpoint import is_checkpoint, load_checkpoint
-
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"checkpoint {path}: no such file or folder; give a checkpoint written by "
@@ -45,8 +52,6 @@ def load_components(path: str | Path, *, text_encoders: str | Path | None = None
         if (path / "scheduler").is_dir():
             scheduler = str(path / "scheduler")
     else:
-        from customshift_jax.io.loading import load_transformer, load_vae
-
         if not (path / "model_index.json").exists():
             raise ValueError(f"{path}: neither a customshift checkpoint nor a diffusers pipeline folder "
                              "(no customshift_checkpoint.json, no model_index.json).")
@@ -59,6 +64,21 @@ def load_components(path: str | Path, *, text_encoders: str | Path | None = None
     params = jax.tree_util.tree_map(jnp.asarray, params)
     vae_params = jax.tree_util.tree_map(jnp.asarray, vae_params)
     return Components(config, params, vae_config, vae_params, scheduler, text_folder)
+
+
+def read_transformer_config(path: str | Path) -> MMDiTConfig | None:
+    """The MMDiT config of a checkpoint or pipeline folder, read without any weights (None when there is none to
+    read: the loaders then say what is wrong). For checks that should fail before anything heavy loads."""
+    from customshift_jax.io.checkpoint import is_checkpoint, load_checkpoint_config
+
+    path = Path(path)
+    try:
+        if is_checkpoint(path):
+            return load_checkpoint_config(path, "transformer")
+        raw = json.loads((path / "transformer" / "config.json").read_text())
+        return MMDiTConfig.from_diffusers_config(raw)
+    except (OSError, ValueError, KeyError):
+        return None
 
 
 def read_prompts(prompt: str | None, prompts_file: str | Path | None) -> list[str]:
@@ -81,8 +101,6 @@ def read_prompts(prompt: str | None, prompts_file: str | Path | None) -> list[st
 
 def load_embeds_file(path: str | Path, *, need_subject: bool) -> tuple[Any, tuple[np.ndarray, np.ndarray] | None]:
     """(PromptEmbeds, (subject_embeds, subject_pooled) or None) from an `--embeds` .npz file."""
-    from customshift_jax.text import PromptEmbeds
-
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"embeddings file {path}: no such file.")
@@ -185,8 +203,6 @@ class Pipeline:
     def __init__(self, config: MMDiTConfig, vae_config: Any = None, *, lora: Any = None, shift: str = "cads",
                  form: str = "two_pass", dtype: Any = jnp.float32, decode: bool = True, mesh: Any = None,
                  rules: Any = "fsdp", progress: Any = None):
-        from customshift_jax.customshift.cads import CustomShiftAttnProcessor
-
         CustomShiftAttnProcessor(shift, form)  # a bad shift or form fails here, before anything compiles
         if decode and vae_config is None:
             raise ValueError("Pipeline(decode=True) needs the vae_config.")
@@ -205,8 +221,6 @@ class Pipeline:
 
     def plain_sampler(self):
         """The SD3 sampler without a reference (`sampling.make_sampler`, sharded on the mesh if any)."""
-        from customshift_jax.sampling import make_sampler, make_sharded_sampler
-
         if self.mesh is None:
             return self._get("plain", lambda: make_sampler(self.config, **self._sampler_kw()))
         return self._get("plain", lambda: make_sharded_sampler(self.config, self.mesh, self.rules,
@@ -214,8 +228,6 @@ class Pipeline:
 
     def customshift_sampler(self):
         """The sampler whose forward is the Cross-Guidance Branch reading the reference cache."""
-        from customshift_jax.customshift.sampling import make_customshift_sampler, make_sharded_customshift_sampler
-
         kw = dict(shift=self.shift, form=self.form, **self._sampler_kw())
         if self.mesh is None:
             return self._get("customshift", lambda: make_customshift_sampler(self.config, self.lora, **kw))
@@ -224,17 +236,12 @@ class Pipeline:
 
     def encode_reference(self, vae_params: Any, images: Any) -> jax.Array:
         """Reference images (B, 3, H, W) in [-1, 1] -> scaled VAE latents (B, C, H/f, W/f): what the RAB reads."""
-        from customshift_jax.models.vae import scale_latents, vae_encode
-
         encode = self._get("encode", lambda: jax.jit(
             lambda p, x: scale_latents(self.vae_config, vae_encode(self.vae_config, p, x))))
         return encode(vae_params, jnp.asarray(images))
 
     def prefill_function(self):
         """The compiled Reference-Alignment Branch `f(params, rab, ref_latents, subject_embeds, subject_pooled)`."""
-        from customshift_jax.customshift.branches import make_prefill
-        from customshift_jax.customshift.sharded import make_sharded_prefill
-
         if self.mesh is None:
             return self._get("prefill", lambda: jax.jit(make_prefill(self.config, self.lora, dtype=self.dtype)))
         return self._get("prefill", lambda: make_sharded_prefill(self.config, self.mesh, self.rules, self.lora,
@@ -259,8 +266,6 @@ class Pipeline:
 
     def decode_latents(self, vae_params: Any, z: Any) -> jax.Array:
         """Final latents (B, C, h, w) -> images (B, 3, H, W) in [-1, 1] (for a pipeline that does not decode)."""
-        from customshift_jax.models.vae import unscale_latents, vae_decode
-
         decode = self._get("decode", lambda: jax.jit(
             lambda p, x: vae_decode(self.vae_config, p, unscale_latents(self.vae_config, x))))
         return decode(vae_params, jnp.asarray(z))

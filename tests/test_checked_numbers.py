@@ -159,12 +159,12 @@ def test_non_finite_latents_check():
 
 def test_nan_sampler_writes_no_png(checkpoint, embeds, tmp_path, capsys, monkeypatch):
     """Wired into the CLI: a sampler returning NaN ends the run in one line, before any PNG."""
-    from customshift_jax import sampling
+    from customshift_jax import pipeline
 
     def nan_sampler(*_args, **_kwargs):
         return lambda params, *, latents=None, **kw: np.full((1, 16, 8, 12), np.nan, np.float32)
 
-    monkeypatch.setattr(sampling, "make_sampler", nan_sampler)
+    monkeypatch.setattr(pipeline, "make_sampler", nan_sampler)  # the sampler the pipeline builds
     out = tmp_path / "o"
     argv = ["generate", "--checkpoint", str(checkpoint), "--embeds", str(embeds), *SIZE, "--steps", "1",
             "--guidance", "1", "--out", str(out)]

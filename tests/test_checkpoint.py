@@ -1,4 +1,4 @@
-"""customshift_jax.checkpoint: the orbax checkpoint format, its atomic writes and its loaders."""
+"""customshift_jax.io.checkpoint: the orbax checkpoint format, its atomic writes and its loaders."""
 import json
 import shutil
 

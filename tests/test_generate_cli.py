@@ -1,5 +1,6 @@
 """`customshift generate` end to end on a tiny local pipeline: parity through the CLI, CustomShift, bad input."""
 import json
+import re
 
 import numpy as np
 import pytest
@@ -93,7 +94,7 @@ def test_reference_from_embeds_file_only(checkpoint, embeds_file, tmp_path, caps
     assert (tmp_path / "o" / "001_00.png").exists()
 
 
-def test_lora_folder_is_loaded_and_checked(checkpoint, embeds_file, tmp_path, capsys):
+def test_lora_folder_is_loaded_and_checked(checkpoint, embeds_file, tmp_path, capsys, monkeypatch):
     import jax
 
     from customshift_jax import MMDiTConfig
@@ -118,8 +119,18 @@ def test_lora_folder_is_loaded_and_checked(checkpoint, embeds_file, tmp_path, ca
     bad = tmp_path / "other_model"
     save_lora_files(bad, to_state_dict(init_lora(other, lora, jax.random.key(0), branch="rab"),
                                        init_lora(other, lora, jax.random.key(1), branch="cgb")), lora)
+    code, out, err = _run(capsys, *argv, "--lora", str(good / "customshift_cgb.safetensors"))  # a file: its folder
+    assert code == 0, err
+    from customshift_jax import pipeline
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("the weights were loaded before the LoRA was checked")
+
+    monkeypatch.setattr(pipeline, "load_components", no_loading)
     code, out, err = _run(capsys, *argv, "--lora", str(bad))
-    assert code != 0 and f"transformer_blocks.{config.num_layers}." in err, err
+    # The other model's extra layer: its keys counted and the first named (not all of them), before any loading.
+    assert code != 0 and re.search(r"\d+ unexpected: rab\.transformer_blocks\.\d+\.", err), err
+    assert "more." in err and len(err) < 700, err
 
 
 def test_mesh_gives_the_unsharded_latents(checkpoint, embeds_file, tmp_path, capsys):
@@ -145,7 +156,7 @@ def test_mesh_gives_the_unsharded_latents(checkpoint, embeds_file, tmp_path, cap
 
 @pytest.mark.parametrize("case", ["missing_checkpoint", "bad_size", "empty_prompts", "bad_init_latents",
                                   "embeds_missing_array", "unreadable_reference", "empty_subject", "no_text",
-                                  "lora_without_reference"])
+                                  "lora_without_reference", "out_is_a_file"])
 def test_bad_input_is_a_clear_error(case, checkpoint, embeds_file, tmp_path, capsys):
     embeds, with_subject = embeds_file
     base = ["--checkpoint", str(checkpoint), "--embeds", str(embeds), *SIZE, "--steps", "1", "--out",
@@ -171,6 +182,10 @@ def test_bad_input_is_a_clear_error(case, checkpoint, embeds_file, tmp_path, cap
         argv, expect = with_ref + ["--reference", str(tmp_path / "bad.jpg")], "cannot be read"
     elif case == "empty_subject":
         argv, expect = base + ["--reference", str(DOG), "--subject", "  "], "--subject is empty"
+    elif case == "out_is_a_file":
+        (tmp_path / "taken").write_text("notes")
+        argv, expect = base[:-2] + ["--out", str(tmp_path / "taken")], "is a file; give a folder"
+        argv[1] = str(tmp_path / "nope")  # refused before the (missing) checkpoint is even looked at
     elif case == "lora_without_reference":
         argv, expect = base + ["--lora", str(tmp_path)], "--lora applies to CustomShift runs"
     else:
@@ -190,3 +205,14 @@ def test_load_vae_reads_our_checkpoint(checkpoint, tiny_pipeline_dir):  # noqa: 
     flat_b = dict(_flat_paths(params_b))
     for path, value in _flat_paths(params_a):
         np.testing.assert_array_equal(np.asarray(value), np.asarray(flat_b[path]))
+
+
+def test_default_output_folder_never_overwrites(tmp_path):
+    from customshift_jax.cli.generate_cmd import output_folder
+
+    assert output_folder(None, tmp_path) == tmp_path / "out"
+    (tmp_path / "out").mkdir()
+    assert output_folder(None, tmp_path) == tmp_path / "out"  # empty: used
+    (tmp_path / "out" / "000_00.png").write_bytes(b"x")
+    assert output_folder(None, tmp_path) == tmp_path / "out-2"
+    assert output_folder(str(tmp_path / "mine"), tmp_path) == tmp_path / "mine"

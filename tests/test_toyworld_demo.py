@@ -13,12 +13,12 @@ from customshift_jax.toyworld.methods import WEIGHTS
 pytestmark = pytest.mark.skipif(not (WEIGHTS / "model").is_dir(), reason="no shipped world weights")
 
 SUBJECTS, SEED = 16, 7
-# Measured with the shipped weights on these 16 held-out subjects (gamma 1): identity cosine 0.333 (CustomShift)
-# vs 0.050 (text only); body and accent accuracy 0.312 / 0.188 vs 0.125 / 0.000; prompt all 0.938 both; the
-# oracle 0.875 subject all (pattern 0.875), 1.000 prompt all. Margins: about half the measured gaps, and one
-# image (1/16) of slack where a quantity is a count, since CPUs round differently.
-MARGIN_COSINE = 0.15
-MARGIN_COLOURS = 0.08
+# Measured with the shipped weights on these 16 held-out subjects (gamma 1): identity cosine 0.578 (CustomShift)
+# vs 0.198 (text only); body and accent accuracy 0.562 / 0.500 vs 0.000 / 0.125; prompt all 1.000 both; the
+# oracle 1.000 subject all, 1.000 prompt all. Margins: about half the measured gaps, and two images (2/16) of
+# slack on prompt fidelity, a count, since CPUs round differently.
+MARGIN_COSINE = 0.19
+MARGIN_COLOURS = 0.23
 MARGIN_PROMPT = 0.13
 
 
@@ -45,7 +45,7 @@ def test_demo_scores(demo):
     table = json.loads((demo / "scores.json").read_text())["table"]
     text, cs = table["text only"], table["customshift gamma=1"]
     oracle = table["oracle (real renders)"]
-    assert oracle["subject_all"] >= 0.8 and oracle["context_all"] >= 0.95, oracle
+    assert oracle["subject_all"] >= 0.9 and oracle["context_all"] >= 0.95, oracle
     assert cs["identity_cosine"] >= text["identity_cosine"] + MARGIN_COSINE, (cs, text)
     colours = lambda r: (r["body"] + r["accent"]) / 2  # noqa: E731
     assert colours(cs) >= colours(text) + MARGIN_COLOURS, (cs, text)

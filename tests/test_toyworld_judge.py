@@ -6,11 +6,10 @@ import pytest
 from customshift_jax.toyworld import judge, world
 
 # Floors with margin under the shipped judge's measured accuracy on these 256 clean held-out renders (seed
-# 2024): silhouette 0.988, body 0.992, accent 0.988, pattern 0.891, scene 1.0, position 1.0, size 0.996.
-# Pattern is the weak factor (0.873 on 1000 renders): thin silhouettes (moon, cross, kite, cone) and small
-# subjects show little of it at 32 px.
-MIN_ACCURACY = {"silhouette": 0.97, "body": 0.97, "accent": 0.97, "pattern": 0.85,
-                "scene": 0.98, "position": 0.98, "size": 0.98}
+# 2024): silhouette 1.0, body 0.996, accent 0.996, pattern 0.984, scene 1.0, position 1.0, size 1.0; all
+# subject factors right 0.977. Pattern stays the weakest (0.980 on 1000 renders).
+MIN_ACCURACY = {"silhouette": 0.97, "body": 0.97, "accent": 0.97, "pattern": 0.95,
+                "scene": 0.98, "position": 0.98, "size": 0.98, "subject_all": 0.94}
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +38,7 @@ def test_identity_embedding_prefers_the_same_subject(shipped):
     a, b = emb[:128], emb[128:]
     same = judge.identity_cosine(a, b)
     other = judge.identity_cosine(a, np.roll(b, 1, axis=0))  # a different held-out subject
-    assert same.mean() > other.mean() + 0.5, (same.mean(), other.mean())  # measured 0.93 vs 0.06
+    assert same.mean() > other.mean() + 0.5, (same.mean(), other.mean())  # measured 0.94 vs 0.04
 
 
 def test_save_load_round_trip(tmp_path, shipped):

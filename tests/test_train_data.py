@@ -21,6 +21,8 @@ from customshift_jax.train.data import (
     read_pairs,
 )
 
+ROOT = Path(__file__).resolve().parents[1]
+
 
 def _png(path: Path, seed: int) -> Path:
     from PIL import Image
@@ -83,6 +85,27 @@ def test_missing_manifest_and_bad_config(tmp_path):
         load_config(None, ["data.path=x", "model.preset=tiny-sd3-medium"])
     with pytest.raises(FileNotFoundError, match="not a prepared dataset"):
         ShardDataset(tmp_path)
+
+
+def test_config_types_and_conflicts_name_the_key():
+    """A wrong type names the key; the checkpoint and a preset conflict; the saved config is what runs."""
+    req = ["output_dir=o", "data.path=d"]
+    with pytest.raises(ValueError, match=r"config key train.steps='five': expected int"):
+        load_config(None, [*req, "model.preset=tiny-sd3-medium", "train.steps=five"])
+    with pytest.raises(ValueError, match=r"config key log.tensorboard=1: expected bool"):
+        load_config(None, [*req, "model.preset=tiny-sd3-medium", "log.tensorboard=1"])
+    cfg = load_config(None, [*req, "model.preset=tiny-sd3-medium", "train.lr=1e-4", "sample.reference=ref.png"])
+    assert cfg["train"]["lr"] == 1e-4 and cfg["sample"]["reference"] == "ref.png"  # 1e-4: YAML 1.1 gives a str
+    with pytest.raises(ValueError, match=r"model.checkpoint=ck and model.preset=tiny-sd3-medium are both set"):
+        load_config(ROOT / "train" / "configs" / "tiny.yaml", [*req, "model.checkpoint=ck"])
+    cfg = load_config(ROOT / "train" / "configs" / "tiny.yaml", [*req, "model.checkpoint=ck", "model.preset=null"])
+    assert cfg["model"]["num_layers"] is None  # tiny.yaml's num_layers: 2 only applies to a preset
+    # tiny.yaml shows a progress bar on a terminal (and none in a log file) unless told otherwise
+    from customshift_jax.train.loop import show_progress
+
+    assert cfg["log"]["progress"] == "auto" and show_progress("auto", True) and not show_progress("auto", False)
+    with pytest.raises(ValueError, match="log.progress='sometimes'"):
+        load_config(None, [*req, "model.preset=tiny-sd3-medium", "log.progress=sometimes"])
 
 
 def test_iterator_deterministic_sharded_resumable(tmp_path):

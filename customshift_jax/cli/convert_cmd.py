@@ -8,7 +8,7 @@ unless --config names the diffusers config.json (or a folder holding transformer
 Every key and shape is checked before anything is written; a mismatch lists the missing, unexpected and
 mis-shaped keys. DST appears only when complete; an existing DST is kept unless --overwrite, which
 replaces it once the new checkpoint is complete. Read it back with customshift_jax.load_transformer,
-customshift_jax.checkpoint.load_checkpoint, or `customshift export` for diffusers.
+customshift_jax.io.checkpoint.load_checkpoint, or `customshift export` for diffusers.
 
 examples:
   customshift convert ~/sd3-medium-diffusers ckpt/sd3-medium --dtype bf16

@@ -2,10 +2,13 @@
 
 Writes DST/<component>/config.json and diffusion_pytorch_model.safetensors for each component, which
 SD3Transformer2DModel.from_pretrained(DST, subfolder="transformer") and AutoencoderKL.from_pretrained(DST,
-subfolder="vae") load. fp32 params export bit for bit. DST appears only when complete.
+subfolder="vae") load. With both, DST is a whole pipeline folder (model_index.json, scheduler/, and the text
+encoders and tokenizers copied from --text-encoders): StableDiffusion3Pipeline.from_pretrained(DST) loads it
+in one call. --lora copies a trained CustomShift LoRA into DST/lora/. fp32 params export bit for bit. DST
+appears only when complete.
 
 example:
-  customshift export ckpt/sd3-medium out/sd3-medium-diffusers
+  customshift export ckpt/sd3-medium out/sd3-medium-diffusers --text-encoders /models/sd3-medium
 """
 from __future__ import annotations
 
@@ -20,6 +23,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--components", default=None, metavar="LIST",
                    help="comma-separated components to export (default: all in SRC)")
     p.add_argument("--dtype", choices=("fp32", "bf16"), default=None, help="cast on export (default: as stored)")
+    p.add_argument("--text-encoders", metavar="DIR", default=None,
+                   help="a diffusers SD3 pipeline folder whose text encoders and tokenizers are copied into DST "
+                   "(default: none, listed as null in model_index.json)")
+    p.add_argument("--lora", metavar="DIR", default=None,
+                   help="a CustomShift LoRA folder (customshift_*.safetensors) copied to DST/lora/ (default: none)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace an earlier export at DST, once the new one is complete")
 
@@ -29,7 +37,8 @@ def run(args: argparse.Namespace) -> int:
     from customshift_jax.io.export import export
 
     quiet_orbax()
-    dst = export(args.src, args.dst, components=args.components, dtype=args.dtype, overwrite=args.overwrite)
+    dst = export(args.src, args.dst, components=args.components, dtype=args.dtype, overwrite=args.overwrite,
+                 text_encoders=args.text_encoders, lora=args.lora)
     parts = sorted(p.name for p in dst.iterdir() if (p / "config.json").is_file())
     print(f"wrote {dst}: {', '.join(f'{p}/' for p in parts)} (diffusers from_pretrained(..., subfolder=NAME))")
     return 0

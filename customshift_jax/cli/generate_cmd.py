@@ -36,11 +36,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="classifier-free guidance scale; <= 1 turns it off")
     p.add_argument("--seed", type=int, default=0, help=f"random seed, 0 to {SEED_MAX}: same seed, same image")
     p.add_argument("--num-images", type=int, default=1, help="images per prompt")
-    p.add_argument("--out", default="out", help="output folder for the PNGs (default ./out)")
+    p.add_argument("--out", help="output folder for the PNGs, created if missing (default: ./out, or ./out-2, "
+                   "./out-3, ... when it already holds images: earlier results are never overwritten)")
     p.add_argument("--max-sequence-length", type=int, default=256, help="T5 tokens (default 256)")
     p.add_argument("--text-encoders", help="a diffusers pipeline folder holding the text encoders")
     p.add_argument("--text-cache", default=str(Path.home() / ".cache" / "customshift" / "text"),
-                   help="folder of cached prompt embeddings (a prompt is encoded once)")
+                   help="folder of cached prompt embeddings: a prompt is encoded once, then read from here; delete it to free the space")
     p.add_argument("--embeds", help=".npz with prompt_embeds, pooled_prompt_embeds, negative_prompt_embeds, "
                    "negative_pooled_prompt_embeds (and subject_embeds, subject_pooled_embeds): no text encoders")
     p.add_argument("--init-latents", help=".npy of initial latents (B, C, h, w) instead of seeded noise (C: the "
@@ -112,8 +113,23 @@ def check_numbers(args: argparse.Namespace) -> None:
     check_gamma(args.gamma)
 
 
+def output_folder(out: str | None, cwd: Path | None = None) -> Path:
+    """--out as given (refused when it is a file), or the first of ./out, ./out-2, ... holding no PNG yet."""
+    if out is not None:
+        if Path(out).exists() and not Path(out).is_dir():
+            raise ValueError(f"--out {out} is a file; give a folder for the PNGs (it is created if missing).")
+        return Path(out)
+    cwd = cwd or Path.cwd()
+    for i in range(1, 10000):
+        folder = cwd / ("out" if i == 1 else f"out-{i}")
+        if not folder.exists() or (folder.is_dir() and not any(folder.glob("*.png"))):
+            return folder
+    raise ValueError("./out, ./out-2, ... ./out-9999 all hold images; give --out FOLDER.")
+
+
 def run(args: argparse.Namespace) -> int:
     check_numbers(args)  # before jax is imported: a bad number fails at once
+    args.out = str(output_folder(args.out))  # before anything loads: a bad --out fails at once
 
     import jax
     import numpy as np
@@ -126,6 +142,7 @@ def run(args: argparse.Namespace) -> int:
         check_size,
         load_components,
         read_prompts,
+        read_transformer_config,
         save_png,
     )
     from customshift_jax.sampling import Conditioning, make_schedule
@@ -145,6 +162,9 @@ def run(args: argparse.Namespace) -> int:
 
     mesh = _mesh(args)  # before loading anything: a bad --mesh / --rules fails fast
     lora_files = _read_lora(args.lora) if args.reference else None  # a damaged / NaN LoRA fails fast too
+    early = read_transformer_config(args.checkpoint) if lora_files else None
+    if early is not None:
+        _lora_trees(lora_files, early)  # a LoRA of another model fails before the weights and text encoders load
     comps = load_components(args.checkpoint, text_encoders=args.text_encoders)
     config, vae_config = comps.config, comps.vae_config
     scale = vae_config.downsample_factor

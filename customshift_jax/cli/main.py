@@ -5,7 +5,16 @@ import argparse
 import sys
 from typing import Callable, Sequence
 
-from customshift_jax.cli import convert_cmd, crosscheck_cmd, demo_cmd, export_cmd, generate_cmd, prepare_cmd, train_cmd
+from customshift_jax.cli import (
+    convert_cmd,
+    crosscheck_cmd,
+    demo_cmd,
+    encode_cmd,
+    export_cmd,
+    generate_cmd,
+    prepare_cmd,
+    train_cmd,
+)
 
 # name -> (module with `add_arguments(parser)` and `run(args) -> int`)
 SUBCOMMANDS = {
@@ -13,6 +22,7 @@ SUBCOMMANDS = {
     "crosscheck": crosscheck_cmd,
     "convert": convert_cmd,
     "export": export_cmd,
+    "encode": encode_cmd,
     "generate": generate_cmd,
     "prepare": prepare_cmd,
     "train": train_cmd,

@@ -15,7 +15,7 @@ HELP = "encode a manifest of (reference, target, caption, subject) into training
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("manifest", help="JSONL manifest")
+    p.add_argument("manifest", help="JSONL manifest, one {reference, target, caption, subject} a line; relative image paths are read from the manifest's folder")
     p.add_argument("out", help="output folder for the shards and index.json")
     p.add_argument("--checkpoint", required=True, help="our checkpoint or a diffusers pipeline folder (its VAE)")
     p.add_argument("--text-encoders", required=True, help="diffusers pipeline folder holding the text encoders")

@@ -25,9 +25,20 @@ from customshift_jax.crosscheck.mmdit import (
     flatten_block_outputs,
 )
 from customshift_jax.customshift.branches import lora_model, make_customshift_forward, make_prefill
+from customshift_jax.customshift.sampling import make_customshift_sampler
+from customshift_jax.io.lora_files import (
+    BETA_NAME,
+    RAB_PREFIX,
+    expected_lora_shapes,
+    from_state_dict,
+    load_lora_files,
+    to_state_dict,
+)
 from customshift_jax.models.mmdit.api import Params, skip_mask
 from customshift_jax.models.mmdit.config import MMDiTConfig
 from customshift_jax.models.mmdit.lora import LoRAConfig
+from customshift_jax.models.mmdit.mapping import params_from_state_dict
+from customshift_jax.sampling import Conditioning, make_schedule
 
 SAMPLE_TOLERANCE = 1e-4  # a full sampling loop (DESIGN section 7)
 GRAD_TOLERANCE = 1e-4  # one gradient leaf, as tests/test_customshift_torch.py holds it
@@ -41,8 +52,6 @@ LORA_STD, BETA_STD = 0.05, 0.5  # random LoRA factors (A and B) and beta: every 
 
 def random_lora(config: MMDiTConfig, lora: LoRAConfig, branch: str, rng: np.random.Generator) -> Params:
     """One branch's LoRA tree with every leaf random (B too: a zero B would hide a bug), numpy float32."""
-    from customshift_jax.io.lora_files import expected_lora_shapes
-
     def leaf(path, spec):
         std = BETA_STD if getattr(path[-1], "key", None) == "beta" else LORA_STD
         return rng.normal(0.0, std, spec.shape).astype(np.float32)
@@ -52,8 +61,6 @@ def random_lora(config: MMDiTConfig, lora: LoRAConfig, branch: str, rng: np.rand
 
 def read_lora_folder(folder: str | Path) -> tuple[dict[str, np.ndarray], LoRAConfig]:
     """(state dict, LoRAConfig) of a folder of customshift_{cgb,rab,beta}.safetensors, every file checked."""
-    from customshift_jax.io.lora_files import load_lora_files
-
     try:
         return load_lora_files(folder)
     except FileNotFoundError as e:
@@ -66,8 +73,6 @@ def fit_lora(config: MMDiTConfig, files: tuple[dict[str, np.ndarray], LoRAConfig
              name: str) -> tuple[LoRAConfig, Params, Params]:
     """(LoRAConfig, RAB tree, CGB tree with beta) of `read_lora_folder`'s result on the model `name`; a LoRA of
     another model or rank is refused in one line."""
-    from customshift_jax.io.lora_files import from_state_dict
-
     state_dict, lora = files
     try:
         rab, cgb = from_state_dict(config, lora, state_dict)
@@ -145,7 +150,6 @@ def build_case(name: str, config: MMDiTConfig, torch_model, *, params: Params | 
                skip_layers: Sequence[int] = ()) -> CustomShiftCase:
     """Map `torch_model` (unless `params` given), draw both LoRAs and beta (or take `lora_files`, from
     `read_lora_folder`), and put the same ones on the PyTorch reference."""
-    from customshift_jax.models.mmdit.mapping import params_from_state_dict
     from customshift_jax.reference.torch_customshift import TorchCustomShift
 
     skip_mask(config, skip_layers)  # an index outside the model is an error, before anything runs
@@ -194,8 +198,6 @@ def _jax_forward(config: MMDiTConfig, lora: LoRAConfig, shift: str, per_block: b
 @functools.lru_cache(maxsize=16)
 def _jax_sampler(config: MMDiTConfig, lora: LoRAConfig):
     """Our jitted CustomShift sampler (cache as an input, CFG)."""
-    from customshift_jax.customshift.sampling import make_customshift_sampler
-
     return make_customshift_sampler(config, lora)
 
 
@@ -300,8 +302,6 @@ def _block_rows(case: CustomShiftCase, label: str, jax_blocks, torch_blocks) -> 
 def check_sample(case: CustomShiftCase, steps: int = 4, guidance: float = 5.0, gamma: float = 1.5) -> Row:
     """An N-step CFG sample from x_T = inputs.x: our jitted sampler against the reference (prefill once, CGB per
     step) in diffusers' FlowMatchEulerDiscreteScheduler loop, as StableDiffusion3Pipeline runs it."""
-    from customshift_jax.sampling import Conditioning, make_schedule
-
     i = case.inputs
     ours = _jax_sampler(case.config, case.cgb_lora)(
         {"base": case.params, "cgb": case.cgb}, i.x, Conditioning(i.prompt, i.pooled, i.negative,
@@ -360,8 +360,6 @@ def _badness(row: Row) -> float:
 
 def _grad_group(key: str) -> tuple[tuple[str, int], str]:
     """State-dict key -> ((branch label, layer), leaf within the layer, e.g. "attn.to_q.lora_B")."""
-    from customshift_jax.io.lora_files import BETA_NAME, RAB_PREFIX
-
     label = "RAB LoRA" if key.startswith(RAB_PREFIX) else "beta" if key.endswith(BETA_NAME) else "CGB LoRA"
     parts = key.removeprefix(RAB_PREFIX).split(".")  # transformer_blocks, N, module..., lora_X, weight
     leaf = ".".join(parts[2:]).removesuffix(".weight")
@@ -369,9 +367,7 @@ def _grad_group(key: str) -> tuple[tuple[str, int], str]:
 
 
 def _jax_grads(case: CustomShiftCase, gamma: float) -> dict[str, np.ndarray]:
-    """jax.grad of the loss, in the export naming (convert.lora_format)."""
-    from customshift_jax.io.lora_files import to_state_dict
-
+    """jax.grad of the loss, in the export naming (customshift_jax.io.lora_files)."""
     i = case.inputs
     x_t, t, target = i.flow_batch()
     grad = _jax_loss_grad(case.config, case.lora, case.cgb_lora)

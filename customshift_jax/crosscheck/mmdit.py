@@ -13,7 +13,7 @@ from typing import Any, Iterator, Sequence
 import jax
 import numpy as np
 
-from customshift_jax.models.mmdit.api import mmdit_apply
+from customshift_jax.models.mmdit.api import as_dtype, mmdit_apply
 from customshift_jax.models.mmdit.config import MMDiTConfig
 from customshift_jax.models.mmdit.mapping import params_from_state_dict
 from customshift_jax.numerics import max_abs_error, relative_error
@@ -125,8 +125,6 @@ def block_errors(num_layers: int, skip_layers: Sequence[int] | None, jax_blocks,
 def jax_forward(config: MMDiTConfig, params, inputs: ForwardInputs, skip_layers: Sequence[int] | None = None,
                 per_block: bool = False, dtype: Any = "float32"):
     """Our sample (numpy float32), and with `per_block` the (x, c) after every block (skipped ones too)."""
-    from customshift_jax.models.mmdit.api import as_dtype
-
     out = mmdit_apply(config, params, inputs.hidden_states, inputs.timestep, inputs.encoder_hidden_states,
                       inputs.pooled_projections, skip_layers, dtype=as_dtype(dtype), return_block_outputs=per_block)
     if not per_block:

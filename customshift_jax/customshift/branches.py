@@ -110,7 +110,7 @@ def make_prefill(config: MMDiTConfig, lora: LoRAConfig | None = None, *, dtype: 
     """Pure RAB prefill `f(params, rab_lora, ref_latents, subject_embeds, subject_pooled) -> {group: (K, V)}`.
 
     Timestep 0 (the reference is clean), no skip layers; jax.jit takes it as it is. `activation_sharding`:
-    the block-boundary hook of `customshift_jax.sharding` (None: no constraint).
+    the block-boundary hook of `customshift_jax.parallel.sharding` (None: no constraint).
     """
     model = lora_model(config, lora, dtype=dtype, backend=backend, returns="kv",
                        activation_sharding=activation_sharding)
@@ -130,7 +130,7 @@ def make_customshift_forward(config: MMDiTConfig, lora: LoRAConfig | None = None
 
     `ref_kv` is `RefCache.kv` (or None: exactly the base forward); `gamma` a scalar, or one value per sample
     (B,) (e.g. per-sample reference dropout: 0 removes that sample's reference path); traced, no recompile.
-    `activation_sharding`: the block-boundary hook of `customshift_jax.sharding` (None: no constraint).
+    `activation_sharding`: the block-boundary hook of `customshift_jax.parallel.sharding` (None: no constraint).
     """
     model = lora_model(config, lora, shift=shift, form=form, dtype=dtype, backend=backend, remat=remat,
                        activation_sharding=activation_sharding)

@@ -14,6 +14,7 @@ import jax.numpy as jnp
 from customshift_jax.customshift.branches import make_customshift_forward, make_prefill
 from customshift_jax.models.mmdit.config import MMDiTConfig
 from customshift_jax.models.mmdit.lora import LoRAConfig
+from customshift_jax.parallel import sharding as shd
 from customshift_jax.sampling import make_sampler, make_sharded_sampler
 
 
@@ -57,8 +58,6 @@ def make_sharded_customshift_sampler(config: MMDiTConfig, mesh: Any, rules: Any 
     Same `run(...)` and inputs. Base params and LoRAs are laid out by path, the reference cache as
     (layers, batch, length, heads, -) (a one-sample reference keeps its batch whole), gamma replicated.
     """
-    from customshift_jax.parallel import sharding as shd
-
     forward = _forward(config, lora, shift=shift, form=form, dtype=dtype, backend=backend,
                        recompute_rab=recompute_rab, activation_sharding=shd.activation_hook(mesh, rules))
     extra_axes = {"ref_kv": shd.KV_AXES_FN, "ref_latents": shd.LATENT_AXES, "subject_embeds": shd.TOKEN_AXES,

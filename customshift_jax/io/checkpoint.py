@@ -26,6 +26,9 @@ from typing import Any, Callable, Iterable, Iterator, Mapping, Union
 import jax
 import numpy as np
 
+from customshift_jax.models.mmdit.config import MMDiTConfig
+from customshift_jax.models.vae.config import VAEConfig
+
 FORMAT = "customshift-jax-checkpoint"
 VERSION = 2
 MARKER = "customshift_checkpoint.json"
@@ -48,14 +51,10 @@ class ComponentKind:
 
 
 def _transformer_config(data: Mapping[str, Any]):
-    from customshift_jax.models.mmdit.config import MMDiTConfig
-
     return MMDiTConfig.from_diffusers_config(data)
 
 
 def _vae_config(data: Mapping[str, Any]):
-    from customshift_jax.models.vae.config import VAEConfig
-
     return VAEConfig.from_diffusers_config(data)
 
 
@@ -286,6 +285,15 @@ def read_marker(path: str | Path) -> dict[str, Any]:
 def checkpoint_components(path: str | Path) -> list[str]:
     """Names of the components stored in our checkpoint at `path`."""
     return list(read_marker(path).get("components", {}))
+
+
+def load_checkpoint_config(path: str | Path, name: str) -> Any:
+    """One component's config from our checkpoint, no params read."""
+    path = Path(path)
+    entry = read_marker(path).get("components", {})[name]
+    raw = json.loads((path / entry.get("config", f"{name}/{CONFIG_NAME}")).read_text())
+    kind = COMPONENT_KINDS.get(name)
+    return kind.config_from_dict(raw) if kind else raw
 
 
 def load_checkpoint(path: str | Path, components: Iterable[str] | None = None) -> dict[str, tuple[Any, Params]]:

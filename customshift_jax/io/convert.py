@@ -1,6 +1,6 @@
 """PyTorch checkpoints -> our orbax checkpoint, streaming: tensors are read one at a time from memory-mapped
 safetensors, mapped and cast into one param at a time, and their file pages dropped; params are written in
-pieces as they are built (customshift_jax.checkpoint), so memory holds one piece, not the model, and the
+pieces as they are built (customshift_jax.io.checkpoint), so memory holds one piece, not the model, and the
 result appears atomically. Every key is validated before anything is read or written.
 
 Sources: a diffusers pipeline folder, one diffusers component folder (`transformer/`, `vae/`), or an
@@ -37,7 +37,9 @@ from customshift_jax.models.mmdit.mapping import (
     describe,
     iter_params,
     state_dict_shapes,
+    state_dict_views,
 )
+from customshift_jax.models.vae import vae_params_from_state_dict, vae_state_dict_from_params
 
 DTYPES = {"fp32": np.dtype(np.float32), "float32": np.dtype(np.float32),
           "bf16": np.dtype(ml_dtypes.bfloat16), "bfloat16": np.dtype(ml_dtypes.bfloat16)}
@@ -60,8 +62,6 @@ def _transformer_leaves(config, tensors, dtype, cast, on_tensor, what) -> Iterat
 
 
 def _vae_leaves(config, tensors, dtype, cast, on_tensor, what) -> Iterator[Leaf]:
-    from customshift_jax.models.vae import vae_params_from_state_dict
-
     params = vae_params_from_state_dict(config, tensors)  # small (~84M values): mapped in one go, keys pre-checked
     for key in tensors:
         on_tensor(key, tensors[key])
@@ -69,14 +69,10 @@ def _vae_leaves(config, tensors, dtype, cast, on_tensor, what) -> Iterator[Leaf]
 
 
 def _vae_state_dict(config, params) -> dict[str, np.ndarray]:
-    from customshift_jax.models.vae import vae_state_dict_from_params
-
     return vae_state_dict_from_params(config, params)
 
 
 def _transformer_state_dict(config, params) -> dict[str, np.ndarray]:
-    from customshift_jax.models.mmdit.mapping import state_dict_views
-
     return state_dict_views(config, params)
 
 

@@ -55,10 +55,60 @@ def _check_export_destination(dst: Path, overwrite: bool) -> None:
                       ours=f"an earlier `customshift export` (no {EXPORT_MARKER})")
 
 
+TEXT_PARTS = ("text_encoder", "text_encoder_2", "text_encoder_3", "tokenizer", "tokenizer_2", "tokenizer_3")
+SD3_SCHEDULER = {"_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": 1000, "shift": 3.0}
+
+
+def _text_folder(text_encoders: str | Path | None) -> tuple[Path | None, dict]:
+    """(the pipeline folder holding the text encoders, its model_index.json), checked before anything is written."""
+    if text_encoders is None:
+        return None, {}
+    folder = Path(text_encoders)
+    index_file = folder / "model_index.json"
+    if not index_file.is_file():
+        raise FileNotFoundError(f"--text-encoders {folder}: no model_index.json; give a diffusers SD3 pipeline folder "
+                                "holding text_encoder/, text_encoder_2/, text_encoder_3/ and their tokenizers.")
+    index = json.loads(index_file.read_text())
+    missing = [p for p in TEXT_PARTS if isinstance(index.get(p), list) and index[p][0] and not (folder / p).is_dir()]
+    if missing:
+        raise FileNotFoundError(f"--text-encoders {folder}: model_index.json lists {', '.join(missing)} but the "
+                                "folder lacks them.")
+    return folder, index
+
+
+def _write_pipeline(tmp: Path, src: Path, text: Path | None, text_index: dict, lora: Path | None) -> None:
+    """model_index.json, scheduler/ (SRC's own, else SD3's), the text encoders and tokenizers copied from `text`
+    (null without it), and the LoRA files in lora/: a folder `StableDiffusion3Pipeline.from_pretrained` loads."""
+    import shutil
+
+    index = {"_class_name": "StableDiffusion3Pipeline", "_diffusers_version": _diffusers_version(),
+             "transformer": ["diffusers", "SD3Transformer2DModel"], "vae": ["diffusers", "AutoencoderKL"],
+             "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"],
+             "image_encoder": [None, None], "feature_extractor": [None, None]}
+    if (src / "scheduler").is_dir():
+        shutil.copytree(src / "scheduler", tmp / "scheduler")
+    else:
+        (tmp / "scheduler").mkdir()
+        (tmp / "scheduler" / "scheduler_config.json").write_text(
+            json.dumps({**SD3_SCHEDULER, "_diffusers_version": _diffusers_version()}, indent=2) + "\n")
+    for part in TEXT_PARTS:
+        entry = text_index.get(part, [None, None])
+        if text is not None and isinstance(entry, list) and entry[0]:
+            shutil.copytree(text / part, tmp / part)
+            index[part] = entry
+        else:
+            index[part] = [None, None]
+    (tmp / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
+    if lora is not None:
+        shutil.copytree(lora, tmp / "lora", ignore=shutil.ignore_patterns("*.partial*"))
+
+
 def export(src: str | Path, dst: str | Path, *, components: str | Iterable[str] | None = None,
-           dtype: str | None = None, overwrite: bool = False,
-           log: Callable[[str], None] | None = None) -> Path:
-    """Write the components of our checkpoint SRC as diffusers folders DST/<component>/, atomically.
+           dtype: str | None = None, overwrite: bool = False, text_encoders: str | Path | None = None,
+           lora: str | Path | None = None, log: Callable[[str], None] | None = None) -> Path:
+    """Write the components of our checkpoint SRC as diffusers folders DST/<component>/, atomically. With both
+    the transformer and the VAE, DST is a whole pipeline folder (model_index.json, scheduler, the text encoders
+    of `text_encoders` when given, the CustomShift LoRA files of `lora` in DST/lora/).
 
     `dtype` ("fp32"/"bf16") casts on the way out; default: as stored. DST appears only when complete.
     """
@@ -77,6 +127,14 @@ def export(src: str | Path, dst: str | Path, *, components: str | Iterable[str] 
                          f"{', '.join(present) or 'nothing exportable'}.")
     if dtype is not None and dtype not in DTYPES:
         raise ValueError(f"unknown --dtype {dtype!r}; choose fp32 or bf16.")
+    whole = {"transformer", "vae"} <= set(names)
+    if (text_encoders is not None or lora is not None) and not whole:
+        raise ValueError("--text-encoders and --lora make a whole pipeline folder: export the transformer and the "
+                         "VAE too (drop --components).")
+    text, text_index = _text_folder(text_encoders)
+    if lora is not None and not any(Path(lora).glob("customshift_*.safetensors")):
+        raise FileNotFoundError(f"--lora {lora}: no customshift_*.safetensors files (a `customshift train` lora/ "
+                                "folder).")
     _check_export_destination(dst, overwrite)
     with atomic_directory(dst, lambda d: _check_export_destination(d, overwrite)) as tmp:
         for name in names:  # one component in memory at a time
@@ -89,6 +147,8 @@ def export(src: str | Path, dst: str | Path, *, components: str | Iterable[str] 
             (tmp / name / "config.json").write_text(json.dumps(data, indent=2) + "\n")
             write_streaming(tmp / name / WEIGHTS_NAME, tensors, None if dtype is None else DTYPES[dtype])
             del params, tensors
+        if whole:
+            _write_pipeline(tmp, src, text, text_index, None if lora is None else Path(lora))
         (tmp / EXPORT_MARKER).write_text(json.dumps({"exported_from": str(src.absolute()),
                                                      "components": names}, indent=2) + "\n")
     return dst

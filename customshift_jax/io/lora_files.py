@@ -32,6 +32,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from customshift_jax.customshift.branches import init_lora
 from customshift_jax.models.mmdit.config import MMDiTConfig
 from customshift_jax.models.mmdit.lora import LoRAConfig
 from customshift_jax.models.mmdit.mapping import StateDictMismatch, describe, to_numpy
@@ -50,7 +51,10 @@ LoRATree = dict[str, Any]
 
 
 class LoRAStateDictMismatch(StateDictMismatch):
-    """A LoRA state dict that does not fit the model / rank; the message names the keys and shapes."""
+    """A LoRA state dict that does not fit the model / rank; the message counts the keys and names the first."""
+
+    def __init__(self, what: str, missing=(), unexpected=(), misshaped=()):
+        super().__init__(what, missing, unexpected, misshaped, limit=3)
 
 
 def _parse_group(name: str) -> tuple[int, int]:
@@ -121,7 +125,6 @@ def expected_lora_shapes(config: MMDiTConfig, lora: LoRAConfig, branch: str) -> 
     """Shapes of one branch's JAX LoRA tree (`jax.ShapeDtypeStruct` leaves; nothing allocated). Do not mutate."""
     import jax
 
-    from customshift_jax.customshift.branches import init_lora
 
     if branch not in BRANCHES:
         raise ValueError(f"branch must be one of {BRANCHES}, got {branch!r}.")
@@ -302,8 +305,11 @@ def load_lora_files(directory: str | Path) -> tuple[dict[str, np.ndarray], LoRAC
     """Read what `save_lora_files` wrote: the combined state dict and the LoRAConfig (rank, alpha, targets).
 
     Damaged files, non-finite tensors (LoRA weights, beta) and a non-finite alpha raise ValueError naming the file.
+    `directory` may also name one of the files (e.g. customshift_cgb.safetensors): its folder is read.
     """
     directory = Path(directory)
+    if directory.is_file() and directory.name in (CGB_FILE, RAB_FILE, BETA_FILE):
+        directory = directory.parent
     out: dict[str, np.ndarray] = {}
     found: dict[str, dict] = {}
     configs = set()

@@ -17,7 +17,9 @@ from typing import Any, Callable, Iterator, Mapping
 import numpy as np
 
 from customshift_jax.models.mmdit.config import MMDiTConfig
-from customshift_jax.models.mmdit.mapping import state_dict_shapes
+from customshift_jax.models.mmdit.mapping import state_dict_shapes, to_numpy
+from customshift_jax.models.vae.config import VAEConfig
+from customshift_jax.models.vae.model import param_shapes
 
 TRANSFORMER_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
@@ -111,8 +113,6 @@ def transformer_to_original(config: MMDiTConfig, state_dict: Mapping[str, Any]) 
 
     The inverse of diffusers' `convert_sd3_transformer_checkpoint_to_diffusers`; used to write test files.
     """
-    from customshift_jax.models.mmdit.mapping import to_numpy
-
     out = {}
     for original, t in transformer_layout(config).items():
         parts = [to_numpy(state_dict[k]) for k in t.members]
@@ -180,8 +180,6 @@ def infer_transformer_config(shapes: Mapping[str, tuple[int, ...]], what: str = 
 def vae_state_dict_shapes(config) -> dict[str, tuple[int, ...]]:
     """Every diffusers `AutoencoderKL` key `config` expects and its torch shape (flax path joined by '.',
     kernel/scale -> weight; conv (kh, kw, I, O) -> (O, I, kh, kw), dense (in, out) -> (out, in))."""
-    from customshift_jax.models.vae.model import param_shapes
-
     out = {}
     for path, shape in param_shapes(config).items():
         leaf = "weight" if path[-1] in ("kernel", "scale") else path[-1]
@@ -230,8 +228,6 @@ def vae_layout(config) -> dict[str, OriginalTensor]:
 
 def vae_to_original(config, state_dict: Mapping[str, Any]) -> dict[str, np.ndarray]:
     """A diffusers VAE state dict -> LDM single-file tensors (no prefix), attention as 1x1 convs; for tests."""
-    from customshift_jax.models.mmdit.mapping import to_numpy
-
     out = {}
     for original, t in vae_layout(config).items():
         array = to_numpy(state_dict[t.members[0]])
@@ -245,8 +241,6 @@ def infer_vae_config(shapes: Mapping[str, tuple[int, ...]], what: str = "the che
     Widths, depth and channels come from the shapes; what no shape states (GroupNorm groups 32, latent
     scaling 1.5305 and shift 0.0609) is SD3's. `--config` overrides all of it.
     """
-    from customshift_jax.models.vae.config import VAEConfig
-
     needed = ["encoder.conv_in.weight", "decoder.conv_in.weight", "decoder.conv_out.weight"]
     absent = [k for k in needed if k not in shapes]
     levels = sorted({int(k.split(".")[2]) for k in shapes if k.startswith("encoder.down.")})

@@ -13,12 +13,12 @@ LoRA and processors are active only inside `prefill` / `forward` (a context vari
 calling `transformer(...)` directly is plain diffusers. `prefill` and `forward` are pure functions of their
 inputs and the parameters. Base weights are frozen (requires_grad False); only LoRA and beta train.
 
-LoRA file format (see `convert.lora_format`): `export_lora_state_dict()` returns
+LoRA file format (see `customshift_jax.io.lora_files`): `export_lora_state_dict()` returns
   `transformer_blocks.N.<module>.lora_A.weight` (r, in) / `.lora_B.weight` (out, r): the CGB, PEFT's
       default adapter names (loadable onto a plain diffusers SD3 with peft, adapter "cgb");
   `transformer_blocks.N.attn.cads_beta` (H,): the CGB's beta of layer N;
   `rab.transformer_blocks.N.<module>.lora_A.weight` / `...lora_B.weight`: the RAB under the "rab." prefix.
-`convert.lora_format.save_lora_files` writes it as diffusers-loadable safetensors files.
+`customshift_jax.io.lora_files.save_lora_files` writes it as diffusers-loadable safetensors files.
 """
 from __future__ import annotations
 
@@ -332,7 +332,7 @@ class TorchCustomShift(torch.nn.Module):
                 p.copy_(torch.from_numpy(np.array(to_numpy(state_dict[key]), copy=True)))
 
     def load_lora_from_jax(self, rab_lora: Mapping, cgb_lora: Mapping) -> None:
-        """Load the JAX LoRA trees (RAB; CGB with beta) through `convert.lora_format` (exact)."""
+        """Load the JAX LoRA trees (RAB; CGB with beta) through `customshift_jax.io.lora_files` (exact)."""
         if rab_lora is None or cgb_lora is None:
             raise ValueError("load_lora_from_jax needs both trees (RAB and CGB); use init_lora for a fresh one.")
         sd = lora_format.to_state_dict(rab_lora, cgb_lora)

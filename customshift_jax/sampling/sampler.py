@@ -15,7 +15,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from customshift_jax.models.mmdit.api import as_dtype, check_inputs, make_forward
 from customshift_jax.models.mmdit.config import MMDiTConfig
+from customshift_jax.models.vae import unscale_latents, vae_decode
+from customshift_jax.parallel import sharding as shd
 from customshift_jax.sampling.schedule import Schedule
 
 Array = jax.Array
@@ -224,8 +227,6 @@ def _sampler_parts(config: MMDiTConfig, *, dtype: Any, backend: str, remat: str,
                    progress: Callable[[Any], None] | None) -> tuple[Callable, int]:
     """(pure, vae scale factor): `pure(params, latents, cond, schedule, guidance_scale, slg, extra, vae_params, *,
     cfg)`, the sampler as one function to jit; `forward` defaults to `make_forward(config, ...)`."""
-    from customshift_jax.models.mmdit.api import as_dtype, make_forward
-
     if forward is None:
         forward = make_forward(config, dtype=as_dtype(dtype), backend=backend, remat=remat)
     if decode and vae_config is None:
@@ -236,7 +237,6 @@ def _sampler_parts(config: MMDiTConfig, *, dtype: Any, backend: str, remat: str,
                    num_layers=config.num_layers, slg=slg, extra=extra, cfg=cfg, progress=progress)
         if not decode:
             return z
-        from customshift_jax.models.vae import unscale_latents, vae_decode
 
         return vae_decode(vae_config, vae_params, unscale_latents(vae_config, z), dtype=as_dtype(vae_dtype))
 
@@ -246,8 +246,6 @@ def _sampler_parts(config: MMDiTConfig, *, dtype: Any, backend: str, remat: str,
 def _runner(config: MMDiTConfig, call: Callable, *, decode: bool, vae_scale_factor: int) -> Callable:
     """The user-facing `run(params, latents, cond, schedule, *, guidance_scale, ...)`: checks the inputs, draws
     x_T from a key if asked, then `call(params, latents, cond, schedule, guidance, slg, extra, vae_params, cfg)`."""
-    from customshift_jax.models.mmdit.api import check_inputs
-
     noise = jax.jit(initial_latents, static_argnums=1)
 
     def run(params, latents, cond: Conditioning, schedule: Schedule, *, guidance_scale: float,
@@ -328,7 +326,6 @@ def _sharded(config: MMDiTConfig, mesh: Any, rules: Any, extra_axes: Any, *, for
     """`make_sampler`'s `run` with the sampler as two `ShardedFunction`s (CFG off / on) on `mesh`."""
     import functools
 
-    from customshift_jax.parallel import sharding as shd
 
     if forward is None:
         forward = shd.constrained_forward(config, mesh, rules, dtype=dtype, backend=backend, remat=remat)

@@ -7,6 +7,8 @@ from typing import Sequence
 
 from customshift_jax.toyworld import evaluate as E
 from customshift_jax.toyworld import figures
+from customshift_jax.toyworld import judge as J
+from customshift_jax.toyworld.methods import WEIGHTS, Generator, WorldModel
 
 
 def run_demo(out: Path, *, seed: int = 0, n_subjects: int = 6, gammas: Sequence[float] = E.GAMMAS,
@@ -14,8 +16,6 @@ def run_demo(out: Path, *, seed: int = 0, n_subjects: int = 6, gammas: Sequence[
     """Generate, judge and write everything under `out`; returns the table as Markdown."""
     from PIL import Image
 
-    from customshift_jax.toyworld import judge as J
-    from customshift_jax.toyworld.methods import WEIGHTS, Generator, WorldModel
 
     weights = Path(weights) if weights else WEIGHTS
     cases = E.draw_cases(seed, n_subjects, 1)

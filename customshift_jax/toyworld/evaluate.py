@@ -12,7 +12,10 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from customshift_jax.toyworld import judge as J
 from customshift_jax.toyworld import world
+from customshift_jax.toyworld.methods import noise_for
+from customshift_jax.toyworld.vae_train import reconstruct
 
 GAMMAS: tuple[float, ...] = (0.25, 0.5, 1.0, 2.0, 4.0)
 SUBJECT_KEYS = ("silhouette", "body", "accent", "pattern")
@@ -78,7 +81,6 @@ def generate_all(model, generator, cases: Sequence[Case], columns, *, batch: int
     """{label: images (N, 32, 32, 3)} for every column, and seconds per image of each (compile excluded)."""
     import jax
 
-    from customshift_jax.toyworld.methods import noise_for
 
     refs = references(cases)
     images: dict[str, list] = {label: [] for label, _, _ in columns}
@@ -107,8 +109,6 @@ def generate_all(model, generator, cases: Sequence[Case], columns, *, batch: int
 
 def score_images(judge, images: np.ndarray, cases: Sequence[Case], refs: np.ndarray) -> dict[str, float]:
     """Per-factor accuracy, all-subject-factors and all-context-factors accuracy, identity cosine to the reference."""
-    from customshift_jax.toyworld import judge as J
-
     config, params = judge
     pred = J.judge_images(config, params, images)
     ref_pred = J.judge_images(config, params, refs)
@@ -141,9 +141,6 @@ def evaluate(model, generator, judge, cases: Sequence[Case], gammas: Sequence[fl
 def judge_report(judge, model, n: int = 1000, seed: int = 4321) -> dict[str, dict[str, float]]:
     """The judge's accuracy on clean renders of held-out subjects and on their VAE reconstructions: near 100% on
     both, or the table measures the judge (or the VAE), not the generator."""
-    from customshift_jax.toyworld import judge as J
-    from customshift_jax.toyworld.vae_train import reconstruct
-
     _, held = world.split_subjects(0)
     rng = np.random.default_rng(seed)
     subjects = [held[int(i)] for i in rng.integers(len(held), size=n)]

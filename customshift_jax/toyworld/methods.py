@@ -11,7 +11,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from customshift_jax.io.lora_files import from_state_dict, load_lora_files
+from customshift_jax.models.vae import scale_latents, vae_encode
+from customshift_jax.pipeline import Pipeline, load_components
+from customshift_jax.sampling import Conditioning
+from customshift_jax.sampling.sampler import initial_latents
+from customshift_jax.sampling.schedule import make_schedule
+from customshift_jax.text import TextEncoders
 from customshift_jax.toyworld.tiny_sd3 import IMAGE_SIZE, T5_MAX_LENGTH
+from customshift_jax.toyworld.vae_train import to_model_images, to_uint8
 
 WEIGHTS = Path(__file__).resolve().parent / "weights"
 STEPS = 20
@@ -44,10 +52,6 @@ class WorldModel:
     @classmethod
     def load(cls, weights: str | Path = WEIGHTS) -> "WorldModel":
         """Read `weights/model` (our checkpoint with the text encoders beside it) and `weights/<lora>/`."""
-        from customshift_jax.io.lora_files import from_state_dict, load_lora_files
-        from customshift_jax.pipeline import load_components
-        from customshift_jax.text import TextEncoders
-
         weights = Path(weights)
         if not (weights / "model").is_dir():
             raise FileNotFoundError(f"{weights}/model: no world model here; rebuild it with "
@@ -66,9 +70,6 @@ class WorldModel:
 
     def encode_images(self, images: np.ndarray) -> jax.Array:
         """uint8 (N, 32, 32, 3) -> scaled VAE latents (N, 4, 16, 16): what the RAB reads."""
-        from customshift_jax.models.vae import scale_latents, vae_encode
-        from customshift_jax.toyworld.vae_train import to_model_images
-
         if self._encode is None:  # compiled once per model, not once per call
             self._encode = jax.jit(lambda p, x: scale_latents(self.vae_config, vae_encode(self.vae_config, p, x)))
         return self._encode(self.vae_params, jnp.asarray(to_model_images(images)))
@@ -78,9 +79,6 @@ class Generator:
     """One pipeline per LoRA over one world model; `run(method, ...)` returns uint8 images."""
 
     def __init__(self, model: WorldModel, *, steps: int = STEPS, guidance: float = GUIDANCE):
-        from customshift_jax.pipeline import Pipeline
-        from customshift_jax.sampling.schedule import make_schedule
-
         self.model, self.guidance = model, guidance
         self.schedule = make_schedule({"shift": SCHEDULER_SHIFT}, steps)
         self.base = Pipeline(model.config, model.vae_config)
@@ -91,8 +89,6 @@ class Generator:
                        for name, _, zeroed in METHODS.values() if zeroed}
 
     def _cond(self, embeds: np.ndarray, pooled: np.ndarray):
-        from customshift_jax.sampling import Conditioning
-
         if self.guidance > 1:  # training drops the text to zeros: zeros are the unconditional input
             return Conditioning(embeds, pooled, np.zeros_like(embeds), np.zeros_like(pooled))
         return Conditioning(embeds, pooled)
@@ -102,8 +98,6 @@ class Generator:
             gamma: float = 1.0) -> np.ndarray:
         """Images (B, 32, 32, 3) uint8 of `method` from noise (B, 4, 16, 16), prompt embeddings, and for the
         reference methods the reference latents (B, 4, 16, 16) and the subject name's embeddings."""
-        from customshift_jax.toyworld.vae_train import to_uint8
-
         if method not in METHODS:
             raise ValueError(f"unknown method {method!r}; expected one of {list(METHODS)}.")
         cond = self._cond(*prompt)
@@ -121,6 +115,4 @@ class Generator:
 
 def noise_for(seed: int, n: int) -> jax.Array:
     """x_T for `n` images from `seed`: the same noise for every method, so columns differ only by method."""
-    from customshift_jax.sampling.sampler import initial_latents
-
     return initial_latents(jax.random.key(seed), (n, 4, IMAGE_SIZE // 2, IMAGE_SIZE // 2))

@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from customshift_jax.testing.tiny_pipeline import DEFAULT_TRANSFORMER_CONFIG, DEFAULT_VAE_CONFIG
+from customshift_jax.testing.tiny_pipeline import DEFAULT_TRANSFORMER_CONFIG, DEFAULT_VAE_CONFIG, build_tiny_pipeline
 from customshift_jax.toyworld import world
 
 IMAGE_SIZE = 32
@@ -33,8 +33,6 @@ VAE_CONFIG: dict[str, Any] = {**DEFAULT_VAE_CONFIG, "block_out_channels": [16, 3
 def build_world_pipeline(path: str | Path, seed: int = 0) -> Path:
     """A diffusers SD3 pipeline folder of the world's shape: random MMDiT and VAE (trained later), frozen random
     text encoders whose tokenizers are trained on every caption of the world."""
-    from customshift_jax.testing.tiny_pipeline import build_tiny_pipeline
-
     return build_tiny_pipeline(path, transformer_config=TRANSFORMER_CONFIG, vae_config=VAE_CONFIG, seed=seed,
                                sentences=world.sentences() * 4, clip_max_length=CLIP_MAX_LENGTH,
                                t5_tokenizer=("bpe", 150))

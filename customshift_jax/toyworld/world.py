@@ -122,7 +122,7 @@ def _silhouette_mask(kind: str, u: np.ndarray, v: np.ndarray) -> np.ndarray:
     if kind == "star":
         k = (th - np.pi / 2) * 5 / (2 * np.pi)
         frac = np.abs(k - np.round(k)) * 2  # 0 at a point, 1 between points
-        return r <= 1.0 - 0.55 * frac
+        return r <= 1.0 - 0.42 * frac
     if kind == "heart":
         x, y = u * 1.25, v * 1.25 + 0.15
         return (x * x + y * y - 1) ** 3 - x * x * y ** 3 <= 0
@@ -131,25 +131,26 @@ def _silhouette_mask(kind: str, u: np.ndarray, v: np.ndarray) -> np.ndarray:
     if kind == "kite":
         return np.abs(u) / 0.7 + np.abs(v) <= 1.0
     if kind == "cross":
-        return ((np.abs(u) <= 0.32) & (np.abs(v) <= 0.95)) | ((np.abs(v) <= 0.32) & (np.abs(u) <= 0.95))
+        return ((np.abs(u) <= 0.42) & (np.abs(v) <= 0.95)) | ((np.abs(v) <= 0.42) & (np.abs(u) <= 0.95))
     if kind == "moon":
-        return (r <= 0.95) & (np.hypot(u - 0.45, v - 0.2) > 0.75)
+        return (r <= 0.95) & (np.hypot(u - 0.55, v - 0.25) > 0.6)
     raise ValueError(f"unknown silhouette {kind!r}; expected one of {SILHOUETTES}")
 
 
 def _pattern_mask(kind: str, u: np.ndarray, v: np.ndarray) -> np.ndarray:
-    """Where the accent colour shows inside the body (subject coordinates, about 2.5 periods across)."""
+    """Where the accent colour shows inside the body (subject coordinates; coarse, about two periods across, so
+    that a pattern survives 32 px and the VAE)."""
     if kind == "solid":
         return np.zeros(u.shape, bool)
     if kind == "stripes":
-        return np.mod(v * 2.2, 1.0) < 0.45
+        return np.mod(v * 1.25 + 0.25, 1.0) < 0.5
     if kind == "dots":
-        return np.hypot(np.mod(u * 1.6, 1.0) - 0.5, np.mod(v * 1.6, 1.0) - 0.5) < 0.24
+        return np.hypot(np.mod(u * 1.1, 1.0) - 0.5, np.mod(v * 1.1, 1.0) - 0.5) < 0.3
     if kind == "checker":
-        return (np.floor(u * 1.8) + np.floor(v * 1.8)) % 2 == 0
+        return (np.floor(u * 1.1) + np.floor(v * 1.1)) % 2 == 0
     if kind == "ring":
         r = np.hypot(u, v)
-        return (r > 0.3) & (r < 0.55)
+        return (r > 0.28) & (r < 0.58)
     raise ValueError(f"unknown pattern {kind!r}; expected one of {PATTERNS}")
 
 
@@ -208,10 +209,10 @@ def _background(scene: str, n: int, rng: np.random.Generator) -> np.ndarray:
 def placement(context: Context, rng: np.random.Generator) -> tuple[float, float, float, float]:
     """(centre x, centre y, radius, rotation) in image fractions for a context, with small jitter."""
     large = SIZES[context.size] == "large"
-    radius = (0.30 if large else 0.17) * rng.uniform(0.93, 1.07)
-    offset = 0.21 if large else 0.28
+    radius = (0.34 if large else 0.22) * rng.uniform(0.93, 1.07)
+    offset = 0.16 if large else 0.25
     cx = 0.5 + offset * (context.position - 1) + rng.uniform(-0.025, 0.025)
-    cy = (0.58 if large else 0.64) + rng.uniform(-0.03, 0.03)
+    cy = (0.56 if large else 0.62) + rng.uniform(-0.03, 0.03)
     return cx, cy, radius, rng.uniform(-0.18, 0.18)
 
 

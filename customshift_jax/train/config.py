@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import re
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +29,7 @@ DEFAULTS: dict[str, dict[str, Any]] = {
     },
     "mesh": {"enabled": False, "data": 1, "fsdp": 1, "tensor": 1, "rules": "fsdp"},
     "checkpoint": {"every": 100, "keep": 3, "async": True},
-    "log": {"every": 1, "tensorboard": True, "progress": True},
+    "log": {"every": 1, "tensorboard": True, "progress": "auto"},  # progress: "auto" = a bar on a terminal
     # Samples every `every` steps (0: never) with the current LoRAs, written to OUTPUT_DIR/samples/step-XXXXXX/.
     "sample": {
         "every": 0,
@@ -48,6 +49,9 @@ DEFAULTS: dict[str, dict[str, Any]] = {
 
 
 TRAIN_MODES = ("customshift", "base")
+DEFAULTS_FLAT: dict[str, Any] = {f"{section}.{k}" if isinstance(keys, dict) else section: v
+                                 for section, keys in DEFAULTS.items()
+                                 for k, v in (keys.items() if isinstance(keys, dict) else [(None, keys)])}
 
 
 def _check_train(t: dict) -> None:
@@ -62,6 +66,26 @@ def _check_train(t: dict) -> None:
                          "train.ema_decay=0 or train.mode=base.")
 
 
+SCIENTIFIC = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+")
+# Keys whose value may be of another type than their default's: key -> the accepted types.
+OTHER_TYPES: dict[str, tuple[type, ...]] = {"sample.reference": (int, str), "train.clip_norm": (int, float, type(None)),
+                                            "log.progress": (bool, str)}
+
+
+def _check_type(key: str, default: Any, value: Any) -> None:
+    """A value of the default's type (a number where the default is a float); None defaults take anything."""
+    if default is None:
+        return
+    accepted = OTHER_TYPES.get(key) or ((int, float) if type(default) is float else (type(default),))
+    if isinstance(value, bool) and bool not in accepted:
+        ok = False
+    else:
+        ok = isinstance(value, accepted)
+    if not ok:
+        names = " or ".join("null" if t is type(None) else t.__name__ for t in accepted)
+        raise ValueError(f"config key {key}={value!r}: expected {names} (the default is {default!r}).")
+
+
 def _merge(base: dict, new: dict, where: str) -> None:
     for k, v in new.items():
         if k not in base:
@@ -71,6 +95,10 @@ def _merge(base: dict, new: dict, where: str) -> None:
                 raise ValueError(f"config key {where}{k} must be a mapping of {', '.join(base[k])}.")
             _merge(base[k], v, f"{where}{k}.")
         else:
+            default = DEFAULTS_FLAT.get(f"{where}{k}")
+            if type(default) is float and isinstance(v, str) and SCIENTIFIC.fullmatch(v.strip()):
+                v = float(v)  # YAML 1.1 reads 1e-4 (no dot) as a string
+            _check_type(f"{where}{k}", default, v)
             base[k] = v
 
 
@@ -110,7 +138,16 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> dict[str,
         raise ValueError("missing config key output_dir (where checkpoints, metrics and the LoRA go).")
     if cfg["data"]["path"] is None:
         raise ValueError("missing config key data.path (a folder written by `customshift prepare`).")
-    if cfg["model"]["checkpoint"] is None and cfg["model"]["preset"] is None:
+    m = cfg["model"]
+    if m["checkpoint"] is None and m["preset"] is None:
         raise ValueError("missing config key model.checkpoint (or model.preset for random base weights).")
+    if m["checkpoint"] is not None and m["preset"] is not None:
+        raise ValueError(f"model.checkpoint={m['checkpoint']} and model.preset={m['preset']} are both set: the "
+                         "checkpoint brings its own architecture. Add model.preset=null (the config file sets it), "
+                         "or drop model.checkpoint for random weights of the preset.")
+    if m["preset"] is None:
+        m["num_layers"] = None  # only a preset's depth can be changed: the saved config says what ran
     _check_train(cfg["train"])
+    if cfg["log"]["progress"] not in (True, False, "auto"):
+        raise ValueError(f"log.progress={cfg['log']['progress']!r}: expected true, false or auto (a bar on a terminal).")
     return cfg

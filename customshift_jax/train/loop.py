@@ -14,6 +14,29 @@ from typing import Any, Callable
 
 import numpy as np
 
+from customshift_jax.io.checkpoint import (
+    CONFIG_NAME,
+    check_destination,
+    is_checkpoint,
+    load_checkpoint,
+    read_marker,
+    save_checkpoint,
+)
+from customshift_jax.io.loading import load_transformer
+from customshift_jax.io.lora_files import save_lora_files, to_state_dict
+from customshift_jax.models.mmdit.api import as_dtype, init_mmdit
+from customshift_jax.models.mmdit.config import get_preset
+from customshift_jax.models.mmdit.lora import LoRAConfig
+from customshift_jax.parallel import sharding as shd
+from customshift_jax.parallel.distributed import gather
+from customshift_jax.train.base_step import init_base_train_state, make_base_train_step, model_params
+from customshift_jax.train.data import BatchIterator, ShardDataset
+from customshift_jax.train.metrics import MetricsLogger
+from customshift_jax.train.optim import make_optimizer
+from customshift_jax.train.samples import maybe_sampler
+from customshift_jax.train.sharded import make_sharded_base_train_step, make_sharded_train_step
+from customshift_jax.train.step import init_train_state, make_train_step
+
 EXIT_NONFINITE = 3
 
 
@@ -35,6 +58,11 @@ class _Preempt:
             signal.signal(s, old)
 
 
+def show_progress(setting: bool | str, on_terminal: bool) -> bool:
+    """log.progress: true, false, or "auto" (the default): a bar with loss and steps/s when stderr is a terminal."""
+    return setting is True or (setting == "auto" and on_terminal)
+
+
 def _check_text_widths(dataset, config, path) -> None:
     """Refuse shards whose text embeddings do not fit the model (prepared with another model's encoders)."""
     widths = {name: parts[0].shape[-1] for name, parts in dataset.parts.items() if "embeds" in name or "pooled" in name}
@@ -50,9 +78,6 @@ def load_base(mcfg: dict) -> tuple[Any, Any]:
     """(MMDiTConfig, frozen base params) from `model.checkpoint`, or random ones of `model.preset`."""
     import jax
 
-    from customshift_jax.io.loading import load_transformer
-    from customshift_jax.models.mmdit.api import as_dtype, init_mmdit
-    from customshift_jax.models.mmdit.config import get_preset
 
     dtype = as_dtype(mcfg["base_dtype"])
     if mcfg["checkpoint"] is not None:
@@ -103,15 +128,10 @@ def _step_parts(cfg: dict, config, base, lora, optimizer, schedule) -> tuple:
                    dtype=t["dtype"], remat=t["remat"], text_dropout=float(t["text_dropout"]))
     rules = cfg["mesh"]["rules"]
     if t["mode"] == "base":
-        from customshift_jax.train.base_step import init_base_train_state, make_base_train_step
-        from customshift_jax.train.sharded import make_sharded_base_train_step
-
         step_kw["ema_decay"] = float(t["ema_decay"])
         state = init_base_train_state(base, optimizer, ema_decay=step_kw["ema_decay"])
         return (state, {}, make_base_train_step(config, optimizer, **step_kw),
                 lambda mesh: make_sharded_base_train_step(config, optimizer, mesh, rules, **step_kw))
-    from customshift_jax.train.sharded import make_sharded_train_step
-    from customshift_jax.train.step import init_train_state, make_train_step
 
     step_kw.update(shift=t["shift"], form=t["form"], ref_dropout=float(t["ref_dropout"]))
     state = init_train_state(config, lora, optimizer, int(t["seed"]))
@@ -139,9 +159,6 @@ def build(cfg: dict) -> TrainParts:
     """Everything the loop needs, from the resolved config (no side effects on disk)."""
     import jax
 
-    from customshift_jax.models.mmdit.lora import LoRAConfig
-    from customshift_jax.train.data import BatchIterator, ShardDataset
-    from customshift_jax.train.optim import make_optimizer
 
     t, d = cfg["train"], cfg["data"]
     # train.mode=base trains the loaded params themselves: fp32 masters, whatever model.base_dtype says.
@@ -161,8 +178,6 @@ def build(cfg: dict) -> TrainParts:
     state, base, plain_step, sharded_step = _step_parts(cfg, config, base, lora, optimizer, schedule)
     m = cfg["mesh"]
     if m["enabled"]:
-        from customshift_jax.parallel import sharding as shd
-
         mesh = shd.make_mesh(int(m["data"]), int(m["fsdp"]), int(m["tensor"]))
         sharded = sharded_step(mesh)
         global_batch = {k: jax.ShapeDtypeStruct((int(d["global_batch"]),) + v.shape, v.dtype)
@@ -242,10 +257,7 @@ def _stored_state(mngr, step: int) -> dict:
 
 
 def export_lora(out: Path, state, lora) -> list[Path]:
-    """Write the trained LoRAs and beta in the PEFT / diffusers-named format (`convert.lora_format`)."""
-    from customshift_jax.io.lora_files import save_lora_files, to_state_dict
-    from customshift_jax.parallel.distributed import gather
-
+    """Write the trained LoRAs and beta in the PEFT / diffusers-named format (`customshift_jax.io.lora_files`)."""
     trainable = gather(state.trainable)
     return save_lora_files(out, to_state_dict(trainable["rab"], trainable["cgb"]), lora)
 
@@ -253,8 +265,6 @@ def export_lora(out: Path, state, lora) -> list[Path]:
 def _other_components(src: Any) -> dict[str, tuple[Any, Any]]:
     """{name: (config dict, params loader)} of every non-transformer component of our checkpoint `src`
     (none when `src` is not one of ours); loaders, so one component at a time is in memory while copying."""
-    from customshift_jax.io.checkpoint import CONFIG_NAME, is_checkpoint, load_checkpoint, read_marker
-
     if src is None or not is_checkpoint(src):
         return {}
     entries = read_marker(src).get("components", {})
@@ -267,8 +277,6 @@ def export_model(dst: Path, params, config, source: Any = None, metadata: dict |
     """Write `params` (host arrays) as the transformer of our checkpoint at `dst`, with the other components of
     `source` (e.g. the VAE) copied, so that `model.checkpoint=dst` and `load_transformer(dst)` take it; returns
     the component names. An earlier checkpoint at `dst` is replaced once the new one is complete."""
-    from customshift_jax.io.checkpoint import save_checkpoint
-
     components = {"transformer": (config, params), **_other_components(source)}
     save_checkpoint(dst, components, overwrite=True, metadata=metadata)
     return list(components)
@@ -276,8 +284,6 @@ def export_model(dst: Path, params, config, source: Any = None, metadata: dict |
 
 def _check_model_destination(dst: Path) -> None:
     """Refuse, before training, an OUTPUT_DIR/model that the export at the end could not replace."""
-    from customshift_jax.io.checkpoint import check_destination
-
     check_destination(dst, True, what="trained model")
 
 
@@ -285,9 +291,6 @@ def train(cfg: dict, *, resume: bool = False, log=print) -> int:
     """Run training as configured; returns the process exit code (0 done or preempted, 3 non-finite loss)."""
     import jax
 
-    from customshift_jax.train.base_step import model_params
-    from customshift_jax.train.metrics import MetricsLogger
-    from customshift_jax.train.samples import maybe_sampler
 
     out = Path(cfg["output_dir"])
     ckpt_dir = out / "checkpoints"
@@ -317,7 +320,7 @@ def train(cfg: dict, *, resume: bool = False, log=print) -> int:
     every, log_every = int(cfg["checkpoint"]["every"]), max(1, int(cfg["log"]["every"]))
     gb = int(cfg["data"]["global_batch"])
     bar = None
-    if cfg["log"]["progress"] and jax.process_index() == 0:
+    if show_progress(cfg["log"]["progress"], sys.stderr.isatty()) and jax.process_index() == 0:
         from tqdm import tqdm
 
         bar = tqdm(total=total, initial=start, desc="train", file=sys.stderr, dynamic_ncols=True)
@@ -385,8 +388,6 @@ def _export_base(cfg: dict, dst: Path, state, config, steps: int, log) -> None:
     """train.mode=base: gather the trained weights (EMA if kept) on every process; process 0 writes them."""
     import jax
 
-    from customshift_jax.parallel.distributed import gather
-    from customshift_jax.train.base_step import model_params
 
     weights = gather(model_params(state))  # a collective: every process takes part
     if jax.process_index() != 0:

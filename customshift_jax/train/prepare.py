@@ -8,6 +8,9 @@ from typing import Any
 
 import numpy as np
 
+from customshift_jax.io.loading import load_vae
+from customshift_jax.models.vae import scale_latents, vae_encode
+from customshift_jax.text import TextEncoders
 from customshift_jax.train.data import BadCounter, ShardWriter, read_manifest, read_pairs
 
 
@@ -21,9 +24,6 @@ def prepare(manifest: str | Path, out: str | Path, *, checkpoint: str | Path, te
     import jax
     import jax.numpy as jnp
 
-    from customshift_jax.io.loading import load_vae
-    from customshift_jax.models.vae import scale_latents, vae_encode
-    from customshift_jax.text import TextEncoders
 
     out = Path(out)
     if (out / "index.json").exists():

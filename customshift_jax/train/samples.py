@@ -16,6 +16,12 @@ from typing import Any, Callable
 
 import numpy as np
 
+from customshift_jax.io.images import load_reference_image
+from customshift_jax.io.loading import load_vae
+from customshift_jax.models.vae import scale_latents, vae_encode
+from customshift_jax.parallel.distributed import gather
+from customshift_jax.pipeline import Pipeline, save_png
+from customshift_jax.sampling import Conditioning, initial_latents, make_schedule
 from customshift_jax.train.data import ShardDataset
 
 
@@ -112,8 +118,6 @@ def encode_reference(path: str, vae: tuple, latent_shape: list[int]) -> np.ndarr
     """(1, C, h, w) scaled VAE latents of the image at `path`, at the prepared data's latent size."""
     import jax
 
-    from customshift_jax.io.images import load_reference_image
-    from customshift_jax.models.vae import scale_latents, vae_encode
 
     vae_config, vae_params = vae
     size = latent_shape[-1] * vae_config.downsample_factor
@@ -138,14 +142,11 @@ class TrainingSampler:
     def __init__(self, cfg: dict, config: Any, lora: Any, dataset: ShardDataset, out: Path):
         import jax
 
-        from customshift_jax.sampling import Conditioning, initial_latents, make_schedule
 
         scfg = cfg["sample"]
         self.scfg, self.out = scfg, Path(out)
         self.vae = None
         if scfg["vae"] is not None:
-            from customshift_jax.io.loading import load_vae
-
             self.vae = load_vae(scfg["vae"])
         self.inputs = self._inputs(scfg, dataset)
         n = self.inputs.prompt_embeds.shape[0]
@@ -167,8 +168,6 @@ class TrainingSampler:
 
     def _build(self, config: Any, lora: Any, t: dict) -> None:
         """The pipeline (RAB prefill and CustomShift sampler, compiled on first use, then reused)."""
-        from customshift_jax.pipeline import Pipeline
-
         self.pipe = Pipeline(config, None if self.vae is None else self.vae[0], lora=lora, shift=t["shift"],
                              form=t["form"], dtype=t["dtype"], decode=self.vae is not None)
 
@@ -185,8 +184,6 @@ class TrainingSampler:
         """Sample with the current weights; process 0 writes the PNGs (and logs them when `metrics` is given)."""
         import jax
 
-        from customshift_jax.parallel.distributed import gather
-        from customshift_jax.pipeline import save_png
 
         got = gather(self._sample(trainable, base_params))
         images = got if self.vae is not None else np.stack([latent_preview(z) for z in got])
@@ -216,7 +213,6 @@ class BaseTrainingSampler(TrainingSampler):
         return SampleInputs(*map(f32, arrays), None, None, None, names)
 
     def _build(self, config: Any, lora: Any, t: dict) -> None:  # noqa: ARG002
-        from customshift_jax.pipeline import Pipeline
 
         del self.meta["gamma"]
         self.pipe = Pipeline(config, None if self.vae is None else self.vae[0], dtype=t["dtype"],

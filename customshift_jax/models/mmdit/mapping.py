@@ -11,6 +11,7 @@ from typing import Any, Callable, Iterable, Iterator, Mapping
 import jax
 import numpy as np
 
+from customshift_jax.models.mmdit.api import param_shapes
 from customshift_jax.models.mmdit.config import MMDiTConfig
 
 Params = dict[str, Any]
@@ -20,14 +21,14 @@ LIST_LIMIT = 20
 class StateDictMismatch(ValueError):
     """A state dict that does not fit the expected architecture; the message names the keys."""
 
-    def __init__(self, what: str, missing=(), unexpected=(), misshaped=()):
+    def __init__(self, what: str, missing=(), unexpected=(), misshaped=(), *, limit: int = LIST_LIMIT):
         self.missing, self.unexpected, self.misshaped = list(missing), list(unexpected), list(misshaped)
         parts = [f"{what} does not match the expected architecture."]
         for label, items in (("missing", self.missing), ("unexpected", self.unexpected),
                              ("wrong shape", self.misshaped)):
             if items:
-                shown = ", ".join(items[:LIST_LIMIT])
-                more = f" ... and {len(items) - LIST_LIMIT} more" if len(items) > LIST_LIMIT else ""
+                shown = ", ".join(items[:limit])
+                more = f" ... and {len(items) - limit} more" if len(items) > limit else ""
                 parts.append(f"{len(items)} {label}: {shown}{more}.")
         super().__init__(" ".join(parts))
 
@@ -102,8 +103,6 @@ def _set(tree: dict, path: tuple[str, ...], value) -> None:
 
 def state_dict_shapes(config: MMDiTConfig) -> dict[str, tuple[int, ...]]:
     """Every diffusers key `config` expects and its torch shape, in order; nothing is allocated."""
-    from customshift_jax.models.mmdit.api import param_shapes
-
     out: dict[str, tuple[int, ...]] = {}
     for path, spec in _flat_paths(param_shapes(config)):
         layer_shape = spec.shape[1:] if path[0] == "transformer_blocks" else spec.shape
@@ -175,8 +174,6 @@ def iter_params(config: MMDiTConfig, state_dict: Mapping[str, Any], dtype: Any =
                 on_tensor: Callable[[str, Any], None] | None = None) -> Iterator[tuple[tuple[str, ...], np.ndarray]]:
     """`params_from_state_dict` one param at a time, as (path, array), for streaming writers: each is
     filled from its per-layer source tensors and dropped here once yielded. Run `check_state_dict` first."""
-    from customshift_jax.models.mmdit.api import param_shapes
-
     cast = cast or (lambda a, dt: np.asarray(a, dtype=dt))
     for path, spec in _flat_paths(param_shapes(config)):
         scanned = path[0] == "transformer_blocks"
@@ -228,7 +225,5 @@ def describe(config: MMDiTConfig) -> str:
 
 def iter_torch_keys(config: MMDiTConfig) -> Iterable[str]:
     """All diffusers keys the config expects, in order."""
-    from customshift_jax.models.mmdit.api import param_shapes
-
     for path, _ in _flat_paths(param_shapes(config)):
         yield from torch_keys_for_path(path)

@@ -1,0 +1,63 @@
+"""Encode prompts (and a subject's name) with the SD3 text encoders into an .npz that `customshift generate
+--embeds` and training samples (`sample.embeds`) read, so that later runs need no text encoder.
+
+The file holds prompt_embeds, pooled_prompt_embeds, the negatives (of --negative-prompt, for CFG) and, with
+--subject, subject_embeds and subject_pooled_embeds.
+
+example:
+  customshift encode --text-encoders /models/sd3-medium --prompts-file prompts.txt --subject dog --out dog.npz
+"""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+HELP = "encode prompts with the SD3 text encoders into an --embeds .npz"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--text-encoders", required=True, metavar="DIR",
+                   help="a diffusers SD3 pipeline folder holding the text encoders and tokenizers")
+    p.add_argument("--prompt", help="one prompt")
+    p.add_argument("--prompts-file", help="a file of prompts, one a line (blank lines and # comments skipped)")
+    p.add_argument("--negative-prompt", default="", help="the negative prompt of every prompt (CFG)")
+    p.add_argument("--subject", help="the subject's name, e.g. 'dog' (adds subject_embeds for CustomShift)")
+    p.add_argument("--max-sequence-length", type=int, default=256, help="T5 tokens")
+    p.add_argument("--out", required=True, metavar="FILE.npz", help="the file to write (refused if it exists)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
+
+
+def run(args: argparse.Namespace) -> int:
+    out = Path(args.out)
+    if out.suffix != ".npz":
+        raise ValueError(f"--out {out}: give a file name ending in .npz.")
+    if out.exists() and (out.is_dir() or not args.overwrite):
+        raise ValueError(f"--out {out} exists; choose another name" + ("." if out.is_dir() else " or pass --overwrite."))
+    if not out.parent.is_dir():
+        raise FileNotFoundError(f"--out {out}: the folder {out.parent} does not exist.")
+    if args.subject is not None and not args.subject.strip():
+        raise ValueError("--subject is empty; give the subject's name, e.g. 'dog'.")
+    from customshift_jax.pipeline import read_prompts
+
+    prompts = read_prompts(args.prompt, args.prompts_file)
+    folder = Path(args.text_encoders)
+    if not (folder / "text_encoder").is_dir():
+        raise FileNotFoundError(f"--text-encoders {folder}: no text_encoder/ folder; give a diffusers SD3 pipeline "
+                                "folder.")
+    import numpy as np
+
+    from customshift_jax.text import TextEncoders
+    from customshift_jax.text.encode import _atomic_savez
+
+    encoders = TextEncoders.from_pretrained(folder)
+    embeds = encoders.encode(prompts, [args.negative_prompt] * len(prompts),
+                             max_sequence_length=args.max_sequence_length, do_classifier_free_guidance=True)
+    arrays = dict(embeds.arrays())
+    if args.subject:
+        s = encoders.encode([args.subject], max_sequence_length=args.max_sequence_length,
+                            do_classifier_free_guidance=False)
+        arrays.update(subject_embeds=np.asarray(s.prompt_embeds), subject_pooled_embeds=np.asarray(s.pooled_prompt_embeds))
+    _atomic_savez(out, arrays)
+    shapes = ", ".join(f"{k} {tuple(np.shape(v))}" for k, v in arrays.items())
+    print(f"wrote {out}: {len(prompts)} prompt(s); {shapes}")
+    return 0

@@ -1,0 +1,47 @@
+"""`customshift export` writes a whole pipeline folder: `StableDiffusion3Pipeline.from_pretrained(DST)` loads it
+in one call and samples what the original pipeline samples; the LoRA goes beside it."""
+import numpy as np
+import pytest
+import torch
+from fixtures_pipeline import tiny_pipeline_dir  # noqa: F401
+
+from customshift_jax.cli.main import main
+
+
+def _latents(pipe):
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        return pipe(prompt="a dog on the beach", num_inference_steps=2, guidance_scale=1.0, height=16, width=16,
+                    generator=generator, output_type="latent").images.numpy()
+
+
+def test_export_is_a_pipeline_diffusers_loads_in_one_call(tiny_pipeline_dir, tmp_path, capsys):  # noqa: F811
+    from diffusers import StableDiffusion3Pipeline
+
+    ckpt, out = tmp_path / "ckpt", tmp_path / "exported"
+    assert main(["convert", str(tiny_pipeline_dir), str(ckpt), "--no-progress"]) == 0
+    lora = tmp_path / "lora"
+    lora.mkdir()
+    (lora / "customshift_cgb.safetensors").write_bytes(b"stand-in: export copies, it does not read")
+    assert main(["export", str(ckpt), str(out), "--text-encoders", str(tiny_pipeline_dir), "--lora", str(lora)]) == 0
+    assert (out / "model_index.json").is_file() and (out / "lora" / "customshift_cgb.safetensors").is_file()
+    exported = StableDiffusion3Pipeline.from_pretrained(out)
+    original = StableDiffusion3Pipeline.from_pretrained(tiny_pipeline_dir)
+    a, b = _latents(exported), _latents(original)
+    assert np.isfinite(a).all() and np.array_equal(a, b)
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--text-encoders", "NOPE"], "no model_index.json"),
+    (["--lora", "EMPTY"], "no customshift_*.safetensors"),
+    (["--components", "transformer", "--lora", "EMPTY"], "make a whole pipeline folder"),
+])
+def test_export_pipeline_refusals(tiny_pipeline_dir, tmp_path, capsys, extra, message):  # noqa: F811
+    ckpt = tmp_path / "ckpt"
+    assert main(["convert", str(tiny_pipeline_dir), str(ckpt), "--no-progress", "--components", "transformer,vae"]) == 0
+    (tmp_path / "EMPTY").mkdir()
+    extra = [str(tmp_path / e) if e in ("NOPE", "EMPTY") else e for e in extra]
+    capsys.readouterr()
+    assert main(["export", str(ckpt), str(tmp_path / "out"), *extra]) == 2
+    err = capsys.readouterr().err
+    assert message in err and not (tmp_path / "out").exists(), err
