@@ -156,7 +156,7 @@ def test_mesh_gives_the_unsharded_latents(checkpoint, embeds_file, tmp_path, cap
 
 @pytest.mark.parametrize("case", ["missing_checkpoint", "bad_size", "empty_prompts", "bad_init_latents",
                                   "embeds_missing_array", "unreadable_reference", "empty_subject", "no_text",
-                                  "lora_without_reference", "out_is_a_file"])
+                                  "lora_without_reference", "out_is_a_file", "embeds_wrong_width"])
 def test_bad_input_is_a_clear_error(case, checkpoint, embeds_file, tmp_path, capsys):
     embeds, with_subject = embeds_file
     base = ["--checkpoint", str(checkpoint), "--embeds", str(embeds), *SIZE, "--steps", "1", "--out",
@@ -182,6 +182,11 @@ def test_bad_input_is_a_clear_error(case, checkpoint, embeds_file, tmp_path, cap
         argv, expect = with_ref + ["--reference", str(tmp_path / "bad.jpg")], "cannot be read"
     elif case == "empty_subject":
         argv, expect = base + ["--reference", str(DOG), "--subject", "  "], "--subject is empty"
+    elif case == "embeds_wrong_width":
+        data = dict(np.load(embeds))
+        data["prompt_embeds"] = data["prompt_embeds"][..., :5]
+        np.savez(tmp_path / "narrow.npz", **data)
+        argv, expect = base[:2] + ["--embeds", str(tmp_path / "narrow.npz")] + base[4:], "prompt_embeds are 5 wide"
     elif case == "out_is_a_file":
         (tmp_path / "taken").write_text("notes")
         argv, expect = base[:-2] + ["--out", str(tmp_path / "taken")], "is a file; give a folder"

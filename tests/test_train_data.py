@@ -70,7 +70,7 @@ def test_too_much_bad_data_stops_clearly(tmp_path):
     counter = BadCounter()
     with pytest.warns(BadDataWarning):
         list(read_pairs(read_manifest(path, counter), 16, counter))
-    with pytest.raises(TooMuchBadData, match=r"3 of 13 records are unusable.*max_bad_fraction"):
+    with pytest.raises(TooMuchBadData, match=r"3 of 13 records are unusable.*--max-bad-fraction"):
         counter.check(0.05, "m.jsonl")
 
 

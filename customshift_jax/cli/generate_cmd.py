@@ -17,6 +17,8 @@ import math
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 HELP = "generate images (SD3, or CustomShift with --reference/--subject)"
 
 # jax.random.key takes any int64 but, without jax_enable_x64 (as here), keeps only the low 32 bits:
@@ -177,6 +179,7 @@ def run(args: argparse.Namespace) -> int:
 
         image = load_reference_image(args.reference, height, width)
     embeds, subject = _encode(args, comps, prompts or [])
+    _check_widths(config, embeds, subject, args.embeds or args.text_encoders or args.checkpoint)
     n_prompts = int(np.shape(embeds.prompt_embeds)[0])
     if prompts is None:
         prompts = [f"(prompt {i} of {args.embeds})" for i in range(n_prompts)]
@@ -242,6 +245,18 @@ def run(args: argparse.Namespace) -> int:
     settings = {k: v for k, v in vars(args).items() if not k.startswith("_")}  # no internal entries
     (out / "settings.json").write_text(json.dumps(settings, indent=1, default=str))
     return 0
+
+
+def _check_widths(config, embeds, subject, source) -> None:
+    """Embeddings of other text encoders fail here, in the user's terms, not inside the sampler."""
+    widths = {"prompt_embeds": (np.shape(embeds.prompt_embeds)[-1], config.joint_attention_dim),
+              "pooled_prompt_embeds": (np.shape(embeds.pooled_prompt_embeds)[-1], config.pooled_projection_dim)}
+    if subject is not None:
+        widths["subject_embeds"] = (np.shape(subject[0])[-1], config.joint_attention_dim)
+    for name, (got, want) in widths.items():
+        if got != want:
+            raise ValueError(f"{source}: {name} are {got} wide, this model takes {want}: they were made by other "
+                             "text encoders; encode with this model's (customshift encode --text-encoders DIR).")
 
 
 def _mesh(args):

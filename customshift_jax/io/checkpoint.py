@@ -178,7 +178,7 @@ def check_destination(dst: str | Path, overwrite: bool, *, is_ours: Callable[[Pa
     if dst.is_dir() and not dst.is_symlink() and not any(dst.iterdir()):
         return  # an empty directory: nothing to lose
     if not overwrite:
-        raise CheckpointExists(f"{dst} already exists; pass --overwrite (overwrite=True) to replace it once the "
+        raise CheckpointExists(f"{dst} already exists; pass --overwrite to replace it once the "
                                f"{what} is complete, or choose another destination.")
     if dst.is_symlink() or not dst.is_dir():
         raise CheckpointExists(f"{dst} exists and is not a directory; refusing to replace it, even with "

@@ -67,8 +67,8 @@ class BadCounter:
         if self.total and self.bad / self.total > max_bad_fraction:
             raise TooMuchBadData(
                 f"{what}: {self.bad} of {self.total} records are unusable ({self.bad / self.total:.1%} > "
-                f"max_bad_fraction {max_bad_fraction:.1%}); reasons {self.reasons}; first: {self.examples[:3]}. "
-                "Fix the data or raise max_bad_fraction.")
+                f"--max-bad-fraction {max_bad_fraction:.1%}); reasons {self.reasons}; first: {self.examples[:3]}. "
+                "Fix the data or raise --max-bad-fraction.")
 
     def summary(self) -> str:
         return f"{self.bad} of {self.total} skipped" + (f" ({self.reasons})" if self.bad else "")
