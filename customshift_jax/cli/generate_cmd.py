@@ -165,8 +165,8 @@ def run(args: argparse.Namespace) -> int:
     mesh = _mesh(args)  # before loading anything: a bad --mesh / --rules fails fast
     lora_files = _read_lora(args.lora) if args.reference else None  # a damaged / NaN LoRA fails fast too
     early = read_transformer_config(args.checkpoint) if lora_files else None
-    if early is not None:
-        _lora_trees(lora_files, early)  # a LoRA of another model fails before the weights and text encoders load
+    # A LoRA of another model fails here, before the weights and text encoders load; the fitted trees are kept.
+    fitted = (early, _lora_trees(lora_files, early)) if early is not None else None
     comps = load_components(args.checkpoint, text_encoders=args.text_encoders)
     config, vae_config = comps.config, comps.vae_config
     scale = vae_config.downsample_factor
@@ -197,7 +197,12 @@ def run(args: argparse.Namespace) -> int:
     schedule = make_schedule(comps.scheduler, args.steps, image_seq_len=(height // scale // config.patch_size) *
                              (width // scale // config.patch_size))
     progress = StepProgress()
-    lora_cfg, rab_lora, cgb_lora = _lora_trees(lora_files, config) if args.reference else (None, None, None)
+    if not args.reference:
+        lora_cfg, rab_lora, cgb_lora = None, None, None
+    elif fitted is not None and fitted[0] == config:
+        lora_cfg, rab_lora, cgb_lora = fitted[1]  # fitted once, before loading
+    else:
+        lora_cfg, rab_lora, cgb_lora = _lora_trees(lora_files, config)
     pipe = Pipeline(config, vae_config, lora=lora_cfg, shift=args.shift, decode=False, mesh=mesh, rules=args.rules,
                     progress=progress)
     params = comps.params

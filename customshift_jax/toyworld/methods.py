@@ -12,7 +12,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from customshift_jax.io.lora_files import from_state_dict, load_lora_files
-from customshift_jax.models.vae import scale_latents, vae_encode
 from customshift_jax.pipeline import Pipeline, load_components
 from customshift_jax.sampling import Conditioning
 from customshift_jax.sampling.sampler import initial_latents
@@ -47,7 +46,7 @@ class WorldModel:
     vae_params: Any
     encoders: Any
     loras: dict[str, tuple[Any, Any, Any]]  # name -> (LoRAConfig, rab tree, cgb tree incl. beta)
-    _encode: Any = dataclasses.field(default=None, repr=False)  # the jitted VAE encoder, built on first use
+    _encode: Any = dataclasses.field(default=None, repr=False)  # a Pipeline for the VAE encoder, on first use
 
     @classmethod
     def load(cls, weights: str | Path = WEIGHTS) -> "WorldModel":
@@ -70,9 +69,9 @@ class WorldModel:
 
     def encode_images(self, images: np.ndarray) -> jax.Array:
         """uint8 (N, 32, 32, 3) -> scaled VAE latents (N, 4, 16, 16): what the RAB reads."""
-        if self._encode is None:  # compiled once per model, not once per call
-            self._encode = jax.jit(lambda p, x: scale_latents(self.vae_config, vae_encode(self.vae_config, p, x)))
-        return self._encode(self.vae_params, jnp.asarray(to_model_images(images)))
+        if self._encode is None:  # one pipeline per model: its encoder compiles once, not once per call
+            self._encode = Pipeline(self.config, self.vae_config, decode=False)
+        return self._encode.encode_reference(self.vae_params, to_model_images(images))
 
 
 class Generator:
