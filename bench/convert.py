@@ -99,10 +99,28 @@ def run_child(argv: list[str]) -> tuple[int, float, int]:
 
 
 LOAD_CHECK = """
-import sys, numpy as np
-from customshift_jax.io.checkpoint import load_checkpoint
-out = load_checkpoint(sys.argv[1])
+import sys, time, numpy as np
+from customshift_jax.io.checkpoint import iter_leaves, load_checkpoint
+from customshift_jax.io.integrity import leaves_hash
+out = load_checkpoint(sys.argv[1], verify=sys.argv[2] == "verify")
 print("loaded", {k: sum(a.size for a in __import__("jax").tree_util.tree_leaves(p)) for k, (c, p) in out.items()})
+if sys.argv[2] == "verify":
+    start = time.perf_counter()
+    nbytes = sum(leaf.nbytes for _, (_, p) in out.items() for _, leaf in iter_leaves(p))
+    for _, (_, p) in out.items():
+        leaves_hash(iter_leaves(p))
+    seconds = time.perf_counter() - start
+    print(f"hashing alone (sha256, the work verification adds to a load and the writer adds to a convert): "
+          f"{seconds:.1f} s for {nbytes / 2**30:.2f} GiB ({nbytes / seconds / 1e9:.2f} GB/s)")
+"""
+
+
+NO_HASH_CONVERT = """
+import sys
+import customshift_jax.io.checkpoint as checkpoint
+checkpoint.leaves_hash = lambda leaves: "unhashed"  # the baseline: the same convert without the content hashes
+from customshift_jax.cli.main import main
+sys.exit(main(sys.argv[1:]))
 """
 
 
@@ -115,6 +133,8 @@ def main() -> int:
     p.add_argument("--workdir", default=None, help="where to make the temporary directory (default: system temp)")
     p.add_argument("--load", action="store_true", help="also time load_checkpoint in a child process")
     p.add_argument("--keep", action="store_true", help="keep the temporary directory")
+    p.add_argument("--hash-baseline", action="store_true",
+                   help="also time the same convert with the content hashing stubbed out (the cost of hashing)")
     args = p.parse_args()
 
     root = Path(tempfile.mkdtemp(prefix="bench_convert_", dir=args.workdir))
@@ -136,10 +156,17 @@ def main() -> int:
               f"{peak / GB:.2f} GiB, budget 1.5 S + 1 GiB = {budget / GB:.2f} GiB -> "
               f"{'PASS' if peak < budget else 'OVER BUDGET'} (peak / S = {peak / s:.2f}); "
               f"checkpoint {out_size / GB:.2f} GiB")
+        if args.hash_baseline:
+            code, base, _ = run_child([sys.executable, "-c", NO_HASH_CONVERT, *argv[3:-3], str(root / "unhashed"),
+                                       "--dtype", args.dtype])
+            print(f"convert without content hashes: {base:.1f} s -> hashing adds {seconds - base:+.1f} s "
+                  f"({(seconds - base) / base:+.0%}){'' if code == 0 else f', FAILED ({code})'}")
+            shutil.rmtree(root / "unhashed", ignore_errors=True)
         if args.load:
-            code, seconds, peak = run_child([sys.executable, "-c", LOAD_CHECK, str(dst)])
-            print(f"load_checkpoint: {seconds:.1f} s, peak RSS {peak / GB:.2f} GiB "
-                  f"(checkpoint {out_size / GB:.2f} GiB){'' if code == 0 else f', FAILED ({code})'}")
+            for mode in ("no-verify", "verify", "no-verify"):  # --no-verify, hashes checked (default); the first is cold
+                code, seconds, peak = run_child([sys.executable, "-c", LOAD_CHECK, str(dst), mode])
+                print(f"load_checkpoint ({mode}): {seconds:.1f} s, peak RSS {peak / GB:.2f} GiB "
+                      f"(checkpoint {out_size / GB:.2f} GiB){'' if code == 0 else f', FAILED ({code})'}")
         return 0
     finally:
         if args.keep:

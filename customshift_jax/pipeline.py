@@ -19,6 +19,7 @@ from customshift_jax.customshift.sampling import make_customshift_sampler, make_
 from customshift_jax.customshift.sharded import make_sharded_prefill
 from customshift_jax.io.checkpoint import is_checkpoint, load_checkpoint
 from customshift_jax.io.loading import load_transformer, load_vae
+from customshift_jax.io.safe_files import save_image
 from customshift_jax.models.mmdit.config import MMDiTConfig
 from customshift_jax.models.vae import scale_latents, unscale_latents, vae_decode, vae_encode
 from customshift_jax.sampling import make_sampler, make_sharded_sampler
@@ -39,14 +40,15 @@ class Components:
     text_folder: Path | None
 
 
-def load_components(path: str | Path, *, text_encoders: str | Path | None = None) -> Components:
-    """From our orbax checkpoint or a diffusers pipeline folder; text encoders from `text_encoders` or the folder."""
+def load_components(path: str | Path, *, text_encoders: str | Path | None = None, verify: bool = True) -> Components:
+    """From our orbax checkpoint or a diffusers pipeline folder; text encoders from `text_encoders` or the folder.
+    `verify` checks the checkpoint's content hashes."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"checkpoint {path}: no such file or folder; give a checkpoint written by "
                                 "`customshift convert` or a diffusers SD3 pipeline folder.")
     if is_checkpoint(path):
-        parts = load_checkpoint(path, ["transformer", "vae"])
+        parts = load_checkpoint(path, ["transformer", "vae"], verify=verify)
         (config, params), (vae_config, vae_params) = parts["transformer"], parts["vae"]
         scheduler: dict | str = {"shift": 3.0}  # SD3's scheduler; the checkpoint stores none
         if (path / "scheduler").is_dir():
@@ -162,7 +164,7 @@ def save_png(image: np.ndarray, path: Path, metadata: dict[str, Any]) -> None:
     info = PngInfo()
     info.add_text("prompt", str(metadata.get("prompt", "")))
     info.add_text("parameters", json.dumps(metadata, sort_keys=True))
-    Image.fromarray(pixels).save(path, pnginfo=info)
+    save_image(Image.fromarray(pixels), path, "PNG", pnginfo=info)
 
 
 class StepProgress:

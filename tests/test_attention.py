@@ -53,7 +53,7 @@ def test_blocked_masked_rows_and_short_queries(small_block):
 def test_unknown_backend_and_lse_from_fused_backend_are_refused():
     q, k, v = _qkv()
     with pytest.raises(ValueError, match="unknown attention backend"):
-        attn.attention(q, k, v, backend="flash")
+        attn.attention(q, k, v, backend="splash")
     with pytest.raises(ValueError, match="log-sum-exp"):
         attn.attention(q, k, v, backend="jax", return_lse=True)
 

@@ -6,6 +6,8 @@ import torch
 from fixtures_pipeline import tiny_pipeline_dir  # noqa: F401
 
 from customshift_jax.cli.main import main
+from customshift_jax.io.lora_files import save_lora_files
+from customshift_jax.models.mmdit.lora import LoRAConfig
 
 
 def _latents(pipe):
@@ -20,9 +22,10 @@ def test_export_is_a_pipeline_diffusers_loads_in_one_call(tiny_pipeline_dir, tmp
 
     ckpt, out = tmp_path / "ckpt", tmp_path / "exported"
     assert main(["convert", str(tiny_pipeline_dir), str(ckpt), "--no-progress"]) == 0
-    lora = tmp_path / "lora"
-    lora.mkdir()
-    (lora / "customshift_cgb.safetensors").write_bytes(b"stand-in: export copies, it does not read")
+    lora = tmp_path / "lora"  # export checks it (intact, finite) and copies it
+    save_lora_files(lora, {"transformer_blocks.0.attn.to_q.lora_A.weight": np.ones((2, 16), np.float32),
+                           "transformer_blocks.0.attn.to_q.lora_B.weight": np.ones((16, 2), np.float32)},
+                    LoRAConfig(rank=2, alpha=2.0))
     assert main(["export", str(ckpt), str(out), "--text-encoders", str(tiny_pipeline_dir), "--lora", str(lora)]) == 0
     assert (out / "model_index.json").is_file() and (out / "lora" / "customshift_cgb.safetensors").is_file()
     exported = StableDiffusion3Pipeline.from_pretrained(out)

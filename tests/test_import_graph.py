@@ -10,6 +10,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "customshift_jax"
 # Lowest first. A module may import its own layer or lower ones, never a higher one. Longest prefix wins.
 LAYERS: dict[str, int] = {
     "customshift_jax.numerics": 0, "customshift_jax.io.safetensors": 0, "customshift_jax.io.images": 0,
+    "customshift_jax.io.safe_files": 0, "customshift_jax.kernels": 0,
     "customshift_jax.models": 1, "customshift_jax.lora": 1,
     "customshift_jax.parallel": 2,
     "customshift_jax.sampling": 3, "customshift_jax.text": 3,
@@ -17,7 +18,7 @@ LAYERS: dict[str, int] = {
     "customshift_jax.io": 5,
     "customshift_jax.reference": 6, "customshift_jax.pipeline": 6, "customshift_jax.testing": 6,
     "customshift_jax.train": 7, "customshift_jax.crosscheck": 7,
-    "customshift_jax.toyworld": 8,
+    "customshift_jax.toyworld": 8, "customshift_jax.eval": 8,
     "customshift_jax.cli": 9,
     "customshift_jax": 10,
 }

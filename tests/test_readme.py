@@ -20,3 +20,80 @@ def test_readme_python_blocks_run(tiny_pipeline_dir):  # noqa: F811
         exec(compile(code.replace("/tmp/tiny-sd3", str(tiny_pipeline_dir)), "README.md", "exec"), scope)
         if "sample" in scope:
             assert np.all(np.isfinite(np.asarray(scope["sample"]))), "README's sample is not finite"
+
+
+# ------------------------------------------------------------------------------------------- bash blocks
+ROOT = README.parent
+REAL_WEIGHTS = "(real weights"  # a README command carrying this in its comment needs weights no test has
+TUTORIALS = ("## Convert, generate, customize", "## Training")  # the sections whose bash blocks run as written
+
+
+def bash_commands(section: str | None = None) -> list[str]:
+    """The commands of README's bash blocks (of one `## section`, or all): continuation lines joined,
+    comments dropped."""
+    text = README.read_text()
+    if section is not None:
+        text = text.split(section, 1)[1].split("\n## ", 1)[0]
+    commands = []
+    for block in re.findall(r"```bash\n(.*?)```", text, flags=re.S):
+        for line in block.replace("\\\n", " ").splitlines():
+            code = line.split(" #", 1)[0].strip() if not line.lstrip().startswith("#") else ""
+            if code and REAL_WEIGHTS not in line:
+                commands.append(code)
+    return commands
+
+
+def test_every_readme_customshift_command_parses():
+    """Every `customshift ...` line of every bash block names a real subcommand and real flags (README cannot
+    drift from the CLI), and every `python FILE` it names exists."""
+    import shlex
+
+    from customshift_jax.cli.main import build_parser
+
+    parser = build_parser()
+    commands = bash_commands()
+    assert len(commands) > 10
+    for command in commands:
+        for part in command.split("&&"):
+            argv = shlex.split(part)
+            if argv[0] == "customshift":
+                args, unknown = parser.parse_known_args(argv[1:])
+                assert args.command and not unknown, f"README: {part!r} -> unknown {unknown}"
+            elif argv[0] == "python" and argv[1] != "-m":
+                assert (ROOT / argv[1]).is_file(), f"README names {argv[1]}, which does not exist"
+
+
+def test_readme_tutorial_commands_run(tmp_path, monkeypatch, capsys):
+    """The convert / generate / customize and training walk-throughs run as written on the tiny pipeline: /tmp
+    paths moved under the test's folder, the working directory a fresh one, a two-record manifest.jsonl."""
+    import json
+    import shlex
+
+    from conftest import DREAMBENCH
+
+    from customshift_jax.cli.main import main
+    from customshift_jax.testing import tiny_pipeline
+
+    work = tmp_path / "cwd"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    dog = sorted((DREAMBENCH / "dog").glob("*.jpg"))
+    (work / "manifest.jsonl").write_text("".join(json.dumps(
+        {"reference": str(dog[i]), "target": str(dog[i + 1]), "caption": "a dog on the beach", "subject": "dog"})
+        + "\n" for i in range(2)))
+    ran = []
+    for section in TUTORIALS:
+        for command in bash_commands(section):
+            command = (command.replace("/tmp/", f"{tmp_path}/").replace("../shared/data/dreambench", str(DREAMBENCH))
+                       .replace("train/configs/", f"{ROOT}/train/configs/"))
+            argv = shlex.split(command)
+            if argv[:3] == ["python", "-m", "customshift_jax.testing.tiny_pipeline"]:
+                code = tiny_pipeline.main(argv[3:])
+            else:
+                assert argv[0] == "customshift", f"README runs {argv[0]!r}: teach this test how"
+                code = main(argv[1:])
+            assert code == 0, f"README command failed: {command}\n{capsys.readouterr().err[-2000:]}"
+            ran.append(argv[1])
+    assert {"convert", "export", "generate", "encode", "prepare", "train"} <= set(ran), ran
+    assert list((work / "out").glob("*.png")) and (work / "dog.npz").is_file()
+    assert (work / "runs" / "tiny" / "lora" / "customshift_cgb.safetensors").is_file()

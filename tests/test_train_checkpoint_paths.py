@@ -5,6 +5,7 @@ from typing import NamedTuple
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+import pytest
 
 from customshift_jax.train import loop
 
@@ -74,3 +75,47 @@ def test_checkpoint_with_indexed_leaves_still_resumes(tmp_path):
     mngr.close()
     assert step == 6
     _leaves_equal(restored, state)
+
+
+def _damage(step_dir):
+    """Overwrite every stored array file of a step with garbage of the same size (a disk that went bad)."""
+    for f in (step_dir / "state").rglob("*"):
+        if f.is_file() and f.stat().st_size and f.name not in ("_METADATA", "_CHECKPOINT_METADATA"):
+            f.write_bytes(b"\x5a" * f.stat().st_size)
+
+
+def test_damaged_latest_step_falls_back_to_the_newest_good_one(tmp_path):
+    """`train --resume` with a damaged latest checkpoint resumes from the one before, sets the damaged one aside
+    (so the run can save that step again) and says so; with none readable it stops with one line."""
+    mngr = loop._manager(tmp_path / "checkpoints", 3, False)
+    for step, scale in ((2, 1.0), (4, 2.0)):
+        it = FakeIterator()
+        it.position = {"epoch": 0, "index": step}
+        loop._save(mngr, step, _state(scale), it, seed=0)
+    mngr.wait_until_finished()
+    _damage(tmp_path / "checkpoints" / "4")
+    said, fresh = [], FakeIterator()
+    restored, step = loop._restore(mngr, _state(0.0), fresh, seed=0, log=said.append)
+    assert step == 2 and fresh.position == {"epoch": 0, "index": 2}
+    _leaves_equal(restored, _state(1.0))
+    assert len(said) == 1 and "step 4 cannot be read" in said[0] and "damaged-4" in said[0], said
+    assert (tmp_path / "checkpoints" / "damaged-4").is_dir() and mngr.all_steps() == [2]
+    loop._save(mngr, 4, _state(3.0), FakeIterator(), seed=0)  # the resumed run saves step 4 again
+    mngr.wait_until_finished()
+    assert sorted(mngr.all_steps()) == [2, 4]
+    _damage(tmp_path / "checkpoints" / "4")
+    _damage(tmp_path / "checkpoints" / "2")
+    with pytest.raises(ValueError, match="no checkpoint .* can be read"):
+        loop._restore(mngr, _state(0.0), FakeIterator(), seed=0, log=said.append)
+    mngr.close()
+
+
+def test_seed_mismatch_is_not_taken_for_damage(tmp_path):
+    """A sound checkpoint of another seed is the user's config error: refused, and nothing is set aside."""
+    mngr = loop._manager(tmp_path / "checkpoints", 3, False)
+    loop._save(mngr, 2, _state(1.0), FakeIterator(), seed=0)
+    mngr.wait_until_finished()
+    with pytest.raises(ValueError, match="seed"):
+        loop._restore(mngr, _state(0.0), FakeIterator(), seed=1)
+    mngr.close()
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["2"]

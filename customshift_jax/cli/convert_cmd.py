@@ -7,7 +7,9 @@ unless --config names the diffusers config.json (or a folder holding transformer
 
 Every key and shape is checked before anything is written; a mismatch lists the missing, unexpected and
 mis-shaped keys. DST appears only when complete; an existing DST is kept unless --overwrite, which
-replaces it once the new checkpoint is complete. Read it back with customshift_jax.load_transformer,
+replaces it once the new checkpoint is complete (refused when DST holds files convert did not write). Ctrl-C /
+SIGTERM remove the partial DST; the .DST.partial-* folder of a killed run is removed by the next run. Each params
+piece's sha256 goes into the checkpoint's marker and is checked when it loads. Read it back with customshift_jax.load_transformer,
 customshift_jax.io.checkpoint.load_checkpoint, or `customshift export` for diffusers.
 
 examples:

@@ -23,6 +23,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--negative-prompt", default="", help="the negative prompt of every prompt (CFG)")
     p.add_argument("--subject", help="the subject's name, e.g. 'dog' (adds subject_embeds for CustomShift)")
     p.add_argument("--max-sequence-length", type=int, default=256, help="T5 tokens")
+    p.add_argument("--text-backend", choices=("torch", "jax"), default="torch",
+                   help="run the text encoders in PyTorch on the host or in JAX (default torch)")
     p.add_argument("--out", required=True, metavar="FILE.npz", help="the file to write (refused if it exists)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
 
@@ -46,10 +48,10 @@ def run(args: argparse.Namespace) -> int:
                                 "folder.")
     import numpy as np
 
-    from customshift_jax.text import TextEncoders
+    from customshift_jax.text import load_text_encoders
     from customshift_jax.text.encode import _atomic_savez
 
-    encoders = TextEncoders.from_pretrained(folder)
+    encoders = load_text_encoders(folder, backend=args.text_backend)
     embeds = encoders.encode(prompts, [args.negative_prompt] * len(prompts),
                              max_sequence_length=args.max_sequence_length, do_classifier_free_guidance=True)
     arrays = dict(embeds.arrays())

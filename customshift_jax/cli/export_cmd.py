@@ -29,7 +29,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lora", metavar="DIR", default=None,
                    help="a CustomShift LoRA folder (customshift_*.safetensors) copied to DST/lora/ (default: none)")
     p.add_argument("--overwrite", action="store_true",
-                   help="replace an earlier export at DST, once the new one is complete")
+                   help="replace an earlier export at DST, once the new one is complete (refused when DST holds "
+                   "files the export did not write)")
+    p.add_argument("--no-verify", action="store_true", help="skip checking SRC's and the LoRA files' content hashes "
+                   "(default: checked; a damaged piece is refused)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -38,7 +41,7 @@ def run(args: argparse.Namespace) -> int:
 
     quiet_orbax()
     dst = export(args.src, args.dst, components=args.components, dtype=args.dtype, overwrite=args.overwrite,
-                 text_encoders=args.text_encoders, lora=args.lora)
+                 text_encoders=args.text_encoders, lora=args.lora, verify=not args.no_verify)
     parts = sorted(p.name for p in dst.iterdir() if (p / "config.json").is_file())
     print(f"wrote {dst}: {', '.join(f'{p}/' for p in parts)} (diffusers from_pretrained(..., subfolder=NAME))")
     return 0

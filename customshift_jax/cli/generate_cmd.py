@@ -19,6 +19,9 @@ from typing import Any
 
 import numpy as np
 
+from customshift_jax.io.images import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS, ImageLimits, load_reference_image
+from customshift_jax.io.safe_files import atomic_write, make_dir, write_text
+
 HELP = "generate images (SD3, or CustomShift with --reference/--subject)"
 
 # jax.random.key takes any int64 but, without jax_enable_x64 (as here), keeps only the low 32 bits:
@@ -28,6 +31,8 @@ SEED_MAX = 2**32 - 1
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", required=True, help="our checkpoint directory or a diffusers pipeline folder")
+    p.add_argument("--no-verify", action="store_true", help="skip checking the checkpoint's and the LoRA files' "
+                   "content hashes (default: checked; a damaged piece is refused)")
     p.add_argument("--prompt", help="the prompt")
     p.add_argument("--prompts-file", help="a file of prompts, one a line (one compile serves them all)")
     p.add_argument("--negative-prompt", default="", help="negative prompt for classifier-free guidance")
@@ -42,6 +47,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "./out-3, ... when it already holds images: earlier results are never overwritten)")
     p.add_argument("--max-sequence-length", type=int, default=256, help="T5 tokens (default 256)")
     p.add_argument("--text-encoders", help="a diffusers pipeline folder holding the text encoders")
+    p.add_argument("--text-backend", choices=("torch", "jax"), default="torch",
+                   help="run the text encoders in PyTorch on the host or in JAX (default torch)")
     p.add_argument("--text-cache", default=str(Path.home() / ".cache" / "customshift" / "text"),
                    help="folder of cached prompt embeddings: a prompt is encoded once, then read from here; delete it to free the space")
     p.add_argument("--embeds", help=".npz with prompt_embeds, pooled_prompt_embeds, negative_prompt_embeds, "
@@ -55,6 +62,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "(default fsdp)")
     g = p.add_argument_group("CustomShift")
     g.add_argument("--reference", help="reference image of the subject (JPEG, PNG, ...)")
+    g.add_argument("--max-image-bytes", type=int, default=DEFAULT_MAX_BYTES, help="largest --reference file read")
+    g.add_argument("--max-image-pixels", type=int, default=DEFAULT_MAX_PIXELS,
+                   help="largest --reference width x height decoded")
     g.add_argument("--subject", help="the subject's name, e.g. 'dog'")
     g.add_argument("--gamma", type=float, default=1.0, help="reference strength: larger follows the reference, "
                    "smaller the text, 0 ignores it (default 1)")
@@ -67,7 +77,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def _encode(args, comps, prompts):
     """(PromptEmbeds for the prompts, subject (embeds, pooled) or None)."""
     from customshift_jax.pipeline import load_embeds_file
-    from customshift_jax.text import CachedTextEncoder, TextEncoders
+    from customshift_jax.text import CachedTextEncoder, load_text_encoders
 
     need_subject = args.reference is not None
     if args.embeds:
@@ -77,7 +87,7 @@ def _encode(args, comps, prompts):
     if comps.text_folder is None:
         raise ValueError(f"{args.checkpoint} has no text encoders: pass --text-encoders PIPELINE_FOLDER, or "
                          "precomputed embeddings with --embeds FILE.npz.")
-    encoder = CachedTextEncoder(TextEncoders.from_pretrained(comps.text_folder), args.text_cache)
+    encoder = CachedTextEncoder(load_text_encoders(comps.text_folder, backend=args.text_backend), args.text_cache)
     embeds = None
     if not args.embeds:
         embeds = encoder.encode(prompts, [args.negative_prompt] * len(prompts),
@@ -163,11 +173,11 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError("give --prompt TEXT, --prompts-file FILE, or --embeds FILE.npz.")
 
     mesh = _mesh(args)  # before loading anything: a bad --mesh / --rules fails fast
-    lora_files = _read_lora(args.lora) if args.reference else None  # a damaged / NaN LoRA fails fast too
+    lora_files = _read_lora(args.lora, not args.no_verify) if args.reference else None  # damaged / NaN: fails fast
     early = read_transformer_config(args.checkpoint) if lora_files else None
     # A LoRA of another model fails here, before the weights and text encoders load; the fitted trees are kept.
     fitted = (early, _lora_trees(lora_files, early)) if early is not None else None
-    comps = load_components(args.checkpoint, text_encoders=args.text_encoders)
+    comps = load_components(args.checkpoint, text_encoders=args.text_encoders, verify=not args.no_verify)
     config, vae_config = comps.config, comps.vae_config
     scale = vae_config.downsample_factor
     height = args.height or config.sample_size * scale
@@ -175,9 +185,8 @@ def run(args: argparse.Namespace) -> int:
     check_size(config, scale, height, width)
     image = None
     if args.reference:  # read it before the slow steps, so a bad file fails fast
-        from customshift_jax.io.images import load_reference_image
-
-        image = load_reference_image(args.reference, height, width)
+        limits = ImageLimits(max_bytes=args.max_image_bytes, max_pixels=args.max_image_pixels)
+        image = load_reference_image(args.reference, height, width, limits)
     embeds, subject = _encode(args, comps, prompts or [])
     _check_widths(config, embeds, subject, args.embeds or args.text_encoders or args.checkpoint)
     n_prompts = int(np.shape(embeds.prompt_embeds)[0])
@@ -214,8 +223,7 @@ def run(args: argparse.Namespace) -> int:
     if args.reference:
         ref_latents = pipe.encode_reference(comps.vae_params, image)
         ref_kv = pipe.reference_cache(params, rab_lora, ref_latents, *subject)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = make_dir(args.out, "--out")
     key = jax.random.key(args.seed)
     n = args.num_images
     finals = []
@@ -245,10 +253,12 @@ def run(args: argparse.Namespace) -> int:
             save_png(images[j], path, meta)
             print(path)
     if args.save_latents:
-        np.save(args.save_latents, np.concatenate(finals, axis=0))
-        print(f"final latents -> {args.save_latents}")
+        latents_path = args.save_latents + ("" if args.save_latents.endswith(".npy") else ".npy")  # as np.save
+        with atomic_write(latents_path, what="--save-latents") as fh:
+            np.save(fh, np.concatenate(finals, axis=0))
+        print(f"final latents -> {latents_path}")
     settings = {k: v for k, v in vars(args).items() if not k.startswith("_")}  # no internal entries
-    (out / "settings.json").write_text(json.dumps(settings, indent=1, default=str))
+    write_text(out / "settings.json", json.dumps(settings, indent=1, default=str), what="settings")
     return 0
 
 
@@ -274,14 +284,14 @@ def _mesh(args):
     return shd.make_mesh(**shd.parse_mesh(args.mesh))
 
 
-def _read_lora(path: str | None) -> tuple[dict, Any] | None:
+def _read_lora(path: str | None, verify: bool = True) -> tuple[dict, Any] | None:
     """(state dict, LoRAConfig) of the --lora folder, checked (intact files, finite values), or None without one."""
     if path is None:
         return None
     from customshift_jax.io.lora_files import load_lora_files
 
     try:
-        return load_lora_files(path)
+        return load_lora_files(path, verify=verify)
     except FileNotFoundError as e:  # the messages name the folder or file already
         raise FileNotFoundError(f"--lora: {e}") from None
     except ValueError as e:

@@ -6,15 +6,18 @@ import sys
 from typing import Callable, Sequence
 
 from customshift_jax.cli import (
+    bench_generate_cmd,
     convert_cmd,
     crosscheck_cmd,
     demo_cmd,
     encode_cmd,
+    eval_cmd,
     export_cmd,
     generate_cmd,
     prepare_cmd,
     train_cmd,
 )
+from customshift_jax.cli.faults import DEBUG_ENV, debug_requested, fault_message, quiet_background_noise
 
 # name -> (module with `add_arguments(parser)` and `run(args) -> int`)
 SUBCOMMANDS = {
@@ -26,6 +29,8 @@ SUBCOMMANDS = {
     "generate": generate_cmd,
     "prepare": prepare_cmd,
     "train": train_cmd,
+    "bench-generate": bench_generate_cmd,
+    "eval": eval_cmd,
 }
 
 USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError, IsADirectoryError, PermissionError)
@@ -60,6 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="CustomShift on Stable Diffusion 3, in JAX: cross-check against diffusers, convert, generate.",
     )
     parser.add_argument("--version", action="version", version=f"customshift {version()}")
+    parser.add_argument("--debug", action="store_true",
+                        help=f"show the traceback behind an error (also: {DEBUG_ENV}=1)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     parser.subcommands = {}
     for name, module in SUBCOMMANDS.items():
@@ -70,15 +77,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def run_guarded(fn: Callable[[], int]) -> int:
-    """Run a command; a user error (bad path, bad file, bad shape) prints `error: ...` and returns 2."""
+def run_guarded(fn: Callable[[], int], debug: bool = False) -> int:
+    """Run a command; a user error (bad path, bad file, bad shape) or a fault of the machine (full disk, no
+    permission) prints one `error: ...` line and returns 2. With `debug`, they raise with their traceback."""
     try:
         return fn()
-    except USER_ERRORS as e:
-        print(f"error: {e}", file=sys.stderr)
+    except Exception as e:  # noqa: BLE001 - sorted below: ours and the machine's are one line, bugs keep the trace
+        said = fault_message(e)
+        if debug or (said is None and not isinstance(e, USER_ERRORS)):
+            raise
+        print(f"error: {said or e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+    except KeyboardInterrupt as e:  # its text, when any, says what was cleaned up ("removed partial DST")
+        print("interrupted" + (f"; {e}" if str(e) else ""), file=sys.stderr)
         return 130
 
 
@@ -90,7 +101,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not getattr(args, "_run", None):
         parser.print_help()
         return 1
-    return run_guarded(lambda: args._run(args))
+    debug = debug_requested(args.debug)
+    if not debug:
+        quiet_background_noise()
+    return run_guarded(lambda: args._run(args), debug)
 
 
 if __name__ == "__main__":

@@ -5,11 +5,20 @@ Example:
 
 MANIFEST: JSONL of {"reference", "target", "caption", "subject"} (paths local or fsspec URLs), images read by
 grain worker threads. Unreadable lines or images are skipped with a counted warning; more than
---max-bad-fraction of them stops with an error.
+--max-bad-fraction of them stops with an error. Images are read only from regular files within
+--max-image-bytes and --max-image-pixels; repeated lines are dropped and non-UTF-8 lines kept, both counted.
+OUT must be new or empty (or an unfinished prepare of the same manifest, which is redone).
+
+--format subjects200k: MANIFEST is a local folder of Subjects200K's parquet shards (as downloaded from the hub),
+streamed file by file: each composite is split into its left and right views, the item is the subject name,
+rows are filtered by quality scores, description_valid and --collections, and filtered rows are counted.
+  customshift prepare Subjects200K/ data/s200k --format subjects200k --checkpoint ckpt/ --text-encoders sd3/
 """
 from __future__ import annotations
 
 import argparse
+
+from customshift_jax.io.images import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS, ImageLimits
 
 HELP = "encode a manifest of (reference, target, caption, subject) into training shards"
 
@@ -27,6 +36,48 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="stop when more than this fraction of records is unusable (default 0.05)")
     p.add_argument("--no-flip", action="store_true", help="do not store horizontally flipped latents")
     p.add_argument("--read-threads", type=int, default=4, help="grain threads reading and decoding images (default 4)")
+    p.add_argument("--text-backend", choices=("torch", "jax"), default="torch",
+                   help="run the text encoders in PyTorch on the host or in JAX")
+    p.add_argument("--max-image-bytes", type=int, default=DEFAULT_MAX_BYTES,
+                   help="largest image file read; a larger one is skipped and counted")
+    p.add_argument("--max-image-pixels", type=int, default=DEFAULT_MAX_PIXELS,
+                   help="largest width x height decoded; a larger image is skipped and counted")
+    p.add_argument("--format", choices=("jsonl", "subjects200k"), default="jsonl",
+                   help="MANIFEST is a JSONL manifest, or a folder of Subjects200K parquet shards")
+    s = p.add_argument_group("--format subjects200k")
+    s.add_argument("--min-quality", type=int, default=None,
+                   help="keep rows whose three quality scores are all >= this, 0-5 (default 5, as the dataset card "
+                        "and OminiControl filter; 0 keeps every row)")
+    s.add_argument("--collections", default=None,
+                   help="comma-separated collections to keep, e.g. collection_2 (default: all)")
+    s.add_argument("--keep-invalid-descriptions", action="store_true",
+                   help="keep rows whose description_valid is false (default: dropped)")
+    s.add_argument("--directions", choices=("both", "left-to-right"), default=None,
+                   help="both (default): each row gives (left -> right, description_1) and (right -> left, "
+                        "description_0), as OminiControl trains; left-to-right: only the first")
+    s.add_argument("--padding", type=int, default=None,
+                   help="px around the two views in each composite (default 8: 512-px views in 1056x528)")
+
+
+def _subjects200k_options(args: argparse.Namespace):
+    """The Subjects200K filters from the flags; with --format jsonl, any of them set is refused."""
+    from customshift_jax.train.subjects200k import Subjects200KOptions
+
+    given = {"--min-quality": args.min_quality, "--collections": args.collections, "--directions": args.directions,
+             "--padding": args.padding, "--keep-invalid-descriptions": args.keep_invalid_descriptions or None}
+    if args.format != "subjects200k":
+        used = [k for k, v in given.items() if v is not None]
+        if used:
+            raise ValueError(f"{', '.join(used)} apply to --format subjects200k only (this run reads a JSONL manifest).")
+        return None
+    defaults = Subjects200KOptions()
+    collections = tuple(c.strip() for c in args.collections.split(",") if c.strip()) if args.collections else None
+    return Subjects200KOptions(
+        min_quality=defaults.min_quality if args.min_quality is None else args.min_quality,
+        collections=() if args.collections is not None and not collections else collections,
+        keep_invalid_descriptions=args.keep_invalid_descriptions,
+        directions=args.directions or defaults.directions,
+        padding=defaults.padding if args.padding is None else args.padding)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -35,5 +86,7 @@ def run(args: argparse.Namespace) -> int:
     prepare(args.manifest, args.out, checkpoint=args.checkpoint, text_encoders=args.text_encoders, size=args.size,
             batch_size=args.batch_size, shard_size=args.shard_size, flip=not args.no_flip,
             max_sequence_length=args.max_sequence_length, max_bad_fraction=args.max_bad_fraction,
-            read_threads=args.read_threads)
+            read_threads=args.read_threads,
+            limits=ImageLimits(max_bytes=args.max_image_bytes, max_pixels=args.max_image_pixels),
+            format=args.format, subjects200k=_subjects200k_options(args), text_backend=args.text_backend)
     return 0

@@ -13,6 +13,7 @@ from typing import Any, Iterator, Sequence
 import jax
 import numpy as np
 
+from customshift_jax.io.safe_files import write_text
 from customshift_jax.models.mmdit.api import as_dtype, mmdit_apply
 from customshift_jax.models.mmdit.config import MMDiTConfig
 from customshift_jax.models.mmdit.mapping import params_from_state_dict
@@ -192,7 +193,7 @@ def write_rows_json(path: str | Path, rows: Sequence[Row]) -> None:
     """Write {"passed": bool, "rows": [...]} for CI; the folder must exist."""
     lines = ",\n".join("  " + json.dumps(r.to_json()) for r in rows)  # one row per line: diffable
     passed = json.dumps(all(r.passed for r in rows))
-    Path(path).write_text(f'{{"passed": {passed}, "rows": [\n{lines}\n]}}\n')
+    write_text(path, f'{{"passed": {passed}, "rows": [\n{lines}\n]}}\n', what="--json")
 
 
 def crosscheck_model(name: str, config: MMDiTConfig, torch_model, *, batch: int, height: int, width: int,

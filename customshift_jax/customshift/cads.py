@@ -4,7 +4,8 @@ For an image query i and head h, with base keys B = [x; c] and reference keys R 
     alpha_i = sigmoid(LSE_R(i) - LSE_B(i) + lambda_h),  lambda_h = beta_h + log(gamma)
     out_i   = (1 - alpha_i) o_B(i) + alpha_i o_R(i)
 Text queries attend over B only. Two equal forms: (a) two attentions returning the LSE, then the merge;
-(b) one attention over [B; R] with lambda added on the R columns and the text rows masked from R.
+(b) one attention over [B; R] with lambda added on the R columns and the text rows masked from R; on backend
+"flash" form (b) is one fused Pallas kernel (`customshift_jax.kernels.shifted_flash_attention`), no dense bias.
 """
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from typing import Any, Literal
 import jax
 import jax.numpy as jnp
 
+from customshift_jax.kernels import shifted_flash_attention
 from customshift_jax.models.mmdit.attention import attention
 
 Shift = Literal["cads", "concat"]
@@ -55,6 +57,16 @@ def merge_with_reference(o_base, lse_base, o_ref, lse_ref, lam):
     return merged.astype(o_base.dtype)
 
 
+def single_form_bias(lam: jax.Array, n_img: int, nq: int, nk: int, nr: int) -> jax.Array:
+    """Form (b)'s dense bias (1 or B, H, Nq, Nk + R) float32: 0 on the base columns, lambda on the reference
+    columns of the first `n_img` queries, -inf there for the text queries."""
+    is_img = (jnp.arange(nq) < n_img)[None, None, :, None]  # (1, 1, Nq, 1)
+    ref_bias = jnp.where(is_img, _per_batch_head(lam), -jnp.inf)  # (1 or B, H, Nq, 1)
+    lead = ref_bias.shape[:2]
+    return jnp.concatenate([jnp.zeros(lead + (nq, nk), jnp.float32),
+                            jnp.broadcast_to(ref_bias, lead + (nq, nr))], axis=-1)
+
+
 def cads_attention(q, k, v, k_ref, v_ref, lam, n_img: int, *, form: Form = "two_pass", backend: str = "xla"):
     """Joint attention in which the first `n_img` queries also read (k_ref, v_ref) through the shift.
 
@@ -69,13 +81,10 @@ def cads_attention(q, k, v, k_ref, v_ref, lam, n_img: int, *, form: Form = "two_
         o_ref, lse_ref = attention(q[:, :n_img], k_ref, v_ref, backend=backend, return_lse=True)
         img = merge_with_reference(o_base[:, :n_img], lse_base[..., :n_img], o_ref, lse_ref, lam)
         return jnp.concatenate([img, o_base[:, n_img:]], axis=1)
+    if form == "single" and backend == "flash":  # the fused kernel: lambda per key block, no dense bias
+        return shifted_flash_attention(q, k, v, k_ref, v_ref, lam, n_img)[0]
     if form == "single":
-        nq, nk, nr = q.shape[1], k.shape[1], k_ref.shape[1]
-        is_img = (jnp.arange(nq) < n_img)[None, None, :, None]  # (1, 1, Nq, 1)
-        ref_bias = jnp.where(is_img, _per_batch_head(lam), -jnp.inf)  # (1 or B, H, Nq, 1)
-        lead = ref_bias.shape[:2]
-        bias = jnp.concatenate([jnp.zeros(lead + (nq, nk), jnp.float32),
-                                jnp.broadcast_to(ref_bias, lead + (nq, nr))], axis=-1)
+        bias = single_form_bias(lam, n_img, q.shape[1], k.shape[1], k_ref.shape[1])
         return attention(q, jnp.concatenate([k, k_ref], axis=1), jnp.concatenate([v, v_ref], axis=1),
                          bias=bias, backend=backend)
     raise ValueError(f"unknown CADS form {form!r}; expected one of {FORMS}.")
@@ -88,7 +97,8 @@ class CustomShiftAttnProcessor:
     per_layer: this layer's reference (K, V), (B or 1, R, H, D) each, or None (then the base attention: the
     RAB prefill, or the CGB without a reference); shared: gamma, a scalar or (B,) (None: 1). beta (H,), the
     learned shift, lives in the "lora" collection at the attention's path (`.../attn/beta`): created when the
-    LoRA asks for it (`LoRAConfig.with_beta`, the CGB), read whenever the tree carries it, else 0."""
+    LoRA asks for it (`LoRAConfig.with_beta`, the CGB), read whenever the tree carries it, else 0. With
+    `RunOptions.backend="flash"`, form "single" is the fused Pallas kernel and "two_pass" two flash calls."""
 
     shift: Shift = "cads"
     form: Form = "two_pass"

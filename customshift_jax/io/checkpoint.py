@@ -10,22 +10,26 @@ Layout (version 2)::
 
 The marker's component entry lists its pieces ("pieces": ["part-00000", ...]); they are written one at a
 time (about `PIECE_BYTES` each), so a writer holds one piece in memory, not the component. Version 1 (no
-"pieces") stored the params as one orbax PyTree in DST/<component>/params/; it is still read.
+"pieces") stored the params as one orbax PyTree in DST/<component>/params/; it is still read. The entry's
+"hashes" ({piece: "sha256:..."}, customshift_jax.io.integrity) are checked when loading (`verify`), and the
+config is checked against the stored shapes (customshift_jax.io.config_check); older checkpoints without
+hashes load with a warning.
 """
 from __future__ import annotations
 
-import contextlib
+import concurrent.futures
 import dataclasses
 import json
 import os
-import shutil
-import uuid
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Mapping, Union
 
 import jax
 import numpy as np
 
+from customshift_jax.io.config_check import check_fits
+from customshift_jax.io.integrity import HASHES_KEY, DamagedCheckpoint, check_hash, leaves_hash, warn_unverified
+from customshift_jax.io.leftovers import OWNER_FILE, atomic_directory, name_some
 from customshift_jax.models.mmdit.config import MMDiTConfig
 from customshift_jax.models.vae.config import VAEConfig
 
@@ -69,15 +73,28 @@ class CheckpointExists(ValueError):
     """The destination exists and replacing it was not asked for (or is not safe)."""
 
 
-def is_checkpoint(path: str | Path) -> bool:
-    """True when `path` is a directory holding our marker JSON with our format name."""
-    marker = Path(path) / MARKER
+def _marker_json(path: Path, fix: str = "re-run `customshift convert` to rewrite the checkpoint") -> Any:
+    """The parsed marker file of `path` (absent: None); a marker that is not JSON is named as damaged."""
+    marker = path / MARKER
     if not marker.is_file():
-        return False
+        return None
     try:
-        return json.loads(marker.read_text()).get("format") == FORMAT
-    except (ValueError, UnicodeDecodeError, OSError, AttributeError):
+        return json.loads(marker.read_text())
+    except (ValueError, UnicodeDecodeError) as e:
+        raise DamagedCheckpoint(f"the checkpoint marker {marker} is damaged (not JSON: {' '.join(str(e).split())}); "
+                                f"{fix}.") from None
+
+
+def is_checkpoint(path: str | Path) -> bool:
+    """True when `path` is a directory holding our marker JSON with our format name, or a damaged marker of that
+    name (the loaders then say it is damaged, instead of "not a checkpoint")."""
+    try:
+        data = _marker_json(Path(path))
+    except DamagedCheckpoint:
+        return True
+    except OSError:
         return False
+    return isinstance(data, dict) and data.get("format") == FORMAT
 
 
 def config_dict(name: str, config: Any) -> dict[str, Any]:
@@ -132,23 +149,25 @@ def _dtype_name(dtypes: Iterable[np.dtype]) -> str:
     return names[0] if len(names) == 1 else "mixed:" + ",".join(names)
 
 
-def _save_piece(ckptr: Any, directory: Path, pieces: list[str], piece: Params) -> None:
-    """Write `piece` as the next plain orbax PyTree directory/part-NNNNN and name it in `pieces`."""
+def _save_piece(ckptr: Any, hasher: Any, directory: Path, hashes: dict[str, str], piece: Params) -> None:
+    """Write `piece` as the next plain orbax PyTree directory/part-NNNNN, its content hashed meanwhile."""
     import orbax.checkpoint as ocp
 
-    pieces.append(f"part-{len(pieces):05d}")
-    ckptr.save(directory / pieces[-1], args=ocp.args.PyTreeSave(piece))
+    name = f"part-{len(hashes):05d}"
+    digest = hasher.submit(leaves_hash, list(iter_leaves(piece)))
+    ckptr.save(directory / name, args=ocp.args.PyTreeSave(piece))
+    hashes[name] = digest.result()
 
 
 def _write_params(directory: Path, leaves: Iterable[Leaf], piece_bytes: int) -> dict[str, Any]:
     """Write leaves as orbax PyTrees of about `piece_bytes` each, holding one piece at a time (a leaf is
-    dropped once its piece is written); returns the marker fields: pieces, dtype, num_params."""
+    dropped once its piece is written); returns the marker fields: pieces, their hashes, dtype, num_params."""
     directory.mkdir()
-    pieces: list[str] = []
+    hashes: dict[str, str] = {}
     dtypes, count = set(), 0
     piece: Params = {}
     size = 0
-    with _checkpointer() as ckptr:
+    with _checkpointer() as ckptr, concurrent.futures.ThreadPoolExecutor(1) as hasher:
         for path, leaf in leaves:
             leaf = np.asarray(leaf)
             dtypes.add(leaf.dtype)
@@ -157,21 +176,38 @@ def _write_params(directory: Path, leaves: Iterable[Leaf], piece_bytes: int) -> 
             nest_leaves([(path, leaf)], into=piece)
             del leaf
             if size >= piece_bytes:
-                _save_piece(ckptr, directory, pieces, piece)
+                _save_piece(ckptr, hasher, directory, hashes, piece)
                 piece, size = {}, 0
         if piece:
-            _save_piece(ckptr, directory, pieces, piece)
-    return {PIECES_KEY: pieces, "dtype": _dtype_name(dtypes), "num_params": int(count)}
+            _save_piece(ckptr, hasher, directory, hashes, piece)
+    return {PIECES_KEY: list(hashes), HASHES_KEY: hashes, "dtype": _dtype_name(dtypes), "num_params": int(count)}
+
+
+def foreign_files(dst: Path) -> str | None:
+    """The files in our checkpoint `dst` that our writer did not make (the first few, then a count), or None."""
+    components = (_marker_json(dst) or {}).get("components", {})
+    foreign = []
+    for entry in sorted(dst.iterdir()):
+        if entry.name in (MARKER, OWNER_FILE):
+            continue
+        if entry.name in components and entry.is_dir() and not entry.is_symlink():
+            foreign += [p for p in sorted(entry.iterdir()) if p.name not in (CONFIG_NAME, PARAMS_DIR)]
+        else:
+            foreign.append(entry)
+    return name_some(foreign, dst)
 
 
 def check_destination(dst: str | Path, overwrite: bool, *, is_ours: Callable[[Path], bool] | None = None,
-                      what: str = "new checkpoint", ours: str = f"a customshift checkpoint (no {MARKER})") -> None:
+                      what: str = "new checkpoint", ours: str = f"a customshift checkpoint (no {MARKER})",
+                      foreign: Callable[[Path], str | None] = foreign_files) -> None:
     """Refuse a destination we must not replace; say what to do instead (called again before the rename).
 
     `is_ours` recognises an earlier output of the same writer (default: our checkpoints), the only kind of
-    non-empty directory that `overwrite` may replace; `what` and `ours` name them in the messages.
+    non-empty directory that `overwrite` may replace, and only when `foreign` finds no file the writer did not
+    make in it; `what` and `ours` name them in the messages.
     """
     dst = Path(dst)
+    ours_by_marker = is_ours is None
     is_ours = is_ours or is_checkpoint
     if not (dst.exists() or dst.is_symlink()):
         return
@@ -183,40 +219,16 @@ def check_destination(dst: str | Path, overwrite: bool, *, is_ours: Callable[[Pa
     if dst.is_symlink() or not dst.is_dir():
         raise CheckpointExists(f"{dst} exists and is not a directory; refusing to replace it, even with "
                                f"overwrite. Remove it yourself or choose another destination.")
+    if ours_by_marker:
+        _marker_json(dst, fix="so --overwrite cannot tell that the folder is ours: remove it yourself, then write it "
+                          "again")  # a damaged marker is named as such, not as missing
     if not is_ours(dst):
         raise CheckpointExists(f"{dst} exists and is not {ours}; refusing to replace it, even with overwrite. "
                                f"Remove it yourself or choose another destination.")
-
-
-@contextlib.contextmanager
-def atomic_directory(dst: str | Path, check: Callable[[Path], None] = lambda d: None) -> Iterator[Path]:
-    """Yield a new temporary directory beside `dst`; when the block succeeds, rename it to `dst`.
-
-    `check(dst)` runs just before the rename and may refuse. An existing `dst` is moved aside, the new
-    one renamed in, then the old one deleted; on any failure the temporary directory is removed and
-    `dst` is left as it was.
-    """
-    dst = Path(dst).absolute()
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dst.parent / f".{dst.name}.partial-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
-    try:
-        yield tmp
-        check(dst)
-        if dst.exists():
-            old = dst.parent / f".{dst.name}.replaced-{uuid.uuid4().hex[:8]}"
-            os.rename(dst, old)
-            try:
-                os.rename(tmp, dst)
-            except OSError:
-                os.rename(old, dst)
-                raise
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(tmp, dst)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+    others = foreign(dst)
+    if others:
+        raise CheckpointExists(f"{dst} holds files that are not part of it ({others}); refusing to replace it, even "
+                               f"with overwrite (they would be deleted). Move them out or choose another destination.")
 
 
 def save_checkpoint(
@@ -226,6 +238,7 @@ def save_checkpoint(
     overwrite: bool = False,
     metadata: Mapping[str, Any] | None = None,
     piece_bytes: int | None = None,
+    log: Callable[[str], None] | None = None,
 ) -> Path:
     """Write {name: (config, params)} as one checkpoint at `dst`, atomically; returns `dst`.
 
@@ -235,14 +248,15 @@ def save_checkpoint(
     pytrees, written as they are (no copy), or zero-argument callables that build them, one component at
     a time. A callable may return an iterable of (path, array) leaves instead: the leaves are written in
     pieces of about `piece_bytes` (default `PIECE_BYTES`) as they come, so only one piece is in memory.
-    `metadata` goes into the marker JSON.
+    `metadata` goes into the marker JSON. Stale temporary folders of `dst` from killed runs are removed, and
+    said so through `log` (default stderr).
     """
     dst = Path(dst).absolute()
     if not components:
         raise ValueError("save_checkpoint: no components to write.")
     piece_bytes = PIECE_BYTES if piece_bytes is None else piece_bytes
     check_destination(dst, overwrite)
-    with atomic_directory(dst, lambda d: check_destination(d, overwrite)) as tmp:
+    with atomic_directory(dst, lambda d: check_destination(d, overwrite), log=log) as tmp:
         entries = {}
         for name, (config, params) in components.items():
             if not name or "/" in name or name.startswith("."):
@@ -272,10 +286,10 @@ def read_marker(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such checkpoint directory.")
-    if not is_checkpoint(path):
+    marker = _marker_json(path) if path.is_dir() else None
+    if not (isinstance(marker, dict) and marker.get("format") == FORMAT):
         raise ValueError(f"{path} is not a customshift checkpoint: expected a directory with {MARKER} (written "
                          f"by `customshift convert`).")
-    marker = json.loads((path / MARKER).read_text())
     if marker.get("version", 0) > VERSION:
         raise ValueError(f"{path}: checkpoint format version {marker.get('version')} is newer than this library "
                          f"reads ({VERSION}); upgrade customshift-jax.")
@@ -296,11 +310,14 @@ def load_checkpoint_config(path: str | Path, name: str) -> Any:
     return kind.config_from_dict(raw) if kind else raw
 
 
-def load_checkpoint(path: str | Path, components: Iterable[str] | None = None) -> dict[str, tuple[Any, Params]]:
+def load_checkpoint(path: str | Path, components: Iterable[str] | None = None, *, verify: bool = True,
+                    log: Callable[[str], None] | None = None) -> dict[str, tuple[Any, Params]]:
     """{name: (config, params)} from our checkpoint; params are numpy arrays in the stored dtype.
 
-    Known components get their typed config (`MMDiTConfig`, `VAEConfig`); others the raw config dict.
-    `components` picks some (default all); asking for one that is absent names the ones present.
+    Known components get their typed config (`MMDiTConfig`, `VAEConfig`), checked against the stored shapes;
+    others the raw config dict. `components` picks some (default all); asking for one that is absent names the
+    ones present. `verify` checks each params piece against the hash in the marker (a checkpoint without hashes
+    loads with a warning through `log`, default stderr).
     """
     path = Path(path)
     marker = read_marker(path)
@@ -318,18 +335,41 @@ def load_checkpoint(path: str | Path, components: Iterable[str] | None = None) -
         kind = COMPONENT_KINDS.get(name)
         config = kind.config_from_dict(raw) if kind else raw
         params_path = (path / entry.get("params", f"{name}/{PARAMS_DIR}")).absolute()
-        out[name] = (config, _read_params(params_path, entry.get(PIECES_KEY), name))
+        hashes = entry.get(HASHES_KEY) if verify else None
+        if verify and hashes is None:
+            warn_unverified(f"the {name} of checkpoint {path}", log)
+        params = _read_params(params_path, entry.get(PIECES_KEY), name, hashes)
+        check_fits(config, params, f"{config_path}")
+        out[name] = (config, params)
     return out
 
 
-def _read_params(params_path: Path, pieces: list[str] | None, name: str) -> Params:
-    """The params of one component: its pieces merged (version 2), or its one PyTree (version 1, no pieces)."""
-    paths = [params_path] if pieces is None else [params_path / piece for piece in pieces]
+def _read_params(params_path: Path, pieces: list[str] | None, name: str,
+                 hashes: Mapping[str, str] | None = None) -> Params:
+    """The params of one component: its pieces merged (version 2), or its one PyTree (version 1, no pieces);
+    each piece checked against `hashes` ({piece: hash}) when given."""
+    names = [None] if pieces is None else list(pieces)
+    paths = [params_path if n is None else params_path / n for n in names]
     for p in [params_path, *paths]:
         if not p.is_dir():
             raise FileNotFoundError(f"{p}: the {name} params are missing; the checkpoint is damaged.")
     params: Params = {}
     with _checkpointer() as ckptr:
-        for p in paths:
-            nest_leaves(iter_leaves(ckptr.restore(p)), into=params)
+        for piece, p in zip(names, paths):
+            try:
+                leaves = list(iter_leaves(ckptr.restore(p)))
+            except (PermissionError, MemoryError):
+                raise  # the machine's faults, not the checkpoint's: said as such by the CLI
+            except Exception as e:  # noqa: BLE001 -- orbax / tensorstore: whatever a damaged piece raises
+                raise DamagedCheckpoint(f"the {name} params piece {p} cannot be read ({_short(e)}); the checkpoint "
+                                        "is damaged: re-run `customshift convert`.") from None
+            if hashes is not None:
+                check_hash(hashes.get(piece, "(none)"), leaves_hash(leaves), f"the {name} params piece {p}")
+            nest_leaves(leaves, into=params)
     return params
+
+
+def _short(error: BaseException, limit: int = 300) -> str:
+    """An exception's text on one line, cut to `limit` characters (tensorstore's can be pages long)."""
+    text = " ".join(f"{type(error).__name__}: {error}".split())
+    return text if len(text) <= limit else text[:limit] + " ..."

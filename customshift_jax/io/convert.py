@@ -30,6 +30,7 @@ from customshift_jax.io.checkpoint import (
     save_checkpoint,
 )
 from customshift_jax.io.diffusers_folder import LazyStateDict, read_json, weight_files
+from customshift_jax.io.leftovers import StopSignals
 from customshift_jax.io.safetensors import SafetensorsFile
 from customshift_jax.models.mmdit.mapping import (
     StateDictMismatch,
@@ -424,10 +425,12 @@ def convert(src: str | Path, dst: str | Path, *, dtype: str = "fp32", components
     for note in plan.notes:
         log(f"note: {note}")
     bar = Progress(sum(len(s.tensors) for s in plan.sources), plan.nbytes, enabled=progress)
+    stop = StopSignals()  # SIGINT / SIGTERM stop between tensors: the partial DST is removed, orbax never cut off
 
     def on_tensor(key: str, value: Any) -> None:
         bar.update(int(getattr(value, "nbytes", 0)))
         release_pages(value)
+        stop.check()
 
     def builder(source: ComponentSource) -> Callable[[], Iterator[Leaf]]:
         conv = CONVERTERS[source.name]
@@ -441,8 +444,9 @@ def convert(src: str | Path, dst: str | Path, *, dtype: str = "fp32", components
     metadata = {"source": str(src_abs), "source_kind": plan.kind, "created_by": "customshift convert",
                 "config_origin": {s.name: s.config_origin for s in plan.sources}}
     try:
-        save_checkpoint(dst, {s.name: (s.config, builder(s)) for s in plan.sources}, overwrite=overwrite,
-                        metadata=metadata, piece_bytes=piece_bytes)
+        with stop:
+            save_checkpoint(dst, {s.name: (s.config, builder(s)) for s in plan.sources}, overwrite=overwrite,
+                            metadata=metadata, piece_bytes=piece_bytes, log=log)
     finally:
         bar.close()
     return dst, plan

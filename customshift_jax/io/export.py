@@ -1,6 +1,8 @@
 """Our orbax checkpoint -> diffusers folders (`<component>/config.json` + `diffusion_pytorch_model.safetensors`)
 that `SD3Transformer2DModel.from_pretrained` and `AutoencoderKL.from_pretrained` load. Exact: the bytes of
-every tensor are the stored params, transposed back (fp32 in, fp32 out, bit for bit)."""
+every tensor are the stored params, transposed back (fp32 in, fp32 out, bit for bit). Each written file's header
+is checked against the shapes diffusers builds from the written config.json (customshift_jax.io.config_check),
+and the export's marker records the content hash of every LoRA file it holds."""
 from __future__ import annotations
 
 import json
@@ -12,8 +14,12 @@ from typing import Callable, Iterable, Mapping
 import numpy as np
 
 from customshift_jax.io.checkpoint import atomic_directory, check_destination, config_dict, load_checkpoint, read_marker
+from customshift_jax.io.config_check import check_exported_file
 from customshift_jax.io.convert import CONVERTERS, DTYPES, cast_array, parse_components
 from customshift_jax.io.diffusers_folder import WEIGHTS_NAME
+from customshift_jax.io.integrity import HASHES_KEY, file_hash
+from customshift_jax.io.leftovers import OWNER_FILE, StopSignals, name_some
+from customshift_jax.io.lora_files import load_lora_files
 from customshift_jax.io.safetensors import DTYPE_NAMES
 
 EXPORT_MARKER = "customshift_export.json"
@@ -28,9 +34,11 @@ def _diffusers_version() -> str:
         return "0.42.1"
 
 
-def write_streaming(path: Path, tensors: Mapping[str, np.ndarray], dtype: np.dtype | None = None) -> None:
+def write_streaming(path: Path, tensors: Mapping[str, np.ndarray], dtype: np.dtype | None = None,
+                    each: Callable[[], None] = lambda: None) -> None:
     """Write a safetensors file (torch's "pt" format metadata) from arrays or views, optionally cast, one
-    tensor in memory at a time: the header comes from shapes alone, then each tensor is cast and written."""
+    tensor in memory at a time: the header comes from shapes alone, then each tensor is cast and written
+    (`each()` runs between tensors: a safe point to stop at)."""
     header, offset = {}, 0
     for name, array in tensors.items():
         dt = np.dtype(dtype or array.dtype)
@@ -46,13 +54,27 @@ def write_streaming(path: Path, tensors: Mapping[str, np.ndarray], dtype: np.dty
         f.write(struct.pack("<Q", len(blob)))
         f.write(blob)
         for array in tensors.values():
+            each()
             out = array if dtype is None else cast_array(array, dtype)
             f.write(np.ascontiguousarray(out).reshape(-1).view(np.uint8))
 
 
+def _foreign_export_files(dst: Path) -> str | None:
+    """Files in an earlier export `dst` that `export` does not write (the first few, then a count), or None."""
+    components = set(CONVERTERS)
+    ours = {EXPORT_MARKER, OWNER_FILE, "model_index.json", "scheduler", "lora", *TEXT_PARTS}
+    foreign = []
+    for entry in sorted(dst.iterdir()):
+        if entry.name in components and entry.is_dir() and not entry.is_symlink():
+            foreign += [p for p in sorted(entry.iterdir()) if p.name not in ("config.json", WEIGHTS_NAME)]
+        elif entry.name not in ours:
+            foreign.append(entry)
+    return name_some(foreign, dst)
+
+
 def _check_export_destination(dst: Path, overwrite: bool) -> None:
     check_destination(dst, overwrite, is_ours=lambda d: (d / EXPORT_MARKER).is_file(), what="export",
-                      ours=f"an earlier `customshift export` (no {EXPORT_MARKER})")
+                      ours=f"an earlier `customshift export` (no {EXPORT_MARKER})", foreign=_foreign_export_files)
 
 
 TEXT_PARTS = ("text_encoder", "text_encoder_2", "text_encoder_3", "tokenizer", "tokenizer_2", "tokenizer_3")
@@ -105,12 +127,13 @@ def _write_pipeline(tmp: Path, src: Path, text: Path | None, text_index: dict, l
 
 def export(src: str | Path, dst: str | Path, *, components: str | Iterable[str] | None = None,
            dtype: str | None = None, overwrite: bool = False, text_encoders: str | Path | None = None,
-           lora: str | Path | None = None, log: Callable[[str], None] | None = None) -> Path:
+           lora: str | Path | None = None, log: Callable[[str], None] | None = None, verify: bool = True) -> Path:
     """Write the components of our checkpoint SRC as diffusers folders DST/<component>/, atomically. With both
     the transformer and the VAE, DST is a whole pipeline folder (model_index.json, scheduler, the text encoders
     of `text_encoders` when given, the CustomShift LoRA files of `lora` in DST/lora/).
 
-    `dtype` ("fp32"/"bf16") casts on the way out; default: as stored. DST appears only when complete.
+    `dtype` ("fp32"/"bf16") casts on the way out; default: as stored. DST appears only when complete; SIGINT /
+    SIGTERM remove the partial DST. `verify` checks SRC's content hashes and the LoRA files' (default on).
     """
     log = log or (lambda msg: print(msg, file=sys.stderr))
     src, dst = Path(src), Path(dst).absolute()
@@ -135,20 +158,25 @@ def export(src: str | Path, dst: str | Path, *, components: str | Iterable[str] 
     if lora is not None and not any(Path(lora).glob("customshift_*.safetensors")):
         raise FileNotFoundError(f"--lora {lora}: no customshift_*.safetensors files (a `customshift train` lora/ "
                                 "folder).")
+    if lora is not None:
+        load_lora_files(lora, verify=verify)  # a damaged LoRA is refused before anything is written
     _check_export_destination(dst, overwrite)
-    with atomic_directory(dst, lambda d: _check_export_destination(d, overwrite)) as tmp:
+    with StopSignals() as stop, atomic_directory(dst, lambda d: _check_export_destination(d, overwrite), log) as tmp:
         for name in names:  # one component in memory at a time
-            config, params = load_checkpoint(src, components=[name])[name]
+            config, params = load_checkpoint(src, components=[name], verify=verify, log=log)[name]
             conv = CONVERTERS[name]
             tensors = conv.to_state_dict(config, params)
             (tmp / name).mkdir()
             data = {"_class_name": conv.diffusers_class, "_diffusers_version": _diffusers_version(),
                     **{k: v for k, v in config_dict(name, config).items() if k != "_class_name"}}
             (tmp / name / "config.json").write_text(json.dumps(data, indent=2) + "\n")
-            write_streaming(tmp / name / WEIGHTS_NAME, tensors, None if dtype is None else DTYPES[dtype])
+            write_streaming(tmp / name / WEIGHTS_NAME, tensors, None if dtype is None else DTYPES[dtype], stop.check)
             del params, tensors
+            check_exported_file(tmp / name, WEIGHTS_NAME, conv.diffusers_class, data)
         if whole:
             _write_pipeline(tmp, src, text, text_index, None if lora is None else Path(lora))
-        (tmp / EXPORT_MARKER).write_text(json.dumps({"exported_from": str(src.absolute()),
-                                                     "components": names}, indent=2) + "\n")
+        hashes = {str(p.relative_to(tmp)): file_hash(p) for p in sorted((tmp / "lora").glob("*.safetensors"))}
+        stop.check()
+        (tmp / EXPORT_MARKER).write_text(json.dumps({"exported_from": str(src.absolute()), "components": names,
+                                                     HASHES_KEY: hashes}, indent=2) + "\n")
     return dst

@@ -1,27 +1,101 @@
-"""Read a reference image for CustomShift: centre-crop to the target aspect, resize, scale to [-1, 1]."""
+"""Reading images safely: only regular files, within a byte and a pixel limit, every PIL mode to RGB correctly
+(16-bit scaled, not clipped; transparency over white), and the reference crop for CustomShift."""
 from __future__ import annotations
 
+import dataclasses
+import io
 from pathlib import Path
+from typing import Any, Callable
 
 import numpy as np
 
+from customshift_jax.io.safe_files import read_regular_file
 
-def load_reference_image(path: str | Path, height: int, width: int) -> np.ndarray:
-    """(1, 3, height, width) float32 in [-1, 1] from any image file PIL reads (RGB; alpha dropped).
+DEFAULT_MAX_BYTES = 64 * 2**20  # a 64 MiB file: far above any photo; a FIFO or /dev/zero is refused before this
+DEFAULT_MAX_PIXELS = 40_000_000  # 40 MP (e.g. 8000 x 5000): above DreamBench's and Subjects200K's photos
+DEFAULT_MAX_ASPECT = 10.0  # a 1 x 4000 strip has no square to crop
 
-    An unreadable or missing file is a ValueError / FileNotFoundError naming it.
-    """
+
+@dataclasses.dataclass(frozen=True)
+class ImageLimits:
+    """What an input image may be: bytes on disk, width x height, and long side / short side."""
+
+    max_bytes: int = DEFAULT_MAX_BYTES
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    max_aspect: float = DEFAULT_MAX_ASPECT
+
+
+def read_image_bytes(path: str | Path, limits: ImageLimits = ImageLimits(),
+                     opener: Callable[[str], Any] | None = None) -> bytes:
+    """The file's bytes, from a regular file of at most `limits.max_bytes` (`read_regular_file`)."""
+    return read_regular_file(path, limits.max_bytes, "image", "--max-image-bytes", opener)
+
+
+def decode_image(data: bytes, name: Any, limits: ImageLimits = ImageLimits()):
+    """A fully decoded PIL RGB image; the pixel and aspect limits are checked from the header, before decoding."""
     from PIL import Image, UnidentifiedImageError
 
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"reference image {path}: no such file.")
     try:
-        with Image.open(path) as img:
+        with Image.open(io.BytesIO(data)) as img:
+            w, h = img.size
+            if w * h > limits.max_pixels:
+                raise ValueError(f"image {name} is {w}x{h} = {w * h} pixels, above the limit of {limits.max_pixels} "
+                                 "(--max-image-pixels); downscale it or raise the limit.")
+            if max(w, h) > limits.max_aspect * min(w, h):
+                raise ValueError(f"image {name} is {w}x{h}: its sides differ by more than {limits.max_aspect:g}x, so "
+                                 "a centre crop would keep almost nothing; crop it first.")
             img.load()
-            img = img.convert("RGB")
+            return to_rgb(img)
+    except Image.DecompressionBombError:  # PIL's own guard, far above ours unless the limit was raised
+        raise ValueError(f"image {name} has more pixels than PIL decodes safely; it is above --max-image-pixels "
+                         f"{limits.max_pixels} too. Downscale it.") from None
     except (UnidentifiedImageError, OSError, SyntaxError) as e:
-        raise ValueError(f"reference image {path} cannot be read as an image ({e}); give a JPEG or PNG.") from None
+        raise ValueError(f"image {name} cannot be read as an image ({e}); give a JPEG or PNG.") from None
+
+
+def to_rgb(img: Any):
+    """Any PIL mode as RGB uint8. 16- and 32-bit integer samples span 0..65535 (scaled by 1/257, as a 16-bit PNG
+    means them); float ("F") samples span 0..1; transparency (alpha, or a palette's transparent entry) is
+    composited over white. PIL's own `convert("RGB")` clips 16-bit samples, turning such images white."""
+    from PIL import Image
+
+    mode = img.mode
+    if mode == "RGB":
+        return img
+    if mode.startswith("I") or mode == "F":
+        a = np.asarray(img).astype(np.float64)
+        a = a * 255.0 if mode == "F" else a / 257.0
+        gray = Image.fromarray(np.clip(np.round(a), 0, 255).astype(np.uint8))
+        return gray.convert("RGB")
+    has_alpha = mode in ("RGBA", "RGBa", "LA", "La", "PA") or (mode == "P" and "transparency" in img.info)
+    if not has_alpha:
+        return img.convert("RGB")
+    if mode == "La":  # premultiplied grey + alpha: PIL converts it only to LA
+        img = img.convert("LA")
+    rgba = np.asarray(img.convert("RGBA"), np.float64)
+    alpha = rgba[..., 3:] / 255.0
+    over_white = rgba[..., :3] * alpha + 255.0 * (1.0 - alpha)
+    return Image.fromarray(np.round(over_white).astype(np.uint8))
+
+
+def read_image(path: str | Path, limits: ImageLimits = ImageLimits(), opener: Callable[[str], Any] | None = None):
+    """`read_image_bytes` then `decode_image`: a PIL RGB image from a bounded, regular file."""
+    return decode_image(read_image_bytes(path, limits, opener), path, limits)
+
+
+def load_reference_image(path: str | Path, height: int, width: int,
+                         limits: ImageLimits = ImageLimits()) -> np.ndarray:
+    """(1, 3, height, width) float32 in [-1, 1] from any image file PIL reads, centre-cropped to the aspect.
+
+    An unreadable, missing, oversized or non-regular file is a ValueError / FileNotFoundError naming it.
+    """
+    from PIL import Image
+
+    path = Path(path)
+    try:
+        img = read_image(path, limits)
+    except (ValueError, FileNotFoundError) as e:
+        raise type(e)(f"reference {e}") from None
     w, h = img.size
     target = width / height
     if w / h > target:  # too wide: crop the sides

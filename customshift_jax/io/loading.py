@@ -23,17 +23,18 @@ WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
 CONFIG_NAME = "config.json"
 
 
-def load_transformer(path: str | Path, *, dtype: Any = jnp.float32,
-                     config: MMDiTConfig | None = None) -> tuple[MMDiTConfig, Params]:
+def load_transformer(path: str | Path, *, dtype: Any = jnp.float32, config: MMDiTConfig | None = None,
+                     verify: bool = True) -> tuple[MMDiTConfig, Params]:
     """(config, params) from a diffusers transformer folder, a pipeline folder (its `transformer/`), one of
     our orbax checkpoints (`customshift convert`), or an original single-file SD3 / SD3.5 `.safetensors`
     (architecture inferred from the shapes unless `config` is given).
 
-    Raises FileNotFoundError / ValueError naming the file or key when the folder is not usable.
+    Raises FileNotFoundError / ValueError naming the file or key when the folder is not usable; `verify` checks
+    our checkpoint's content hashes.
     """
     dtype = as_dtype(dtype)
     if is_checkpoint(path):
-        config, params = load_checkpoint(path, components=["transformer"])["transformer"]
+        config, params = load_checkpoint(path, components=["transformer"], verify=verify)["transformer"]
         return config, jax.tree_util.tree_map(lambda a: jnp.asarray(a, dtype), params)
     if Path(path).is_file() and Path(path).suffix == ".safetensors":
         config, params = load_single_file(path, "transformer", config=config, dtype=dtype)
@@ -84,12 +85,14 @@ def _weight_files(folder: Path, variant: str | None) -> list[Path]:
                             f"found {present}{hint}")
 
 
-def load_vae(path: str | Path, *, variant: str | None = None, dtype: Any = None) -> tuple[VAEConfig, Params]:
+def load_vae(path: str | Path, *, variant: str | None = None, dtype: Any = None,
+             verify: bool = True) -> tuple[VAEConfig, Params]:
     """Read a diffusers `vae/` folder (or a pipeline folder's `vae/`) -> (config, params).
 
-    `variant` picks e.g. diffusion_pytorch_model.fp16.safetensors; `dtype` casts the params (default: as stored)."""
+    `variant` picks e.g. diffusion_pytorch_model.fp16.safetensors; `dtype` casts the params (default: as stored);
+    `verify` checks our checkpoint's content hashes."""
     if is_checkpoint(path):  # ours, written by `customshift convert`
-        config, params = load_checkpoint(path, ["vae"])["vae"]
+        config, params = load_checkpoint(path, ["vae"], verify=verify)["vae"]
         return config, (params if dtype is None else jax.tree_util.tree_map(lambda a: np.asarray(a, dtype), params))
     folder = _vae_folder(Path(path))
     cfg_path = folder / CONFIG_NAME

@@ -21,7 +21,8 @@ Files (`save_lora_files` / `load_lora_files`), one directory:
     customshift_rab.safetensors   RAB LoRA, same layout (loadable as a second adapter, e.g. "rab").
     customshift_beta.safetensors  `transformer_blocks.N.attn.cads_beta`; not a LoRA, so diffusers ignores it.
 
-Each file also carries `customshift_lora` metadata (branch, rank, alpha, targets) for `load_lora_files`.
+Each file also carries `customshift_lora` metadata (branch, rank, alpha, targets, and "content_hash" of its
+tensors, customshift_jax.io.integrity) for `load_lora_files`, which checks the hash.
 """
 from __future__ import annotations
 
@@ -33,6 +34,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from customshift_jax.customshift.branches import init_lora
+from customshift_jax.io.integrity import check_hash, tensors_hash, warn_unverified
 from customshift_jax.models.mmdit.config import MMDiTConfig
 from customshift_jax.models.mmdit.lora import LoRAConfig
 from customshift_jax.models.mmdit.mapping import StateDictMismatch, describe, to_numpy
@@ -45,6 +47,7 @@ RAB_FILE = "customshift_rab.safetensors"
 BETA_FILE = "customshift_beta.safetensors"
 LORA_ADAPTER_METADATA_KEY = "lora_adapter_metadata"  # diffusers' key in the safetensors header
 CUSTOMSHIFT_METADATA_KEY = "customshift_lora"
+CONTENT_HASH_KEY = "content_hash"  # in the customshift_lora metadata: the tensors' hash (integrity.tensors_hash)
 BRANCHES = ("rab", "cgb")
 
 LoRATree = dict[str, Any]
@@ -237,11 +240,13 @@ def save_lora_files(directory: str | Path, state_dict: Mapping[str, Any], lora: 
         tensors = {k: np.ascontiguousarray(v) for k, v in parts[branch].items()}
         if not tensors:
             continue
-        metadata = {"format": "pt", CUSTOMSHIFT_METADATA_KEY: json.dumps({"branch": branch, **ours})}
         if branch != "beta":
-            metadata[LORA_ADAPTER_METADATA_KEY] = json.dumps(diffusers_lora_metadata(lora, module_names(tensors)),
-                                                             sort_keys=True)
+            modules = module_names(tensors)
             tensors = {DIFFUSERS_PREFIX + k: v for k, v in tensors.items()}
+        ours_here = {"branch": branch, **ours, CONTENT_HASH_KEY: tensors_hash(tensors)}
+        metadata = {"format": "pt", CUSTOMSHIFT_METADATA_KEY: json.dumps(ours_here)}
+        if branch != "beta":
+            metadata[LORA_ADAPTER_METADATA_KEY] = json.dumps(diffusers_lora_metadata(lora, modules), sort_keys=True)
         path = directory / name
         save_file(tensors, str(path), metadata=metadata)
         written.append(path)
@@ -281,8 +286,9 @@ def _lora_config_from_meta(meta: Mapping[str, Any], path: Path) -> tuple[int, fl
     return rank, alpha, targets
 
 
-def _read_lora_file(path: Path, branch: str) -> tuple[dict, dict[str, np.ndarray]]:
-    """(customshift metadata, tensors by file key) of one LoRA file, every tensor checked finite."""
+def _read_lora_file(path: Path, branch: str, verify: bool = True) -> tuple[dict, dict[str, np.ndarray]]:
+    """(customshift metadata, tensors by file key) of one LoRA file, its content hash checked (`verify`) and
+    every tensor checked finite."""
     from safetensors import SafetensorError, safe_open
 
     tensors: dict[str, np.ndarray] = {}
@@ -296,15 +302,21 @@ def _read_lora_file(path: Path, branch: str) -> tuple[dict, dict[str, np.ndarray
                 tensors[key] = f.get_tensor(key)
     except SafetensorError as e:
         raise ValueError(f"{path} is damaged or truncated ({_one_line(e)}); re-export it.") from None
-    for key, value in tensors.items():
+    for key, value in tensors.items():  # first: a non-finite value is named, whatever made it
         check_finite_tensor(value, key, path)
+    if verify and meta.get(CONTENT_HASH_KEY) is None:
+        warn_unverified(f"LoRA file {path}")
+    elif verify:
+        check_hash(meta[CONTENT_HASH_KEY], tensors_hash(tensors), f"LoRA file {path}",
+                   fix="re-export it from its training checkpoint")
     return meta, tensors
 
 
-def load_lora_files(directory: str | Path) -> tuple[dict[str, np.ndarray], LoRAConfig]:
+def load_lora_files(directory: str | Path, *, verify: bool = True) -> tuple[dict[str, np.ndarray], LoRAConfig]:
     """Read what `save_lora_files` wrote: the combined state dict and the LoRAConfig (rank, alpha, targets).
 
-    Damaged files, non-finite tensors (LoRA weights, beta) and a non-finite alpha raise ValueError naming the file.
+    Damaged files (a content hash that differs, with `verify`), non-finite tensors (LoRA weights, beta) and a
+    non-finite alpha raise ValueError naming the file.
     `directory` may also name one of the files (e.g. customshift_cgb.safetensors): its folder is read.
     """
     directory = Path(directory)
@@ -317,7 +329,7 @@ def load_lora_files(directory: str | Path) -> tuple[dict[str, np.ndarray], LoRAC
         path = directory / name
         if not path.exists():
             continue
-        meta, tensors = _read_lora_file(path, branch)
+        meta, tensors = _read_lora_file(path, branch, verify)
         found[name] = meta
         configs.add(_lora_config_from_meta(meta, path))
         for key, value in tensors.items():

@@ -13,6 +13,8 @@ from typing import Iterator
 import ml_dtypes
 import numpy as np
 
+from customshift_jax.io.safe_files import atomic_write
+
 DTYPES = {
     "F64": np.dtype(np.float64), "F32": np.dtype(np.float32), "F16": np.dtype(np.float16),
     "BF16": np.dtype(ml_dtypes.bfloat16), "I64": np.dtype(np.int64), "I32": np.dtype(np.int32),
@@ -99,7 +101,7 @@ def write_safetensors(path: str | Path, tensors: dict[str, np.ndarray], metadata
         header["__metadata__"] = dict(metadata)
     blob = json.dumps(header, separators=(",", ":")).encode()
     blob += b" " * (-len(blob) % 8)  # align the data to 8 bytes
-    with open(path, "wb") as f:
+    with atomic_write(path, what="safetensors") as f:  # never through a link; readers never see half a file
         f.write(struct.pack("<Q", len(blob)))
         f.write(blob)
         for arr in tensors.values():

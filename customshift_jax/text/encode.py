@@ -9,12 +9,12 @@ import dataclasses
 import hashlib
 import json
 import logging
-import os
-import tempfile
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import numpy as np
+
+from customshift_jax.io.safe_files import atomic_write
 
 logger = logging.getLogger(__name__)
 
@@ -89,17 +89,11 @@ class PromptEmbeds:
 
 
 def _atomic_savez(path: Path, arrays: dict[str, np.ndarray]) -> None:
-    """np.savez to a temp file in the target folder, then os.replace: readers never see a partial file."""
+    """np.savez to an exclusive temp file in the target folder, then a rename: readers never see a partial file,
+    and a symlink at `path` is refused, not written through."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, **arrays)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with atomic_write(path, what="embeddings") as f:
+        np.savez(f, **arrays)
 
 
 def normalize_prompts(
@@ -197,6 +191,85 @@ def folder_identity(folder: str | Path, components: Sequence[str], extra: Any = 
     return h.hexdigest()
 
 
+def resolve_text_folder(
+    pipeline_folder: str | Path, joint_attention_dim: int | None = None
+) -> tuple[Path, dict[str, bool], int | None]:
+    """(folder, which text components it has, the T5 slot's width): the checks both encoder backends share.
+
+    CLIP-L and CLIP-G are required; without T5, `joint_attention_dim` defaults to transformer/config.json's.
+    """
+    folder = Path(pipeline_folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"pipeline folder {folder} does not exist (expected a diffusers SD3 folder)")
+    listed = _listed_components(folder)
+
+    def present(name: str) -> bool:
+        if listed is not None and name in listed:
+            if listed[name] and not (folder / name).is_dir():
+                raise FileNotFoundError(f"{folder}/model_index.json lists {name!r} but {folder / name} is missing")
+            return listed[name]
+        return (folder / name).is_dir()
+
+    names = [n for pair in (*CLIP_COMPONENTS, T5_COMPONENTS) for n in pair]
+    have = {n: present(n) for n in names}
+    if not any(have[enc] for enc, _ in (*CLIP_COMPONENTS, T5_COMPONENTS)):
+        raise FileNotFoundError(
+            f"{folder} has no text encoders (text_encoder, text_encoder_2, text_encoder_3 are null or missing); "
+            "pass precomputed embeddings instead (PromptEmbeds.load_npz or prompt_embeds=...)"
+        )
+    missing = [n for pair in CLIP_COMPONENTS for n in pair if not have[n]]
+    if missing:
+        raise FileNotFoundError(
+            f"{folder} lacks {missing}: SD3 conditioning needs both CLIP encoders and tokenizers "
+            "(T5 is optional); pass precomputed embeddings instead"
+        )
+    if have["text_encoder_3"] != have["tokenizer_3"]:
+        lacking = "tokenizer_3" if have["text_encoder_3"] else "text_encoder_3"
+        raise FileNotFoundError(f"{folder} has one of text_encoder_3/tokenizer_3 but not {lacking}")
+    if not have["text_encoder_3"] and joint_attention_dim is None:
+        cfg = folder / "transformer" / "config.json"
+        if not cfg.is_file():
+            raise FileNotFoundError(
+                f"{folder} has no T5 and no transformer/config.json: pass joint_attention_dim (the T5 slot's width)"
+            )
+        joint_attention_dim = int(json.loads(cfg.read_text())["joint_attention_dim"])
+    return folder, have, joint_attention_dim
+
+
+def load_tokenizers(folder: Path, have: dict[str, bool]) -> dict[str, Any]:
+    """The CLIP tokenizers and, where the folder has it, the T5 one (transformers, host side)."""
+    from transformers import CLIPTokenizer, T5TokenizerFast
+
+    def load_tok(cls_, name):
+        try:
+            return cls_.from_pretrained(folder / name)
+        except Exception as e:  # noqa: BLE001 - re-raised with the path and what was expected
+            raise ValueError(f"could not read tokenizer {folder / name} as {cls_.__name__}: {e}") from e
+
+    out = {"tokenizer": load_tok(CLIPTokenizer, "tokenizer"), "tokenizer_2": load_tok(CLIPTokenizer, "tokenizer_2")}
+    if have["tokenizer_3"]:
+        out["tokenizer_3"] = load_tok(T5TokenizerFast, "tokenizer_3")
+    return out
+
+
+def text_folder_identity(folder: Path, have: dict[str, bool], joint_attention_dim: int | None, **extra: Any) -> str:
+    """`folder_identity` of the text components present, with the zeros width when T5 is absent."""
+    used = [n for n, present in have.items() if present]
+    zeros_width = None if have["text_encoder_3"] else joint_attention_dim
+    return folder_identity(folder, used, extra={**extra, "joint_attention_dim": zeros_width})
+
+
+def tokenize(tokenizer: Any, prompts: list[str], max_length: int, what: str) -> np.ndarray:
+    """input_ids (B, max_length) as `encode_prompt` makes them (padded, truncated); warns what truncation removed."""
+    ids = tokenizer(prompts, padding="max_length", max_length=max_length, truncation=True, add_special_tokens=True,
+                    return_tensors="np").input_ids
+    untruncated = tokenizer(prompts, padding="longest", return_tensors="np").input_ids
+    if untruncated.shape[-1] >= ids.shape[-1] and not np.array_equal(ids, untruncated):
+        removed = tokenizer.batch_decode(untruncated[:, max_length - 1 : -1])
+        logger.warning("%s truncated to %d tokens; removed: %s", what, max_length, removed)
+    return ids
+
+
 class TextEncoders:
     """SD3's three text encoders and tokenizers (PyTorch, host side); `encode` equals `encode_prompt`.
 
@@ -248,44 +321,10 @@ class TextEncoders:
 
         Without T5, `joint_attention_dim` defaults to the folder's transformer/config.json.
         """
-        from transformers import CLIPTextModelWithProjection, CLIPTokenizer, T5EncoderModel, T5TokenizerFast
+        from transformers import CLIPTextModelWithProjection, T5EncoderModel
 
-        folder = Path(pipeline_folder)
-        if not folder.is_dir():
-            raise FileNotFoundError(f"pipeline folder {folder} does not exist (expected a diffusers SD3 folder)")
-        listed = _listed_components(folder)
-
-        def present(name: str) -> bool:
-            if listed is not None and name in listed:
-                if listed[name] and not (folder / name).is_dir():
-                    raise FileNotFoundError(f"{folder}/model_index.json lists {name!r} but {folder / name} is missing")
-                return listed[name]
-            return (folder / name).is_dir()
-
-        names = [n for pair in (*CLIP_COMPONENTS, T5_COMPONENTS) for n in pair]
-        have = {n: present(n) for n in names}
-        if not any(have[enc] for enc, _ in (*CLIP_COMPONENTS, T5_COMPONENTS)):
-            raise FileNotFoundError(
-                f"{folder} has no text encoders (text_encoder, text_encoder_2, text_encoder_3 are null or missing); "
-                "pass precomputed embeddings instead (PromptEmbeds.load_npz or prompt_embeds=...)"
-            )
-        missing = [n for pair in CLIP_COMPONENTS for n in pair if not have[n]]
-        if missing:
-            raise FileNotFoundError(
-                f"{folder} lacks {missing}: SD3 conditioning needs both CLIP encoders and tokenizers "
-                "(T5 is optional); pass precomputed embeddings instead"
-            )
-        if have["text_encoder_3"] != have["tokenizer_3"]:
-            lacking = "tokenizer_3" if have["text_encoder_3"] else "text_encoder_3"
-            raise FileNotFoundError(f"{folder} has one of text_encoder_3/tokenizer_3 but not {lacking}")
-
+        folder, have, joint_attention_dim = resolve_text_folder(pipeline_folder, joint_attention_dim)
         torch_dtype = _torch_dtype(dtype)
-
-        def load_tok(cls_, name):
-            try:
-                return cls_.from_pretrained(folder / name)
-            except Exception as e:  # noqa: BLE001 - re-raised with the path and what was expected
-                raise ValueError(f"could not read tokenizer {folder / name} as {cls_.__name__}: {e}") from e
 
         def load_enc(cls_, name):
             try:
@@ -294,25 +333,12 @@ class TextEncoders:
                 raise ValueError(f"could not load text encoder {folder / name} as {cls_.__name__}: {e}") from e
             return model.to(device).eval().requires_grad_(False)
 
-        kw: dict[str, Any] = {
-            "text_encoder": load_enc(CLIPTextModelWithProjection, "text_encoder"),
-            "tokenizer": load_tok(CLIPTokenizer, "tokenizer"),
-            "text_encoder_2": load_enc(CLIPTextModelWithProjection, "text_encoder_2"),
-            "tokenizer_2": load_tok(CLIPTokenizer, "tokenizer_2"),
-        }
+        kw: dict[str, Any] = load_tokenizers(folder, have)
+        kw["text_encoder"] = load_enc(CLIPTextModelWithProjection, "text_encoder")
+        kw["text_encoder_2"] = load_enc(CLIPTextModelWithProjection, "text_encoder_2")
         if have["text_encoder_3"]:
             kw["text_encoder_3"] = load_enc(T5EncoderModel, "text_encoder_3")
-            kw["tokenizer_3"] = load_tok(T5TokenizerFast, "tokenizer_3")
-        elif joint_attention_dim is None:
-            cfg = folder / "transformer" / "config.json"
-            if not cfg.is_file():
-                raise FileNotFoundError(
-                    f"{folder} has no T5 and no transformer/config.json: pass joint_attention_dim (the T5 slot's width)"
-                )
-            joint_attention_dim = int(json.loads(cfg.read_text())["joint_attention_dim"])
-        used = [n for n in names if have[n]]
-        zeros_width = None if have["text_encoder_3"] else joint_attention_dim
-        identity = folder_identity(folder, used, extra={"dtype": dtype, "joint_attention_dim": zeros_width})
+        identity = text_folder_identity(folder, have, joint_attention_dim, dtype=dtype)
         return cls(**kw, joint_attention_dim=joint_attention_dim, identity=identity, device=device)
 
     @property
@@ -338,22 +364,13 @@ class TextEncoders:
         """The torch dtype of the CLIP-L encoder (diffusers casts the CLIP features and the T5 zeros to it)."""
         return self.text_encoder.dtype
 
-    def _warn_truncated(self, tokenizer, prompts: list[str], ids, max_length: int, what: str) -> None:
-        import torch
-
-        untruncated = tokenizer(prompts, padding="longest", return_tensors="pt").input_ids
-        if untruncated.shape[-1] >= ids.shape[-1] and not torch.equal(ids, untruncated):
-            removed = tokenizer.batch_decode(untruncated[:, max_length - 1 : -1])
-            logger.warning("%s truncated to %d tokens; removed: %s", what, max_length, removed)
-
     def _clip(self, index: int, prompts: list[str], clip_skip: int | None):
         """One CLIP: penultimate (or clip_skip) hidden states (B, 77, W) and the projected pooled output (B, P)."""
         tokenizer = (self.tokenizer, self.tokenizer_2)[index]
         encoder = (self.text_encoder, self.text_encoder_2)[index]
-        ids = tokenizer(
-            prompts, padding="max_length", max_length=self.tokenizer_max_length, truncation=True, return_tensors="pt"
-        ).input_ids
-        self._warn_truncated(tokenizer, prompts, ids, self.tokenizer_max_length, "CLIP input")
+        import torch
+
+        ids = torch.from_numpy(tokenize(tokenizer, prompts, self.tokenizer_max_length, "CLIP input"))
         out = encoder(ids.to(self.device), output_hidden_states=True)
         hidden = out.hidden_states[-2] if clip_skip is None else out.hidden_states[-(clip_skip + 2)]
         return hidden.to(dtype=self.dtype), out.text_embeds
@@ -366,15 +383,7 @@ class TextEncoders:
             return torch.zeros(
                 (len(prompts), max_sequence_length, self.joint_attention_dim), device=self.device, dtype=self.dtype
             )
-        ids = self.tokenizer_3(
-            prompts,
-            padding="max_length",
-            max_length=max_sequence_length,
-            truncation=True,
-            add_special_tokens=True,
-            return_tensors="pt",
-        ).input_ids
-        self._warn_truncated(self.tokenizer_3, prompts, ids, max_sequence_length, "T5 input")
+        ids = torch.from_numpy(tokenize(self.tokenizer_3, prompts, max_sequence_length, "T5 input"))
         return self.text_encoder_3(ids.to(self.device))[0].to(dtype=self.text_encoder_3.dtype)
 
     def encode_batch(

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Sequence
 
+from customshift_jax.io.safe_files import make_dir, save_image
 from customshift_jax.toyworld import evaluate as E
 from customshift_jax.toyworld import figures
 from customshift_jax.toyworld import judge as J
@@ -22,20 +23,20 @@ def run_demo(out: Path, *, seed: int = 0, n_subjects: int = 6, gammas: Sequence[
     model = WorldModel.load(weights)
     judge = J.load_judge(weights / "judge.npz")
     rows, images = E.evaluate(model, Generator(model), judge, cases, gammas, batch=len(cases), progress=progress)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "images").mkdir(exist_ok=True)
+    make_dir(out, "--out")
+    make_dir(out / "images", "images folder")
     refs = E.references(cases)
     columns = E.method_columns(gammas)
     subjects, grid_rows = [], []
     for i, case in enumerate(cases):
         ref_file = f"images/{i:02d}-reference.png"
-        Image.fromarray(refs[i]).save(out / ref_file)
+        save_image(Image.fromarray(refs[i]), out / ref_file)
         entry = {"index": i, "name": case.subject.name, **case.subject.describe(),
                  "reference": {"file": ref_file, **case.reference_context.factors()},
                  "prompt": case.prompt, "seed": case.seed, "images": []}
         for label, method, gamma in columns:
             file = f"images/{i:02d}-{label.replace(' ', '_').replace('(', '').replace(')', '').replace('=', '')}.png"
-            Image.fromarray(images[label][i]).save(out / file)
+            save_image(Image.fromarray(images[label][i]), out / file)
             entry["images"].append({"file": file, "method": method, "gamma": gamma, **case.context.factors()})
         subjects.append(entry)
         grid_rows.append([refs[i]] + [images[label][i] for label, _, _ in columns])

@@ -12,6 +12,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from customshift_jax.io.safe_files import write_text
 from customshift_jax.toyworld import judge as J
 from customshift_jax.toyworld import world
 from customshift_jax.toyworld.methods import noise_for
@@ -175,7 +176,5 @@ def judge_table(report: dict) -> str:
 
 
 def write_json(path: Path, data: Any) -> None:
-    """JSON written atomically (temp file, then rename)."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    tmp.replace(path)
+    """JSON written atomically (exclusive temp file, then rename), never through a link."""
+    write_text(path, json.dumps(data, indent=2) + "\n", what="JSON")

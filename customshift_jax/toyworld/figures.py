@@ -8,6 +8,8 @@ from typing import Sequence
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from customshift_jax.io.safe_files import save_image
+
 SCALE = 3  # 32 px images drawn at 96 px
 
 
@@ -37,7 +39,7 @@ def grid(rows: Sequence[Sequence[np.ndarray]], column_labels: Sequence[str], row
         for j, img in enumerate(row):
             tile = Image.fromarray(np.asarray(img, np.uint8)).resize((cell, cell), Image.NEAREST)
             canvas.paste(tile, (left + j * (cell + pad), y))
-    canvas.save(path)
+    save_image(canvas, path, "figure")
     return path
 
 
@@ -78,5 +80,5 @@ def tradeoff_plot(points: dict[str, tuple[float, float]], path: Path, *, xlabel:
         cx, cy = px(x, y)
         draw.ellipse([cx - 5, cy - 5, cx + 5, cy + 5], fill=c)
         draw.text((cx + 8, cy - 7), label, fill=c, font=font)
-    canvas.save(path)
+    save_image(canvas, path, "figure")
     return path

@@ -11,7 +11,6 @@ are local or any fsspec URL, relative ones relative to the manifest. Prepared da
 from __future__ import annotations
 
 import dataclasses
-import io
 import json
 import warnings
 from pathlib import Path
@@ -19,10 +18,14 @@ from typing import Any, Iterator
 
 import numpy as np
 
+from customshift_jax.io.images import ImageLimits, read_image
+from customshift_jax.io.safe_files import atomic_write, make_dir, read_regular_file, write_text
+
 REQUIRED_FIELDS = ("reference", "target", "caption", "subject")
 INDEX_NAME = "index.json"
 FORMAT_VERSION = 1
 TEXT_ARRAYS = ("prompt_embeds", "pooled", "subject_embeds", "subject_pooled")
+MANIFEST_MAX_BYTES = 2**30  # a 1 GiB manifest is millions of lines; /dev/zero named as one stops here
 
 
 class BadDataWarning(UserWarning):
@@ -42,6 +45,7 @@ class Record:
     caption: str
     subject: str
     line: int
+    source: str = ""  # the manifest (or dataset file) the record came from, for messages
 
 
 @dataclasses.dataclass
@@ -51,6 +55,13 @@ class BadCounter:
     total: int = 0
     reasons: dict[str, int] = dataclasses.field(default_factory=dict)
     examples: list[str] = dataclasses.field(default_factory=list)
+    warned: dict[str, int] = dataclasses.field(default_factory=dict)  # counted warnings: kept, or dropped repeats
+
+    def warn(self, reason: str, message: str) -> None:
+        """A counted warning that does not count as bad data (a repeated line, text that is not UTF-8)."""
+        self.warned[reason] = self.warned.get(reason, 0) + 1
+        if self.warned[reason] <= 5:
+            warnings.warn(message, BadDataWarning, stacklevel=3)
 
     def add(self, reason: str, message: str) -> None:
         self.reasons[reason] = self.reasons.get(reason, 0) + 1
@@ -71,7 +82,8 @@ class BadCounter:
                 "Fix the data or raise --max-bad-fraction.")
 
     def summary(self) -> str:
-        return f"{self.bad} of {self.total} skipped" + (f" ({self.reasons})" if self.bad else "")
+        text = f"{self.bad} of {self.total} skipped" + (f" ({self.reasons})" if self.bad else "")
+        return text + (f"; warnings {self.warned}" if self.warned else "")
 
 
 def _open(path: str, mode: str = "rb"):
@@ -101,13 +113,18 @@ def read_manifest(path: str | Path, counter: BadCounter | None = None) -> list[R
                                 f"{{\"reference\", \"target\", \"caption\", \"subject\"}} records).")
     counter = counter if counter is not None else BadCounter()
     base = path.rsplit("/", 1)[0] if "://" in path else str(Path(path).parent)
-    with _open(path, "rb") as f:
-        text = f.read().decode("utf-8", errors="replace")
-    records = []
-    for n, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
+    data = read_regular_file(path, MANIFEST_MAX_BYTES, "manifest", "1 GiB", _open if "://" in path else None)
+    records, seen = [], {}
+    for n, raw in enumerate(data.splitlines(), 1):
+        if not raw.strip():
             continue
         counter.total += 1
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError:  # paths keep their bytes (they name real files); text gets U+FFFD
+            line = raw.decode("utf-8", errors="surrogateescape")
+            counter.warn("not_utf8", f"{path}:{n} is not UTF-8; its paths are kept byte for byte, its text has "
+                                     "the undecodable bytes replaced")
         try:
             obj = json.loads(line)
         except json.JSONDecodeError as e:
@@ -116,20 +133,25 @@ def read_manifest(path: str | Path, counter: BadCounter | None = None) -> list[R
         if not isinstance(obj, dict) or any(not isinstance(obj.get(k), str) for k in REQUIRED_FIELDS):
             counter.add("fields", f"{path}:{n} lacks one of the string fields {REQUIRED_FIELDS}")
             continue
-        records.append(Record(_resolve(obj["reference"], base), _resolve(obj["target"], base), obj["caption"],
-                              obj["subject"], n))
+        key = tuple(obj[k] for k in REQUIRED_FIELDS)
+        if key in seen:
+            counter.warn("duplicate", f"{path}:{n} repeats line {seen[key]}; dropped")
+            continue
+        seen[key] = n
+        records.append(Record(_resolve(obj["reference"], base), _resolve(obj["target"], base),
+                              _text(obj["caption"]), _text(obj["subject"]), n, path))
     return records
 
 
-def load_image(path: str) -> Any:
-    """A PIL RGB image, fully decoded (a truncated file fails here, not later)."""
-    from PIL import Image
+def _text(s: str) -> str:
+    """Text as valid Unicode: bytes that were not UTF-8 (kept as surrogates) become U+FFFD."""
+    return s.encode("utf-8", errors="surrogateescape").decode("utf-8", errors="replace")
 
-    with _open(path) as f:
-        data = f.read()
-    with Image.open(io.BytesIO(data)) as img:
-        img.load()
-        return img.convert("RGB")
+
+def load_image(path: str, limits: ImageLimits = ImageLimits()) -> Any:
+    """A PIL RGB image, fully decoded (a truncated file fails here, not later), read only from a regular file
+    within `limits` (remote paths through fsspec, still bounded)."""
+    return read_image(path, limits, _open if "://" in path else None)
 
 
 def center_crop_resize(img: Any, size: int) -> np.ndarray:
@@ -143,31 +165,32 @@ def center_crop_resize(img: Any, size: int) -> np.ndarray:
     return (np.asarray(img, np.float32) / 127.5 - 1.0).transpose(2, 0, 1)
 
 
-def load_pair(record: Record, size: int) -> tuple[np.ndarray, np.ndarray]:
+def load_pair(record: Record, size: int, limits: ImageLimits = ImageLimits()) -> tuple[np.ndarray, np.ndarray]:
     """(reference, target) pixels, each (3, size, size); raises OSError/ValueError for a missing or bad file."""
-    return center_crop_resize(load_image(record.reference), size), center_crop_resize(load_image(record.target), size)
+    return (center_crop_resize(load_image(record.reference, limits), size),
+            center_crop_resize(load_image(record.target, limits), size))
 
 
-def _try_pair(record: Record, size: int) -> tuple[Record, Any, Any, tuple[str, str] | None]:
+def _try_pair(record: Record, size: int, limits: ImageLimits) -> tuple[Record, Any, Any, tuple[str, str] | None]:
     """(record, reference, target, None), or (record, None, None, (reason, message)) for an unreadable image."""
+    where = f"{record.source}:{record.line}" if record.source else f"line {record.line}"
     try:
-        return (record, *load_pair(record, size), None)
+        return (record, *load_pair(record, size, limits), None)
     except FileNotFoundError as e:
-        return record, None, None, ("missing_image", f"line {record.line}: image not found ({e})")
+        return record, None, None, ("missing_image", f"{where}: image not found ({e})")
     except Exception as e:  # noqa: BLE001 - PIL raises OSError, SyntaxError, ValueError... for bad files
-        return record, None, None, ("bad_image", f"line {record.line}: image cannot be decoded "
-                                                 f"({type(e).__name__}: {e})")
+        return record, None, None, ("bad_image", f"{where}: image cannot be used ({type(e).__name__}: {e})")
 
 
-def read_pairs(records: list[Record], size: int, counter: BadCounter, *,
-               threads: int = 4) -> Iterator[tuple[Record, np.ndarray, np.ndarray]]:
+def read_pairs(records: list[Record], size: int, counter: BadCounter, *, threads: int = 4,
+               limits: ImageLimits = ImageLimits()) -> Iterator[tuple[Record, np.ndarray, np.ndarray]]:
     """Yield readable pairs in manifest order, read and decoded by grain's worker threads; an unreadable image
     (missing, truncated, not an image) is counted and skipped."""
     import grain
 
     if not records:
         return
-    pairs = grain.MapDataset.source(records).map(lambda r: _try_pair(r, size))
+    pairs = grain.MapDataset.source(records).map(lambda r: _try_pair(r, size, limits))
     for record, ref, tgt, bad in pairs.to_iter_dataset(grain.ReadOptions(num_threads=threads,
                                                                          prefetch_buffer_size=2 * threads)):
         if bad is not None:
@@ -182,8 +205,7 @@ class ShardWriter:
     """Append records' arrays; every `shard_size` rows a shard folder of .npy files is written."""
 
     def __init__(self, out: str | Path, shard_size: int = 1024):
-        self.out, self.shard_size = Path(out), shard_size
-        self.out.mkdir(parents=True, exist_ok=True)
+        self.out, self.shard_size = make_dir(out, "prepare's OUT"), shard_size
         self.pending: dict[str, list[np.ndarray]] = {}
         self.shards: list[dict] = []
 
@@ -195,9 +217,10 @@ class ShardWriter:
 
     def _flush(self, n: int) -> None:
         name = f"shard-{len(self.shards):05d}"
-        (self.out / name).mkdir(exist_ok=True)
+        folder = make_dir(self.out / name, "shard folder")
         for k, rows in self.pending.items():
-            np.save(self.out / name / f"{k}.npy", np.stack(rows[:n]).astype(np.float32))
+            with atomic_write(folder / f"{k}.npy", what="shard") as f:
+                np.save(f, np.stack(rows[:n]).astype(np.float32))
             self.pending[k] = rows[n:]
         self.shards.append({"dir": name, "count": n})
 
@@ -207,10 +230,7 @@ class ShardWriter:
             self._flush(n)
         index = {"version": FORMAT_VERSION, "count": sum(s["count"] for s in self.shards), "shards": self.shards,
                  **meta}
-        tmp = self.out / (INDEX_NAME + ".tmp")
-        tmp.write_text(json.dumps(index, indent=1))
-        tmp.replace(self.out / INDEX_NAME)
-        return self.out / INDEX_NAME
+        return write_text(self.out / INDEX_NAME, json.dumps(index, indent=1), what="dataset index")
 
 
 class ShardDataset:

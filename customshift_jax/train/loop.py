@@ -3,9 +3,11 @@ exact resume, SIGTERM preemption, non-finite-loss stop, metrics, and the export 
 (train.mode=customshift) or the trained base MMDiT as our checkpoint at OUTPUT_DIR/model (train.mode=base)."""
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
+import os
 import signal
 import sys
 import time
@@ -24,6 +26,7 @@ from customshift_jax.io.checkpoint import (
 )
 from customshift_jax.io.loading import load_transformer
 from customshift_jax.io.lora_files import save_lora_files, to_state_dict
+from customshift_jax.io.safe_files import refuse_link, write_text
 from customshift_jax.models.mmdit.api import as_dtype, init_mmdit
 from customshift_jax.models.mmdit.config import get_preset
 from customshift_jax.models.mmdit.lora import LoRAConfig
@@ -61,6 +64,17 @@ class _Preempt:
 def show_progress(setting: bool | str, on_terminal: bool) -> bool:
     """log.progress: true, false, or "auto" (the default): a bar with loss and steps/s when stderr is a terminal."""
     return setting is True or (setting == "auto" and on_terminal)
+
+
+def _above_bar(log: Callable[[str], Any]) -> Callable[[str], Any]:
+    """`log`, run with tqdm's bars cleared and redrawn after: a message gets its own line, not the bar's end."""
+    from tqdm import tqdm
+
+    def said(message: str) -> Any:
+        with tqdm.external_write_mode():
+            return log(message)
+
+    return said
 
 
 def _check_text_widths(dataset, config, path) -> None:
@@ -218,14 +232,45 @@ def _save(mngr, step: int, state, it, seed: int) -> None:
                                             meta=ocp.args.JsonSave(meta)), force=True)
 
 
-def _restore(mngr, state, it, seed: int):
-    """(state, step) from the latest checkpoint: params, optimizer state, data position; RNG is (seed, step)."""
+class _SeedMismatch(ValueError):
+    """The checkpoint is sound but belongs to a run with another seed: no fallback, the user must fix the config."""
+
+
+def _restore(mngr, state, it, seed: int, log=print):
+    """(state, step) from the newest readable checkpoint: params, optimizer state, data position (RNG is
+    (seed, step)). A damaged step is set aside as `damaged-<step>` beside the others, and the next older one used."""
+    steps = sorted(mngr.all_steps(), reverse=True)
+    for step in steps:
+        try:
+            return _restore_step(mngr, state, it, seed, step)
+        except _SeedMismatch:
+            raise
+        except Exception as e:  # noqa: BLE001 - tensorstore, orbax, JSON and shape errors all mean "unreadable"
+            reason = (str(e).strip().splitlines() or [""])[0][:200]
+            aside = _set_aside(Path(mngr.directory), step)
+            mngr.reload()
+            log(f"warning: the checkpoint at step {step} cannot be read ({type(e).__name__}: {reason}); moved to "
+                f"{aside}, falling back to the previous one")
+    if steps:
+        raise ValueError(f"no checkpoint in {mngr.directory} can be read (steps {steps}, now under damaged-*); "
+                         "start again without --resume in a new output_dir.")
+    return state, 0
+
+
+def _set_aside(directory: Path, step: int) -> Path:
+    """Rename the damaged step folder to the first free `damaged-<step>[-k]` (kept for inspection, never read)."""
+    names = [f"damaged-{step}"] + [f"damaged-{step}-{k}" for k in range(2, 1000)]
+    aside = next(directory / n for n in names if not (directory / n).exists())
+    with contextlib.suppress(FileNotFoundError):  # another process of the job moved it first
+        os.rename(directory / str(step), aside)
+    return aside
+
+
+def _restore_step(mngr, state, it, seed: int, step: int):
+    """(state, step) from the checkpoint at `step`; raises whatever orbax raises for a damaged one."""
     import jax
     import orbax.checkpoint as ocp
 
-    step = mngr.latest_step()
-    if step is None:
-        return state, 0
     flat = _flat_state(state)
     abstract = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=getattr(v, "sharding", None))
                 for k, v in flat.items()}
@@ -235,7 +280,7 @@ def _restore(mngr, state, it, seed: int):
                                                      meta=ocp.args.JsonRestore()))
     meta = got["meta"]
     if meta["seed"] != seed:
-        raise ValueError(f"the checkpoint at step {step} was trained with seed {meta['seed']}, this config has "
+        raise _SeedMismatch(f"the checkpoint at step {step} was trained with seed {meta['seed']}, this config has "
                          f"train.seed={seed}; resume with the same seed.")
     saved = got["state"] if by_index else _flatten_nested(got["state"])
     leaves = [saved[k] for k in sorted(saved)] if by_index else [saved[k] for k in flat]
@@ -293,7 +338,7 @@ def train(cfg: dict, *, resume: bool = False, log=print) -> int:
 
 
     out = Path(cfg["output_dir"])
-    ckpt_dir = out / "checkpoints"
+    ckpt_dir = refuse_link(out / "checkpoints", "checkpoint folder")  # orbax would write through a link
     if not resume and ckpt_dir.exists() and any(ckpt_dir.iterdir()):
         raise ValueError(f"{ckpt_dir} already holds checkpoints: pass --resume to continue that run, or choose "
                          "another output_dir.")
@@ -309,12 +354,12 @@ def train(cfg: dict, *, resume: bool = False, log=print) -> int:
     mngr = _manager(ckpt_dir, int(cfg["checkpoint"]["keep"]), bool(cfg["checkpoint"]["async"]))
     start = 0
     if resume:
-        state, start = _restore(mngr, state, it, seed)
+        state, start = _restore(mngr, state, it, seed, log)
         log(f"resumed from step {start}" if start else "no checkpoint to resume from: starting at step 0")
     if jax.process_index() == 0:
         import yaml
 
-        (out / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
+        write_text(out / "config.yaml", yaml.safe_dump(cfg, sort_keys=False), what="run config")
     metrics = MetricsLogger(out, tensorboard=bool(cfg["log"]["tensorboard"])) if jax.process_index() == 0 else None
     preempt = _Preempt()
     every, log_every = int(cfg["checkpoint"]["every"]), max(1, int(cfg["log"]["every"]))
@@ -324,6 +369,7 @@ def train(cfg: dict, *, resume: bool = False, log=print) -> int:
         from tqdm import tqdm
 
         bar = tqdm(total=total, initial=start, desc="train", file=sys.stderr, dynamic_ncols=True)
+        log = _above_bar(log)
     last_saved = start if start else None
     code = 0
     t_last, n_last = time.perf_counter(), start

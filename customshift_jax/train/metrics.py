@@ -12,6 +12,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from customshift_jax.io.safe_files import make_dir, open_append
+
 
 def _crc32c_table() -> list[int]:
     table = []
@@ -97,9 +99,9 @@ class EventWriter:
     """Append-only TensorBoard event file in `logdir` (events.out.tfevents.<time>.<host>)."""
 
     def __init__(self, logdir: str | Path):
-        Path(logdir).mkdir(parents=True, exist_ok=True)
-        self.path = Path(logdir) / f"events.out.tfevents.{int(time.time())}.{socket.gethostname()}"
-        self.f = open(self.path, "ab")
+        name = f"events.out.tfevents.{int(time.time())}.{socket.gethostname()}"
+        self.path = make_dir(logdir, "TensorBoard folder") / name
+        self.f = open_append(self.path, what="TensorBoard event")
         self._write(_event(time.time(), file_version="brain.Event:2"))
 
     def _write(self, data: bytes) -> None:
@@ -189,9 +191,8 @@ class MetricsLogger:
     """Both sinks: `OUT/metrics.jsonl` (one JSON object a line) and TensorBoard events under `OUT/tb`."""
 
     def __init__(self, out: str | Path, tensorboard: bool = True):
-        out = Path(out)
-        out.mkdir(parents=True, exist_ok=True)
-        self.jsonl = open(out / "metrics.jsonl", "a")
+        out = make_dir(out, "output_dir")
+        self.jsonl = open_append(out / "metrics.jsonl", "a", what="metrics")
         self.tb = EventWriter(out / "tb") if tensorboard else None
 
     def log(self, step: int, values: dict[str, float]) -> None:

@@ -18,6 +18,7 @@ import numpy as np
 
 from customshift_jax.io.images import load_reference_image
 from customshift_jax.io.loading import load_vae
+from customshift_jax.io.safe_files import atomic_write, make_dir
 from customshift_jax.models.vae import scale_latents, vae_encode
 from customshift_jax.parallel.distributed import gather
 from customshift_jax.pipeline import Pipeline, save_png
@@ -190,9 +191,10 @@ class TrainingSampler:
         if jax.process_index() != 0:
             return images
         folder = self.out / "samples" / f"step-{step:06d}"
-        folder.mkdir(parents=True, exist_ok=True)
+        make_dir(folder, "samples folder")
         if self.vae is None:
-            np.save(folder / "latents.npy", got)
+            with atomic_write(folder / "latents.npy", what="sample latents") as f:
+                np.save(f, got)
         pngs = {}
         for k, (image, name) in enumerate(zip(images, self.inputs.names)):
             path = folder / f"{k:02d}.png"

@@ -10,8 +10,10 @@ from typing import Literal
 import jax
 import jax.numpy as jnp
 
-Backend = Literal["xla", "blocked", "jax", "cudnn"]
-BACKENDS = ("xla", "blocked", "jax", "cudnn")
+from customshift_jax.kernels import flash_attention
+
+Backend = Literal["xla", "blocked", "jax", "cudnn", "flash"]
+BACKENDS = ("xla", "blocked", "jax", "cudnn", "flash")
 QUERY_BLOCK = 256  # queries per block of the "blocked" backend: (B, H, 256, Nk) logits live at a time
 
 
@@ -30,7 +32,9 @@ def attention(
     Returns out (B, Nq, H, D) in q's dtype, and with `return_lse` also lse (B, H, Nq) in float32.
     "xla" is an explicit einsum-softmax-einsum (returns the LSE); "blocked" is the same math run over
     blocks of queries, so only (B, H, block, Nk) logits exist at a time (exact: softmax is per row);
-    "jax" and "cudnn" call `jax.nn.dot_product_attention` (no LSE: use "xla" or "blocked" for it).
+    "jax" and "cudnn" call `jax.nn.dot_product_attention` (no LSE: use "xla" or "blocked" for it);
+    "flash" is the Pallas flash kernel (`customshift_jax.kernels`: LSE, no bias; on cpu it runs in Pallas
+    interpret mode, slow, for checking; Triton on GPU, Mosaic on TPU).
     """
     if backend not in BACKENDS:
         raise ValueError(f"unknown attention backend {backend!r}; expected one of {BACKENDS}.")
@@ -39,6 +43,12 @@ def attention(
             raise ValueError(f"backend {backend!r} does not return the log-sum-exp; use 'xla' or 'blocked'.")
         implementation = "cudnn" if backend == "cudnn" else None
         return jax.nn.dot_product_attention(q, k, v, bias=bias, implementation=implementation)
+    if backend == "flash":
+        if bias is not None:
+            raise ValueError("backend 'flash' takes no dense bias (the CustomShift shift has its own fused kernel: "
+                             "`customshift_jax.kernels.shifted_flash_attention`); use 'xla' or 'blocked' for a bias.")
+        out, lse = flash_attention(q, k, v)
+        return (out, lse) if return_lse else out
     if backend == "blocked" and q.shape[1] > QUERY_BLOCK:
         out, lse = _query_blocked(q, k, v, bias, QUERY_BLOCK)
         return (out, lse) if return_lse else out
