@@ -45,6 +45,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "reference instead of the base MMDiT (default off)")
     g.add_argument("--lora", metavar="DIR", help="a folder of customshift_{cgb,rab,beta}.safetensors to use instead "
                    "of random LoRAs and beta (default: random, every factor non-zero)")
+    g.add_argument("--no-verify", action="store_true", help="skip checking the --lora files' content hashes")
     g.add_argument("--lora-rank", type=int, default=4, help="rank of the random LoRAs (default 4; ignored with "
                    "--lora)")
     g.add_argument("--lora-alpha", type=float, default=8.0, help="alpha of the random LoRAs, scale alpha / rank "
@@ -171,7 +172,7 @@ def _read_lora(args: argparse.Namespace):
         return None
     from customshift_jax.crosscheck.customshift import read_lora_folder
 
-    return read_lora_folder(args.lora)
+    return read_lora_folder(args.lora, verify=not args.no_verify)
 
 
 def _run_customshift(args: argparse.Namespace, jobs, lora_files) -> list[Row]:

@@ -59,10 +59,11 @@ def random_lora(config: MMDiTConfig, lora: LoRAConfig, branch: str, rng: np.rand
     return jax.tree_util.tree_map_with_path(leaf, expected_lora_shapes(config, lora, branch))
 
 
-def read_lora_folder(folder: str | Path) -> tuple[dict[str, np.ndarray], LoRAConfig]:
-    """(state dict, LoRAConfig) of a folder of customshift_{cgb,rab,beta}.safetensors, every file checked."""
+def read_lora_folder(folder: str | Path, verify: bool = True) -> tuple[dict[str, np.ndarray], LoRAConfig]:
+    """(state dict, LoRAConfig) of a folder of customshift_{cgb,rab,beta}.safetensors, every file checked (its
+    content hash too, unless `verify` is off)."""
     try:
-        return load_lora_files(folder)
+        return load_lora_files(folder, verify=verify)
     except FileNotFoundError as e:
         raise FileNotFoundError(f"--lora: {e}") from None
     except ValueError as e:

@@ -15,6 +15,8 @@ from typing import Any
 
 import numpy as np
 
+from customshift_jax.io.images import read_image as read_input_image
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 DINO_RESIZE, DINO_CROP = 256, 224
@@ -26,15 +28,12 @@ BACKENDS = ("jax", "torch")
 
 
 def read_image(path: str | Path):
-    """An RGB PIL image; a ValueError naming the file when it cannot be read."""
-    from PIL import Image, UnidentifiedImageError
-
+    """An RGB PIL image read as every input image is (io.images: a bounded regular file, every mode to RGB); a
+    ValueError naming the file when it cannot be read."""
     try:
-        with Image.open(path) as img:
-            img.load()
-            return img.convert("RGB")
-    except (UnidentifiedImageError, OSError, SyntaxError) as e:
-        raise ValueError(f"image {path} cannot be read ({e}).") from None
+        return read_input_image(path)
+    except FileNotFoundError as e:
+        raise ValueError(str(e)) from None
 
 
 def dino_pixels(image) -> np.ndarray:

@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -47,17 +45,10 @@ class GenerateStats:
 
 
 def save_png_atomic(image: np.ndarray, path: Path, metadata: dict[str, Any]) -> None:
-    """`pipeline.save_png` to a hidden temp file beside `path`, then rename: no partial PNG on a stop."""
+    """`pipeline.save_png` (a temp file beside `path`, then a rename: no partial PNG on a stop) in a folder made
+    for it."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".tmp.png", dir=path.parent)
-    os.close(fd)
-    try:
-        save_png(image, Path(tmp), metadata)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    save_png(image, path, metadata)
 
 
 def noise_for(seeds: Sequence[int], shape: tuple[int, int, int]) -> np.ndarray:

@@ -9,13 +9,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
-import tempfile
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
 from customshift_jax.eval.benchmarks import Benchmark
+from customshift_jax.io.safe_files import atomic_write
 
 MANIFEST = "manifest.jsonl"
 REFERENCE_RULES = ("first", "cycle")
@@ -91,17 +90,11 @@ def shard_items(items: Sequence[PlanItem], shard: tuple[int, int] | None) -> lis
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write to a temp file beside `path`, then rename: readers and resumed runs never see a partial file."""
+    """Write to an exclusive temp file beside `path`, then rename: readers and resumed runs never see a partial
+    file, and a symlink planted at `path` is refused (io.safe_files)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with atomic_write(path) as f:
+        f.write(data)
 
 
 def manifest_rows(items: Iterable[PlanItem], settings: dict[str, Any]) -> list[dict[str, Any]]:

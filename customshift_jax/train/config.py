@@ -9,6 +9,7 @@ from typing import Any
 DEFAULTS: dict[str, dict[str, Any]] = {
     "model": {
         "checkpoint": None,      # our checkpoint dir, a diffusers pipeline/transformer folder or a single file
+        "verify": True,          # check our checkpoint's content hashes at load (false: skip, for huge ones)
         "preset": None,          # without a checkpoint: random base weights of this preset (tests, benches)
         "num_layers": None,      # with `preset`: override its depth
         "init_seed": 0,          # with `preset`: seed of the random base weights

@@ -95,7 +95,7 @@ def load_base(mcfg: dict) -> tuple[Any, Any]:
 
     dtype = as_dtype(mcfg["base_dtype"])
     if mcfg["checkpoint"] is not None:
-        return load_transformer(mcfg["checkpoint"], dtype=dtype)
+        return load_transformer(mcfg["checkpoint"], dtype=dtype, verify=bool(mcfg["verify"]))
     config = get_preset(mcfg["preset"])
     if mcfg["num_layers"]:
         config = dataclasses.replace(config, num_layers=int(mcfg["num_layers"]))
