@@ -4,30 +4,25 @@ from __future__ import annotations
 
 import errno
 import os
-import resource
-import signal
 import subprocess
 import sys
 
 from fixtures_pipeline import tiny_checkpoint_dir, tiny_pipeline_dir  # noqa: F401 - session fixtures
 from test_checked_numbers import _argv, checkpoint, embeds  # noqa: F401 - fixtures
 
+from customshift_jax.cli.faults import fault_message
 from customshift_jax.cli.main import main
 
-from customshift_jax.cli.faults import fault_message
-
-
-def _limited(limit_bytes: int):
-    """A child whose files may not grow past `limit_bytes`: writes fail with EFBIG, as on a full disk."""
-    def pre():
-        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # else the kernel kills the writer instead of failing the write
-        resource.setrlimit(resource.RLIMIT_FSIZE, (limit_bytes, limit_bytes))
-    return pre
+# A child whose files may not grow past the limit: writes fail with EFBIG, as on a full disk. SIGXFSZ is ignored
+# (else the kernel kills the writer instead of failing the write); both survive the exec. A trampoline, not
+# preexec_fn: no Python runs between fork and exec in this multithreaded (JAX) process.
+LIMITED = ("import os, resource, signal, sys; signal.signal(signal.SIGXFSZ, signal.SIG_IGN); "
+           "resource.setrlimit(resource.RLIMIT_FSIZE, (200000, 200000)); os.execv(sys.executable, sys.argv[1:])")
 
 
 def _convert(src, dst, env=None):
-    return subprocess.run([sys.executable, "-m", "customshift_jax.cli.main", "convert", str(src), str(dst)],
-                          preexec_fn=_limited(200_000), capture_output=True, text=True, timeout=300,
+    return subprocess.run([sys.executable, "-c", LIMITED, sys.executable, "-m", "customshift_jax.cli.main", "convert",
+                           str(src), str(dst)], capture_output=True, text=True, timeout=300,
                           env={**os.environ, **(env or {})})
 
 

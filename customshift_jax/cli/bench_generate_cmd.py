@@ -48,6 +48,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--negative-prompt", default="", help="negative prompt for classifier-free guidance")
     p.add_argument("--text-cache", default=str(Path.home() / ".cache" / "customshift" / "text"),
                    help="folder of cached prompt embeddings")
+    p.add_argument("--text-backend", choices=("auto", "torch", "jax"), default="auto",
+                   help="text encoders in PyTorch on the host or in JAX (auto: jax when our checkpoint holds them)")
 
 
 def _settings(args: argparse.Namespace, height: int, width: int) -> dict:
@@ -84,7 +86,7 @@ def run(args: argparse.Namespace) -> int:
     from customshift_jax.eval.generate import SampleSettings, generate_plan
     from customshift_jax.pipeline import Pipeline, check_size, load_components
     from customshift_jax.sampling import make_schedule
-    from customshift_jax.text import CachedTextEncoder, TextEncoders
+    from customshift_jax.text import CachedTextEncoder, load_text_encoders
 
     if shard is None and jax.process_count() > 1:
         shard = (jax.process_index(), jax.process_count())
@@ -97,7 +99,7 @@ def run(args: argparse.Namespace) -> int:
     mine = shard_items(items, shard)
     if comps.text_folder is None:
         raise ValueError(f"{args.checkpoint} has no text encoders: pass --text-encoders PIPELINE_FOLDER.")
-    encoder = CachedTextEncoder(TextEncoders.from_pretrained(comps.text_folder), args.text_cache)
+    encoder = CachedTextEncoder(load_text_encoders(comps.text_folder, backend=args.text_backend), args.text_cache)
     lora_cfg, rab, cgb = _lora_trees(lora_files, config)
     pipe = Pipeline(config, comps.vae_config, lora=lora_cfg, shift=args.shift, decode=False)
     schedule = make_schedule(comps.scheduler, args.steps, image_seq_len=(height // scale // config.patch_size) *

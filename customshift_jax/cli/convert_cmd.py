@@ -2,7 +2,8 @@
 
 SRC is a diffusers pipeline folder, one diffusers component folder (transformer/ or vae/), or an original
 single-file SD3 / SD3.5 .safetensors (model.diffusion_model.* and first_stage_model.* tensors; text
-encoders in it are skipped). A single file carries no config: it is inferred from the tensor shapes
+encoders in it are skipped; --components text_encoders stores a pipeline folder's three encoders and tokenizers,
+which `generate` then runs in JAX). A single file carries no config: it is inferred from the tensor shapes
 unless --config names the diffusers config.json (or a folder holding transformer/ and vae/ configs).
 
 Every key and shape is checked before anything is written; a mismatch lists the missing, unexpected and
@@ -31,7 +32,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32",
                    help="dtype of the stored params (default fp32; bf16 rounds to nearest even like torch)")
     p.add_argument("--components", default=None, metavar="LIST",
-                   help="comma-separated components to convert: transformer,vae (default: all that SRC holds)")
+                   help="comma-separated components to convert: transformer,vae,text_encoders (default: the "
+                        "transformer and VAE that SRC holds; text_encoders: the three encoders and tokenizers of a "
+                        "pipeline folder, for the JAX text backend)")
     p.add_argument("--config", action="append", default=[], metavar="CONFIG.json",
                    help="for a single file: a diffusers config.json, or a folder with transformer/ and vae/ "
                         "config.json, instead of inferring the architecture (may be repeated)")
@@ -51,6 +54,11 @@ def run(args: argparse.Namespace) -> int:
     for s in plan.sources:
         print(f"  {s.name}: {CONVERTERS[s.name].describe(s.config)}; {len(s.tensors)} tensors, "
               f"{s.nbytes / 1e6:.1f} MB read; config {s.config_origin}")
+    for t in plan.text:
+        print(f"  {t.name}: {t.config.get('model_type')} ({', '.join(t.config.get('architectures') or [])}); "
+              f"{t.tensors} tensors, {t.nbytes / 1e6:.1f} MB read")
+    if plan.tokenizers:
+        print(f"  copied {', '.join(plan.tokenizers)}")
     return 0
 
 

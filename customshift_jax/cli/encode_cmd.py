@@ -17,14 +17,16 @@ HELP = "encode prompts with the SD3 text encoders into an --embeds .npz"
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--text-encoders", required=True, metavar="DIR",
-                   help="a diffusers SD3 pipeline folder holding the text encoders and tokenizers")
+                   help="a diffusers SD3 pipeline folder holding the text encoders and tokenizers, or our "
+                   "checkpoint holding them (`customshift convert --components text_encoders`)")
     p.add_argument("--prompt", help="one prompt")
     p.add_argument("--prompts-file", help="a file of prompts, one a line (blank lines and # comments skipped)")
     p.add_argument("--negative-prompt", default="", help="the negative prompt of every prompt (CFG)")
     p.add_argument("--subject", help="the subject's name, e.g. 'dog' (adds subject_embeds for CustomShift)")
     p.add_argument("--max-sequence-length", type=int, default=256, help="T5 tokens")
-    p.add_argument("--text-backend", choices=("torch", "jax"), default="torch",
-                   help="run the text encoders in PyTorch on the host or in JAX (default torch)")
+    p.add_argument("--text-backend", choices=("auto", "torch", "jax"), default="auto",
+                   help="run the text encoders in PyTorch on the host or in JAX (default auto: jax when the "
+                   "text encoders come from our checkpoint, torch from a diffusers folder)")
     p.add_argument("--out", required=True, metavar="FILE.npz", help="the file to write (refused if it exists)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
 
@@ -45,7 +47,7 @@ def run(args: argparse.Namespace) -> int:
     folder = Path(args.text_encoders)
     if not (folder / "text_encoder").is_dir():
         raise FileNotFoundError(f"--text-encoders {folder}: no text_encoder/ folder; give a diffusers SD3 pipeline "
-                                "folder.")
+                                "folder or our checkpoint holding the text encoders.")
     import numpy as np
 
     from customshift_jax.text import load_text_encoders

@@ -3,7 +3,8 @@
 Writes DST/<component>/config.json and diffusion_pytorch_model.safetensors for each component, which
 SD3Transformer2DModel.from_pretrained(DST, subfolder="transformer") and AutoencoderKL.from_pretrained(DST,
 subfolder="vae") load. With both, DST is a whole pipeline folder (model_index.json, scheduler/, and the text
-encoders and tokenizers copied from --text-encoders): StableDiffusion3Pipeline.from_pretrained(DST) loads it
+encoders and tokenizers: SRC's own when it holds them, written as transformers folders, or copied from
+--text-encoders): StableDiffusion3Pipeline.from_pretrained(DST) loads it
 in one call. --lora copies a trained CustomShift LoRA into DST/lora/. fp32 params export bit for bit. DST
 appears only when complete.
 
@@ -25,7 +26,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", choices=("fp32", "bf16"), default=None, help="cast on export (default: as stored)")
     p.add_argument("--text-encoders", metavar="DIR", default=None,
                    help="a diffusers SD3 pipeline folder whose text encoders and tokenizers are copied into DST "
-                   "(default: none, listed as null in model_index.json)")
+                   "(default: the checkpoint's own, written as transformers folders, when it holds them; else none, "
+                   "listed as null in model_index.json)")
     p.add_argument("--lora", metavar="DIR", default=None,
                    help="a CustomShift LoRA folder (customshift_*.safetensors) copied to DST/lora/ (default: none)")
     p.add_argument("--overwrite", action="store_true",

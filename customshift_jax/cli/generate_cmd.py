@@ -46,9 +46,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", help="output folder for the PNGs, created if missing (default: ./out, or ./out-2, "
                    "./out-3, ... when it already holds images: earlier results are never overwritten)")
     p.add_argument("--max-sequence-length", type=int, default=256, help="T5 tokens (default 256)")
-    p.add_argument("--text-encoders", help="a diffusers pipeline folder holding the text encoders")
-    p.add_argument("--text-backend", choices=("torch", "jax"), default="torch",
-                   help="run the text encoders in PyTorch on the host or in JAX (default torch)")
+    p.add_argument("--text-encoders", help="a diffusers pipeline folder holding the text encoders (default: the "
+                   "--checkpoint's own, when it holds them)")
+    p.add_argument("--text-backend", choices=("auto", "torch", "jax"), default="auto",
+                   help="run the text encoders in PyTorch on the host or in JAX (default auto: jax when the "
+                   "text encoders come from our checkpoint, torch from a diffusers folder)")
     p.add_argument("--text-cache", default=str(Path.home() / ".cache" / "customshift" / "text"),
                    help="folder of cached prompt embeddings: a prompt is encoded once, then read from here; delete it to free the space")
     p.add_argument("--embeds", help=".npz with prompt_embeds, pooled_prompt_embeds, negative_prompt_embeds, "
@@ -86,7 +88,8 @@ def _encode(args, comps, prompts):
             return embeds, subject
     if comps.text_folder is None:
         raise ValueError(f"{args.checkpoint} has no text encoders: pass --text-encoders PIPELINE_FOLDER, or "
-                         "precomputed embeddings with --embeds FILE.npz.")
+                         "precomputed embeddings with --embeds FILE.npz (or convert them into the checkpoint: "
+                         "`customshift convert PIPELINE DST --components transformer,vae,text_encoders`).")
     encoder = CachedTextEncoder(load_text_encoders(comps.text_folder, backend=args.text_backend), args.text_cache)
     embeds = None
     if not args.embeds:

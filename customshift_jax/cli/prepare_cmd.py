@@ -36,8 +36,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="stop when more than this fraction of records is unusable (default 0.05)")
     p.add_argument("--no-flip", action="store_true", help="do not store horizontally flipped latents")
     p.add_argument("--read-threads", type=int, default=4, help="grain threads reading and decoding images (default 4)")
-    p.add_argument("--text-backend", choices=("torch", "jax"), default="torch",
-                   help="run the text encoders in PyTorch on the host or in JAX")
+    p.add_argument("--text-backend", choices=("auto", "torch", "jax"), default="auto",
+                   help="run the text encoders in PyTorch on the host or in JAX (default auto: jax when the "
+                   "text encoders come from our checkpoint, torch from a diffusers folder)")
     p.add_argument("--max-image-bytes", type=int, default=DEFAULT_MAX_BYTES,
                    help="largest image file read; a larger one is skipped and counted")
     p.add_argument("--max-image-pixels", type=int, default=DEFAULT_MAX_PIXELS,

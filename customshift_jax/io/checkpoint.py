@@ -28,7 +28,14 @@ import jax
 import numpy as np
 
 from customshift_jax.io.config_check import check_fits
-from customshift_jax.io.integrity import HASHES_KEY, DamagedCheckpoint, check_hash, leaves_hash, warn_unverified
+from customshift_jax.io.integrity import (
+    HASHES_KEY,
+    DamagedCheckpoint,
+    check_hash,
+    file_hash,
+    leaves_hash,
+    warn_unverified,
+)
 from customshift_jax.io.leftovers import OWNER_FILE, atomic_directory, name_some
 from customshift_jax.models.mmdit.config import MMDiTConfig
 from customshift_jax.models.vae.config import VAEConfig
@@ -39,6 +46,7 @@ MARKER = "customshift_checkpoint.json"
 CONFIG_NAME = "config.json"
 PARAMS_DIR = "params"
 PIECES_KEY = "pieces"
+FOLDERS_KEY = "folders"  # {name: {"hashes": {relative file: hash}}}: folders stored as files (tokenizers)
 PIECE_BYTES = 512 << 20  # one piece's leaves in memory at a time; a larger leaf is a piece of its own
 Params = dict[str, Any]
 Leaf = tuple[tuple[str, ...], Any]  # (path of dict keys, array)
@@ -185,10 +193,15 @@ def _write_params(directory: Path, leaves: Iterable[Leaf], piece_bytes: int) -> 
 
 def foreign_files(dst: Path) -> str | None:
     """The files in our checkpoint `dst` that our writer did not make (the first few, then a count), or None."""
-    components = (_marker_json(dst) or {}).get("components", {})
+    marker = _marker_json(dst) or {}
+    components = marker.get("components", {})
     foreign = []
     for entry in sorted(dst.iterdir()):
         if entry.name in (MARKER, OWNER_FILE):
+            continue
+        if entry.name in marker.get(FOLDERS_KEY, {}) and entry.is_dir() and not entry.is_symlink():
+            listed = marker[FOLDERS_KEY][entry.name].get(HASHES_KEY, {})
+            foreign += [p for p in sorted(entry.rglob("*")) if p.is_file() and str(p.relative_to(entry)) not in listed]
             continue
         if entry.name in components and entry.is_dir() and not entry.is_symlink():
             foreign += [p for p in sorted(entry.iterdir()) if p.name not in (CONFIG_NAME, PARAMS_DIR)]
@@ -239,6 +252,7 @@ def save_checkpoint(
     metadata: Mapping[str, Any] | None = None,
     piece_bytes: int | None = None,
     log: Callable[[str], None] | None = None,
+    folders: Mapping[str, str | Path] | None = None,
 ) -> Path:
     """Write {name: (config, params)} as one checkpoint at `dst`, atomically; returns `dst`.
 
@@ -249,7 +263,8 @@ def save_checkpoint(
     a time. A callable may return an iterable of (path, array) leaves instead: the leaves are written in
     pieces of about `piece_bytes` (default `PIECE_BYTES`) as they come, so only one piece is in memory.
     `metadata` goes into the marker JSON. Stale temporary folders of `dst` from killed runs are removed, and
-    said so through `log` (default stderr).
+    said so through `log` (default stderr). `folders` ({name: source folder}) are copied in as files, each
+    file's hash recorded in the marker (e.g. tokenizers; read back with `checkpoint_folder`).
     """
     dst = Path(dst).absolute()
     if not components:
@@ -273,12 +288,54 @@ def save_checkpoint(
                 "params": f"{name}/{PARAMS_DIR}",
                 **written,
             }
+        copied = {name: {HASHES_KEY: _copy_folder(Path(source), tmp / name)} for name, source in (folders or {}).items()}
         marker = {"format": FORMAT, "version": VERSION, "components": entries, **dict(metadata or {})}
+        if copied:
+            marker[FOLDERS_KEY] = copied
         with open(tmp / MARKER, "w") as f:
             f.write(json.dumps(marker, indent=2) + "\n")
             f.flush()
             os.fsync(f.fileno())
     return dst
+
+
+def _copy_folder(src: Path, dst: Path) -> dict[str, str]:
+    """Copy the files of `src` (recursively, no links) into the new folder `dst`; their hashes by relative path."""
+    import shutil
+
+    if dst.name in (MARKER, OWNER_FILE) or dst.exists():
+        raise ValueError(f"folder name {dst.name!r} is taken in the checkpoint.")
+    if not src.is_dir():
+        raise FileNotFoundError(f"{src}: no such folder to store in the checkpoint.")
+    hashes = {}
+    for f in sorted(p for p in src.rglob("*") if p.is_file()):
+        rel = f.relative_to(src)
+        (dst / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(f, dst / rel)
+        hashes[str(rel)] = file_hash(dst / rel)
+    return hashes
+
+
+def checkpoint_folders(path: str | Path) -> list[str]:
+    """Names of the folders stored as files in our checkpoint at `path` (e.g. tokenizer, tokenizer_2)."""
+    return list(read_marker(path).get(FOLDERS_KEY, {}))
+
+
+def checkpoint_folder(path: str | Path, name: str, *, verify: bool = True) -> Path:
+    """The folder `name` stored as files in our checkpoint, each file checked against its recorded hash."""
+    path = Path(path)
+    stored = read_marker(path).get(FOLDERS_KEY, {})
+    if name not in stored:
+        raise ValueError(f"{path}: no folder {name} in this checkpoint; it holds {', '.join(stored) or 'none'}.")
+    folder = path / name
+    for rel, expected in stored[name].get(HASHES_KEY, {}).items():
+        f = folder / rel
+        if not f.is_file():
+            raise FileNotFoundError(f"{f}: missing from the checkpoint's {name} folder; the checkpoint is damaged: "
+                                    "re-run `customshift convert`.")
+        if verify:
+            check_hash(expected, file_hash(f), f"the {name} file {f}")
+    return folder
 
 
 def read_marker(path: str | Path) -> dict[str, Any]:

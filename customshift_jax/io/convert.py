@@ -32,6 +32,7 @@ from customshift_jax.io.checkpoint import (
 from customshift_jax.io.diffusers_folder import LazyStateDict, read_json, weight_files
 from customshift_jax.io.leftovers import StopSignals
 from customshift_jax.io.safetensors import SafetensorsFile
+from customshift_jax.io.text_encoders import CLASSES_KEY, TEXT_ENCODERS, TextEncoderSource, plan_text_encoders
 from customshift_jax.models.mmdit.mapping import (
     StateDictMismatch,
     check_state_dict,
@@ -174,10 +175,13 @@ class Plan:
     kind: str  # "diffusers pipeline", "diffusers component", "single file"
     sources: list[ComponentSource]
     notes: list[str]
+    text: list[TextEncoderSource] = dataclasses.field(default_factory=list)  # --components text_encoders
+    tokenizers: dict[str, Path] = dataclasses.field(default_factory=dict)  # copied as files
+    text_classes: dict[str, list] = dataclasses.field(default_factory=dict)  # their model_index.json entries
 
     @property
     def nbytes(self) -> int:
-        return sum(s.nbytes for s in self.sources)
+        return sum(s.nbytes for s in [*self.sources, *self.text])
 
 
 def _component_of_config(data: Mapping[str, Any], where: str) -> str:
@@ -211,10 +215,10 @@ def parse_components(components: str | Iterable[str] | None) -> list[str] | None
     if components is None:
         return None
     names = [c.strip() for c in (components.split(",") if isinstance(components, str) else components) if c.strip()]
-    unknown = [c for c in names if c not in CONVERTERS]
+    unknown = [c for c in names if c not in CONVERTERS and c != TEXT_ENCODERS]
     if unknown or not names:
         raise ValueError(f"unknown component(s) {', '.join(unknown) or '(none given)'}; choose from "
-                         f"{', '.join(CONVERTERS)}.")
+                         f"{', '.join([*CONVERTERS, TEXT_ENCODERS])}.")
     return names
 
 
@@ -323,9 +327,16 @@ def plan_conversion(src: str | Path, *, components: str | Iterable[str] | None =
     shape, reading no tensor data. Any refusal (unknown architecture, mismatched keys) is raised here."""
     src = Path(src)
     wanted = parse_components(components)
+    text = wanted is not None and TEXT_ENCODERS in wanted
+    if text:
+        wanted = [c for c in wanted if c != TEXT_ENCODERS]
     if not src.exists():
         raise FileNotFoundError(f"{src}: no such file or folder.")
     overrides = read_config_overrides(config_paths)
+    if text and not (src / "model_index.json").is_file():
+        raise ValueError(f"{src}: --components {TEXT_ENCODERS} reads a diffusers pipeline folder (model_index.json, "
+                         "text_encoder/, text_encoder_2/, text_encoder_3/ and their tokenizers); drop it from "
+                         "--components or give such a folder.")
     if src.is_file():
         if src.suffix != ".safetensors":
             raise ValueError(f"{src}: not a .safetensors file. Pickled checkpoints (.ckpt, .pt, .bin) are not read "
@@ -340,8 +351,11 @@ def plan_conversion(src: str | Path, *, components: str | Iterable[str] | None =
                          f"diffusers folders.")
     subfolders = [n for n in CONVERTERS if (src / n / "config.json").is_file()]
     if (src / "model_index.json").is_file() or subfolders:
-        names = _select(subfolders, wanted, str(src))
-        return Plan(src, "diffusers pipeline", [_diffusers_source(n, src / n) for n in names], [])
+        names = _select(subfolders, wanted, str(src)) if wanted or not text else []
+        plan = Plan(src, "diffusers pipeline", [_diffusers_source(n, src / n) for n in names], [])
+        if text:
+            plan.text, plan.tokenizers, plan.text_classes = plan_text_encoders(src)
+        return plan
     if (src / "config.json").is_file():
         name = _component_of_config(read_json(src / "config.json"), str(src / "config.json"))
         _select([name], wanted, str(src))
@@ -424,7 +438,8 @@ def convert(src: str | Path, dst: str | Path, *, dtype: str = "fp32", components
     plan = plan_conversion(src, components=components, config_paths=config_paths)
     for note in plan.notes:
         log(f"note: {note}")
-    bar = Progress(sum(len(s.tensors) for s in plan.sources), plan.nbytes, enabled=progress)
+    bar = Progress(sum(len(s.tensors) for s in plan.sources) + sum(t.tensors for t in plan.text), plan.nbytes,
+                   enabled=progress)
     stop = StopSignals()  # SIGINT / SIGTERM stop between tensors: the partial DST is removed, orbax never cut off
 
     def on_tensor(key: str, value: Any) -> None:
@@ -441,12 +456,25 @@ def convert(src: str | Path, dst: str | Path, *, dtype: str = "fp32", components
 
         return build
 
+    def text_builder(source: TextEncoderSource) -> Callable[[], Iterator[Leaf]]:
+        def build() -> Iterator[Leaf]:
+            bar.stage(f"converting {source.name}")
+            return ((path, cast_array(leaf, target)) for path, leaf in source.leaves(on_tensor))
+
+        return build
+
     metadata = {"source": str(src_abs), "source_kind": plan.kind, "created_by": "customshift convert",
                 "config_origin": {s.name: s.config_origin for s in plan.sources}}
+    parts = {s.name: (s.config, builder(s)) for s in plan.sources}
+    for t in plan.text:
+        parts[t.name] = (t.config, text_builder(t))
+        metadata["config_origin"][t.name] = f"{t.folder / 'config.json'}"
+    if plan.text:
+        metadata[CLASSES_KEY] = plan.text_classes
     try:
         with stop:
-            save_checkpoint(dst, {s.name: (s.config, builder(s)) for s in plan.sources}, overwrite=overwrite,
-                            metadata=metadata, piece_bytes=piece_bytes, log=log)
+            save_checkpoint(dst, parts, overwrite=overwrite, metadata=metadata, piece_bytes=piece_bytes, log=log,
+                            folders=plan.tokenizers)
     finally:
         bar.close()
     return dst, plan

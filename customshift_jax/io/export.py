@@ -13,7 +13,14 @@ from typing import Callable, Iterable, Mapping
 
 import numpy as np
 
-from customshift_jax.io.checkpoint import atomic_directory, check_destination, config_dict, load_checkpoint, read_marker
+from customshift_jax.io.checkpoint import (
+    atomic_directory,
+    check_destination,
+    checkpoint_folder,
+    config_dict,
+    load_checkpoint,
+    read_marker,
+)
 from customshift_jax.io.config_check import check_exported_file
 from customshift_jax.io.convert import CONVERTERS, DTYPES, cast_array, parse_components
 from customshift_jax.io.diffusers_folder import WEIGHTS_NAME
@@ -21,6 +28,9 @@ from customshift_jax.io.integrity import HASHES_KEY, file_hash
 from customshift_jax.io.leftovers import OWNER_FILE, StopSignals, name_some
 from customshift_jax.io.lora_files import load_lora_files
 from customshift_jax.io.safetensors import DTYPE_NAMES
+from customshift_jax.io.text_encoders import CLASSES_KEY, DEFAULT_CLASSES, TEXT_ENCODERS, TOKENIZERS, text_state_dict
+from customshift_jax.text.jax.encoders import ENCODERS
+from customshift_jax.text.jax.loading import WEIGHTS_NAME as TEXT_WEIGHTS_NAME
 
 EXPORT_MARKER = "customshift_export.json"
 
@@ -98,9 +108,32 @@ def _text_folder(text_encoders: str | Path | None) -> tuple[Path | None, dict]:
     return folder, index
 
 
-def _write_pipeline(tmp: Path, src: Path, text: Path | None, text_index: dict, lora: Path | None) -> None:
+def _write_text_encoders(tmp: Path, src: Path, marker: dict, names: list[str], dtype: np.dtype | None, verify: bool,
+                         stop: StopSignals, log: Callable[[str], None]) -> dict[str, list]:
+    """The text encoders of our checkpoint as transformers folders (config.json + model.safetensors) and their
+    tokenizers copied back, one encoder in memory at a time; returns their model_index.json entries."""
+    import shutil
+
+    classes = {**DEFAULT_CLASSES, **marker.get(CLASSES_KEY, {})}
+    written = {}
+    for name in names:
+        raw, params = load_checkpoint(src, components=[name], verify=verify, log=log)[name]
+        (tmp / name).mkdir()
+        (tmp / name / "config.json").write_text(json.dumps(raw, indent=2) + "\n")
+        write_streaming(tmp / name / TEXT_WEIGHTS_NAME, text_state_dict(params), dtype, stop.check)
+        del params
+        written[name] = classes[name]
+    for tok in TOKENIZERS[:2] + (TOKENIZERS[2:] if "text_encoder_3" in names else ()):
+        shutil.copytree(checkpoint_folder(src, tok, verify=verify), tmp / tok)
+        written[tok] = classes[tok]
+    return written
+
+
+def _write_pipeline(tmp: Path, src: Path, text: Path | None, text_index: dict, lora: Path | None,
+                    text_written: Mapping[str, list] | None = None) -> None:
     """model_index.json, scheduler/ (SRC's own, else SD3's), the text encoders and tokenizers copied from `text`
-    (null without it), and the LoRA files in lora/: a folder `StableDiffusion3Pipeline.from_pretrained` loads."""
+    (or already written from SRC: `text_written`; null without either), and the LoRA files in lora/: a folder
+    `StableDiffusion3Pipeline.from_pretrained` loads."""
     import shutil
 
     index = {"_class_name": "StableDiffusion3Pipeline", "_diffusers_version": _diffusers_version(),
@@ -115,7 +148,9 @@ def _write_pipeline(tmp: Path, src: Path, text: Path | None, text_index: dict, l
             json.dumps({**SD3_SCHEDULER, "_diffusers_version": _diffusers_version()}, indent=2) + "\n")
     for part in TEXT_PARTS:
         entry = text_index.get(part, [None, None])
-        if text is not None and isinstance(entry, list) and entry[0]:
+        if part in (text_written or {}):
+            index[part] = text_written[part]
+        elif text is not None and isinstance(entry, list) and entry[0]:
             shutil.copytree(text / part, tmp / part)
             index[part] = entry
         else:
@@ -140,12 +175,17 @@ def export(src: str | Path, dst: str | Path, *, components: str | Iterable[str] 
     marker = read_marker(src)
     wanted = parse_components(components)
     present = [c for c in marker.get("components", {}) if c in CONVERTERS]
-    others = [c for c in marker.get("components", {}) if c not in CONVERTERS]
+    text_names = [c for c in ENCODERS if c in marker.get("components", {})]
+    others = [c for c in marker.get("components", {}) if c not in CONVERTERS and c not in text_names]
     if others:
         log(f"note: not exported (no diffusers form here): {', '.join(others)}.")
-    names = present if wanted is None else wanted
+    if wanted is not None and TEXT_ENCODERS in wanted and not text_names:
+        raise ValueError(f"{src}: has no text encoders to export; it holds {', '.join(present) or 'nothing'}.")
+    # the checkpoint's own text encoders go out unless --text-encoders DIR gives others (or --components omits them)
+    text_out = text_names if text_encoders is None and (wanted is None or TEXT_ENCODERS in wanted) else []
+    names = present if wanted is None else [c for c in wanted if c != TEXT_ENCODERS]
     absent = [c for c in names if c not in present]
-    if absent or not names:
+    if absent or not (names or text_out):
         raise ValueError(f"{src}: has no {', '.join(absent) or 'exportable component'}; it holds "
                          f"{', '.join(present) or 'nothing exportable'}.")
     if dtype is not None and dtype not in DTYPES:
@@ -173,10 +213,12 @@ def export(src: str | Path, dst: str | Path, *, components: str | Iterable[str] 
             write_streaming(tmp / name / WEIGHTS_NAME, tensors, None if dtype is None else DTYPES[dtype], stop.check)
             del params, tensors
             check_exported_file(tmp / name, WEIGHTS_NAME, conv.diffusers_class, data)
+        text_written = _write_text_encoders(tmp, src, marker, text_out, None if dtype is None else DTYPES[dtype],
+                                            verify, stop, log) if text_out else {}
         if whole:
-            _write_pipeline(tmp, src, text, text_index, None if lora is None else Path(lora))
+            _write_pipeline(tmp, src, text, text_index, None if lora is None else Path(lora), text_written)
         hashes = {str(p.relative_to(tmp)): file_hash(p) for p in sorted((tmp / "lora").glob("*.safetensors"))}
         stop.check()
-        (tmp / EXPORT_MARKER).write_text(json.dumps({"exported_from": str(src.absolute()), "components": names,
+        (tmp / EXPORT_MARKER).write_text(json.dumps({"exported_from": str(src.absolute()), "components": names + text_out,
                                                      HASHES_KEY: hashes}, indent=2) + "\n")
     return dst

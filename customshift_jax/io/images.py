@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import warnings
 from pathlib import Path
 from typing import Any, Callable
 
@@ -36,7 +37,10 @@ def decode_image(data: bytes, name: Any, limits: ImageLimits = ImageLimits()):
     from PIL import Image, UnidentifiedImageError
 
     try:
-        with Image.open(io.BytesIO(data)) as img:
+        with warnings.catch_warnings():  # PIL's bomb warning: our own limit is checked next, from the same header
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data))
+        with img:
             w, h = img.size
             if w * h > limits.max_pixels:
                 raise ValueError(f"image {name} is {w}x{h} = {w * h} pixels, above the limit of {limits.max_pixels} "

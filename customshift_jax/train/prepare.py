@@ -26,7 +26,7 @@ def prepare(manifest: str | Path, out: str | Path, *, checkpoint: str | Path, te
             size: int = 512, batch_size: int = 8, shard_size: int = 1024, flip: bool = True,
             max_sequence_length: int = 256, max_bad_fraction: float = 0.05, read_threads: int = 4,
             limits: ImageLimits = ImageLimits(), format: str = "jsonl", subjects200k: Subjects200KOptions | None = None,
-            text_backend: str = "torch", log: Any = print) -> dict:
+            text_backend: str = "auto", log: Any = print) -> dict:
     """Prepare `manifest` into shards at `out`; returns the index. Bad lines/images are skipped with a counted
     warning; above `max_bad_fraction` it stops (TooMuchBadData) before writing anything. Images are read and
     decoded by `read_threads` grain worker threads. `format="subjects200k"`: `manifest` is a folder of Subjects200K

@@ -7,6 +7,8 @@ a handful of times. On a mesh the params are sharded by the MMDiT's rule sets an
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -17,6 +19,14 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
+from customshift_jax.io.checkpoint import (
+    checkpoint_components,
+    checkpoint_folder,
+    is_checkpoint,
+    load_checkpoint,
+    load_checkpoint_config,
+    read_marker,
+)
 from customshift_jax.parallel.sharding import RulesLike, activation_hook, as_rules, logical_sharding, put
 from customshift_jax.text.encode import (
     PromptEmbeds,
@@ -27,7 +37,8 @@ from customshift_jax.text.encode import (
     tokenize,
 )
 from customshift_jax.text.jax.axes import text_param_shardings
-from customshift_jax.text.jax.loading import EncoderConfig, build_encoder, load_encoder_params
+from customshift_jax.text.jax.config import read_config
+from customshift_jax.text.jax.loading import EncoderConfig, abstract_encoder_params, build_encoder, load_encoder_params
 
 ENCODERS = ("text_encoder", "text_encoder_2", "text_encoder_3")
 DEFAULT_BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
@@ -61,6 +72,19 @@ def make_encode_fn(configs: dict[str, EncoderConfig], *, dtype: Any = jnp.float3
         return jnp.concatenate([clip, t5_out], axis=1), pooled
 
     return encode
+
+
+def _fitted(config: EncoderConfig, params: Any, dtype: Any, where: Path) -> Any:
+    """`params` as `dtype`, refused by name where a leaf is missing, extra or not of the shape `config` builds."""
+    want = {jax.tree_util.keystr(k): tuple(v.shape) for k, v in
+            jax.tree_util.tree_flatten_with_path(abstract_encoder_params(config))[0]}
+    got = {jax.tree_util.keystr(k): tuple(np.shape(v)) for k, v in jax.tree_util.tree_flatten_with_path(params)[0]}
+    wrong = [f"{k} missing" for k in want if k not in got] + [f"{k} unexpected" for k in got if k not in want]
+    wrong += [f"{k} has shape {got[k]}, expected {v}" for k, v in want.items() if k in got and got[k] != v]
+    if wrong:
+        raise ValueError(f"{where}: the stored params do not fit this config ({'; '.join(wrong[:6])}); the checkpoint "
+                         "is damaged or mixed: re-run `customshift convert`")
+    return jax.tree_util.tree_map(lambda x: np.asarray(x, dtype), params)
 
 
 def bucket_size(n: int, buckets: Sequence[int], multiple: int = 1) -> int:
@@ -99,7 +123,11 @@ class JaxTextEncoders:
     def from_pretrained(cls, pipeline_folder: str | Path, *, dtype: str = "float32",
                         joint_attention_dim: int | None = None, mesh: Mesh | None = None, rules: RulesLike = "fsdp",
                         batch_buckets: Sequence[int] = DEFAULT_BATCH_BUCKETS) -> JaxTextEncoders:
-        """The encoders and tokenizers of a local diffusers SD3 folder (T5 may be absent), read tensor by tensor."""
+        """The encoders and tokenizers of a local diffusers SD3 folder (T5 may be absent), read tensor by tensor, or
+        of our checkpoint holding them (`from_checkpoint`)."""
+        if is_checkpoint(pipeline_folder):
+            return cls.from_checkpoint(pipeline_folder, dtype=dtype, joint_attention_dim=joint_attention_dim,
+                                       mesh=mesh, rules=rules, batch_buckets=batch_buckets)
         if dtype not in _DTYPES:
             raise ValueError(f"dtype must be one of {tuple(_DTYPES)} for the JAX text encoders, got {dtype!r}")
         folder, have, joint_attention_dim = resolve_text_folder(pipeline_folder, joint_attention_dim)
@@ -109,6 +137,43 @@ class JaxTextEncoders:
                 configs[name], params[name] = load_encoder_params(folder / name, dtype=_DTYPES[dtype])
         identity = text_folder_identity(folder, have, joint_attention_dim, dtype=dtype, backend="jax")
         return cls(configs=configs, params=params, tokenizers=load_tokenizers(folder, have),
+                   joint_attention_dim=joint_attention_dim, identity=identity, dtype=dtype, mesh=mesh, rules=rules,
+                   batch_buckets=batch_buckets)
+
+    @classmethod
+    def from_checkpoint(cls, path: str | Path, *, dtype: str = "float32", joint_attention_dim: int | None = None,
+                        mesh: Mesh | None = None, rules: RulesLike = "fsdp",
+                        batch_buckets: Sequence[int] = DEFAULT_BATCH_BUCKETS, verify: bool = True) -> JaxTextEncoders:
+        """The encoders and tokenizers stored in our checkpoint by `customshift convert --components text_encoders`,
+        each piece and tokenizer file checked against its hash (`verify`), the params against their config.json."""
+        if dtype not in _DTYPES:
+            raise ValueError(f"dtype must be one of {tuple(_DTYPES)} for the JAX text encoders, got {dtype!r}")
+        path = Path(path)
+        present = checkpoint_components(path)
+        names = [n for n in ENCODERS if n in present]
+        if not {"text_encoder", "text_encoder_2"} <= set(names):
+            raise ValueError(f"{path}: no text encoders in this checkpoint (it holds {', '.join(present)}); convert "
+                             "them with `customshift convert PIPELINE DST --components transformer,vae,text_encoders`"
+                             " or pass --text-encoders PIPELINE_FOLDER")
+        have = {"tokenizer": True, "tokenizer_2": True, "tokenizer_3": "text_encoder_3" in names}
+        for tok in (t for t, wanted in have.items() if wanted):
+            checkpoint_folder(path, tok, verify=verify)
+        if "text_encoder_3" not in names and joint_attention_dim is None:
+            if "transformer" not in present:
+                raise ValueError(f"{path} holds no T5 and no transformer: pass joint_attention_dim (the T5 slot's "
+                                 "width)")
+            joint_attention_dim = load_checkpoint_config(path, "transformer").joint_attention_dim
+        configs, params = {}, {}
+        for name, (_, stored) in load_checkpoint(path, names, verify=verify).items():
+            configs[name] = read_config(path / name / "config.json")
+            params[name] = _fitted(configs[name], stored, _DTYPES[dtype], path / name / "config.json")
+        marker = read_marker(path)
+        identity = hashlib.sha256(json.dumps({
+            "components": {n: marker["components"][n].get("hashes") for n in names},
+            "folders": {t: marker.get("folders", {}).get(t) for t, wanted in have.items() if wanted},
+            "joint_attention_dim": None if "text_encoder_3" in names else joint_attention_dim,
+            "dtype": dtype, "backend": "jax"}, sort_keys=True).encode()).hexdigest()
+        return cls(configs=configs, params=params, tokenizers=load_tokenizers(path, have),
                    joint_attention_dim=joint_attention_dim, identity=identity, dtype=dtype, mesh=mesh, rules=rules,
                    batch_buckets=batch_buckets)
 

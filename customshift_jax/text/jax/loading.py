@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -86,55 +87,74 @@ def _open(folder: Path) -> dict[str, SafetensorsFile]:
     return where
 
 
-def load_encoder_params(folder: str | Path, *, dtype: Any = np.float32) -> tuple[EncoderConfig, Any]:
-    """(config, params) of the text encoder in `folder` (e.g. a pipeline's `text_encoder_3/`), params as `dtype`."""
+def encoder_leaves(folder: str | Path, *, dtype: Any = np.float32,
+                   on_tensor: Callable[[str, np.ndarray], None] | None = None
+                   ) -> tuple[EncoderConfig, Iterator[tuple[tuple[str, ...], np.ndarray]]]:
+    """(config, the (path, array) leaves of its params as `dtype`, one stacked param at a time) of the encoder in
+    `folder`. Every key and shape is checked from the file headers before the first tensor is read.
+
+    `on_tensor(key, view)` runs after each tensor is copied (progress, releasing its pages, stopping)."""
     folder = Path(folder)
     config = read_config(folder)
     where = _open(folder)
     if "shared.weight" not in where and "encoder.embed_tokens.weight" in where:
         where["shared.weight"] = where["encoder.embed_tokens.weight"]  # untied T5 files name it only once
-    abstract = abstract_encoder_params(config)
-    used: set[str] = set()
-    missing: list[str] = []
-    wrong: list[str] = []
-
-    def read(key: str, shape: tuple[int, ...], transpose: bool) -> np.ndarray | None:
-        if key not in where:
-            missing.append(key)
-            return None
-        used.add(key)
-        want = shape[::-1] if transpose else shape
-        if where[key].shape(key) != want:
-            wrong.append(f"{key} has shape {where[key].shape(key)}, expected {want}")
-            return None
-        arr = np.array(where[key].get(key))  # one sequential read of the memory map (strided reads of it are slow)
-        return _transpose(arr) if transpose else arr
-
-    def one(path, leaf):
+    flat = jax.tree_util.tree_flatten_with_path(abstract_encoder_params(config))[0]
+    plan, missing, wrong = [], [], []
+    for path, leaf in flat:
         keys = tuple(str(getattr(k, "key", k)) for k in path)
         template, stacked = torch_key(keys)
         transpose = keys[-1] == "kernel"
-        if not stacked:
-            arr = read(template, tuple(leaf.shape), transpose)
-            return None if arr is None else np.asarray(arr, dtype)
-        out = np.empty(leaf.shape, dtype)
-        for i in range(leaf.shape[0]):
-            arr = read(template.format(i=i), tuple(leaf.shape[1:]), transpose)
-            if arr is not None:
-                out[i] = arr
-        return out
-
-    params = jax.tree_util.tree_map_with_path(one, abstract)
+        shape = tuple(leaf.shape[1:] if stacked else leaf.shape)
+        want = shape[::-1] if transpose else shape
+        names = [template.format(i=i) for i in range(leaf.shape[0])] if stacked else [template]
+        for key in names:
+            if key not in where:
+                missing.append(key)
+            elif where[key].shape(key) != want:
+                wrong.append(f"{key} has shape {where[key].shape(key)}, expected {want}")
+        plan.append((keys, tuple(leaf.shape), names, stacked, transpose))
     what = f"{type(config).__name__} of {folder / 'config.json'}"
     if missing:
         raise ValueError(f"{folder}: {len(missing)} tensors missing for the {what}: {_names(missing)}; the folder is "
                          "incomplete or holds another model")
     if wrong:
         raise ValueError(f"{folder}: tensors of the wrong shape for the {what}: {_names(wrong)}")
+    used = {key for *_, names, _, _ in plan for key in names}
     unexpected = sorted(set(where) - used - set(_IGNORED))
     if unexpected:
         raise ValueError(f"{folder}: unexpected tensors {_names(unexpected)} for the {what}; is config.json the "
                          "one of these weights?")
+
+    def read(key: str, transpose: bool) -> np.ndarray:
+        view = where[key].get(key)
+        arr = np.array(view)  # one sequential read of the memory map (strided reads of it are slow)
+        if on_tensor is not None:
+            on_tensor(key, view)
+        return _transpose(arr) if transpose else arr
+
+    def leaves() -> Iterator[tuple[tuple[str, ...], np.ndarray]]:
+        for keys, shape, names, stacked, transpose in plan:
+            if not stacked:
+                yield keys, np.asarray(read(names[0], transpose), dtype)
+                continue
+            out = np.empty(shape, dtype)
+            for i, key in enumerate(names):
+                out[i] = read(key, transpose)
+            yield keys, out
+
+    return config, leaves()
+
+
+def load_encoder_params(folder: str | Path, *, dtype: Any = np.float32) -> tuple[EncoderConfig, Any]:
+    """(config, params) of the text encoder in `folder` (e.g. a pipeline's `text_encoder_3/`), params as `dtype`."""
+    config, leaves = encoder_leaves(folder, dtype=dtype)
+    params: dict[str, Any] = {}
+    for path, leaf in leaves:
+        node = params
+        for key in path[:-1]:
+            node = node.setdefault(key, {})
+        node[path[-1]] = leaf
     return config, params
 
 
