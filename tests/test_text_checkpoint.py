@@ -155,3 +155,20 @@ def test_export_writes_encoders_diffusers_loads(full_ckpt, tiny_pipeline_dir, ti
     for name in ENCODERS:
         assert (given / name / "model.safetensors").read_bytes() == \
             (tiny_pipeline_dir / name / "model.safetensors").read_bytes()
+
+
+def test_auto_backend_on_a_checkpoint_keeping_transformers_folders():
+    """The subject world's shipped model is our checkpoint (transformer, vae) with transformers text-encoder folders
+    beside its components: "auto" reads them with torch (as before), and jax reads the same folders."""
+    from customshift_jax.text.backends import holds_converted_encoders, load_text_encoders, resolve_text_backend
+    from customshift_jax.text.jax.encoders import JaxTextEncoders
+    from customshift_jax.toyworld.methods import WEIGHTS
+
+    model = WEIGHTS / "model"
+    assert not holds_converted_encoders(model) and resolve_text_backend(model) == "torch"
+    ours = load_text_encoders(model, backend="jax")
+    assert isinstance(ours, JaxTextEncoders)
+    got = ours.encode_batch(["a star on the beach"], max_sequence_length=16)
+    want = load_text_encoders(model).encode_batch(["a star on the beach"], max_sequence_length=16)
+    for a, b in zip(got, want):
+        assert relative_error(np.asarray(a), np.asarray(b)) <= 1e-5

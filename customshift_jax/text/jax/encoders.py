@@ -125,7 +125,8 @@ class JaxTextEncoders:
                         batch_buckets: Sequence[int] = DEFAULT_BATCH_BUCKETS) -> JaxTextEncoders:
         """The encoders and tokenizers of a local diffusers SD3 folder (T5 may be absent), read tensor by tensor, or
         of our checkpoint holding them (`from_checkpoint`)."""
-        if is_checkpoint(pipeline_folder):
+        if is_checkpoint(pipeline_folder) and {"text_encoder", "text_encoder_2"} <= set(
+                checkpoint_components(pipeline_folder)):  # else: transformers folders kept beside our components
             return cls.from_checkpoint(pipeline_folder, dtype=dtype, joint_attention_dim=joint_attention_dim,
                                        mesh=mesh, rules=rules, batch_buckets=batch_buckets)
         if dtype not in _DTYPES:
