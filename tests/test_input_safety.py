@@ -65,11 +65,9 @@ def test_palette_with_a_transparent_entry_is_white_there():
     np.testing.assert_array_equal(got[opaque], np.asarray(img.convert("RGB")).astype(int)[opaque])
 
 
-# Bounds of each colour space's 8-bit rounding: YCbCr's chroma, HSV's hue in 256 steps (255 * 6 / 256 = 6 levels
-# at full saturation). (LAB goes through PIL's own conversion too; its 8-bit round trip alone loses up to 17 levels,
-# so the source colours are no reference for it.)
-@pytest.mark.parametrize("mode,atol", [("L", 0), ("1", 0), ("P", 0), ("CMYK", 0), ("RGBX", 0), ("YCbCr", 3),
-                                       ("HSV", 6)])
+# YCbCr's 8-bit chroma rounding moves a colour by at most 3 levels. (LAB goes through PIL's own conversion too; its
+# 8-bit round trip alone loses up to 17 levels, so the source colours are no reference for it.)
+@pytest.mark.parametrize("mode,atol", [("L", 0), ("1", 0), ("P", 0), ("CMYK", 0), ("RGBX", 0), ("YCbCr", 3)])
 def test_opaque_modes_keep_their_colours(mode, atol):
     """Against the source colours: exact for lossless modes, within the colour space's rounding otherwise."""
     if mode in ("L", "1"):
@@ -79,6 +77,17 @@ def test_opaque_modes_keep_their_colours(mode, atol):
     img = Image.fromarray(src).convert(mode) if mode != "P" else Image.fromarray(src).quantize(256)
     expect = np.asarray(img.convert("RGB")).astype(int) if mode == "P" else src.astype(int)
     assert np.abs(_rgb(img) - expect).max() <= atol
+
+
+def test_hsv_is_converted_by_the_hsv_formula():
+    """HSV against an independent conversion of the image's own H, S, V bytes (colorsys), to the nearest level;
+    the source colours are no reference here: 256 hue steps alone move a saturated colour by up to 6 levels."""
+    import colorsys
+
+    img = Image.fromarray(RGB).convert("HSV")
+    hsv = np.asarray(img).astype(float) / 255
+    expect = np.array([[colorsys.hsv_to_rgb(*px) for px in row] for row in hsv]) * 255
+    assert np.abs(_rgb(img) - expect).max() <= 0.5
 
 
 # ---------------------------------------------------------------------------------------------- bounded reads
