@@ -3,7 +3,7 @@ with 64 heads and d_ff 10240) with few layers, the JAX compile time, and the com
 full T5-XXL (24 layers) on an fsdp=8 CPU mesh (abstract params: nothing of that size is allocated).
 
 The tokenizers are the tiny pipeline's (no hub here); the encoders are random transformers models of real width.
-  python bench/text.py --layers 2 --prompts 1000 --limit 32 --max-sequence-length 77
+  python bench/text.py --layers 2 --prompts 1000 --max-sequence-length 77   (about an hour on 2 CPU cores)
 """
 from __future__ import annotations
 
@@ -51,17 +51,38 @@ def prompts_file(path: Path, n: int) -> list[str]:
     return path.read_text().splitlines()
 
 
-def throughput(encoders, prompts: list[str], batch: int, length: int) -> tuple[float, float]:
-    """(first call minus a second call of the same batch: the compile time, prompts per second after it)."""
-    times = []
-    for _ in range(2):
-        t0 = time.perf_counter()
-        encoders.encode_batch(prompts[:batch], max_sequence_length=length)
-        times.append(time.perf_counter() - t0)
-    t0 = time.perf_counter()
-    for i in range(0, len(prompts), batch):
-        encoders.encode_batch(prompts[i:i + batch], max_sequence_length=length)
-    return times[0] - times[1], len(prompts) / (time.perf_counter() - t0)
+def side_by_side(backends: dict, prompts: list[str], batch: int, length: int, log=print) -> dict[str, dict]:
+    """Each backend's compile time (its first call minus a second call of the same batch) and prompts per second
+    over `prompts`, the backends taking turns batch by batch (so a load on the machine slows both alike), and the
+    largest relative error of each backend's embeddings against the first's."""
+    import numpy as np
+
+    from customshift_jax.numerics import relative_error
+
+    result = {name: {"seconds": 0.0, "max_rel_err": 0.0} for name in backends}
+    for name, enc in backends.items():
+        times = []
+        for _ in range(2):
+            t0 = time.perf_counter()
+            enc.encode_batch(prompts[:batch], max_sequence_length=length)
+            times.append(time.perf_counter() - t0)
+        result[name]["compile_s"] = times[0] - times[1]
+    first = next(iter(backends))
+    for k, i in enumerate(range(0, len(prompts), batch)):
+        outs = {}
+        for name, enc in backends.items():
+            t0 = time.perf_counter()
+            outs[name] = enc.encode_batch(prompts[i:i + batch], max_sequence_length=length)
+            result[name]["seconds"] += time.perf_counter() - t0
+        for name, out in outs.items():
+            err = max(relative_error(np.asarray(a), np.asarray(b)) for a, b in zip(out, outs[first]))
+            result[name]["max_rel_err"] = max(result[name]["max_rel_err"], err)
+        if log and (k + 1) % 8 == 0:
+            log(f"  {i + batch}/{len(prompts)} prompts: " + ", ".join(
+                f"{n} {i + batch} in {r['seconds']:.0f}s" for n, r in result.items()))
+    for r in result.values():
+        r["prompts_per_s"] = len(prompts) / r["seconds"]
+    return result
 
 
 def t5_xxl_memory(batch: int, length: int, dtype: str) -> dict[str, int]:
@@ -96,7 +117,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--layers", type=int, default=2, help="layers of each encoder (real: 12 / 32 / 24)")
     ap.add_argument("--prompts", type=int, default=1000, help="lines of the prompts file")
-    ap.add_argument("--limit", type=int, default=32, help="prompts of the file timed (the CPU is slow at T5-XXL width)")
+    ap.add_argument("--limit", type=int, default=None, help="time only the first N prompts of the file (default: all)")
     ap.add_argument("--batch", type=int, default=16, help="prompts per encode call (one JAX bucket)")
     ap.add_argument("--max-sequence-length", type=int, default=77, help="T5 tokens")
     ap.add_argument("--memory-batch", type=int, default=8, help="batch of the full T5-XXL memory figure")
@@ -118,17 +139,21 @@ def main() -> None:
             print(f"{len(prompts)} of a {args.prompts}-line prompts file, batch {args.batch}, T5 length "
                   f"{args.max_sequence_length}, {args.layers} layers per encoder at real width, fp32, "
                   f"{os.cpu_count()} CPUs")
-            print(f"{'backend':<8} {'prompts/s':>10} {'compile s':>10} {'load s':>7}")
             t0 = time.perf_counter()
             jax_enc = JaxTextEncoders.from_pretrained(folder, batch_buckets=(args.batch,))
-            load_jax = time.perf_counter() - t0
-            first, rate = throughput(jax_enc, prompts, args.batch, args.max_sequence_length)
-            print(f"{'jax':<8} {rate:>10.2f} {first:>10.2f} {load_jax:>7.1f}")
+            load = {"jax": time.perf_counter() - t0}
             t0 = time.perf_counter()
             torch_enc = TextEncoders.from_pretrained(folder)
-            load_torch = time.perf_counter() - t0
-            _, rate = throughput(torch_enc, prompts, args.batch, args.max_sequence_length)
-            print(f"{'torch':<8} {rate:>10.2f} {'-':>10} {load_torch:>7.1f}   (compile: first call minus the second)")
+            load["torch"] = time.perf_counter() - t0
+            rows = side_by_side({"torch": torch_enc, "jax": jax_enc}, prompts, args.batch, args.max_sequence_length,
+                                log=lambda m: print(m, flush=True))
+            print(f"{'backend':<8} {'prompts/s':>10} {'compile s':>10} {'load s':>7} {'rel err vs torch':>17}")
+            for name in ("jax", "torch"):
+                r = rows[name]
+                compile_s = f"{r['compile_s']:.2f}" if name == "jax" else "-"
+                print(f"{name:<8} {r['prompts_per_s']:>10.3f} {compile_s:>10} {load[name]:>7.1f} "
+                      f"{r['max_rel_err']:>17.2e}")
+            print("(compile: the first call minus the second; the backends take turns batch by batch)", flush=True)
     print(f"\nfull T5-XXL (24 layers, vocab 32128) on fsdp=8, batch {args.memory_batch} x 256 tokens, per device:")
     print(f"{'dtype':<9} {'arguments':>14} {'outputs':>12} {'temporaries':>14} {'compile s':>10}")
     for dtype in ("float32", "bfloat16"):

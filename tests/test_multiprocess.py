@@ -29,17 +29,26 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_job(out_dir: Path, while_running: Callable[[], Any] = lambda: None, n: int = 2) -> tuple[list[str], float, Any]:
-    """Start n worker processes, call `while_running` here, wait for all (bounded), kill every one still running
-    on timeout or failure: (logs, seconds, what `while_running` returned)."""
+def worker_argv(out_dir: Path) -> Callable[[int, int, int], list[str]]:
+    """The command of worker i of n (coordinator on `port`): tests/multiprocess_worker.py writing to `out_dir`."""
+    return lambda i, n, port: [sys.executable, str(WORKER), "--coordinator", f"127.0.0.1:{port}",
+                               "--num-processes", str(n), "--process-id", str(i), "--out", str(out_dir)]
+
+
+def run_job(out_dir: Path, while_running: Callable[[], Any] = lambda: None, n: int = 2,
+            argv: Callable[[int, int, int], list[str]] | None = None) -> tuple[list[str], float, Any]:
+    """Start n processes (`argv(i, n, port)`, default the worker script; JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES
+    and JAX_PROCESS_ID set for each), call `while_running` here, wait for all (bounded), kill every one still
+    running on timeout or failure: (logs, seconds, what `while_running` returned)."""
     port = free_port()
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu")
-    env.pop("JAX_COORDINATOR_ADDRESS", None)
+    argv = argv or worker_argv(out_dir)
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu",
+               JAX_DEFAULT_MATMUL_PRECISION="highest")
     logs = [open(out_dir / f"worker{i}.log", "w+") for i in range(n)]
     start = time.time()
-    procs = [subprocess.Popen([sys.executable, str(WORKER), "--coordinator", f"127.0.0.1:{port}",
-                               "--num-processes", str(n), "--process-id", str(i), "--out", str(out_dir)],
-                              stdout=logs[i], stderr=subprocess.STDOUT, env=env) for i in range(n)]
+    procs = [subprocess.Popen(argv(i, n, port), stdout=logs[i], stderr=subprocess.STDOUT,
+                              env=dict(env, JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES=str(n),
+                                       JAX_PROCESS_ID=str(i))) for i in range(n)]
     try:
         value = while_running()  # overlaps the workers' start-up and their collective waits
         while any(p.poll() is None for p in procs):

@@ -7,7 +7,16 @@ MANIFEST: JSONL of {"reference", "target", "caption", "subject"} (paths local or
 grain worker threads. Unreadable lines or images are skipped with a counted warning; more than
 --max-bad-fraction of them stops with an error. Images are read only from regular files within
 --max-image-bytes and --max-image-pixels; repeated lines are dropped and non-UTF-8 lines kept, both counted.
-OUT must be new or empty (or an unfinished prepare of the same manifest, which is redone).
+OUT must be new or empty (or an unfinished prepare of the same manifest, which is redone). Pairs are encoded and
+written a batch at a time (memory holds one batch); a stop for bad data keeps no shard.
+
+On accelerators: --text-backend jax runs CLIP and T5 in JAX; --mesh shards them (and splits the VAE batch) over
+this process's devices, e.g. T5-XXL with --mesh fsdp=8 on one 8-chip host. A job of several processes (a TPU pod
+slice, a GPU cluster): give every process the same command with --distributed; each encodes its share of the
+records on its own devices and process 0 writes one index, in the manifest's order (OUT on a shared filesystem).
+  JAX_COORDINATOR_ADDRESS=10.0.0.1:1234 JAX_NUM_PROCESSES=4 JAX_PROCESS_ID=$RANK \
+  customshift prepare pairs.jsonl /shared/prepared --checkpoint ckpt/ --text-encoders ckpt/ \
+      --text-backend jax --mesh fsdp=-1 --distributed
 
 --format subjects200k: MANIFEST is a local folder of Subjects200K's parquet shards (as downloaded from the hub),
 streamed file by file: each composite is split into its left and right views, the item is the subject name,
@@ -39,6 +48,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--text-backend", choices=("auto", "torch", "jax"), default="auto",
                    help="run the text encoders in PyTorch on the host or in JAX (default auto: jax when the "
                    "text encoders come from our checkpoint, torch from a diffusers folder)")
+    p.add_argument("--mesh", help="shard the JAX text encoders and split the VAE batch over this process's devices, "
+                   "e.g. fsdp=8 or fsdp=4,tensor=2 (one size may be -1: the rest); needs --text-backend jax or auto")
+    p.add_argument("--rules", default="fsdp", help="sharding rule set with --mesh: dp, fsdp, tp, fsdp_tp")
+    p.add_argument("--distributed", action="store_true",
+                   help="join a job of several processes (jax.distributed: JAX_COORDINATOR_ADDRESS, "
+                        "JAX_NUM_PROCESSES, JAX_PROCESS_ID, or a TPU pod's or SLURM's own); each encodes its share")
     p.add_argument("--max-image-bytes", type=int, default=DEFAULT_MAX_BYTES,
                    help="largest image file read; a larger one is skipped and counted")
     p.add_argument("--max-image-pixels", type=int, default=DEFAULT_MAX_PIXELS,
@@ -81,13 +96,32 @@ def _subjects200k_options(args: argparse.Namespace):
         padding=defaults.padding if args.padding is None else args.padding)
 
 
+def _local_mesh(args: argparse.Namespace):
+    """The mesh of --mesh over this process's devices (checked with --rules), or None without it."""
+    if not args.mesh:
+        return None
+    import jax
+
+    from customshift_jax.parallel import sharding as shd
+
+    shd.as_rules(args.rules)  # an unknown rule set fails here, naming the known ones
+    return shd.make_mesh(**shd.parse_mesh(args.mesh), devices=jax.local_devices())
+
+
 def run(args: argparse.Namespace) -> int:
+    if args.distributed:  # before any other JAX call
+        from customshift_jax.parallel import distributed
+
+        distributed.initialize()
     from customshift_jax.train.prepare import prepare
 
+    subjects200k = _subjects200k_options(args)
+    mesh = _local_mesh(args)
     prepare(args.manifest, args.out, checkpoint=args.checkpoint, text_encoders=args.text_encoders, size=args.size,
             batch_size=args.batch_size, shard_size=args.shard_size, flip=not args.no_flip,
             max_sequence_length=args.max_sequence_length, max_bad_fraction=args.max_bad_fraction,
             read_threads=args.read_threads,
             limits=ImageLimits(max_bytes=args.max_image_bytes, max_pixels=args.max_image_pixels),
-            format=args.format, subjects200k=_subjects200k_options(args), text_backend=args.text_backend)
+            format=args.format, subjects200k=subjects200k, text_backend=args.text_backend, mesh=mesh,
+            rules=args.rules)
     return 0

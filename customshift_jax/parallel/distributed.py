@@ -110,6 +110,24 @@ def gather(tree: Any) -> Any:
     return jax.tree_util.tree_map(one, tree)
 
 
+def barrier(name: str) -> None:
+    """Wait until every process reaches the barrier `name` (a no-op with one process)."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
+
+
+def allgather_counts(counts: Sequence[int]) -> np.ndarray:
+    """Every process's `counts` (small non-negative integers), as (processes, len(counts)) on every process."""
+    local = np.asarray(counts, np.int32)
+    if jax.process_count() == 1:
+        return local[None]
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(local)).reshape(jax.process_count(), -1)
+
+
 def save_sharded(path: str | Path, tree: Any, *, force: bool = False) -> Path:
     """Save a tree of (sharded) arrays with orbax; every process calls it and writes its own shards.
 

@@ -14,16 +14,15 @@ import dataclasses
 import json
 import warnings
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 
 from customshift_jax.io.images import ImageLimits, read_image
-from customshift_jax.io.safe_files import atomic_write, make_dir, read_regular_file, write_text
+from customshift_jax.io.safe_files import read_regular_file
+from customshift_jax.train.shard_writer import FORMAT_VERSION, INDEX_NAME, ShardWriter  # noqa: F401 - re-exported
 
 REQUIRED_FIELDS = ("reference", "target", "caption", "subject")
-INDEX_NAME = "index.json"
-FORMAT_VERSION = 1
 TEXT_ARRAYS = ("prompt_embeds", "pooled", "subject_embeds", "subject_pooled")
 MANIFEST_MAX_BYTES = 2**30  # a 1 GiB manifest is millions of lines; /dev/zero named as one stops here
 
@@ -56,6 +55,7 @@ class BadCounter:
     reasons: dict[str, int] = dataclasses.field(default_factory=dict)
     examples: list[str] = dataclasses.field(default_factory=list)
     warned: dict[str, int] = dataclasses.field(default_factory=dict)  # counted warnings: kept, or dropped repeats
+    after_add: Callable[[], None] | None = None  # called after each bad record: may raise to stop a stream there
 
     def warn(self, reason: str, message: str) -> None:
         """A counted warning that does not count as bad data (a repeated line, text that is not UTF-8)."""
@@ -68,6 +68,8 @@ class BadCounter:
         if len(self.examples) < 20:
             self.examples.append(message)
         warnings.warn(f"skipped: {message}", BadDataWarning, stacklevel=3)
+        if self.after_add is not None:
+            self.after_add()
 
     @property
     def bad(self) -> int:
@@ -76,14 +78,23 @@ class BadCounter:
     def check(self, max_bad_fraction: float, what: str) -> None:
         """Stop with a clear message when the bad fraction exceeds `max_bad_fraction`."""
         if self.total and self.bad / self.total > max_bad_fraction:
-            raise TooMuchBadData(
-                f"{what}: {self.bad} of {self.total} records are unusable ({self.bad / self.total:.1%} > "
-                f"--max-bad-fraction {max_bad_fraction:.1%}); reasons {self.reasons}; first: {self.examples[:3]}. "
-                "Fix the data or raise --max-bad-fraction.")
+            raise too_much_bad_data(what, self.bad, self.total, max_bad_fraction, self.reasons, self.examples)
 
     def summary(self) -> str:
         text = f"{self.bad} of {self.total} skipped" + (f" ({self.reasons})" if self.bad else "")
         return text + (f"; warnings {self.warned}" if self.warned else "")
+
+
+def too_much_bad_data(what: str, bad: int, total: int, max_bad_fraction: float, reasons: dict[str, int],
+                      examples: list[str], *, so_far: bool = False, seen_by: str = "") -> TooMuchBadData:
+    """The stop for too much bad data, in the flags the user typed; `so_far`: counted before reading the rest;
+    `seen_by`: whose reasons and examples these are, when only part of the records' ("process 1 of 4")."""
+    when = " already, before the rest was read" if so_far else ""
+    by = f" seen by {seen_by}" if seen_by else ""
+    return TooMuchBadData(
+        f"{what}: {bad} of {total} records are unusable{when} ({bad / total:.1%} > --max-bad-fraction "
+        f"{max_bad_fraction:.1%}); reasons{by} {reasons}; first: {examples[:3]}. Fix the data or raise "
+        "--max-bad-fraction.")
 
 
 def _open(path: str, mode: str = "rb"):
@@ -200,38 +211,6 @@ def read_pairs(records: list[Record], size: int, counter: BadCounter, *, threads
 
 
 # ------------------------------------------------------------------------------------------- shards
-
-class ShardWriter:
-    """Append records' arrays; every `shard_size` rows a shard folder of .npy files is written."""
-
-    def __init__(self, out: str | Path, shard_size: int = 1024):
-        self.out, self.shard_size = make_dir(out, "prepare's OUT"), shard_size
-        self.pending: dict[str, list[np.ndarray]] = {}
-        self.shards: list[dict] = []
-
-    def add(self, arrays: dict[str, np.ndarray]) -> None:
-        for k, v in arrays.items():
-            self.pending.setdefault(k, []).extend(list(v))
-        while self.pending and len(next(iter(self.pending.values()))) >= self.shard_size:
-            self._flush(self.shard_size)
-
-    def _flush(self, n: int) -> None:
-        name = f"shard-{len(self.shards):05d}"
-        folder = make_dir(self.out / name, "shard folder")
-        for k, rows in self.pending.items():
-            with atomic_write(folder / f"{k}.npy", what="shard") as f:
-                np.save(f, np.stack(rows[:n]).astype(np.float32))
-            self.pending[k] = rows[n:]
-        self.shards.append({"dir": name, "count": n})
-
-    def close(self, meta: dict) -> Path:
-        n = len(next(iter(self.pending.values()))) if self.pending else 0
-        if n:
-            self._flush(n)
-        index = {"version": FORMAT_VERSION, "count": sum(s["count"] for s in self.shards), "shards": self.shards,
-                 **meta}
-        return write_text(self.out / INDEX_NAME, json.dumps(index, indent=1), what="dataset index")
-
 
 class ShardDataset:
     """Prepared shards as one indexable set of records (arrays memory-mapped)."""

@@ -1,72 +1,196 @@
 """Encode a manifest once: images through the Flax VAE (posterior mean, scaled), captions and subject names
-through the text encoders; write the shards `train.data.ShardDataset` reads. No frozen encoder runs in training."""
+through the text encoders; write the shards `train.data.ShardDataset` reads. No frozen encoder runs in training.
+
+Streamed: pairs are read, encoded and written a batch at a time, so memory holds a batch whatever the data's size.
+In a job of several processes (`jax.distributed`), process p of P encodes its contiguous share of the records
+(of the JSONL manifest's, or of the Subjects200K rows) on its own devices (`mesh`: this process's devices, the
+text encoders sharded by `rules`, the VAE batch split), writes its own shards, and process 0 writes one index
+whose record order is the manifest's (`train.prepare_out`)."""
 from __future__ import annotations
 
 import itertools
 import json
-import shutil
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Iterator
 
 import numpy as np
 
 from customshift_jax.io.images import ImageLimits
 from customshift_jax.io.loading import load_vae
-from customshift_jax.io.safe_files import refuse_link, write_text
 from customshift_jax.models.vae import scale_latents, vae_encode
+from customshift_jax.parallel.distributed import barrier
 from customshift_jax.text import load_text_encoders
-from customshift_jax.train.data import BadCounter, ShardWriter, read_manifest, read_pairs
+from customshift_jax.text.backends import resolve_text_backend
+from customshift_jax.train.data import (
+    BadCounter,
+    Record,
+    ShardWriter,
+    TooMuchBadData,
+    read_manifest,
+    read_pairs,
+    too_much_bad_data,
+)
+from customshift_jax.train.prepare_out import MARKER, PrepareDestination, check_destination  # noqa: F401 - re-exported
 from customshift_jax.train.subjects200k import Subjects200KOptions, Subjects200KSource
 
-MARKER = ".prepare.json"  # in OUT while (and after) a prepare writes it: which manifest it holds
+FORMATS = ("jsonl", "subjects200k")
 
 
 def prepare(manifest: str | Path, out: str | Path, *, checkpoint: str | Path, text_encoders: str | Path,
             size: int = 512, batch_size: int = 8, shard_size: int = 1024, flip: bool = True,
             max_sequence_length: int = 256, max_bad_fraction: float = 0.05, read_threads: int = 4,
             limits: ImageLimits = ImageLimits(), format: str = "jsonl", subjects200k: Subjects200KOptions | None = None,
-            text_backend: str = "auto", log: Any = print) -> dict:
+            text_backend: str = "auto", mesh: Any = None, rules: Any = "fsdp", log: Any = print) -> dict:
     """Prepare `manifest` into shards at `out`; returns the index. Bad lines/images are skipped with a counted
-    warning; above `max_bad_fraction` it stops (TooMuchBadData) before writing anything. Images are read and
-    decoded by `read_threads` grain worker threads. `format="subjects200k"`: `manifest` is a folder of Subjects200K
-    parquet shards (`train.subjects200k`, filtered by `subjects200k`), streamed: its bad fraction is checked at the
-    end, before the index is written."""
+    warning; above `max_bad_fraction` it stops, keeping no shard: a JSONL manifest's bad lines are counted before
+    any model loads, its bad images at the one that makes the fraction certain; a Subjects200K folder's (a stream
+    of unknown length) at the end. `format="subjects200k"`: `manifest` is a folder of Subjects200K parquet shards
+    (`train.subjects200k`, filtered by `subjects200k`). `mesh`: this process's devices for the JAX text encoders
+    (sharded by `rules`) and the VAE (batch split)."""
     import jax
-    import jax.numpy as jnp
 
-
-    out = Path(out)
-    check_destination(out, manifest, log)
-    counter = BadCounter()
-    if format not in ("jsonl", "subjects200k"):
+    if format not in FORMATS:
         raise ValueError(f"--format {format}: expected jsonl or subjects200k.")
+    pid, count = jax.process_index(), jax.process_count()
+    say = log if count == 1 else (lambda m: log(f"[process {pid} of {count}] {m}"))
+    dest = PrepareDestination(out, manifest, index=pid, count=count, log=say)
+    backend = resolve_text_backend(text_encoders, "jax" if mesh is not None and text_backend == "auto"
+                                   else text_backend)
+    if mesh is not None and backend != "jax":
+        raise ValueError("--mesh shards the text encoders in JAX; use --text-backend jax (or auto), or drop --mesh.")
     # A Subjects200K folder and its files' columns are checked here, before any model loads.
-    source = Subjects200KSource(manifest, subjects200k, log=log) if format == "subjects200k" else None
-    records = read_manifest(manifest, counter) if source is None else []
-    counter.check(max_bad_fraction, f"manifest {manifest}")  # stop early when the manifest alone is too bad
+    source = (Subjects200KSource(manifest, subjects200k, process_index=pid, process_count=count, log=say)
+              if format == "subjects200k" else None)
+    lines = BadCounter()  # the JSONL manifest's lines: every process reads all of them, so the same counts
+    records = read_manifest(manifest, lines) if source is None else []
+    lines.check(max_bad_fraction, f"manifest {manifest}")  # stop early when the manifest alone is too bad
+    share = records[pid * len(records) // count:(pid + 1) * len(records) // count]
     vae_config, vae_params = load_vae(checkpoint)  # our checkpoint or a diffusers folder
     if size % (2 ** (len(vae_config.block_out_channels) - 1)):
         raise ValueError(f"--size {size} is not a multiple of the VAE's downsampling factor.")
-    encoders = load_text_encoders(text_encoders, backend=text_backend)
-    encode = jax.jit(lambda p, x: scale_latents(vae_config, vae_encode(vae_config, p, x)))
-    # Read every pair first (cheap next to encoding) so the bad fraction is known before anything is written.
-    pairs = list(read_pairs(records, size, counter, threads=read_threads, limits=limits)) if source is None else \
-        source.pairs(size, counter, threads=read_threads, limits=limits)  # a stream: never all in memory
-    counter.check(max_bad_fraction, f"manifest {manifest}")
-    if not pairs:
-        raise ValueError(f"manifest {manifest}: no usable records ({counter.summary()}).")
-    writer = ShardWriter(out, shard_size)
-    write_text(out / MARKER, json.dumps({"manifest": str(Path(manifest).absolute())}) + "\n", what="prepare marker")
-    t0 = time.time()
-    stream, i, total = iter(pairs), 0, len(pairs) if isinstance(pairs, list) else "?"
-    while chunk := list(itertools.islice(stream, batch_size)):
+    encoders = load_text_encoders(text_encoders, backend=backend, mesh=mesh, rules=rules)
+    encode_images = image_encoder(vae_config, vae_params, (4 if flip else 2) * batch_size, mesh)
+    counter = BadCounter()  # this process's share: its images (JSONL) or its rows (Subjects200K)
+    pairs = (read_pairs(share, size, counter, threads=read_threads, limits=limits) if source is None
+             else source.pairs(size, counter, threads=read_threads, limits=limits))
+
+    if source is None:  # a JSONL manifest's length is known: stop at the bad image that makes it fail
+        def stop_early() -> None:
+            bad = lines.bad + counter.bad
+            if bad > max_bad_fraction * lines.total:
+                raise too_much_bad_data(f"manifest {manifest}", bad, lines.total, max_bad_fraction,
+                                        {**lines.reasons, **counter.reasons}, lines.examples + counter.examples,
+                                        so_far=True)
+        counter.after_add = stop_early
+
+    dest.begin()
+    writer = ShardWriter(out, shard_size, prefix=dest.shard_prefix)
+    try:
+        written, latent_shape = encode_pairs(pairs, writer, encode_images, encoders, batch_size=batch_size,
+                                             flip=flip, max_sequence_length=max_sequence_length,
+                                             expected=len(share) if source is None else None, log=say)
+        writer.flush()
+    except TooMuchBadData:
+        writer.discard()
+        if count == 1:
+            dest.abandon()
+            raise
+        written, latent_shape = 0, None  # the others learn it when the counts meet below: all stop alike
+    except BaseException:
+        writer.abort()  # the shard in progress leaves no temp file; finished ones are redone by a rerun
+        raise
+    part = {"process": pid, "shards": writer.shards, "pairs": written, "bad": counter.bad, "total": counter.total,
+            "reasons": counter.reasons, "examples": counter.examples[:5], "latent_shape": latent_shape,
+            "source": source.meta() if source is not None else {"records": len(share)}}
+    bad, total, n = (int(x) for x in dest.gather(part, (counter.bad, counter.total, written)).sum(0))
+    bad, total = bad + lines.bad, total + lines.total
+    if total and bad / total > max_bad_fraction or not n:
+        writer.discard()
+        dest.abandon()
+        reasons = {**lines.reasons, **counter.reasons}
+        if not n:
+            raise ValueError(f"{manifest}: no usable records ({bad} of {total} skipped: {reasons}).")
+        raise too_much_bad_data(f"manifest {manifest}", bad, total, max_bad_fraction, reasons,
+                                lines.examples + counter.examples, seen_by="" if count == 1 else
+                                f"process {pid} of {count}")
+    if pid == 0:
+        parts = dest.parts(part)
+        meta = {"size": size, "flip": flip, "max_sequence_length": max_sequence_length, "manifest": str(manifest),
+                **_merged(parts, lines, source)}
+        dest.write_index(parts, meta)
+    barrier("customshift-prepare-indexed")  # every process returns once the index is there
+    index = json.loads((Path(out) / "index.json").read_text())
+    filtered = f"; filtered {index['filtered']}" if source is not None else ""
+    say(f"wrote {out} ({index['count']} pairs; {bad} of {total} skipped{filtered})"
+        + (f"; this process {written} pairs" if count > 1 else ""))
+    return index
+
+
+def _merged(parts: list[dict], lines: BadCounter, source: Subjects200KSource | None) -> dict:
+    """The index's counts over every process's part: skipped records by reason, records seen, the latent shape,
+    Subjects200K's filter counts, and (several processes) what each process wrote."""
+    reasons = dict(lines.reasons)
+    for p in parts:
+        for k, v in p["reasons"].items():
+            reasons[k] = reasons.get(k, 0) + v
+    meta = {"latent_shape": next(p["latent_shape"] for p in parts if p["latent_shape"]),
+            "skipped": sum(reasons.values()), "skipped_reasons": reasons,
+            "manifest_records": lines.total + sum(p["total"] for p in parts)}
+    if source is not None:
+        merged = dict(parts[0]["source"])
+        merged["source_rows"] = sum(p["source"]["source_rows"] for p in parts)
+        for key in ("filtered", "collections_seen"):
+            merged[key] = {}
+            for p in parts:
+                for k, v in p["source"][key].items():
+                    merged[key][k] = merged[key].get(k, 0) + v
+        meta.update(merged)
+    if len(parts) > 1:
+        meta["processes"] = [{"process": p["process"], "pairs": p["pairs"], "skipped": p["bad"],
+                              "shards": len(p["shards"])} for p in parts]
+    return meta
+
+
+def image_encoder(vae_config: Any, vae_params: Any, rows: int, mesh: Any = None) -> Callable[[np.ndarray], np.ndarray]:
+    """Pixels (n <= rows, 3, H, W) -> scaled VAE latents (n, C, h, w), one compiled shape (padded to `rows`, a
+    multiple of the mesh's size); on `mesh` the batch is split over its devices and the VAE replicated."""
+    import jax
+    import jax.numpy as jnp
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    fn = lambda p, x: scale_latents(vae_config, vae_encode(vae_config, p, x))  # noqa: E731
+    if mesh is None:
+        jitted, params, split = jax.jit(fn), vae_params, None
+    else:
+        rows = -(-rows // mesh.size) * mesh.size
+        replicated = NamedSharding(mesh, PartitionSpec())
+        split = NamedSharding(mesh, PartitionSpec(tuple(mesh.axis_names)))
+        params = jax.device_put(vae_params, replicated)
+        jitted = jax.jit(fn, in_shardings=(replicated, split), out_shardings=split)
+
+    def run(images: np.ndarray) -> np.ndarray:
+        n = len(images)
+        padded = np.pad(images, ((0, rows - n),) + ((0, 0),) * (images.ndim - 1))
+        x = jnp.asarray(padded) if split is None else jax.device_put(padded, split)  # no numpy for a sharded input
+        return np.asarray(jitted(params, x))[:n]
+
+    return run
+
+
+def encode_pairs(pairs: Iterator[tuple[Record, np.ndarray, np.ndarray]], writer: ShardWriter,
+                 encode_images: Callable[[np.ndarray], np.ndarray], encoders: Any, *, batch_size: int, flip: bool,
+                 max_sequence_length: int, expected: int | None,
+                 log: Callable[[str], Any]) -> tuple[int, list[int] | None]:
+    """Encode and write `pairs` a batch at a time: (pairs written, latent shape)."""
+    stream, written, shape, t0 = iter(pairs), 0, None, time.time()
+    while True:
+        chunk = list(itertools.islice(stream, batch_size))
+        if not chunk:
+            return written, shape
         n = len(chunk)
-        refs = np.stack([p[1] for p in chunk])
-        tgts = np.stack([p[2] for p in chunk])
-        imgs = np.concatenate([tgts, refs] + ([tgts[..., ::-1], refs[..., ::-1]] if flip else []))
-        pad = (-len(imgs)) % (4 * batch_size if flip else 2 * batch_size)  # one compiled shape
-        lat = np.asarray(encode(vae_params, jnp.asarray(np.pad(imgs, ((0, pad), (0, 0), (0, 0), (0, 0))))))
+        refs, tgts = np.stack([p[1] for p in chunk]), np.stack([p[2] for p in chunk])
+        lat = encode_images(np.concatenate([tgts, refs] + ([tgts[..., ::-1], refs[..., ::-1]] if flip else [])))
         arrays = {"latents": lat[:n], "ref_latents": lat[n:2 * n]}
         if flip:
             arrays.update(latents_flip=lat[2 * n:3 * n], ref_latents_flip=lat[3 * n:4 * n])
@@ -75,45 +199,7 @@ def prepare(manifest: str | Path, out: str | Path, *, checkpoint: str | Path, te
                                                 max_sequence_length=max_sequence_length)
         arrays.update(prompt_embeds=emb, pooled=pooled, subject_embeds=s_emb, subject_pooled=s_pooled)
         writer.add(arrays)
-        log(f"encoded {i + n}/{total} pairs ({time.time() - t0:.0f}s)")
-        i += n
-    counter.check(max_bad_fraction, f"manifest {manifest}")  # a stream's bad fraction is known only now
-    if not i:
-        raise ValueError(f"{manifest}: no usable records ({counter.summary()}).")
-    meta = {"size": size, "latent_shape": list(lat.shape[1:]), "flip": flip,
-            "max_sequence_length": max_sequence_length, "manifest": str(manifest),
-            "skipped": counter.bad, "skipped_reasons": counter.reasons, "manifest_records": counter.total,
-            **(source.meta() if source is not None else {})}
-    writer.close(meta)
-    log(f"wrote {out} ({i} pairs; {counter.summary()}" + (f"; filtered {source.filtered})" if source else ")"))
-    return json.loads((out / "index.json").read_text())
-
-
-def check_destination(out: Path, manifest: str | Path, log: Any = print) -> None:
-    """OUT must be new, empty, or an interrupted `prepare` of this same manifest (whose shards are then redone);
-    a finished dataset, a link, or a folder holding anything else is refused, naming what is there."""
-    refuse_link(out, "prepare's OUT")
-    if not out.exists():
-        return
-    if not out.is_dir():
-        raise ValueError(f"OUT {out} is a file; give a folder for the shards.")
-    if (out / "index.json").exists():
-        raise ValueError(f"{out} already holds a prepared dataset; choose another OUT or delete it.")
-    names = sorted(p.name for p in out.iterdir())
-    if not names:
-        return
-    try:
-        earlier = json.loads((out / MARKER).read_text())["manifest"]
-    except (OSError, ValueError, KeyError, TypeError):
-        earlier = None
-    ours = all(n == MARKER or (n.startswith("shard-") and (out / n).is_dir() and not (out / n).is_symlink())
-               for n in names)
-    if earlier != str(Path(manifest).absolute()) or not ours:
-        foreign = [n for n in names if n != MARKER and not n.startswith("shard-")] or names
-        shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
-        raise ValueError(f"OUT {out} is not empty and is not an unfinished prepare of {manifest} (it holds {shown}); "
-                         "choose a new or empty folder.")
-    for n in names:
-        if n.startswith("shard-"):
-            shutil.rmtree(out / n)
-    log(f"{out}: an unfinished prepare of the same manifest; its {len(names) - 1} shard folder(s) are redone")
+        written, shape = written + n, list(lat.shape[1:])
+        rate = written / max(time.time() - t0, 1e-9)
+        log(f"encoded {written}/{expected if expected is not None else '?'} pairs ({time.time() - t0:.0f}s, "
+            f"{rate:.2f} pairs/s)")

@@ -205,12 +205,14 @@ class JaxTextEncoders:
             if self.mesh is None:
                 self._jitted[key] = jax.jit(fn)
             else:
-                batch = lambda x: logical_sharding(("batch",) + (None,) * (x.ndim - 1), x.shape, self.mesh,
-                                                   self.rules)
-                in_shardings = (text_param_shardings(self.params, self.mesh, self.rules),
-                                {k: batch(v) for k, v in ids.items()})
+                in_shardings = (text_param_shardings(self.params, self.mesh, self.rules), self._ids_shardings(ids))
                 self._jitted[key] = jax.jit(fn, in_shardings=in_shardings)
         return self._jitted[key]
+
+    def _ids_shardings(self, ids: dict[str, np.ndarray]) -> dict[str, Any]:
+        """The ids' layout on the mesh: split along "batch"."""
+        return {k: logical_sharding(("batch",) + (None,) * (v.ndim - 1), v.shape, self.mesh, self.rules)
+                for k, v in ids.items()}
 
     @property
     def compiled_shapes(self) -> int:
@@ -234,7 +236,8 @@ class JaxTextEncoders:
         fn = self._function(padded, clip_skip)
         if self.mesh is None:
             embeds, pooled = fn(self.params, padded)
-        else:
+        else:  # placed first: a job of several processes takes no numpy input for a sharded argument
+            padded = jax.device_put(padded, self._ids_shardings(padded))
             with jax.set_mesh(self.mesh):
                 embeds, pooled = fn(self.params, padded)
         return np.asarray(embeds)[:n], np.asarray(pooled)[:n]
