@@ -159,3 +159,20 @@ def test_shards_stream_to_disk_a_batch_at_a_time(tmp_path):
     assert sorted(p.name for p in folder.iterdir()) == ["latents.npy"]
     with pytest.raises(ValueError, match="shard arrays changed"):
         writer.add({"latents": rows[:1, :2]})
+
+
+def test_progress_without_a_terminal_says_where_it_is_without_flooding(monkeypatch):
+    """Without a bar: a line at the first batch (t = 5 s), none for batches within `every_s` of it, one at 35 s,
+    one at the end."""
+    from customshift_jax.train import prepare as prep
+
+    now = [100.0]
+    monkeypatch.setattr(prep.time, "time", lambda: now[0])
+    said = []
+    progress = prep.Progress(40, bar=False, log=said.append, every_s=30.0)
+    for _ in range(10):  # a batch of 4 every 5 s
+        now[0] += 5.0
+        progress.update(4)
+    progress.close()
+    assert said == ["encoded 4/40 pairs (5s, 0.80 pairs/s)", "encoded 28/40 pairs (35s, 0.80 pairs/s)",
+                    "encoded 40/40 pairs (50s, 0.80 pairs/s)"]

@@ -150,6 +150,15 @@ def test_export_writes_encoders_diffusers_loads(full_ckpt, tiny_pipeline_dir, ti
     for g, w in zip(got, want):
         assert relative_error(g.numpy(), w.numpy()) <= TOL
 
+    with pytest.raises(ValueError, match="whose text encoders run in JAX.*customshift export .* --components "
+                                         "text_encoders"):  # torch on our checkpoint: refused, naming the way out
+        load_text_encoders(full_ckpt, backend="torch")
+    assert main(["export", str(full_ckpt), str(tmp_path / "text"), "--components", "text_encoders"]) == 0
+    got = TextEncoders.from_pretrained(tmp_path / "text").encode_batch(PROMPTS, max_sequence_length=24)
+    want = TextEncoders.from_pretrained(tiny_pipeline_dir).encode_batch(PROMPTS, max_sequence_length=24)
+    for g, w in zip(got, want):  # the way out works: the exported encoders alone, in PyTorch, as the source's
+        np.testing.assert_array_equal(g, w)
+
     given = tmp_path / "given"  # --text-encoders DIR still wins: its files, copied
     assert main(["export", str(full_ckpt), str(given), "--text-encoders", str(tiny_pipeline_dir)]) == 0
     for name in ENCODERS:

@@ -54,6 +54,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--distributed", action="store_true",
                    help="join a job of several processes (jax.distributed: JAX_COORDINATOR_ADDRESS, "
                         "JAX_NUM_PROCESSES, JAX_PROCESS_ID, or a TPU pod's or SLURM's own); each encodes its share")
+    p.add_argument("--no-progress", action="store_true",
+                   help="no progress bar (default: a bar when stderr is a terminal, else a line every 30 s)")
     p.add_argument("--max-image-bytes", type=int, default=DEFAULT_MAX_BYTES,
                    help="largest image file read; a larger one is skipped and counted")
     p.add_argument("--max-image-pixels", type=int, default=DEFAULT_MAX_PIXELS,
@@ -123,5 +125,5 @@ def run(args: argparse.Namespace) -> int:
             read_threads=args.read_threads,
             limits=ImageLimits(max_bytes=args.max_image_bytes, max_pixels=args.max_image_pixels),
             format=args.format, subjects200k=subjects200k, text_backend=args.text_backend, mesh=mesh,
-            rules=args.rules)
+            rules=args.rules, progress=False if args.no_progress else None)
     return 0

@@ -38,7 +38,8 @@ def load_text_encoders(folder: str | Path, *, backend: str = "auto", dtype: str 
     if backend == "torch":
         if holds_converted_encoders(folder):
             raise ValueError(f"--text-backend torch: {folder} is a customshift checkpoint, whose text encoders run in "
-                             "JAX; use --text-backend jax (or auto), or pass --text-encoders PIPELINE_FOLDER")
+                             "JAX; use --text-backend jax (or auto), or pass --text-encoders PIPELINE_FOLDER (for "
+                             f"PyTorch: customshift export {folder} DIR --components text_encoders)")
         if mesh is not None:
             raise ValueError("a mesh for the text encoders needs --text-backend jax (the torch ones run on the host)")
         return TextEncoders.from_pretrained(folder, dtype=dtype, joint_attention_dim=joint_attention_dim)

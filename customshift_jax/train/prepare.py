@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import sys
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -41,13 +42,15 @@ def prepare(manifest: str | Path, out: str | Path, *, checkpoint: str | Path, te
             size: int = 512, batch_size: int = 8, shard_size: int = 1024, flip: bool = True,
             max_sequence_length: int = 256, max_bad_fraction: float = 0.05, read_threads: int = 4,
             limits: ImageLimits = ImageLimits(), format: str = "jsonl", subjects200k: Subjects200KOptions | None = None,
-            text_backend: str = "auto", mesh: Any = None, rules: Any = "fsdp", log: Any = print) -> dict:
+            text_backend: str = "auto", mesh: Any = None, rules: Any = "fsdp", progress: bool | None = None,
+            log: Any = print) -> dict:
     """Prepare `manifest` into shards at `out`; returns the index. Bad lines/images are skipped with a counted
     warning; above `max_bad_fraction` it stops, keeping no shard: a JSONL manifest's bad lines are counted before
     any model loads, its bad images at the one that makes the fraction certain; a Subjects200K folder's (a stream
     of unknown length) at the end. `format="subjects200k"`: `manifest` is a folder of Subjects200K parquet shards
     (`train.subjects200k`, filtered by `subjects200k`). `mesh`: this process's devices for the JAX text encoders
-    (sharded by `rules`) and the VAE (batch split)."""
+    (sharded by `rules`) and the VAE (batch split). `progress`: a bar (default: process 0's, when stderr is a
+    terminal), else a line every half minute."""
     import jax
 
     if format not in FORMATS:
@@ -89,7 +92,8 @@ def prepare(manifest: str | Path, out: str | Path, *, checkpoint: str | Path, te
     try:
         written, latent_shape = encode_pairs(pairs, writer, encode_images, encoders, batch_size=batch_size,
                                              flip=flip, max_sequence_length=max_sequence_length,
-                                             expected=len(share) if source is None else None, log=say)
+                                             expected=len(share) if source is None else None, log=say,
+                                             bar=progress if progress is not None else pid == 0 and sys.stderr.isatty())
         writer.flush()
     except TooMuchBadData:
         writer.discard()
@@ -180,13 +184,15 @@ def image_encoder(vae_config: Any, vae_params: Any, rows: int, mesh: Any = None)
 
 def encode_pairs(pairs: Iterator[tuple[Record, np.ndarray, np.ndarray]], writer: ShardWriter,
                  encode_images: Callable[[np.ndarray], np.ndarray], encoders: Any, *, batch_size: int, flip: bool,
-                 max_sequence_length: int, expected: int | None,
-                 log: Callable[[str], Any]) -> tuple[int, list[int] | None]:
+                 max_sequence_length: int, expected: int | None, log: Callable[[str], Any],
+                 bar: bool = False) -> tuple[int, list[int] | None]:
     """Encode and write `pairs` a batch at a time: (pairs written, latent shape)."""
-    stream, written, shape, t0 = iter(pairs), 0, None, time.time()
+    stream, written, shape = iter(pairs), 0, None
+    progress = Progress(expected, bar, log)
     while True:
         chunk = list(itertools.islice(stream, batch_size))
         if not chunk:
+            progress.close()
             return written, shape
         n = len(chunk)
         refs, tgts = np.stack([p[1] for p in chunk]), np.stack([p[2] for p in chunk])
@@ -200,6 +206,38 @@ def encode_pairs(pairs: Iterator[tuple[Record, np.ndarray, np.ndarray]], writer:
         arrays.update(prompt_embeds=emb, pooled=pooled, subject_embeds=s_emb, subject_pooled=s_pooled)
         writer.add(arrays)
         written, shape = written + n, list(lat.shape[1:])
-        rate = written / max(time.time() - t0, 1e-9)
-        log(f"encoded {written}/{expected if expected is not None else '?'} pairs ({time.time() - t0:.0f}s, "
-            f"{rate:.2f} pairs/s)")
+        progress.update(n)
+
+
+class Progress:
+    """Pairs encoded so far: a tqdm bar (pairs/s, and the share's size when known), or without one a log line at
+    the first batch and then every `every_s` seconds, so a long run says where it is without flooding a log."""
+
+    def __init__(self, total: int | None, bar: bool, log: Callable[[str], Any], every_s: float = 30.0):
+        self.total, self.log, self.every_s, self.done = total, log, every_s, 0
+        self.t0 = self.last = time.time()
+        self.bar = None
+        if bar:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, desc="prepare", unit="pair", file=sys.stderr, dynamic_ncols=True,
+                            mininterval=1)
+
+    def update(self, n: int) -> None:
+        self.done += n
+        if self.bar is not None:
+            self.bar.update(n)
+        elif self.done == n or time.time() - self.last >= self.every_s:
+            self.last = time.time()
+            self.log(self.line())
+
+    def line(self) -> str:
+        seconds = time.time() - self.t0
+        of = f"/{self.total}" if self.total is not None else ""
+        return f"encoded {self.done}{of} pairs ({seconds:.0f}s, {self.done / max(seconds, 1e-9):.2f} pairs/s)"
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        elif self.done:
+            self.log(self.line())
