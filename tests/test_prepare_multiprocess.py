@@ -1,11 +1,13 @@
 """`customshift prepare` at scale: two processes on 127.0.0.1 (4 CPU devices each, gloo; JAX text encoders and
 the VAE on --mesh fsdp=4 of each process's devices) write the dataset that one process writes, records in the
 manifest's order, bad records counted once; the shards stream (a stop for bad data keeps none and reads no
-further); one process on an 8-device mesh equals no mesh."""
+further); an interrupted run resumes at its first unfinished shard; one process on an 8-device mesh equals no
+mesh."""
 from __future__ import annotations
 
 import json
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -85,9 +87,10 @@ def test_two_processes_write_what_one_process_writes(tmp_path, tiny_pipeline_dir
     assert one.index["count"] == index["count"] == 7
     assert one.index["skipped_reasons"] == index["skipped_reasons"] == {"not_json": 1, "missing_image": 1}
     assert index["manifest_records"] == one.index["manifest_records"] == 9
-    assert index["processes"] == [{"process": 0, "pairs": 4, "skipped": 0, "shards": 2},
-                                  {"process": 1, "pairs": 3, "skipped": 1, "shards": 1}]
-    assert [s["dir"] for s in index["shards"]] == ["shard-p00000-00000", "shard-p00000-00001", "shard-p00001-00000"]
+    assert index["processes"] == [{"process": 0, "pairs": 4, "skipped": 0, "shards": 2},  # records 0-2, 3
+                                  {"process": 1, "pairs": 3, "skipped": 1, "shards": 2}]  # records 4-6, 7
+    assert [(s["dir"], s["count"]) for s in index["shards"]] == [
+        ("shard-p00000-00000", 3), ("shard-p00000-00001", 1), ("shard-p00001-00000", 2), ("shard-p00001-00001", 1)]
     two = tmp_path / "jsonl-two"
     assert sorted(p.name for p in two.iterdir()) == [".prepare.json", "index.json", *(s["dir"] for s in index["shards"])]
     assert_same_records(ShardDataset(two), one)
@@ -176,3 +179,57 @@ def test_progress_without_a_terminal_says_where_it_is_without_flooding(monkeypat
     progress.close()
     assert said == ["encoded 4/40 pairs (5s, 0.80 pairs/s)", "encoded 28/40 pairs (35s, 0.80 pairs/s)",
                     "encoded 40/40 pairs (50s, 0.80 pairs/s)"]
+
+
+def test_an_interrupted_prepare_resumes_at_the_first_unfinished_shard(tmp_path, tiny_pipeline_dir, monkeypatch):  # noqa: F811
+    """7 records in 4 blocks of 2 (one image missing in the first), interrupted while writing the third: the rerun
+    keeps the two finished shards, encodes only the last two blocks, and writes what an uninterrupted run writes,
+    counts included; the same leftovers with other settings are redone whole."""
+    import itertools
+    import shutil
+
+    from customshift_jax.train import prepare as prep
+
+    manifest = write_manifest(tmp_path, 7, missing=(1,))
+    kw = dict(checkpoint=tiny_pipeline_dir, text_encoders=tiny_pipeline_dir, size=16, batch_size=2, shard_size=2,
+              max_sequence_length=8, max_bad_fraction=0.5, read_threads=1)
+    with pytest.warns(BadDataWarning):
+        prep.prepare(manifest, tmp_path / "whole", log=lambda *_: None, **kw)
+    original, calls = prep.encode_pairs, []
+
+    def interrupted(pairs, writer, *a, **k):  # the third block: one pair into its shard, then Ctrl-C
+        calls.append(writer.name)
+        if len(calls) == 3:
+            original(itertools.islice(pairs, 1), writer, *a, **k)
+            raise KeyboardInterrupt
+        return original(pairs, writer, *a, **k)
+
+    out = tmp_path / "out"
+    monkeypatch.setattr(prep, "encode_pairs", interrupted)
+    with pytest.warns(BadDataWarning), pytest.raises(KeyboardInterrupt):
+        prep.prepare(manifest, out, log=lambda *_: None, **kw)
+    assert sorted(p.name for p in out.iterdir()) == [".prepare.json", ".progress-00000.json", "shard-00000",
+                                                     "shard-00001"]  # the third's partial shard is gone
+    shutil.copytree(out, tmp_path / "other")
+
+    calls.clear()
+    monkeypatch.setattr(prep, "encode_pairs", lambda *a, **k: calls.append(a[1].name) or original(*a, **k))
+    said = []
+    with warnings.catch_warnings():  # the first block's missing image is not read again
+        warnings.simplefilter("ignore", BadDataWarning)  # the manifest's line that is not JSON: read again
+        warnings.filterwarnings("error", "skipped: .*image not found", BadDataWarning)
+        index = prep.prepare(manifest, out, log=said.append, **kw)
+    assert calls == ["shard-00002", "shard-00003"]
+    assert any("its 2 finished shard(s) are kept" in m for m in said)
+    assert "resuming: 2 of 4 shard(s) already encoded (3 pairs)" in said
+    whole = ShardDataset(tmp_path / "whole")
+    for key in ("count", "shards", "skipped", "skipped_reasons", "manifest_records"):
+        assert index[key] == whole.index[key], key
+    assert_same_records(ShardDataset(out), whole)
+    assert sorted(p.name for p in out.iterdir()) == [".prepare.json", "index.json", *(f"shard-0000{i}" for i in range(4))]
+
+    calls.clear()  # other settings: nothing is kept
+    with pytest.warns(BadDataWarning):
+        prep.prepare(manifest, tmp_path / "other", log=said.append, **{**kw, "max_sequence_length": 12})
+    assert calls == [f"shard-0000{i}" for i in range(4)]
+    assert any("made with other settings or another process count" in m for m in said)

@@ -7,8 +7,9 @@ MANIFEST: JSONL of {"reference", "target", "caption", "subject"} (paths local or
 grain worker threads. Unreadable lines or images are skipped with a counted warning; more than
 --max-bad-fraction of them stops with an error. Images are read only from regular files within
 --max-image-bytes and --max-image-pixels; repeated lines are dropped and non-UTF-8 lines kept, both counted.
-OUT must be new or empty (or an unfinished prepare of the same manifest, which is redone). Pairs are encoded and
-written a batch at a time (memory holds one batch); a stop for bad data keeps no shard.
+OUT must be new or empty, or an unfinished prepare of the same manifest: run the same command again and it keeps
+the shards already finished and encodes the rest (with other settings, everything is redone). Pairs are encoded
+and written a batch at a time (memory holds one batch); a stop for bad data keeps no shard.
 
 On accelerators: --text-backend jax runs CLIP and T5 in JAX; --mesh shards them (and splits the VAE batch) over
 this process's devices, e.g. T5-XXL with --mesh fsdp=8 on one 8-chip host. A job of several processes (a TPU pod
@@ -39,7 +40,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--text-encoders", required=True, help="diffusers pipeline folder holding the text encoders")
     p.add_argument("--size", type=int, default=512, help="training image size in px (square; default 512)")
     p.add_argument("--batch-size", type=int, default=8, help="images per VAE call (default 8)")
-    p.add_argument("--shard-size", type=int, default=1024, help="records per shard (default 1024)")
+    p.add_argument("--shard-size", type=int, default=1024,
+                   help="manifest records (Subjects200K rows) per shard: a shard holds their usable pairs, and a rerun "
+                        "after an interruption resumes at the first unfinished shard (default 1024)")
     p.add_argument("--max-sequence-length", type=int, default=256, help="T5 tokens (default 256)")
     p.add_argument("--max-bad-fraction", type=float, default=0.05,
                    help="stop when more than this fraction of records is unusable (default 0.05)")

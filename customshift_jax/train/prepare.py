@@ -2,12 +2,15 @@
 through the text encoders; write the shards `train.data.ShardDataset` reads. No frozen encoder runs in training.
 
 Streamed: pairs are read, encoded and written a batch at a time, so memory holds a batch whatever the data's size.
+Each block of `shard_size` records (Subjects200K rows) becomes one shard, recorded when finished: a rerun of an
+interrupted prepare with the same settings encodes only the blocks not finished.
 In a job of several processes (`jax.distributed`), process p of P encodes its contiguous share of the records
 (of the JSONL manifest's, or of the Subjects200K rows) on its own devices (`mesh`: this process's devices, the
 text encoders sharded by `rules`, the VAE batch split), writes its own shards, and process 0 writes one index
 whose record order is the manifest's (`train.prepare_out`)."""
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import sys
@@ -75,9 +78,6 @@ def prepare(manifest: str | Path, out: str | Path, *, checkpoint: str | Path, te
     encoders = load_text_encoders(text_encoders, backend=backend, mesh=mesh, rules=rules)
     encode_images = image_encoder(vae_config, vae_params, (4 if flip else 2) * batch_size, mesh)
     counter = BadCounter()  # this process's share: its images (JSONL) or its rows (Subjects200K)
-    pairs = (read_pairs(share, size, counter, threads=read_threads, limits=limits) if source is None
-             else source.pairs(size, counter, threads=read_threads, limits=limits))
-
     if source is None:  # a JSONL manifest's length is known: stop at the bad image that makes it fail
         def stop_early() -> None:
             bad = lines.bad + counter.bad
@@ -87,30 +87,55 @@ def prepare(manifest: str | Path, out: str | Path, *, checkpoint: str | Path, te
                                         so_far=True)
         counter.after_add = stop_early
 
-    dest.begin()
-    writer = ShardWriter(out, shard_size, prefix=dest.shard_prefix)
+    # One shard per block of `shard_size` records (Subjects200K rows) of this process's share: a rerun resumes at
+    # the first block not finished.
+    lo, hi = (0, len(share)) if source is None else source.rows
+    blocks = [(b, min(b + shard_size, hi)) for b in range(lo, hi, shard_size)]
+    dest.begin(_fingerprint(manifest, format, checkpoint, encoders, source, size=size, flip=flip,
+                            max_sequence_length=max_sequence_length, shard_size=shard_size))
+    done = dest.done_blocks()
+    for record in done.values():
+        counter.total += record["total"]
+        counter.examples += record["examples"]
+        for k, v in record["reasons"].items():
+            counter.reasons[k] = counter.reasons.get(k, 0) + v
+    if done:
+        say(f"resuming: {len(done)} of {len(blocks)} shard(s) already encoded "
+            f"({sum(r['pairs'] for r in done.values())} pairs)")
+    bar = progress if progress is not None else pid == 0 and sys.stderr.isatty()
+    todo = sum(b - a for k, (a, b) in enumerate(blocks) if k not in done) if source is None else None
+    meter = Progress(todo, bar, say)
+    capacity = shard_size * (2 if source is not None and source.options.directions == "both" else 1)
     try:
-        written, latent_shape = encode_pairs(pairs, writer, encode_images, encoders, batch_size=batch_size,
-                                             flip=flip, max_sequence_length=max_sequence_length,
-                                             expected=len(share) if source is None else None, log=say,
-                                             bar=progress if progress is not None else pid == 0 and sys.stderr.isatty())
-        writer.flush()
+        for k, (a, b) in enumerate(blocks):
+            if k in done:
+                continue
+            pairs = (lambda c: read_pairs(share[a:b], size, c, threads=read_threads, limits=limits)) if source is None \
+                else (lambda c: source.pairs(size, c, threads=read_threads, limits=limits, rows=(a, b)))
+            writer = ShardWriter(out, capacity, name=f"{dest.shard_prefix}{k:05d}")
+            done[k] = encode_block(pairs, writer, counter, source, encode_images, encoders, meter,
+                                   batch_size=batch_size, flip=flip, max_sequence_length=max_sequence_length)
+            dest.record_blocks(done)
+        meter.close()
     except TooMuchBadData:
-        writer.discard()
+        dest.discard(done)
         if count == 1:
             dest.abandon()
             raise
-        written, latent_shape = 0, None  # the others learn it when the counts meet below: all stop alike
-    except BaseException:
-        writer.abort()  # the shard in progress leaves no temp file; finished ones are redone by a rerun
-        raise
-    part = {"process": pid, "shards": writer.shards, "pairs": written, "bad": counter.bad, "total": counter.total,
-            "reasons": counter.reasons, "examples": counter.examples[:5], "latent_shape": latent_shape,
-            "source": source.meta() if source is not None else {"records": len(share)}}
+        done = {}  # the others learn it when the counts meet below: all stop alike
+    blocks_done = [done[k] for k in sorted(done)]
+    written = sum(r["pairs"] for r in blocks_done)
+    meta = {"records": len(share)}
+    if source is not None:
+        meta = {**source.meta(), "filtered": _summed(r["filtered"] for r in blocks_done),
+                "collections_seen": _summed(r["collections_seen"] for r in blocks_done)}
+    part = {"process": pid, "shards": [r["shard"] for r in blocks_done if r["shard"]], "pairs": written,
+            "bad": counter.bad, "total": counter.total, "reasons": counter.reasons, "examples": counter.examples[:5],
+            "latent_shape": next((r["latent_shape"] for r in blocks_done if r["latent_shape"]), None), "source": meta}
     bad, total, n = (int(x) for x in dest.gather(part, (counter.bad, counter.total, written)).sum(0))
     bad, total = bad + lines.bad, total + lines.total
     if total and bad / total > max_bad_fraction or not n:
-        writer.discard()
+        dest.discard(done)
         dest.abandon()
         reasons = {**lines.reasons, **counter.reasons}
         if not n:
@@ -156,6 +181,53 @@ def _merged(parts: list[dict], lines: BadCounter, source: Subjects200KSource | N
     return meta
 
 
+def encode_block(pairs: Callable[[BadCounter], Iterator], writer: ShardWriter, counter: BadCounter,
+                 source: Subjects200KSource | None, encode_images: Callable, encoders: Any, meter: "Progress", *,
+                 batch_size: int, flip: bool, max_sequence_length: int) -> dict:
+    """Encode one block's pairs into its shard: its record for the progress file (the shard, its pairs, and the
+    block's own counts: skipped by reason, records seen, first examples, Subjects200K's filtered and
+    collections)."""
+    reasons, total, examples = dict(counter.reasons), counter.total, len(counter.examples)
+    filtered, seen = (dict(source.filtered), dict(source.collections_seen)) if source is not None else ({}, {})
+    try:
+        n, shape = encode_pairs(pairs(counter), writer, encode_images, encoders, meter, batch_size=batch_size,
+                                flip=flip, max_sequence_length=max_sequence_length)
+        writer.flush()
+    except BaseException:
+        writer.abort()  # the shard in progress leaves no temp file; finished blocks stay for a resume
+        raise
+    delta = lambda now, before: {k: v - before.get(k, 0) for k, v in now.items() if v - before.get(k, 0)}  # noqa: E731
+    return {"shard": writer.shards[0] if writer.shards else None, "pairs": n, "latent_shape": shape,
+            "reasons": delta(counter.reasons, reasons), "total": counter.total - total,
+            "examples": counter.examples[examples:examples + 5],
+            "filtered": delta(source.filtered, filtered) if source is not None else {},
+            "collections_seen": delta(source.collections_seen, seen) if source is not None else {}}
+
+
+def _summed(dicts: Iterator[dict[str, int]]) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for d in dicts:
+        for k, v in d.items():
+            out[k] = out.get(k, 0) + v
+    return out
+
+
+def _fingerprint(manifest: str | Path, format: str, checkpoint: str | Path, encoders: Any,
+                 source: Subjects200KSource | None, **settings: Any) -> dict:
+    """What shapes the shards: the data (the manifest file's size and time, or each parquet file's size), the
+    VAE's checkpoint, the text encoders' identity, the filters and the settings. A resume needs it unchanged."""
+    if source is not None:
+        data = [[str(f), f.stat().st_size] for f in source.files]
+        settings["filters"] = dataclasses.asdict(source.options)
+    elif "://" in str(manifest):
+        data = None
+    else:
+        st = Path(manifest).stat()
+        data = [st.st_size, st.st_mtime_ns]
+    return {"format": format, "data": data, "checkpoint": str(Path(checkpoint).absolute()),
+            "text_encoders": getattr(encoders, "identity", None), **settings}
+
+
 def image_encoder(vae_config: Any, vae_params: Any, rows: int, mesh: Any = None) -> Callable[[np.ndarray], np.ndarray]:
     """Pixels (n <= rows, 3, H, W) -> scaled VAE latents (n, C, h, w), one compiled shape (padded to `rows`, a
     multiple of the mesh's size); on `mesh` the batch is split over its devices and the VAE replicated."""
@@ -183,16 +255,13 @@ def image_encoder(vae_config: Any, vae_params: Any, rows: int, mesh: Any = None)
 
 
 def encode_pairs(pairs: Iterator[tuple[Record, np.ndarray, np.ndarray]], writer: ShardWriter,
-                 encode_images: Callable[[np.ndarray], np.ndarray], encoders: Any, *, batch_size: int, flip: bool,
-                 max_sequence_length: int, expected: int | None, log: Callable[[str], Any],
-                 bar: bool = False) -> tuple[int, list[int] | None]:
+                 encode_images: Callable[[np.ndarray], np.ndarray], encoders: Any, progress: "Progress", *,
+                 batch_size: int, flip: bool, max_sequence_length: int) -> tuple[int, list[int] | None]:
     """Encode and write `pairs` a batch at a time: (pairs written, latent shape)."""
     stream, written, shape = iter(pairs), 0, None
-    progress = Progress(expected, bar, log)
     while True:
         chunk = list(itertools.islice(stream, batch_size))
         if not chunk:
-            progress.close()
             return written, shape
         n = len(chunk)
         refs, tgts = np.stack([p[1] for p in chunk]), np.stack([p[2] for p in chunk])

@@ -1,7 +1,11 @@
 """The OUT folder of `customshift prepare`, run by one process or by every process of a job: checked by all,
-cleared and marked by process 0, each process's shards under its own prefix (`shard-pPPPPP-NNNNN`) with a part
-record beside them, and one index written by process 0 once every part is in, listing the shards in process
-order, so the records keep the manifest's order whatever the process count."""
+cleared (or kept, to resume) and marked by process 0, each process's shards under its own prefix
+(`shard-pPPPPP-NNNNN`, one per block of its records) with a progress record of the finished ones and, at the end,
+a part record beside them, and one index written by process 0 once every part is in, listing the shards in
+process order, so the records keep the manifest's order whatever the process count.
+
+A rerun of the same manifest with the same settings (the marker's fingerprint) keeps the blocks that the progress
+records list and encodes only the rest; with other settings everything is redone."""
 from __future__ import annotations
 
 import contextlib
@@ -16,13 +20,14 @@ from customshift_jax.train.shard_writer import INDEX_NAME, write_index
 
 MARKER = ".prepare.json"  # in OUT while (and after) a prepare writes it: which manifest it holds
 PART_PREFIX = ".part-"  # .part-PPPPP.json: what process P wrote (a job of several processes)
+PROGRESS_PREFIX = ".progress-"  # .progress-PPPPP.json: the blocks process P has finished, for a resume
 
 
 def _ours(out: Path, name: str) -> bool:
     """A name an unfinished prepare leaves in OUT: the marker, a shard folder, a process's part record."""
     if name == MARKER:
         return True
-    if name.startswith(PART_PREFIX) and name.endswith(".json"):
+    if name.startswith((PART_PREFIX, PROGRESS_PREFIX)) and name.endswith(".json"):
         return (out / name).is_file() and not (out / name).is_symlink()
     return name.startswith("shard-") and (out / name).is_dir() and not (out / name).is_symlink()
 
@@ -69,8 +74,9 @@ def _remove(out: Path, names: list[str]) -> None:
 
 
 class PrepareDestination:
-    """OUT for process `index` of `count`: `begin` clears and marks it, `shard_prefix` names this process's
-    shards, `gather` joins the processes' counts, `write_index` (process 0) lists every process's shards."""
+    """OUT for process `index` of `count`: `begin` clears (or keeps, to resume) and marks it, `shard_prefix`
+    names this process's shards, `done_blocks` / `record_blocks` read and write its progress, `gather` joins the
+    processes' counts, `write_index` (process 0) lists every process's shards."""
 
     def __init__(self, out: str | Path, manifest: str | Path, *, index: int = 0, count: int = 1,
                  log: Callable[[str], Any] = print):
@@ -82,15 +88,62 @@ class PrepareDestination:
     def shard_prefix(self) -> str:
         return "shard-" if self.count == 1 else f"shard-p{self.index:05d}-"
 
-    def begin(self) -> None:
-        """Process 0 clears an unfinished earlier run and writes the marker; every process waits for it."""
+    def begin(self, fingerprint: dict) -> None:
+        """Process 0 keeps the finished blocks of an interrupted run with this `fingerprint` (the settings that
+        shape the shards), clears everything else, and writes the marker; every process waits for it."""
         barrier("customshift-prepare-checked")  # nobody is still reading OUT when process 0 clears it
         if self.index == 0:
-            check_destination(self.out, self.manifest, self.log, clear=True)
+            leftovers = check_destination(self.out, self.manifest, None, clear=False)
+            keep = self._resumable(fingerprint) if leftovers else set()
+            _remove(self.out, [n for n in leftovers if n not in keep])
+            if leftovers:
+                self.log(f"{self.out}: an unfinished prepare of the same manifest; " + (
+                    f"its {len(keep) - self.count} finished shard(s) are kept, the rest redone" if keep else
+                    f"made with other settings or another process count: its {len(leftovers)} leftover(s) are "
+                    "redone"))
             make_dir(self.out, "prepare's OUT")
             write_text(self.out / MARKER, json.dumps({"manifest": str(Path(self.manifest).absolute()),
-                                                      "processes": self.count}) + "\n", what="prepare marker")
+                                                      "processes": self.count, "fingerprint": fingerprint}) + "\n",
+                       what="prepare marker")
         barrier("customshift-prepare-begun")
+
+    def _progress_path(self, index: int) -> Path:
+        return self.out / f"{PROGRESS_PREFIX}{index:05d}.json"
+
+    def _resumable(self, fingerprint: dict) -> set[str]:
+        """The names to keep: every process's progress record and the shards it lists, when the earlier run had
+        this fingerprint and process count and every record reads; else nothing."""
+        try:
+            marker = json.loads((self.out / MARKER).read_text())
+            if marker.get("fingerprint") != fingerprint or marker.get("processes") != self.count:
+                return set()
+            keep = set()
+            for i in range(self.count):
+                path = self._progress_path(i)
+                if not path.exists():
+                    return set()
+                blocks = json.loads(refuse_link(path, "prepare progress").read_text())["blocks"]
+                keep |= {path.name} | {b["shard"]["dir"] for b in blocks.values() if b["shard"]}
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            return set()
+        return keep if all((self.out / n).exists() for n in keep) else set()
+
+    def done_blocks(self) -> dict[int, dict]:
+        """This process's finished blocks kept from an interrupted run (after `begin`): block -> its record."""
+        path = self._progress_path(self.index)
+        if not path.exists():
+            return {}
+        return {int(b): r for b, r in json.loads(path.read_text())["blocks"].items()}
+
+    def record_blocks(self, blocks: dict[int, dict]) -> None:
+        """This process's finished blocks, written after each one (atomically: a stop leaves the last whole)."""
+        write_text(self._progress_path(self.index), json.dumps({"blocks": {str(b): r for b, r in blocks.items()}}),
+                   what="prepare progress")
+
+    def discard(self, blocks: dict[int, dict]) -> None:
+        """Remove this process's shards of `blocks` and its progress record (a run stopped for bad data)."""
+        _remove(self.out, [b["shard"]["dir"] for b in blocks.values() if b["shard"]])
+        _remove(self.out, [self._progress_path(self.index).name])
 
     def gather(self, part: dict, counts: tuple[int, int, int]) -> Any:
         """Write this process's part record (several processes) and return every process's counts (a collective:
@@ -116,6 +169,7 @@ class PrepareDestination:
         """The index over every part's shards (in process order); the part records are then removed."""
         path = write_index(self.out, [s for p in parts for s in p["shards"]], meta)
         _remove(self.out, [f"{PART_PREFIX}{i:05d}.json" for i in range(self.count)] if self.count > 1 else [])
+        _remove(self.out, [self._progress_path(i).name for i in range(self.count)])
         return path
 
     def abandon(self) -> None:
@@ -123,7 +177,8 @@ class PrepareDestination:
         made it and it is left empty (each process has already discarded its own shards)."""
         if self.index != 0:
             return
-        _remove(self.out, [MARKER] + [n.name for n in self.out.glob(f"{PART_PREFIX}*.json")])
+        _remove(self.out, [MARKER] + [n.name for n in self.out.glob(f"{PART_PREFIX}*.json")]
+                + [n.name for n in self.out.glob(f"{PROGRESS_PREFIX}*.json")])
         if not self.existed:
             with contextlib.suppress(OSError):
                 self.out.rmdir()

@@ -76,10 +76,11 @@ class ShardWriter:
     """Append records' arrays; every `shard_size` rows finish one shard folder `<prefix>NNNNN` of .npy files.
     Memory holds one batch, not a shard. `close` writes the index; `discard` removes every shard it wrote."""
 
-    def __init__(self, out: str | Path, shard_size: int = 1024, prefix: str = "shard-"):
+    def __init__(self, out: str | Path, shard_size: int = 1024, prefix: str = "shard-", name: str | None = None):
         if shard_size < 1:
             raise ValueError(f"--shard-size {shard_size}: expected at least 1 record per shard.")
         self.out, self.shard_size, self.prefix = make_dir(out, "prepare's OUT"), shard_size, prefix
+        self.name = name  # the one shard's folder name, when the writer writes a single shard (a prepare block)
         self.shards: list[dict] = []
         self._open: _OpenShard | None = None
         self._name = ""
@@ -98,7 +99,9 @@ class ShardWriter:
         n, i = counts.pop(), 0
         while i < n:
             if self._open is None:
-                self._name = f"{self.prefix}{len(self.shards):05d}"
+                if self.name is not None and self.shards:
+                    raise ValueError(f"shard {self.name} is full ({self.shard_size} rows)")
+                self._name = self.name or f"{self.prefix}{len(self.shards):05d}"
                 self._open = _OpenShard(make_dir(self.out / self._name, "shard folder"), shapes, self.shard_size)
             take = min(n - i, self.shard_size - self._open.rows)
             self._open.append(arrays, i, i + take)

@@ -218,9 +218,10 @@ class Subjects200KSource:
             return "description_invalid"
         return None
 
-    def _kept_rows(self, counter: BadCounter) -> Iterator[tuple[Path, int, dict]]:
-        """This process's rows that pass the filters, file by file; each is counted in `counter.total`."""
-        lo, hi = self.rows
+    def _kept_rows(self, counter: BadCounter, rows: tuple[int, int] | None = None) -> Iterator[tuple[Path, int, dict]]:
+        """The rows `rows` (global [lo, hi); default this process's share) that pass the filters, file by file;
+        each is counted in `counter.total`."""
+        lo, hi = rows or self.rows
         offset = 0
         for path in self.files:
             n = sum(self.row_groups[path])
@@ -277,13 +278,14 @@ class Subjects200KSource:
                         rv, lv))
         return out, None
 
-    def pairs(self, size: int, counter: BadCounter, *, threads: int = 4,
-              limits: ImageLimits = DEFAULT_LIMITS) -> Iterator[tuple[Record, np.ndarray, np.ndarray]]:
-        """Yield (Record, reference (3, size, size), target) in file and row order, images (within `limits`)
-        decoded and split by `threads` worker threads a few rows ahead; unusable rows are counted and skipped."""
+    def pairs(self, size: int, counter: BadCounter, *, threads: int = 4, limits: ImageLimits = DEFAULT_LIMITS,
+              rows: tuple[int, int] | None = None) -> Iterator[tuple[Record, np.ndarray, np.ndarray]]:
+        """Yield (Record, reference (3, size, size), target) in file and row order for the global rows `rows`
+        (default: this process's share), images (within `limits`) decoded and split by `threads` worker threads a
+        few rows ahead; unusable rows are counted and skipped."""
         window: collections.deque[Future] = collections.deque()
         with ThreadPoolExecutor(max(threads, 1)) as pool:
-            for item in self._kept_rows(counter):
+            for item in self._kept_rows(counter, rows):
                 window.append(pool.submit(self._row_pairs, *item, size, limits))
                 while len(window) > 2 * threads or (window and window[0].done()):
                     yield from self._emit(window.popleft().result(), counter)
