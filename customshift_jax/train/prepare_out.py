@@ -95,10 +95,11 @@ class PrepareDestination:
         if self.index == 0:
             leftovers = check_destination(self.out, self.manifest, None, clear=False)
             keep = self._resumable(fingerprint) if leftovers else set()
-            _remove(self.out, [n for n in leftovers if n not in keep])
+            _remove(self.out, [n for n in leftovers if n not in (keep or set())])
             if leftovers:
+                shards = len([n for n in keep or () if n.startswith("shard-")])
                 self.log(f"{self.out}: an unfinished prepare of the same manifest; " + (
-                    f"its {len(keep) - self.count} finished shard(s) are kept, the rest redone" if keep else
+                    f"its {shards} finished shard(s) are kept, the rest redone" if keep is not None else
                     f"made with other settings or another process count: its {len(leftovers)} leftover(s) are "
                     "redone"))
             make_dir(self.out, "prepare's OUT")
@@ -110,23 +111,23 @@ class PrepareDestination:
     def _progress_path(self, index: int) -> Path:
         return self.out / f"{PROGRESS_PREFIX}{index:05d}.json"
 
-    def _resumable(self, fingerprint: dict) -> set[str]:
+    def _resumable(self, fingerprint: dict) -> set[str] | None:
         """The names to keep: every process's progress record and the shards it lists, when the earlier run had
-        this fingerprint and process count and every record reads; else nothing."""
+        this fingerprint and process count and every record there reads; None when it cannot be resumed."""
         try:
             marker = json.loads((self.out / MARKER).read_text())
             if marker.get("fingerprint") != fingerprint or marker.get("processes") != self.count:
-                return set()
+                return None
             keep = set()
             for i in range(self.count):
                 path = self._progress_path(i)
-                if not path.exists():
-                    return set()
+                if not path.exists():  # this process had finished no block yet: it starts from its first
+                    continue
                 blocks = json.loads(refuse_link(path, "prepare progress").read_text())["blocks"]
                 keep |= {path.name} | {b["shard"]["dir"] for b in blocks.values() if b["shard"]}
         except (OSError, ValueError, KeyError, TypeError, AttributeError):
-            return set()
-        return keep if all((self.out / n).exists() for n in keep) else set()
+            return None
+        return keep if all((self.out / n).exists() for n in keep) else None
 
     def done_blocks(self) -> dict[int, dict]:
         """This process's finished blocks kept from an interrupted run (after `begin`): block -> its record."""
