@@ -16,7 +16,7 @@ import json
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
 
@@ -97,8 +97,7 @@ def prepare(manifest: str | Path, out: str | Path, *, checkpoint: str | Path, te
     for record in done.values():
         counter.total += record["total"]
         counter.examples += record["examples"]
-        for k, v in record["reasons"].items():
-            counter.reasons[k] = counter.reasons.get(k, 0) + v
+    counter.reasons = _summed([counter.reasons] + [r["reasons"] for r in done.values()])
     if done:
         say(f"resuming: {len(done)} of {len(blocks)} shard(s) already encoded "
             f"({sum(r['pairs'] for r in done.values())} pairs)")
@@ -159,10 +158,7 @@ def prepare(manifest: str | Path, out: str | Path, *, checkpoint: str | Path, te
 def _merged(parts: list[dict], lines: BadCounter, source: Subjects200KSource | None) -> dict:
     """The index's counts over every process's part: skipped records by reason, records seen, the latent shape,
     Subjects200K's filter counts, and (several processes) what each process wrote."""
-    reasons = dict(lines.reasons)
-    for p in parts:
-        for k, v in p["reasons"].items():
-            reasons[k] = reasons.get(k, 0) + v
+    reasons = _summed([lines.reasons] + [p["reasons"] for p in parts])
     meta = {"latent_shape": next(p["latent_shape"] for p in parts if p["latent_shape"]),
             "skipped": sum(reasons.values()), "skipped_reasons": reasons,
             "manifest_records": lines.total + sum(p["total"] for p in parts)}
@@ -170,10 +166,7 @@ def _merged(parts: list[dict], lines: BadCounter, source: Subjects200KSource | N
         merged = dict(parts[0]["source"])
         merged["source_rows"] = sum(p["source"]["source_rows"] for p in parts)
         for key in ("filtered", "collections_seen"):
-            merged[key] = {}
-            for p in parts:
-                for k, v in p["source"][key].items():
-                    merged[key][k] = merged[key].get(k, 0) + v
+            merged[key] = _summed(p["source"][key] for p in parts)
         meta.update(merged)
     if len(parts) > 1:
         meta["processes"] = [{"process": p["process"], "pairs": p["pairs"], "skipped": p["bad"],
@@ -204,7 +197,8 @@ def encode_block(pairs: Callable[[BadCounter], Iterator], writer: ShardWriter, c
             "collections_seen": delta(source.collections_seen, seen) if source is not None else {}}
 
 
-def _summed(dicts: Iterator[dict[str, int]]) -> dict[str, int]:
+def _summed(dicts: Iterable[dict[str, int]]) -> dict[str, int]:
+    """Counts by key, added over `dicts`."""
     out: dict[str, int] = {}
     for d in dicts:
         for k, v in d.items():
