@@ -14,6 +14,7 @@ from customshift_jax.cli import (
     eval_cmd,
     export_cmd,
     generate_cmd,
+    plan_cmd,
     prepare_cmd,
     train_cmd,
 )
@@ -30,6 +31,7 @@ SUBCOMMANDS = {
     "prepare": prepare_cmd,
     "train": train_cmd,
     "bench-generate": bench_generate_cmd,
+    "plan": plan_cmd,
     "eval": eval_cmd,
 }
 

@@ -106,13 +106,14 @@ def _variables(params: Params, lora_params: Params | None) -> dict:
 
 
 def make_prefill(config: MMDiTConfig, lora: LoRAConfig | None = None, *, dtype: Any = jnp.float32,
-                 backend: str = "xla", activation_sharding: Callable | None = None) -> Callable:
+                 backend: str = "xla", remat: str = "none", activation_sharding: Callable | None = None) -> Callable:
     """Pure RAB prefill `f(params, rab_lora, ref_latents, subject_embeds, subject_pooled) -> {group: (K, V)}`.
 
-    Timestep 0 (the reference is clean), no skip layers; jax.jit takes it as it is. `activation_sharding`:
-    the block-boundary hook of `customshift_jax.parallel.sharding` (None: no constraint).
+    Timestep 0 (the reference is clean), no skip layers; jax.jit takes it as it is. `remat` matters inside the
+    training loss, where the RAB's activations are kept for its LoRA's gradient. `activation_sharding`: the
+    block-boundary hook of `customshift_jax.parallel.sharding` (None: no constraint).
     """
-    model = lora_model(config, lora, dtype=dtype, backend=backend, returns="kv",
+    model = lora_model(config, lora, dtype=dtype, backend=backend, remat=remat, returns="kv",
                        activation_sharding=activation_sharding)
 
     def prefill_fn(params, rab_lora, ref_latents, subject_embeds, subject_pooled):

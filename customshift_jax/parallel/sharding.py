@@ -106,11 +106,25 @@ def mesh_shape(n_devices: int, data: int = 1, fsdp: int = 1, tensor: int = 1, co
 
 def make_mesh(data: int = 1, fsdp: int = 1, tensor: int = 1, context: int = 1, *,
               devices: Sequence[jax.Device] | None = None) -> Mesh:
-    """A mesh over all devices (or `devices`) with axes ("data", "fsdp", "tensor", "context"), Auto axis types."""
-    n = len(devices) if devices is not None else jax.device_count()
-    sizes = mesh_shape(n, data, fsdp, tensor, context)
-    return jax.make_mesh(tuple(sizes.values()), MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES),
-                         devices=devices)
+    """A mesh over all devices (or `devices`) with axes ("data", "fsdp", "tensor", "context"), Auto axis types.
+
+    On several TPU slices (devices with distinct `slice_index`) the "data" axis is outermost and crosses the
+    slices over DCN (each slice holds data / slices of it); the other axes stay inside a slice, on ICI.
+    """
+    devices = list(devices) if devices is not None else jax.devices()
+    sizes = mesh_shape(len(devices), data, fsdp, tensor, context)
+    slices = len({getattr(d, "slice_index", 0) for d in devices})
+    axis_types = (AxisType.Auto,) * len(MESH_AXES)
+    if slices == 1:
+        return jax.make_mesh(tuple(sizes.values()), MESH_AXES, axis_types=axis_types, devices=devices)
+    if sizes["data"] % slices:
+        raise ValueError(f"mesh sizes {sizes}: on {slices} slices the data axis crosses them over DCN, so data "
+                         f"must be a multiple of {slices} (e.g. data={slices},fsdp=-1).")
+    from jax.experimental import mesh_utils
+
+    ici = (sizes["data"] // slices, sizes["fsdp"], sizes["tensor"], sizes["context"])
+    grid = mesh_utils.create_hybrid_device_mesh(ici, (slices, 1, 1, 1), devices)
+    return Mesh(grid, MESH_AXES, axis_types=axis_types)
 
 
 def parse_mesh(text: str) -> dict[str, int]:
@@ -390,7 +404,10 @@ class ShardedFunction:
         key = self._key(args)
         if key not in self._jitted:
             in_shardings, out_shardings = self.shardings(*args)
-            self._jitted[key] = jax.jit(self.fn, in_shardings=in_shardings, out_shardings=out_shardings)
+            # keep_unused: params a function does not read (the prefill's unused last layers) still sit in HBM,
+            # so the compiled program's argument bytes (`compile(...).memory_analysis()`) count them.
+            self._jitted[key] = jax.jit(self.fn, in_shardings=in_shardings, out_shardings=out_shardings,
+                                        keep_unused=True)
         return self._jitted[key]
 
     def compile(self, *args):

@@ -108,7 +108,8 @@ def make_loss_fn(config: MMDiTConfig, lora: LoRAConfig, *, dtype: Any = jnp.floa
         raise ValueError("reference dropout works through gamma = 0, which shift='concat' ignores; set "
                          "ref_dropout to 0 or train with shift='cads'.")
     dtype = as_dtype(dtype)
-    prefill = make_prefill(config, lora, dtype=dtype, backend=backend, activation_sharding=activation_sharding)
+    prefill = make_prefill(config, lora, dtype=dtype, backend=backend, remat=remat,
+                           activation_sharding=activation_sharding)
     forward = make_customshift_forward(config, lora, shift=shift, form=form, dtype=dtype, backend=backend,
                                        remat=remat, activation_sharding=activation_sharding)
     skip = np.zeros((config.num_layers,), bool)
