@@ -120,8 +120,9 @@ class _Request:
     prompts: list[str] | None
     embeds: PromptEmbeds
     reference: np.ndarray | None  # (1, 3, H, W) in [-1, 1]
-    subject_key: tuple | None
-    subject: Any  # (embeds, pooled) or None: encoded on a reference-cache miss
+    subject_name: str | None  # encoded on a reference-cache miss, when `subject` is None
+    subject: Any  # (embeds, pooled) or None
+    subject_key: tuple | None  # what the reference cache is made of besides the pixels
     n: int
     steps: int
     guidance: float
@@ -326,8 +327,8 @@ class CustomShiftPipeline:
         if pixels is not None:
             subject_key = ("text", subject, max_sequence_length) if subject is not None else (
                 "embeds", _digest(*subject_embeds))
-        return _Request(prompts, embeds, pixels, subject_key, subject_embeds, n, steps, float(guidance), float(gamma),
-                        height, width, int(seed), latents, max_sequence_length)
+        return _Request(prompts, embeds, pixels, subject, subject_embeds, subject_key, n, steps, float(guidance),
+                        float(gamma), height, width, int(seed), latents, max_sequence_length)
 
     def _reference_pixels(self, reference: Any, height: int, width: int) -> np.ndarray:
         """(1, 3, H, W) in [-1, 1] from an image file, a PIL image or a uint8 (H, W, 3) array."""
@@ -353,7 +354,7 @@ class CustomShiftPipeline:
         self._cache = None  # free the old one before making the new
         subject = request.subject
         if subject is None:
-            s = self.text_encoder().encode([request.subject_key[1]], max_sequence_length=request.max_sequence_length,
+            s = self.text_encoder().encode([request.subject_name], max_sequence_length=request.max_sequence_length,
                                            do_classifier_free_guidance=False)
             subject = (s.prompt_embeds, s.pooled_prompt_embeds)
             check_widths(self.config, request.embeds, subject, "subject")

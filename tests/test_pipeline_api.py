@@ -180,3 +180,19 @@ def test_bad_from_pretrained_arguments_fail_before_loading(tiny_checkpoint_dir, 
     with pytest.raises((ValueError, FileNotFoundError)) as e:
         CustomShiftPipeline.from_pretrained(tiny_checkpoint_dir, **kwargs)
     assert message in str(e.value) and "\n" not in str(e.value), str(e.value)
+
+
+def test_generate_passes_its_flags_to_the_pipeline(tmp_path, monkeypatch, capsys):
+    """`customshift generate --attention flash` (and the other model flags) reach `from_pretrained`."""
+    seen = {}
+
+    def stop(cls, path, **kwargs):
+        seen.update(kwargs, path=path)
+        raise ValueError("stopped after the flags were read")
+
+    monkeypatch.setattr(CustomShiftPipeline, "from_pretrained", classmethod(stop))
+    code = main(["generate", "--checkpoint", str(tmp_path), "--prompt", "a dog", "--attention", "flash", "--mesh",
+                 "data=2", "--rules", "dp", "--shift", "concat", "--out", str(tmp_path / "o")])
+    assert code == 2 and "stopped after the flags were read" in capsys.readouterr().err
+    assert seen["path"] == str(tmp_path) and seen["attention"] == "flash" and seen["mesh"] == "data=2"
+    assert seen["rules"] == "dp" and seen["shift"] == "concat"
