@@ -1,6 +1,8 @@
-"""End-to-end generation: load the components, encode the text, (prefill the reference), sample, decode.
+"""The stages of generation: load the components, (prefill the reference), sample, decode, write a PNG.
 
-The pieces are the library's pure functions; this module only wires them for `customshift generate`.
+The pieces are the library's pure functions; `Pipeline` compiles them once for one model, with the weights as call
+arguments. `CustomShiftPipeline` (customshift_pipeline.py) puts them in order from a prompt; training samples and
+the subject world's methods call `Pipeline` directly, with weights that change or references batched by row.
 """
 from __future__ import annotations
 
@@ -202,8 +204,8 @@ class StepProgress:
 
 
 class Pipeline:
-    """Prompt embeddings -> (reference -> cache) -> sampler -> VAE decode, for one model: what `customshift
-    generate`, training samples and `customshift demo` run.
+    """Prompt embeddings -> (reference -> cache) -> sampler -> VAE decode, for one model: what
+    `CustomShiftPipeline`, training samples and `customshift demo` run.
 
     The compiled functions are built once (on first use); the weights are call arguments, named as everywhere:
     the base params, and the CustomShift LoRAs `rab` and `cgb` (the CGB's with beta). `lora` is their
