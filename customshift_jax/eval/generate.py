@@ -19,6 +19,7 @@ from customshift_jax.customshift_pipeline import CustomShiftPipeline
 from customshift_jax.eval.plan import PlanItem
 from customshift_jax.pipeline import save_png
 from customshift_jax.sampling.sampler import initial_latents
+from customshift_jax.text import PromptEmbeds
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,6 +57,13 @@ def noise_for(seeds: Sequence[int], shape: tuple[int, int, int]) -> np.ndarray:
                            for s in seeds])
 
 
+def _row(embeds: PromptEmbeds, i: int) -> PromptEmbeds:
+    """Prompt i of `embeds` (with its negatives, if any)."""
+    return PromptEmbeds(*(None if a is None else a[i:i + 1] for a in (
+        embeds.prompt_embeds, embeds.pooled_prompt_embeds, embeds.negative_prompt_embeds,
+        embeds.negative_pooled_prompt_embeds)))
+
+
 def _group(item: PlanItem) -> tuple[str, str]:
     return item.subject, item.reference
 
@@ -81,13 +89,19 @@ def generate_plan(items: Sequence[PlanItem], out: Path, *, pipe: CustomShiftPipe
         by_prompt: dict[int, list[PlanItem]] = {}
         for it in group:
             by_prompt.setdefault(it.prompt_index, []).append(it)
-        for batch in by_prompt.values():
+        if all((out / it.image).exists() for it in group):
+            continue
+        prompts = [v[0].prompt for v in by_prompt.values()]  # encoded as one batch, as a group always was
+        embeds = pipe.text_encoder().encode(prompts, [s.negative_prompt] * len(prompts),
+                                            max_sequence_length=s.max_sequence_length,
+                                            do_classifier_free_guidance=s.guidance > 1)
+        for i, batch in enumerate(by_prompt.values()):
             if all((out / it.image).exists() for it in batch):
                 continue
             result = next(pipe.each_prompt(
-                batch[0].prompt, reference=reference, subject=batch[0].class_word, negative_prompt=s.negative_prompt,
-                num_images_per_prompt=len(batch), num_inference_steps=s.steps, guidance_scale=s.guidance,
-                gamma=s.gamma, height=s.height, width=s.width, latents=noise_for([it.seed for it in batch], shape),
+                reference=reference, subject=batch[0].class_word, num_images_per_prompt=len(batch),
+                num_inference_steps=s.steps, guidance_scale=s.guidance, gamma=s.gamma, height=s.height,
+                width=s.width, prompt_embeds=_row(embeds, i), latents=noise_for([it.seed for it in batch], shape),
                 max_sequence_length=s.max_sequence_length))
             for it, image in zip(batch, result.images, strict=True):
                 path = out / it.image
