@@ -319,7 +319,8 @@ class CustomShiftPipeline:
                 else list(negative_prompt)
             embeds = self.text_encoder().encode(prompts, negatives, max_sequence_length=max_sequence_length,
                                                 do_classifier_free_guidance=guidance > 1)
-        check_widths(self.config, embeds, subject_embeds, "prompt_embeds" if prompt_embeds is not None else "prompt")
+        check_widths(self.config, embeds, subject_embeds, "prompt_embeds" if prompt_embeds is not None else
+                     f"the text encoders of {self.text_folder}")
         if guidance > 1 and not embeds.has_negative:
             raise ValueError(f"guidance_scale={guidance} > 1 needs negative embeddings; prompt_embeds has none (or "
                              "use guidance_scale=1).")
@@ -357,7 +358,7 @@ class CustomShiftPipeline:
             s = self.text_encoder().encode([request.subject_name], max_sequence_length=request.max_sequence_length,
                                            do_classifier_free_guidance=False)
             subject = (s.prompt_embeds, s.pooled_prompt_embeds)
-            check_widths(self.config, request.embeds, subject, "subject")
+            check_widths(self.config, request.embeds, subject, f"the text encoders of {self.text_folder}")
         latents = self._steps.encode_reference(self.components.vae_params, request.reference)
         ref_kv = self._steps.reference_cache(self.params, self.rab, latents, *subject)
         self.prefills += 1
