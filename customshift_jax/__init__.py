@@ -2,7 +2,7 @@
 
 The names below load on first use, so that importing one submodule does not import the whole library.
 Layout (docs/architecture.md): models/ (MMDiT, VAE), customshift/ (the method), sampling/, parallel/, io/, text/,
-train/, pipeline.py, cli/.
+train/, pipeline.py, cli/. Prompt to images: `CustomShiftPipeline.from_pretrained(path)(prompt).images`.
 """
 import importlib
 
@@ -14,6 +14,8 @@ _EXPORTS = {
     "params_from_state_dict": "customshift_jax.models.mmdit.mapping",
     "state_dict_from_params": "customshift_jax.models.mmdit.mapping",
     "StateDictMismatch": "customshift_jax.models.mmdit.mapping",
+    "CustomShiftPipeline": "customshift_jax.customshift_pipeline",
+    "CustomShiftPipelineOutput": "customshift_jax.customshift_pipeline",
 }
 __all__ = list(_EXPORTS)
 
@@ -22,3 +24,7 @@ def __getattr__(name: str):
     if name in _EXPORTS:
         return getattr(importlib.import_module(_EXPORTS[name]), name)
     raise AttributeError(f"module 'customshift_jax' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)

@@ -1,6 +1,8 @@
-"""End-to-end generation: load the components, encode the text, (prefill the reference), sample, decode.
+"""The stages of generation: load the components, (prefill the reference), sample, decode, write a PNG.
 
-The pieces are the library's pure functions; this module only wires them for `customshift generate`.
+The pieces are the library's pure functions; `Pipeline` compiles them once for one model, with the weights as call
+arguments. `CustomShiftPipeline` (customshift_pipeline.py) puts them in order from a prompt; training samples and
+the subject world's methods call `Pipeline` directly, with weights that change or references batched by row.
 """
 from __future__ import annotations
 
@@ -20,6 +22,7 @@ from customshift_jax.customshift.sharded import make_sharded_prefill
 from customshift_jax.io.checkpoint import is_checkpoint, load_checkpoint
 from customshift_jax.io.loading import load_transformer, load_vae
 from customshift_jax.io.safe_files import save_image
+from customshift_jax.models.mmdit.attention import BACKENDS
 from customshift_jax.models.mmdit.config import MMDiTConfig
 from customshift_jax.models.vae import scale_latents, unscale_latents, vae_decode, vae_encode
 from customshift_jax.sampling import make_sampler, make_sharded_sampler
@@ -123,11 +126,13 @@ def load_embeds_file(path: str | Path, *, need_subject: bool) -> tuple[Any, tupl
     return embeds, subject
 
 
-def check_size(config: MMDiTConfig, vae_scale: int, height: int, width: int) -> None:
-    """Height and width must be multiples of vae scale x patch size, and fit the position grid."""
+def check_size(config: MMDiTConfig, vae_scale: int, height: int, width: int,
+               names: tuple[str, str] = ("--height", "--width")) -> None:
+    """Height and width must be multiples of vae scale x patch size, and fit the position grid; `names` name them
+    in the message (the CLI's flags, or the pipeline's arguments)."""
     unit = vae_scale * config.patch_size
     if height <= 0 or width <= 0 or height % unit or width % unit:
-        raise ValueError(f"--height {height} and --width {width} must be positive multiples of {unit} (VAE scale "
+        raise ValueError(f"{names[0]} {height} and {names[1]} {width} must be positive multiples of {unit} (VAE scale "
                          f"{vae_scale} x patch size {config.patch_size}).")
     grid = max(height, width) // unit
     if not config.latent_fits(height // vae_scale, width // vae_scale):
@@ -135,15 +140,15 @@ def check_size(config: MMDiTConfig, vae_scale: int, height: int, width: int) -> 
                          f"{config.pos_embed_max_size}; the largest side is {config.pos_embed_max_size * unit} px.")
 
 
-def check_init_latents(latents: np.ndarray, expected: Sequence[int], path: str | Path) -> None:
-    """--init-latents must have the batch's latent shape and hold only finite values."""
+def check_init_latents(latents: np.ndarray, expected: Sequence[int], what: str) -> None:
+    """Initial latents (`what`: "--init-latents FILE", or the pipeline's argument) must have the batch's latent
+    shape and hold only finite values."""
     if tuple(latents.shape) != tuple(expected):
-        raise ValueError(f"--init-latents {path} has shape {tuple(latents.shape)}; expected {tuple(expected)} "
-                         "(batch = prompts x images per prompt, 16 latent channels, height/8, width/8).")
+        raise ValueError(f"{what} has shape {tuple(latents.shape)}; expected {tuple(expected)} "
+                         "(prompts x images per prompt, latent channels, height and width over the VAE scale).")
     bad = int(np.size(latents) - np.isfinite(latents).sum())
     if bad:
-        raise ValueError(f"--init-latents {path} holds {bad} NaN / Inf of {np.size(latents)} values; all must be "
-                         "finite.")
+        raise ValueError(f"{what} holds {bad} NaN / Inf of {np.size(latents)} values; all must be finite.")
 
 
 def check_finite_latents(latents: np.ndarray, index: int, total: int) -> None:
@@ -155,12 +160,17 @@ def check_finite_latents(latents: np.ndarray, index: int, total: int) -> None:
                          "--gamma, --lora and the --checkpoint weights.")
 
 
+def to_pixels(image: np.ndarray) -> np.ndarray:
+    """(3, H, W) in [-1, 1] -> (H, W, 3) uint8, rounded: what a PNG of the image holds."""
+    return np.clip((np.asarray(image, np.float32).transpose(1, 2, 0) + 1.0) * 127.5 + 0.5, 0, 255).astype(np.uint8)
+
+
 def save_png(image: np.ndarray, path: Path, metadata: dict[str, Any]) -> None:
     """(3, H, W) in [-1, 1] -> PNG with the prompt and settings in its text chunks."""
     from PIL import Image
     from PIL.PngImagePlugin import PngInfo
 
-    pixels = np.clip((np.asarray(image, np.float32).transpose(1, 2, 0) + 1.0) * 127.5 + 0.5, 0, 255).astype(np.uint8)
+    pixels = to_pixels(image)
     info = PngInfo()
     info.add_text("prompt", str(metadata.get("prompt", "")))
     info.add_text("parameters", json.dumps(metadata, sort_keys=True))
@@ -194,22 +204,25 @@ class StepProgress:
 
 
 class Pipeline:
-    """Prompt embeddings -> (reference -> cache) -> sampler -> VAE decode, for one model: what `customshift
-    generate`, training samples and `customshift demo` run.
+    """Prompt embeddings -> (reference -> cache) -> sampler -> VAE decode, for one model: what
+    `CustomShiftPipeline`, training samples and `customshift demo` run.
 
     The compiled functions are built once (on first use); the weights are call arguments, named as everywhere:
     the base params, and the CustomShift LoRAs `rab` and `cgb` (the CGB's with beta). `lora` is their
-    `LoRAConfig` (None: no reference path). With `mesh`, every function runs sharded under `rules`.
+    `LoRAConfig` (None: no reference path). `backend` is the attention kernel (`RunOptions.backend`: "xla",
+    "blocked", "flash", ...). With `mesh`, every function runs sharded under `rules`.
     """
 
     def __init__(self, config: MMDiTConfig, vae_config: Any = None, *, lora: Any = None, shift: str = "cads",
-                 form: str = "two_pass", dtype: Any = jnp.float32, decode: bool = True, mesh: Any = None,
-                 rules: Any = "fsdp", progress: Any = None):
+                 form: str = "two_pass", dtype: Any = jnp.float32, backend: str = "xla", decode: bool = True,
+                 mesh: Any = None, rules: Any = "fsdp", progress: Any = None):
         CustomShiftAttnProcessor(shift, form)  # a bad shift or form fails here, before anything compiles
+        if backend not in BACKENDS:
+            raise ValueError(f"attention backend {backend!r}: expected one of {', '.join(BACKENDS)}.")
         if decode and vae_config is None:
             raise ValueError("Pipeline(decode=True) needs the vae_config.")
         self.config, self.vae_config, self.lora = config, vae_config, lora
-        self.shift, self.form, self.dtype, self.decode = shift, form, dtype, decode
+        self.shift, self.form, self.dtype, self.backend, self.decode = shift, form, dtype, backend, decode
         self.mesh, self.rules, self.progress = mesh, rules, progress
         self._built: dict[str, Any] = {}
 
@@ -219,7 +232,8 @@ class Pipeline:
         return self._built[name]
 
     def _sampler_kw(self) -> dict[str, Any]:
-        return dict(dtype=self.dtype, decode=self.decode, vae_config=self.vae_config, progress=self.progress)
+        return dict(dtype=self.dtype, backend=self.backend, decode=self.decode, vae_config=self.vae_config,
+                    progress=self.progress)
 
     def plain_sampler(self):
         """The SD3 sampler without a reference (`sampling.make_sampler`, sharded on the mesh if any)."""
@@ -245,9 +259,10 @@ class Pipeline:
     def prefill_function(self):
         """The compiled Reference-Alignment Branch `f(params, rab, ref_latents, subject_embeds, subject_pooled)`."""
         if self.mesh is None:
-            return self._get("prefill", lambda: jax.jit(make_prefill(self.config, self.lora, dtype=self.dtype)))
+            return self._get("prefill", lambda: jax.jit(make_prefill(self.config, self.lora, dtype=self.dtype,
+                                                                     backend=self.backend)))
         return self._get("prefill", lambda: make_sharded_prefill(self.config, self.mesh, self.rules, self.lora,
-                                                                 dtype=self.dtype))
+                                                                 dtype=self.dtype, backend=self.backend))
 
     def reference_cache(self, params: Any, rab: Any, ref_latents: Any, subject_embeds: Any,
                         subject_pooled: Any) -> Any:

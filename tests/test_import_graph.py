@@ -18,6 +18,7 @@ LAYERS: dict[str, int] = {
     "customshift_jax.customshift": 4,
     "customshift_jax.io": 5,
     "customshift_jax.reference": 6, "customshift_jax.pipeline": 6, "customshift_jax.testing": 6,
+    "customshift_jax.customshift_pipeline": 6,
     "customshift_jax.train": 7, "customshift_jax.crosscheck": 7,
     "customshift_jax.toyworld": 8, "customshift_jax.eval": 8, "customshift_jax.plan": 8,
     "customshift_jax.cli": 9,

@@ -15,11 +15,28 @@ def python_blocks() -> list[str]:
 def test_readme_python_blocks_run(tiny_pipeline_dir):  # noqa: F811
     blocks = python_blocks()
     assert blocks, "README has no python block"
+    scopes = []
     for code in blocks:
         scope: dict = {}
         exec(compile(code.replace("/tmp/tiny-sd3", str(tiny_pipeline_dir)), "README.md", "exec"), scope)
+        scopes.append(scope)
         if "sample" in scope:
             assert np.all(np.isfinite(np.asarray(scope["sample"]))), "README's sample is not finite"
+    _check_first_block(scopes[0])
+
+
+def _check_first_block(scope: dict) -> None:
+    """README's first block (the pipeline on the shipped world model) shows what its comment says: one image a
+    prompt, one prefill for both, the judge reading each prompt's context and the reference's body colour."""
+    from PIL import Image
+
+    images, contexts, read, star = scope["images"], scope["contexts"], scope["read"], scope["star"]
+    assert scope["pipe"].prefills == 1
+    assert len(images) == len(contexts) == 2
+    assert all(isinstance(im, Image.Image) and im.size == (32, 32) and im.mode == "RGB" for im in images)
+    for factor in ("scene", "position", "size"):
+        assert list(read[factor]) == [getattr(c, factor) for c in contexts], (factor, read[factor])
+    assert list(read["body"]) == [star.body] * 2, read["body"]
 
 
 # ------------------------------------------------------------------------------------------- bash blocks

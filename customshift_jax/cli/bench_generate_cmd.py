@@ -60,7 +60,7 @@ def _settings(args: argparse.Namespace, height: int, width: int) -> dict:
 
 
 def run(args: argparse.Namespace) -> int:
-    from customshift_jax.cli.generate_cmd import _lora_trees, _read_lora, check_gamma, check_seed
+    from customshift_jax.cli.generate_cmd import check_gamma, check_seed
     from customshift_jax.eval.benchmarks import load_benchmark
     from customshift_jax.eval.plan import make_plan, parse_shard, select, shard_items, write_manifest
 
@@ -79,35 +79,30 @@ def run(args: argparse.Namespace) -> int:
     bench = select(load_benchmark(args.benchmark, args.data), names, args.max_prompts)
     items = make_plan(bench, images_per_prompt=args.images_per_prompt, seed=args.seed,
                       reference_rule=args.reference_rule)
-    lora_files = _read_lora(args.lora)  # a damaged LoRA fails before the weights load
 
     import jax
 
+    from customshift_jax.customshift_pipeline import CustomShiftPipeline, read_lora_files
     from customshift_jax.eval.generate import SampleSettings, generate_plan
-    from customshift_jax.pipeline import Pipeline, check_size, load_components
-    from customshift_jax.sampling import make_schedule
-    from customshift_jax.text import CachedTextEncoder, load_text_encoders
+    from customshift_jax.pipeline import check_size
 
+    lora = read_lora_files(args.lora, what="--lora") if args.lora else None  # damaged: fails before the weights load
     if shard is None and jax.process_count() > 1:
         shard = (jax.process_index(), jax.process_count())
-    comps = load_components(args.checkpoint, text_encoders=args.text_encoders)
-    config, scale = comps.config, comps.vae_config.downsample_factor
+    pipe = CustomShiftPipeline.from_pretrained(args.checkpoint, lora=lora, text_backend=args.text_backend,
+                                               text_encoders=args.text_encoders, text_cache=args.text_cache,
+                                               shift=args.shift, progress=False)
+    config, scale = pipe.config, pipe.vae_scale
     height, width = args.height or config.sample_size * scale, args.width or config.sample_size * scale
     check_size(config, scale, height, width)
     out.mkdir(parents=True, exist_ok=True)
     write_manifest(out, items, _settings(args, height, width))
     mine = shard_items(items, shard)
-    if comps.text_folder is None:
+    if pipe.text_folder is None:
         raise ValueError(f"{args.checkpoint} has no text encoders: pass --text-encoders PIPELINE_FOLDER.")
-    encoder = CachedTextEncoder(load_text_encoders(comps.text_folder, backend=args.text_backend), args.text_cache)
-    lora_cfg, rab, cgb = _lora_trees(lora_files, config)
-    pipe = Pipeline(config, comps.vae_config, lora=lora_cfg, shift=args.shift, decode=False)
-    schedule = make_schedule(comps.scheduler, args.steps, image_seq_len=(height // scale // config.patch_size) *
-                             (width // scale // config.patch_size))
     settings = SampleSettings(args.steps, args.guidance, args.gamma, height, width, args.max_sequence_length,
                               args.negative_prompt)
-    stats = generate_plan(mine, out, pipe=pipe, comps=comps, lora=(rab, cgb), encoder=encoder, settings=settings,
-                          schedule=schedule, params=comps.params, limit=args.limit,
+    stats = generate_plan(mine, out, pipe=pipe, settings=settings, limit=args.limit,
                           extra_meta={"checkpoint": str(args.checkpoint), "lora": args.lora, "shift": args.shift})
     part = f" (shard {shard[0]}/{shard[1]})" if shard else ""
     print(f"{len(mine)} images{part}: {stats.present} already there, {stats.written} written, {stats.left} left"

@@ -7,7 +7,8 @@ Examples:
   customshift generate --checkpoint ckpt/ --prompt "a dog" --num-images 8 --mesh data=2,fsdp=4 --rules fsdp
 
 CKPT is a checkpoint written by `customshift convert` or a diffusers SD3 pipeline folder. Text encoders
-(PyTorch, on the host) come from --text-encoders or the pipeline folder; --embeds skips them.
+(PyTorch, on the host) come from --text-encoders or the pipeline folder; --embeds skips them. The work is
+`customshift_jax.CustomShiftPipeline`'s: this command turns flags into its arguments and writes the PNGs.
 """
 from __future__ import annotations
 
@@ -15,11 +16,10 @@ import argparse
 import json
 import math
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
-from customshift_jax.io.images import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS, ImageLimits, load_reference_image
+from customshift_jax.io.images import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS, ImageLimits
 from customshift_jax.io.safe_files import atomic_write, make_dir, write_text
 
 HELP = "generate images (SD3, or CustomShift with --reference/--subject)"
@@ -62,6 +62,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "tensor, context; sizes multiply to the device count, one may be -1)")
     p.add_argument("--rules", default="fsdp", help="sharding rule set with --mesh: dp, fsdp, tp, fsdp_tp, context "
                    "(default fsdp)")
+    p.add_argument("--attention", choices=("xla", "blocked", "flash"), default="xla",
+                   help="attention kernel: xla (default, the reference), blocked (queries in blocks: bounded logits "
+                   "memory), flash (the Pallas kernels; interpret mode on CPU: slow, for checking)")
     g = p.add_argument_group("CustomShift")
     g.add_argument("--reference", help="reference image of the subject (JPEG, PNG, ...)")
     g.add_argument("--max-image-bytes", type=int, default=DEFAULT_MAX_BYTES, help="largest --reference file read")
@@ -74,36 +77,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="attention distribution shift, or plain concatenation (ablation)")
     g.add_argument("--lora", help="CustomShift LoRA folder (customshift_cgb/rab/beta.safetensors, the PEFT / "
                    "diffusers naming that training exports)")
-
-
-def _encode(args, comps, prompts):
-    """(PromptEmbeds for the prompts, subject (embeds, pooled) or None)."""
-    from customshift_jax.pipeline import load_embeds_file
-    from customshift_jax.text import CachedTextEncoder, load_text_encoders
-
-    need_subject = args.reference is not None
-    if args.embeds:
-        embeds, subject = load_embeds_file(args.embeds, need_subject=need_subject and comps.text_folder is None)
-        if subject is not None or not need_subject:
-            return embeds, subject
-    if comps.text_folder is None:
-        raise ValueError(f"{args.checkpoint} has no text encoders: pass --text-encoders PIPELINE_FOLDER, or "
-                         "precomputed embeddings with --embeds FILE.npz (or convert them into the checkpoint: "
-                         "`customshift convert PIPELINE DST --components transformer,vae,text_encoders`).")
-    encoder = CachedTextEncoder(load_text_encoders(comps.text_folder, backend=args.text_backend), args.text_cache)
-    embeds = None
-    if not args.embeds:
-        embeds = encoder.encode(prompts, [args.negative_prompt] * len(prompts),
-                                max_sequence_length=args.max_sequence_length,
-                                do_classifier_free_guidance=args.guidance > 1)
-    else:
-        embeds, _ = load_embeds_file(args.embeds, need_subject=False)
-    subject = None
-    if need_subject:
-        s = encoder.encode([args.subject], max_sequence_length=args.max_sequence_length,
-                           do_classifier_free_guidance=False)
-        subject = (s.prompt_embeds, s.pooled_prompt_embeds)
-    return embeds, subject
 
 
 def check_seed(seed: int) -> None:
@@ -143,24 +116,12 @@ def output_folder(out: str | None, cwd: Path | None = None) -> Path:
 
 
 def run(args: argparse.Namespace) -> int:
+    """Flags -> `CustomShiftPipeline` arguments; each prompt's PNGs (with their settings) written as they come."""
     check_numbers(args)  # before jax is imported: a bad number fails at once
     args.out = str(output_folder(args.out))  # before anything loads: a bad --out fails at once
 
-    import jax
-    import numpy as np
-
-    from customshift_jax.pipeline import (
-        Pipeline,
-        StepProgress,
-        check_finite_latents,
-        check_init_latents,
-        check_size,
-        load_components,
-        read_prompts,
-        read_transformer_config,
-        save_png,
-    )
-    from customshift_jax.sampling import Conditioning, make_schedule
+    from customshift_jax.customshift_pipeline import CustomShiftPipeline, check_widths, read_lora_files
+    from customshift_jax.pipeline import check_init_latents, check_size, load_embeds_file, read_prompts, save_png
 
     if args.reference is not None and not (args.subject or "").strip() and not args.embeds:
         raise ValueError("--reference needs --subject NAME (the subject's name, e.g. 'dog'); it is empty.")
@@ -175,85 +136,61 @@ def run(args: argparse.Namespace) -> int:
     if prompts is None and not args.embeds:
         raise ValueError("give --prompt TEXT, --prompts-file FILE, or --embeds FILE.npz.")
 
-    mesh = _mesh(args)  # before loading anything: a bad --mesh / --rules fails fast
-    lora_files = _read_lora(args.lora, not args.no_verify) if args.reference else None  # damaged / NaN: fails fast
-    early = read_transformer_config(args.checkpoint) if lora_files else None
-    # A LoRA of another model fails here, before the weights and text encoders load; the fitted trees are kept.
-    fitted = (early, _lora_trees(lora_files, early)) if early is not None else None
-    comps = load_components(args.checkpoint, text_encoders=args.text_encoders, verify=not args.no_verify)
-    config, vae_config = comps.config, comps.vae_config
-    scale = vae_config.downsample_factor
+    lora = None
+    if args.lora and args.reference:  # damaged / NaN: fails before the weights load
+        lora = read_lora_files(args.lora, verify=not args.no_verify, what="--lora")
+    limits = ImageLimits(max_bytes=args.max_image_bytes, max_pixels=args.max_image_pixels)
+    pipe = CustomShiftPipeline.from_pretrained(
+        args.checkpoint, lora=lora, text_backend=args.text_backend, attention=args.attention, mesh=args.mesh,
+        rules=args.rules, text_encoders=args.text_encoders, text_cache=args.text_cache, shift=args.shift,
+        verify=not args.no_verify, image_limits=limits)
+    config, scale = pipe.config, pipe.vae_scale
     height = args.height or config.sample_size * scale
     width = args.width or config.sample_size * scale
     check_size(config, scale, height, width)
-    image = None
-    if args.reference:  # read it before the slow steps, so a bad file fails fast
-        limits = ImageLimits(max_bytes=args.max_image_bytes, max_pixels=args.max_image_pixels)
-        image = load_reference_image(args.reference, height, width, limits)
-    embeds, subject = _encode(args, comps, prompts or [])
-    _check_widths(config, embeds, subject, args.embeds or args.text_encoders or args.checkpoint)
-    n_prompts = int(np.shape(embeds.prompt_embeds)[0])
+    embeds, subject = None, None
+    if args.embeds:
+        need_subject = args.reference is not None and (pipe.text_folder is None or not args.subject)
+        embeds, subject = load_embeds_file(args.embeds, need_subject=need_subject)
+        check_widths(config, embeds, subject, args.embeds)
+    elif pipe.text_folder is None:
+        raise ValueError(f"{args.checkpoint} has no text encoders: pass --text-encoders PIPELINE_FOLDER, or "
+                         "precomputed embeddings with --embeds FILE.npz (or convert them into the checkpoint: "
+                         "`customshift convert PIPELINE DST --components transformer,vae,text_encoders`).")
+    n_prompts = len(prompts) if embeds is None else int(np.shape(embeds.prompt_embeds)[0])
     if prompts is None:
         prompts = [f"(prompt {i} of {args.embeds})" for i in range(n_prompts)]
     if n_prompts != len(prompts):
         raise ValueError(f"--embeds holds {n_prompts} prompts but {len(prompts)} were given.")
-    if args.guidance > 1 and not embeds.has_negative:
+    if embeds is not None and args.guidance > 1 and not embeds.has_negative:
         raise ValueError("guidance > 1 needs negative embeddings; the --embeds file has none (or use "
                          "--guidance 1).")
-    shape = (n_prompts * args.num_images, config.in_channels, height // scale, width // scale)
     init = None
     if args.init_latents:
         init = np.load(args.init_latents).astype(np.float32)
-        check_init_latents(init, shape, args.init_latents)
+        shape = (n_prompts * args.num_images, config.in_channels, height // scale, width // scale)
+        check_init_latents(init, shape, f"--init-latents {args.init_latents}")
 
-    schedule = make_schedule(comps.scheduler, args.steps, image_seq_len=(height // scale // config.patch_size) *
-                             (width // scale // config.patch_size))
-    progress = StepProgress()
-    if not args.reference:
-        lora_cfg, rab_lora, cgb_lora = None, None, None
-    elif fitted is not None and fitted[0] == config:
-        lora_cfg, rab_lora, cgb_lora = fitted[1]  # fitted once, before loading
-    else:
-        lora_cfg, rab_lora, cgb_lora = _lora_trees(lora_files, config)
-    pipe = Pipeline(config, vae_config, lora=lora_cfg, shift=args.shift, decode=False, mesh=mesh, rules=args.rules,
-                    progress=progress)
-    params = comps.params
-    if mesh is not None:
-        from customshift_jax.parallel import sharding as shd
-
-        params = shd.shard_params(params, mesh, args.rules)
-    ref_kv = None
-    if args.reference:
-        ref_latents = pipe.encode_reference(comps.vae_params, image)
-        ref_kv = pipe.reference_cache(params, rab_lora, ref_latents, *subject)
+    results = pipe.each_prompt(
+        None if embeds is not None else prompts, reference=args.reference,
+        subject=args.subject if args.reference and subject is None else None, subject_embeds=subject,
+        negative_prompt=None if embeds is not None else args.negative_prompt, num_images_per_prompt=args.num_images,
+        num_inference_steps=args.steps, guidance_scale=args.guidance, gamma=args.gamma, height=height, width=width,
+        seed=args.seed, prompt_embeds=embeds, latents=init, max_sequence_length=args.max_sequence_length)
     out = make_dir(args.out, "--out")
-    key = jax.random.key(args.seed)
-    n = args.num_images
     finals = []
-    for i, prompt in enumerate(prompts):
-        pick = lambda a: None if a is None else np.repeat(np.asarray(a)[i:i + 1], n, axis=0)  # noqa: E731
-        cond = Conditioning(pick(embeds.prompt_embeds), pick(embeds.pooled_prompt_embeds),
-                            pick(embeds.negative_prompt_embeds) if args.guidance > 1 else None,
-                            pick(embeds.negative_pooled_prompt_embeds) if args.guidance > 1 else None)
-        progress.start(args.steps, f"prompt {i + 1}/{len(prompts)}")
-        kw = dict(latents=init[i * n:(i + 1) * n]) if init is not None else dict(
-            latents=None, key=jax.random.fold_in(key, i), height=height, width=width)
-        z = pipe.sample(params, cond=cond, schedule=schedule, guidance=args.guidance, cgb=cgb_lora, ref_kv=ref_kv,
-                        gamma=args.gamma, **kw)
-        z = jax.block_until_ready(z)
-        progress.close()
-        finals.append(np.asarray(z))
-        check_finite_latents(finals[-1], i, len(prompts))  # NaN latents would decode to a black PNG
-        images = np.asarray(pipe.decode_latents(comps.vae_params, finals[-1]))  # from the host: z may be on a mesh
-        for j in range(n):
+    for result in results:
+        i, prompt = result.index, prompts[result.index]
+        finals.append(result.latents)
+        for j in range(args.num_images):
             meta = dict(prompt=prompt, negative_prompt=args.negative_prompt, seed=args.seed, index=j,
                         steps=args.steps, guidance=args.guidance, height=height, width=width,
                         checkpoint=str(args.checkpoint), reference=args.reference, subject=args.subject,
                         gamma=args.gamma if args.reference else None, shift=args.shift if args.reference else None,
                         lora=args.lora, mesh=args.mesh, rules=args.rules if args.mesh else None,
-                        init_latents=args.init_latents)
+                        init_latents=args.init_latents, attention=args.attention)
             path = out / f"{i:03d}_{j:02d}.png"
-            save_png(images[j], path, meta)
+            save_png(result.images[j], path, meta)
             print(path)
     if args.save_latents:
         latents_path = args.save_latents + ("" if args.save_latents.endswith(".npy") else ".npy")  # as np.save
@@ -263,50 +200,3 @@ def run(args: argparse.Namespace) -> int:
     settings = {k: v for k, v in vars(args).items() if not k.startswith("_")}  # no internal entries
     write_text(out / "settings.json", json.dumps(settings, indent=1, default=str), what="settings")
     return 0
-
-
-def _check_widths(config, embeds, subject, source) -> None:
-    """Embeddings of other text encoders fail here, in the user's terms, not inside the sampler."""
-    widths = {"prompt_embeds": (np.shape(embeds.prompt_embeds)[-1], config.joint_attention_dim),
-              "pooled_prompt_embeds": (np.shape(embeds.pooled_prompt_embeds)[-1], config.pooled_projection_dim)}
-    if subject is not None:
-        widths["subject_embeds"] = (np.shape(subject[0])[-1], config.joint_attention_dim)
-    for name, (got, want) in widths.items():
-        if got != want:
-            raise ValueError(f"{source}: {name} are {got} wide, this model takes {want}: they were made by other "
-                             "text encoders; encode with this model's (customshift encode --text-encoders DIR).")
-
-
-def _mesh(args):
-    """The device mesh of --mesh (checked with --rules), or None without it."""
-    if not args.mesh:
-        return None
-    from customshift_jax.parallel import sharding as shd
-
-    shd.as_rules(args.rules)  # an unknown rule set fails here, naming the known ones
-    return shd.make_mesh(**shd.parse_mesh(args.mesh))
-
-
-def _read_lora(path: str | None, verify: bool = True) -> tuple[dict, Any] | None:
-    """(state dict, LoRAConfig) of the --lora folder, checked (intact files, finite values), or None without one."""
-    if path is None:
-        return None
-    from customshift_jax.io.lora_files import load_lora_files
-
-    try:
-        return load_lora_files(path, verify=verify)
-    except FileNotFoundError as e:  # the messages name the folder or file already
-        raise FileNotFoundError(f"--lora: {e}") from None
-    except ValueError as e:
-        raise ValueError(f"--lora: {e}") from None
-
-
-def _lora_trees(files: tuple[dict, Any] | None, config) -> tuple[Any, Any, Any]:
-    """(LoRAConfig, RAB LoRA, CGB LoRA) fitted to the model from `_read_lora`, or (None, None, None) without one."""
-    if files is None:
-        return None, None, None
-    from customshift_jax.io.lora_files import from_state_dict
-
-    state_dict, lora = files
-    rab, cgb = from_state_dict(config, lora, state_dict)
-    return lora, rab, cgb

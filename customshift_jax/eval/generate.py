@@ -1,4 +1,4 @@
-"""Run a generation plan with the pipeline: one prefill per (subject, reference), one sampler call per prompt.
+"""Run a generation plan with `CustomShiftPipeline`: one prefill per (subject, reference), one call per prompt.
 
 The image at seed S is sampled from the noise `customshift generate --seed S --num-images 1` draws, and a
 prompt's images are always sampled together (missing ones saved, present ones left alone), so a resumed or
@@ -15,11 +15,11 @@ from typing import Any
 import jax
 import numpy as np
 
+from customshift_jax.customshift_pipeline import CustomShiftPipeline
 from customshift_jax.eval.plan import PlanItem
-from customshift_jax.io.images import load_reference_image
-from customshift_jax.pipeline import Pipeline, check_finite_latents, save_png
-from customshift_jax.sampling import Conditioning
+from customshift_jax.pipeline import save_png
 from customshift_jax.sampling.sampler import initial_latents
+from customshift_jax.text import PromptEmbeds
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,19 +57,21 @@ def noise_for(seeds: Sequence[int], shape: tuple[int, int, int]) -> np.ndarray:
                            for s in seeds])
 
 
+def _row(embeds: PromptEmbeds, i: int) -> PromptEmbeds:
+    """Prompt i of `embeds` (with its negatives, if any)."""
+    return PromptEmbeds(*(None if a is None else a[i:i + 1] for a in (
+        embeds.prompt_embeds, embeds.pooled_prompt_embeds, embeds.negative_prompt_embeds,
+        embeds.negative_pooled_prompt_embeds)))
+
+
 def _group(item: PlanItem) -> tuple[str, str]:
     return item.subject, item.reference
 
 
-def _rows(a: np.ndarray | None, i: int, n: int) -> np.ndarray | None:
-    """Row i of `a` repeated n times (None stays None): one prompt's conditioning for its n images."""
-    return None if a is None else np.repeat(np.asarray(a)[i:i + 1], n, axis=0)
-
-
-def generate_plan(items: Sequence[PlanItem], out: Path, *, pipe: Pipeline, comps: Any, lora: tuple[Any, Any],
-                  encoder: Any, settings: SampleSettings, schedule: Any, params: Any, limit: int | None = None,
-                  extra_meta: dict[str, Any] | None = None) -> GenerateStats:
-    """Write the plan's missing PNGs under `out` (at most `limit` of them); `lora` is (RAB LoRA, CGB LoRA)."""
+def generate_plan(items: Sequence[PlanItem], out: Path, *, pipe: CustomShiftPipeline, settings: SampleSettings,
+                  limit: int | None = None, extra_meta: dict[str, Any] | None = None) -> GenerateStats:
+    """Write the plan's missing PNGs under `out` (at most `limit` of them) with `pipe`; the pipeline keeps each
+    (subject, reference)'s cache across its prompts, so a group runs one prefill."""
     from tqdm import tqdm
 
     stats = GenerateStats(present=sum((out / it.image).exists() for it in items))
@@ -78,38 +80,30 @@ def generate_plan(items: Sequence[PlanItem], out: Path, *, pipe: Pipeline, comps
     stats.left = todo - budget
     if budget == 0:
         return stats
-    rab, cgb = lora
     s = settings
-    cfg = s.guidance > 1
-    scale = comps.vae_config.downsample_factor
-    shape = (comps.config.in_channels, s.height // scale, s.width // scale)
+    scale = pipe.vae_scale
+    shape = (pipe.config.in_channels, s.height // scale, s.width // scale)
     bar = tqdm(total=budget, desc="images", unit="img", disable=None)
     for (_, reference), group in itertools.groupby(sorted(items, key=_group), key=_group):
         group = list(group)
-        if all((out / it.image).exists() for it in group):
-            continue
-        sub = encoder.encode([group[0].class_word], max_sequence_length=s.max_sequence_length,
-                             do_classifier_free_guidance=False)
-        latents = pipe.encode_reference(comps.vae_params, load_reference_image(reference, s.height, s.width))
-        ref_kv = pipe.reference_cache(params, rab, latents, sub.prompt_embeds, sub.pooled_prompt_embeds)
-        by_prompt = {}
+        by_prompt: dict[int, list[PlanItem]] = {}
         for it in group:
             by_prompt.setdefault(it.prompt_index, []).append(it)
-        prompts = [v[0].prompt for v in by_prompt.values()]
-        embeds = encoder.encode(prompts, [s.negative_prompt] * len(prompts), max_sequence_length=s.max_sequence_length,
-                                do_classifier_free_guidance=cfg)
+        if all((out / it.image).exists() for it in group):
+            continue
+        prompts = [v[0].prompt for v in by_prompt.values()]  # encoded as one batch, as a group always was
+        embeds = pipe.text_encoder().encode(prompts, [s.negative_prompt] * len(prompts),
+                                            max_sequence_length=s.max_sequence_length,
+                                            do_classifier_free_guidance=s.guidance > 1)
         for i, batch in enumerate(by_prompt.values()):
             if all((out / it.image).exists() for it in batch):
                 continue
-            cond = Conditioning(*(_rows(a, i, len(batch)) for a in (
-                embeds.prompt_embeds, embeds.pooled_prompt_embeds, embeds.negative_prompt_embeds if cfg else None,
-                embeds.negative_pooled_prompt_embeds if cfg else None)))
-            z = pipe.sample(params, noise_for([it.seed for it in batch], shape), cond, schedule, guidance=s.guidance,
-                            cgb=cgb, ref_kv=ref_kv, gamma=s.gamma)
-            z = np.asarray(jax.block_until_ready(z))
-            check_finite_latents(z, batch[0].prompt_index, len(by_prompt))
-            images = np.asarray(pipe.decode_latents(comps.vae_params, z))
-            for it, image in zip(batch, images, strict=True):
+            result = next(pipe.each_prompt(
+                reference=reference, subject=batch[0].class_word, num_images_per_prompt=len(batch),
+                num_inference_steps=s.steps, guidance_scale=s.guidance, gamma=s.gamma, height=s.height,
+                width=s.width, prompt_embeds=_row(embeds, i), latents=noise_for([it.seed for it in batch], shape),
+                max_sequence_length=s.max_sequence_length))
+            for it, image in zip(batch, result.images, strict=True):
                 path = out / it.image
                 if path.exists():
                     continue

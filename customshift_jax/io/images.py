@@ -93,13 +93,19 @@ def load_reference_image(path: str | Path, height: int, width: int,
 
     An unreadable, missing, oversized or non-regular file is a ValueError / FileNotFoundError naming it.
     """
-    from PIL import Image
-
     path = Path(path)
     try:
         img = read_image(path, limits)
     except (ValueError, FileNotFoundError) as e:
         raise type(e)(f"reference {e}") from None
+    return reference_pixels(img, height, width)
+
+
+def reference_pixels(img: Any, height: int, width: int) -> np.ndarray:
+    """(1, 3, height, width) float32 in [-1, 1] from an RGB PIL image: centre-cropped to the aspect, resized
+    (bicubic). What `load_reference_image` does after reading the file."""
+    from PIL import Image
+
     w, h = img.size
     target = width / height
     if w / h > target:  # too wide: crop the sides
