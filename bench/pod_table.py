@@ -13,6 +13,7 @@ largest of 8, 4, 2 dividing the heads), remat full for training (none for sampli
 from __future__ import annotations
 
 import argparse
+import gzip
 import json
 import os
 import sys
@@ -61,7 +62,10 @@ def run(out: Path, models, tasks, topologies, rule_sets) -> None:
                     work = Workload(config, task, 1024, len(pod.devices), remat=remat)
                     start = time.time()
                     try:
-                        rec = plan(pod, work, mesh, rules, model_name=model)
+                        rec = plan(pod, work, mesh, rules, model_name=model, keep_hlo=True)
+                        hlo_file = out.parent / "hlo" / ("_".join(k) + ".txt.gz")
+                        hlo_file.parent.mkdir(exist_ok=True)
+                        hlo_file.write_bytes(gzip.compress(rec.pop("hlo", "").encode()))
                     except Exception as e:  # noqa: BLE001 - recorded, the table says so
                         rec = {"model": model, "task": task, "rules": rules, "remat": remat,
                                "error": f"{type(e).__name__}: {str(e)[:300]}"}
@@ -69,6 +73,26 @@ def run(out: Path, models, tasks, topologies, rule_sets) -> None:
                     with out.open("a") as f:
                         f.write(json.dumps(rec, default=str) + "\n")
                     print(f"{topo} {model} {task} {rules} {remat}: {time.time() - start:.0f} s", flush=True)
+
+
+def reanalyze(out: Path) -> None:
+    """Recompute collectives, HBM traffic and the roofline of every record from its saved HLO (no compile)."""
+    from customshift_jax.plan import hlo
+    from customshift_jax.plan.planner import roofline
+    from customshift_jax.plan.pod import load_pod
+
+    recs = [json.loads(line) for line in out.read_text().splitlines()]
+    for rec in recs:
+        hlo_file = out.parent / "hlo" / ("_".join(key(rec)) + ".txt.gz")
+        if "error" in rec or not hlo_file.exists() or rec.get("roofline") is None:
+            continue
+        stats = hlo.analyze(gzip.decompress(hlo_file.read_bytes()).decode())
+        rec.update(collectives=stats.collectives(), ici_bytes_per_device=stats.ici_bytes,
+                   dcn_bytes_per_device=stats.dcn_bytes, hbm_bytes_accessed_per_device=stats.hbm_bytes,
+                   loops=[n for _, n in stats.loops])
+        rec["roofline"] = roofline(load_pod(rec["topology_name"]), rec["flops_per_device"], stats.hbm_bytes,
+                                   stats.ici_bytes, stats.dcn_bytes, rec["items_per_call"])
+    out.write_text("".join(json.dumps(r, default=str) + "\n" for r in recs))
 
 
 def table(out: Path) -> str:
@@ -108,9 +132,12 @@ def main() -> None:
     parser.add_argument("--tasks", nargs="+", default=list(TASKS))
     parser.add_argument("--topologies", nargs="+", default=list(TOPOLOGIES))
     parser.add_argument("--rules", nargs="+", default=["fsdp", "fsdp_tp"], help="rule sets to compile")
+    parser.add_argument("--reanalyze", action="store_true", help="recount from the saved HLO, then print the table")
     parser.add_argument("--table", action="store_true", help="print the markdown table of the results so far")
     args = parser.parse_args()
-    if args.table:
+    if args.reanalyze:
+        reanalyze(args.out)
+    if args.table or args.reanalyze:
         print(table(args.out))
         return
     run(args.out, args.models, args.tasks, args.topologies, args.rules)

@@ -14,6 +14,8 @@ import pytest
 
 pytest.importorskip("libtpu")
 
+from fixtures_pipeline import tiny_checkpoint_dir, tiny_pipeline_dir  # noqa: E402,F401  (session fixtures)
+
 from customshift_jax.cli.main import main  # noqa: E402
 from customshift_jax.models.mmdit.config import get_preset  # noqa: E402
 from customshift_jax.parallel import sharding as shd  # noqa: E402
@@ -131,3 +133,35 @@ def test_does_not_fit_says_by_how_much_and_which_knob(capsys):
                  "fp32"])
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert code == 3 and "does not fit" in err and "GiB over" in err and "--rules fsdp" in err and "--dtype bf16" in err, err
+
+
+def test_sweep_grid_and_table_mark_the_fastest_that_fits():
+    import argparse
+
+    from customshift_jax.cli.plan_cmd import _candidates, sweep_table
+
+    args = argparse.Namespace(sweep=True, task="train-lora", remat="none", attention="flash", mesh="fsdp=-1",
+                              rules="fsdp")
+    grid = _candidates(args, get_preset("sd3.5-large"), 16, 2)  # 38 heads: tensor 2; two slices: data=2
+    assert [(c["rules"], c["remat"]) for c in grid] == [(r, m) for r in ("dp", "fsdp", "fsdp_tp")
+                                                        for m in ("none", "full")]
+    assert grid[4]["mesh"] == {"data": 2, "fsdp": -1, "tensor": 2} and {c["attention"] for c in grid} == {"flash"}
+
+    def report(rules, step, fits):
+        return {"rules": rules, "mesh": {"fsdp": 4}, "remat": "full", "attention": "xla",
+                "memory": {"total": 2 ** 30, "fits": fits}, "roofline": {"step_s": step, "mfu_ceiling": 0.5,
+                                                                          "items_per_s": 1 / step},
+                "ici_bytes_per_device": 0, "dcn_bytes_per_device": 0}
+
+    lines = sweep_table([report("dp", 0.1, False), report("fsdp", 0.3, True), report("fsdp_tp", 0.2, True)])
+    marked = [line for line in lines.splitlines() if line.startswith("*")]
+    assert len(marked) == 1 and "fsdp_tp" in marked[0], lines  # dp is faster but does not fit
+
+
+def test_model_from_a_checkpoint_or_a_diffusers_folder(tiny_pipeline_dir, tiny_checkpoint_dir):  # noqa: F811
+    from customshift_jax.cli.plan_cmd import model_config
+    from customshift_jax.io.loading import load_transformer
+
+    for folder in (tiny_pipeline_dir, tiny_checkpoint_dir):
+        config, name = model_config(str(folder))
+        assert config == load_transformer(folder)[0] and name == folder.name

@@ -106,3 +106,17 @@ ENTRY %main (a: f32[4]) -> f32[4] {
     assert stats.collectives()["all-reduce"] == {"count": 7, "bytes": 7 * 2 * 16 * 3 / 4, "async_count": 0,
                                                  "ici_bytes": 7 * 2 * 16 * 3 / 4, "dcn_bytes": 0}
     assert hlo.parse_shape("(bf16[2,3]{1,0:T(8,128)(2,1)S(1)}, s32[])")[0] == hlo.Array("bf16", (2, 3), True)
+
+
+def test_hbm_bytes_of_one_matmul_are_its_operands_and_result():
+    pytest.importorskip("libtpu")
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+    from customshift_jax.plan.pod import load_pod
+
+    mesh = Mesh(np.array(load_pod("v5e:2x2").devices[:1]).reshape(1), ("x",))
+    rep = NamedSharding(mesh, P())
+    a = jax.ShapeDtypeStruct((1024, 2048), jnp.bfloat16, sharding=rep)
+    b = jax.ShapeDtypeStruct((2048, 512), jnp.bfloat16, sharding=rep)
+    stats = hlo.analyze(jax.jit(jnp.matmul).lower(a, b).compile().as_text())
+    assert stats.hbm_bytes == 2 * (1024 * 2048 + 2048 * 512 + 1024 * 512) and not stats.collectives()

@@ -4,6 +4,7 @@ MMDiT itself, every param, as a text-to-image model.
 Examples:
   customshift train --config train/configs/tiny.yaml output_dir=runs/tiny train.steps=200
   customshift train --config train/configs/sd35_medium_v5e8.yaml --resume
+  customshift train --config train/configs/sd3_medium_v5p64.yaml --distributed   # on every worker of a pod slice
   customshift train --config train/configs/tiny.yaml output_dir=runs/base train.mode=base train.ema_decay=0.999
 
 Overrides are `section.key=value` (value parsed as YAML). --resume restores the LoRAs, beta, optimizer
@@ -27,6 +28,10 @@ HELP = "train the CustomShift LoRAs (or, train.mode=base, the base MMDiT) on dat
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", required=True, help="YAML training config (see train/configs/)")
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in output_dir")
+    p.add_argument("--distributed", action="store_true",
+                   help="join a job of several processes first (jax.distributed: a TPU pod slice or SLURM finds its "
+                   "peers; else JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID): every process runs the "
+                   "same command, the mesh spans all of them, each loads its share of the batch")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. train.steps=100")
 
 
@@ -35,4 +40,8 @@ def run(args: argparse.Namespace) -> int:
     from customshift_jax.train.loop import train
 
     cfg = load_config(args.config, args.overrides)
+    if args.distributed:  # before any other JAX call
+        from customshift_jax.parallel import distributed
+
+        distributed.initialize()
     return train(cfg, resume=args.resume)

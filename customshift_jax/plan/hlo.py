@@ -305,9 +305,13 @@ def _hbm_bytes(instr: Instruction, comp: Computation, comps: dict[str, Computati
     return total
 
 
-def analyze(text: str, default_group: int = 1) -> ModuleStats:
-    """Walk the module from ENTRY; see the module doc for what is counted and how."""
+def analyze(text: str, default_group: int | None = None) -> ModuleStats:
+    """Walk the module from ENTRY; see the module doc for what is counted and how. A collective without
+    replica groups spans every partition (`default_group`: read from the module's num_partitions)."""
     comps, entry = parse_module(text)
+    if default_group is None:
+        m = re.search(r"num_partitions=(\d+)", text[:2000])
+        default_group = int(m.group(1)) if m else 1
     ici: dict[str, CollectiveStats] = defaultdict(CollectiveStats)
     dcn: dict[str, CollectiveStats] = defaultdict(CollectiveStats)
     loops: list[tuple[str, int]] = []
