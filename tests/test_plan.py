@@ -165,3 +165,11 @@ def test_model_from_a_checkpoint_or_a_diffusers_folder(tiny_pipeline_dir, tiny_c
     for folder in (tiny_pipeline_dir, tiny_checkpoint_dir):
         config, name = model_config(str(folder))
         assert config == load_transformer(folder)[0] and name == folder.name
+
+
+def test_two_slices_reduce_gradients_over_dcn():
+    pod = load_pod("v5e:2x2", num_slices=2)
+    r = plan(pod, _work("train-lora", batch=8), {"data": 2, "fsdp": -1}, "fsdp", model_name="tiny")
+    assert (r["chips"], r["hosts"], r["num_slices"]) == (8, 2, 2)
+    assert r["dcn_bytes_per_device"] > 0 and r["ici_bytes_per_device"] > 0
+    assert r["roofline"]["collective_s"] > r["dcn_bytes_per_device"] / pod.chip.dcn_bytes_per_s * 0.99

@@ -184,6 +184,10 @@ def trip_count(comps: dict[str, Computation], parent: Computation, loop: Instruc
 
 
 def _group_size(instr: Instruction, default: int) -> int:
+    mesh = re.search(r"replica_groups=mesh\[([^\]]*)\]\s*\{([^}]*)\}", instr.attrs)
+    if mesh:  # mesh['axis_0'=32,'axis_1'=1] {'axis_0'}: the product of the named axes' sizes
+        sizes = dict((k, int(v)) for k, v in re.findall(r"'([^']+)'=(\d+)", mesh.group(1)))
+        return math.prod(sizes.get(a, 1) for a in re.findall(r"'([^']+)'", mesh.group(2))) or default
     groups = re.search(r"replica_groups=(\[[\d,]+\]<=\[[\d,]+\](?:T\([\d,]+\))?|\{[^=]*?\}\})", instr.attrs)
     if not groups:
         pairs = re.search(r"source_target_pairs=\{(.*?)\}\}", instr.attrs)
