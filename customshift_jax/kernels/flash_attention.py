@@ -19,8 +19,8 @@ from customshift_jax.kernels.blocks import (
     BlockSizes,
     check_supported,
     choose_block_sizes,
-    platform_of_default_backend,
     resolve_interpret,
+    target_platform,
 )
 from customshift_jax.kernels.pallas_flash import KernelSpec
 
@@ -73,11 +73,11 @@ def _check_shapes(q, k, v, k_ref=None, v_ref=None):
 
 def _spec(q, nk: int, nr: int, block_sizes: BlockSizes | None, interpret: bool | None,
           platform: str | None) -> KernelSpec:
-    platform = platform or platform_of_default_backend()
+    platform = target_platform(platform)
     interpret = resolve_interpret(interpret, platform)
     d = q.shape[3]
-    bq, bk = choose_block_sizes(q.shape[1], max(nk, nr), d, platform, block_sizes)
-    check_supported(platform, interpret, d, bq, bk)
+    bq, bk = choose_block_sizes(q.shape[1], nk, d, platform, block_sizes, nr=nr)
+    check_supported(platform, interpret, d, bq, bk, q.dtype)
     return KernelSpec(block_q=bq, block_k=bk, nk=nk, nr=nr, scale=d ** -0.5, interpret=interpret, platform=platform)
 
 
