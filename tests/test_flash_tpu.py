@@ -94,6 +94,15 @@ def test_flash_needs_no_dense_logits_on_tpu():
     assert temp["xla"] >= logits > 64 * temp["flash"], temp
 
 
+def test_a_2048_px_sequence_fits_v4_vmem():
+    """16384 image + 333 text tokens: each (sample, head)'s whole K/V (or Q, dO) sits in VMEM single-buffered,
+    within TPU v4's 16 MiB (double-buffered it needs 19.4 MiB and the compile fails)."""
+    mesh = Mesh(np.array(_mesh(GENERATIONS["v4"]).devices.flat[:1]), ("data",))
+    args = [_abstract(mesh, (1, 16384 + 333, 1, D)) for _ in range(3)]
+    loss = _scalar_loss(KERNELS["flash"][0])
+    assert _compile(mesh, jax.grad(loss, argnums=(0, 1, 2)), *args).as_text().count(MOSAIC) == 3
+
+
 def test_tpu_blocks_follow_the_lengths():
     assert blocks.choose_block_sizes(4429, 4429, 64, "tpu", nr=1032) == (512, 256)
     assert blocks.choose_block_sizes(333, 333, 64, "tpu") == (128, 128)

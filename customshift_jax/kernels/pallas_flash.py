@@ -138,8 +138,12 @@ def _query_spec(spec: KernelSpec, d: int):
     return pl.BlockSpec((None, None, spec.block_q, d), lambda b, h, i: (b, h, i, 0))
 
 
-def _whole_spec(n: int, d: int):
-    return pl.BlockSpec((None, None, n, d), lambda b, h, i: (b, h, 0, 0))
+def _whole_spec(n: int, d: int, spec: KernelSpec):
+    """All n rows of one (sample, head): fetched once per (sample, head), so on TPU one buffer, not the default
+    two (VMEM: TPU v4 has 16 MiB scoped; a 2048 px sequence's double-buffered K/V alone exceed it)."""
+    single = spec.platform == "tpu" and not spec.interpret
+    return pl.BlockSpec((None, None, n, d), lambda b, h, i: (b, h, 0, 0),
+                        pipeline_mode=pl.Buffered(1) if single else None)
 
 
 def _call(local, spec: KernelSpec, arrays: tuple, n_outs: int, **static):
@@ -156,10 +160,10 @@ def forward(q, k, v, ref, spec: KernelSpec):
 def _forward_local(q, k, v, *ref, spec: KernelSpec):
     b, h, nq, d = q.shape
     grid = (b, h, nq // spec.block_q)
-    in_specs = [_query_spec(spec, d), _whole_spec(k.shape[2], d), _whole_spec(k.shape[2], d)]
+    in_specs = [_query_spec(spec, d), _whole_spec(k.shape[2], d, spec), _whole_spec(k.shape[2], d, spec)]
     if spec.nr:
         nr = ref[0].shape[2]
-        in_specs += [_whole_spec(nr, d), _whole_spec(nr, d), _row_spec(spec)]
+        in_specs += [_whole_spec(nr, d, spec), _whole_spec(nr, d, spec), _row_spec(spec)]
     return pl.pallas_call(
         functools.partial(_forward_kernel, spec=spec),
         out_shape=(jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct((b, h, 1, nq), jnp.float32)),
@@ -237,11 +241,11 @@ def _dq_local(*arrays, spec: KernelSpec):
     ref, (do, lse, delta) = arrays[3:-3], arrays[-3:]
     b, h, nq, d = q.shape
     nk = k.shape[2]
-    in_specs = [_query_spec(spec, d), _whole_spec(nk, d), _whole_spec(nk, d)]
+    in_specs = [_query_spec(spec, d), _whole_spec(nk, d, spec), _whole_spec(nk, d, spec)]
     out_shape, out_specs = [jax.ShapeDtypeStruct(q.shape, q.dtype)], [_query_spec(spec, d)]
     if spec.nr:
         nr = ref[0].shape[2]
-        in_specs += [_whole_spec(nr, d), _whole_spec(nr, d), _row_spec(spec)]
+        in_specs += [_whole_spec(nr, d, spec), _whole_spec(nr, d, spec), _row_spec(spec)]
         out_shape.append(jax.ShapeDtypeStruct((b, h, 1, nq), jnp.float32))
         out_specs.append(_row_spec(spec))
     in_specs += [_query_spec(spec, d), _row_spec(spec), _row_spec(spec)]
@@ -268,8 +272,8 @@ def _dkv_local(*arrays, spec: KernelSpec, n_valid: int):
     n = k.shape[2]
     key_spec = pl.BlockSpec((None, None, spec.block_k, d), lambda b_, h_, j: (b_, h_, j, 0))
     rows_spec = pl.BlockSpec((None, None, None, nq), lambda b_, h_, j: (b_, h_, 0, 0))
-    in_specs = [_whole_spec(nq, d), key_spec, key_spec] + [rows_spec] * has_bias
-    in_specs += [_whole_spec(nq, d), rows_spec, rows_spec]
+    in_specs = [_whole_spec(nq, d, spec), key_spec, key_spec] + [rows_spec] * has_bias
+    in_specs += [_whole_spec(nq, d, spec), rows_spec, rows_spec]
     return pl.pallas_call(
         functools.partial(_dkv_kernel, spec=spec, n_valid=n_valid, has_bias=has_bias),
         out_shape=(jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)),
