@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import re
 import sys
 import time
 
@@ -122,7 +123,11 @@ def main() -> None:
             try:
                 m, seconds = _compile(jax, mesh, fn, fn_args)
             except Exception as e:  # noqa: BLE001 - a row that does not compile says why, the table goes on
-                print(f"| {workload} | {backend} | {form} | {phase} | failed: {str(e).splitlines()[0][:80]} |||||")
+                message = str(e).splitlines()[0]
+                short = re.search(r"required for HLO temporaries \(([\d.]+G)\) exceeds available HBM \(([\d.]+G)\)",
+                                  message)
+                why = f"does not fit: temporaries {short[1]} > HBM {short[2]}" if short else message[:100]
+                print(f"| {workload} | {backend} | {form} | {phase} | {why} | | | | |", flush=True)
                 continue
             total = m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes - m.alias_size_in_bytes
             print(f"| {workload} | {backend} | {form} | {phase} | {m.argument_size_in_bytes / GIB:.2f} | "
