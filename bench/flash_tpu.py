@@ -32,12 +32,17 @@ ROWS = (("xla", "two_pass"), ("xla", "single"), ("blocked", "two_pass"), ("flash
 
 
 def _mesh(jax, np, topology: str):
+    import importlib.util
+
     from jax.experimental import topologies
+    if importlib.util.find_spec("libtpu") is None:
+        sys.exit("libtpu is not installed, so there is no TPU compiler here; install it with "
+                 "pip install 'jax[tpu]' (the jax version this project pins).")
     try:
         devices = topologies.get_topology_desc(platform="tpu", topology_name=topology).devices
-    except Exception as e:  # noqa: BLE001 - libtpu missing or an unknown name: one line
-        sys.exit(f"cannot make TPU topology {topology!r} ({str(e).splitlines()[0]}); install libtpu with "
-                 f"pip install 'jax[tpu]' and name a topology such as v5p:2x2x1, v5e:2x2, v6e:2x2 or v4:2x2x1.")
+    except Exception as e:  # noqa: BLE001 - an unknown or too small topology name: one line
+        sys.exit(f"cannot make TPU topology {topology!r} ({str(e).splitlines()[0]}); name one of at least a "
+                 f"host, e.g. v5p:2x2x1, v5e:2x2, v6e:2x2 or v4:2x2x1.")
     return jax.sharding.Mesh(np.array(devices[:1]), ("data",)), devices[0].device_kind
 
 
