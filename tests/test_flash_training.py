@@ -101,6 +101,19 @@ def test_kernels_on_a_mesh_run_per_sample_and_head_and_equal_the_unsharded():
     _assert_close(got, want)
 
 
+def test_kernels_inside_a_shard_map_split_the_axes_left():
+    """Called inside a shard_map over "data", the kernels split the rest of the mesh ("tensor") themselves."""
+    mesh = Mesh(np.array(jax.devices()[:4]).reshape(2, 2), ("data", "tensor"))
+    fused = jax.jit(lambda *a: shifted_flash_attention(*a, N_IMG, block_sizes=blocks.BlockSizes(64, 64)))
+    args = _arrays(2)
+    per_data = jax.shard_map(fused, mesh=mesh, in_specs=(P("data"),) * 3 + (P(),) * 2 + (P("data"),),
+                             out_specs=P("data"), axis_names={"data"}, check_vma=False)
+    with jax.set_mesh(mesh):
+        got = jax.jit(per_data)(*args)
+        assert str(jax.make_jaxpr(per_data)(*args)).count("shard_map") == 2  # the outer one and the kernel's
+    _assert_close(got, fused(*args))
+
+
 def test_tpu_code_path_in_interpret_mode_equals_xla():
     """platform="tpu" with interpret=True: TPU block sizes (128) and the per-query rows written through the
     (bq, 128) transpose that TPU v4 needs, checked on CPU against the xla backend."""

@@ -11,17 +11,20 @@ import math
 from typing import Callable
 
 import jax
-from jax.sharding import PartitionSpec
+from jax.sharding import AxisType, PartitionSpec
 
 HEAD_AXES = ("tensor",)  # mesh axes that split heads when they divide them; every other axis tries the batch
 
 
 def mesh_of_context():
-    """The mesh set by `jax.set_mesh` (abstract), or None when there is none or it has a single device."""
+    """(the abstract mesh set by `jax.set_mesh`, {axis: size} of its axes not already manual, i.e. not taken
+    by an enclosing shard_map), or None when no such axis has more than one device."""
     mesh = jax.sharding.get_abstract_mesh()
-    if mesh.empty or math.prod(mesh.axis_sizes) == 1:
+    if mesh.empty:
         return None
-    return mesh
+    sizes = {name: size for name, size, kind in zip(mesh.axis_names, mesh.axis_sizes, mesh.axis_types)
+             if kind != AxisType.Manual}
+    return (mesh, sizes) if math.prod(sizes.values()) > 1 else None
 
 
 def layout(axis_sizes: dict[str, int], batch: int, heads: int) -> tuple[tuple[str, ...], tuple[str, ...]]:
@@ -45,12 +48,13 @@ def layout(axis_sizes: dict[str, int], batch: int, heads: int) -> tuple[tuple[st
 def per_sample_and_head(fn: Callable, *arrays, n_outs: int):
     """`fn(*arrays)` (every array and output (B, H, ...)) run per shard of (B, H) on the context mesh; plain
     `fn(*arrays)` without a mesh of several devices."""
-    mesh = mesh_of_context()
-    if mesh is None:
+    context = mesh_of_context()
+    if context is None:
         return fn(*arrays)
+    mesh, sizes = context
     b, h = arrays[0].shape[:2]
-    batch_axes, head_axes = layout(dict(zip(mesh.axis_names, mesh.axis_sizes)), b, h)
+    batch_axes, head_axes = layout(sizes, b, h)
     spec = PartitionSpec(batch_axes or None, head_axes or None)
     sharded = jax.shard_map(fn, mesh=mesh, in_specs=(spec,) * len(arrays), out_specs=(spec,) * n_outs,
-                            check_vma=False)
+                            axis_names=set(sizes), check_vma=False)
     return sharded(*arrays)
