@@ -16,7 +16,7 @@ from jax.sharding import PartitionSpec as P
 
 from customshift_jax.customshift.branches import init_lora
 from customshift_jax.customshift.cads import single_form_bias
-from customshift_jax.kernels import blocks, partition, shifted_flash_attention
+from customshift_jax.kernels import blocks, flash_attention, partition, shifted_flash_attention
 from customshift_jax.models.mmdit.api import init_mmdit
 from customshift_jax.models.mmdit.attention import attention
 from customshift_jax.models.mmdit.config import get_preset
@@ -99,6 +99,22 @@ def test_kernels_on_a_mesh_run_per_sample_and_head_and_equal_the_unsharded():
         got = fused(*sharded)
     assert "shard_map" in jaxpr
     _assert_close(got, want)
+
+
+def test_a_given_layout_moves_nothing_at_the_kernel():
+    """q laid out with the batch over ("fsdp", "data"): the default layout ("data", "fsdp") costs collective
+    permutes around the kernel; `use_layout` with the rules' order costs none."""
+    mesh = Mesh(np.array(jax.devices()[:4]).reshape(2, 2), ("data", "fsdp"))
+    q = jax.ShapeDtypeStruct((B, 64, H, D), jnp.float32, sharding=NamedSharding(mesh, P(("fsdp", "data"))))
+
+    def permutes():  # a new jit each time: jax's trace cache does not key on the given layout
+        fn = jax.jit(lambda *a: flash_attention(*a)[0], out_shardings=NamedSharding(mesh, P(("fsdp", "data"))))
+        with jax.set_mesh(mesh):
+            return fn.lower(q, q, q).compile().as_text().count("collective-permute")
+
+    assert permutes() > 0
+    with partition.use_layout(("fsdp", "data")):
+        assert permutes() == 0
 
 
 def test_kernels_inside_a_shard_map_split_the_axes_left():
