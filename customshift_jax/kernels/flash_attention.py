@@ -4,7 +4,8 @@ CustomShift reference read fused into the same pass (DESIGN section 4, form (b),
 Layout of the public functions is the model's (B, N, H, D); they transpose to (B, H, N, D), pad the lengths to
 the blocks (padded keys masked, padded queries dropped) and run the kernels of `pallas_flash`. On cpu the
 kernels run in Pallas interpret mode (the reference of what GPU / TPU compile; slow, for tests); on GPU they
-lower with Triton, on TPU with Mosaic. Gradients flow to q, k, v, the reference K/V and lambda, also through
+lower with Triton, on TPU with Mosaic (also from a CPU host compiling for a TPU topology under `jax.set_mesh`).
+Gradients flow to q, k, v, the reference K/V and lambda, also through
 the LSE output (the two-pass shift differentiates through it).
 """
 from __future__ import annotations
@@ -19,8 +20,8 @@ from customshift_jax.kernels.blocks import (
     BlockSizes,
     check_supported,
     choose_block_sizes,
-    platform_of_default_backend,
     resolve_interpret,
+    target_platform,
 )
 from customshift_jax.kernels.pallas_flash import KernelSpec
 
@@ -73,11 +74,11 @@ def _check_shapes(q, k, v, k_ref=None, v_ref=None):
 
 def _spec(q, nk: int, nr: int, block_sizes: BlockSizes | None, interpret: bool | None,
           platform: str | None) -> KernelSpec:
-    platform = platform or platform_of_default_backend()
+    platform = target_platform(platform)
     interpret = resolve_interpret(interpret, platform)
     d = q.shape[3]
-    bq, bk = choose_block_sizes(q.shape[1], max(nk, nr), d, platform, block_sizes)
-    check_supported(platform, interpret, d, bq, bk)
+    bq, bk = choose_block_sizes(q.shape[1], nk, d, platform, block_sizes, nr=nr)
+    check_supported(platform, interpret, d, bq, bk, q.dtype)
     return KernelSpec(block_q=bq, block_k=bk, nk=nk, nr=nr, scale=d ** -0.5, interpret=interpret, platform=platform)
 
 
@@ -91,7 +92,9 @@ def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, block_sizes: Bl
     """softmax(q k^T / sqrt(D)) v: out (B, Nq, H, D) in q's dtype and lse (B, H, Nq) float32.
 
     q: (B, Nq, H, D); k, v: (B, Nk, H, D). interpret None: Pallas interpret mode exactly on cpu. platform: "gpu"
-    or "tpu" to lower for (None: the default backend's), so that a CPU host can `.lower(lowering_platforms=...)`.
+    or "tpu" to lower for; None: the platform of the mesh set by `jax.set_mesh` (so a CPU host compiling for a
+    TPU topology's mesh gets Mosaic), else the default backend's. On a mesh of several devices each device runs
+    its own samples and heads (`kernels.partition`).
     """
     _check_shapes(q, k, v)
     spec = _spec(q, k.shape[1], 0, block_sizes, interpret, platform)

@@ -17,7 +17,10 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
+from customshift_jax.kernels.partition import per_sample_and_head
+
 NEG_INF = float("-inf")
+ROW_LANES = 128  # lanes of a TPU vector register
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,19 +46,27 @@ class KernelSpec:
         return pltpu.CompilerParams(dimension_semantics=("parallel",) * n_grid)
 
 
+def _contract(a, b, dims):
+    """float32-accumulated dot_general. Half-precision operands get the default precision: a global
+    `jax_default_matmul_precision="highest"` would ask Mosaic for an fp32 contraction of bf16 operands, which it
+    refuses ("Bad lhs type"); float32 operands keep the configured precision."""
+    precision = lax.Precision.DEFAULT if jnp.dtype(a.dtype).itemsize < 4 else None
+    return lax.dot_general(a, b, (dims, ((), ())), precision=precision, preferred_element_type=jnp.float32)
+
+
 def _dot_t(a, b):
     """a (M, D) . b (N, D)^T -> (M, N) float32."""
-    return lax.dot_general(a, b, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+    return _contract(a, b, ((1,), (1,)))
 
 
 def _dot(a, b):
     """a (M, K) . b (K, N) -> (M, N) float32."""
-    return lax.dot_general(a, b, (((1,), (0,)), ((), ())), preferred_element_type=jnp.float32)
+    return _contract(a, b, ((1,), (0,)))
 
 
 def _t_dot(a, b):
     """a (K, M)^T . b (K, N) -> (M, N) float32."""
-    return lax.dot_general(a, b, (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32)
+    return _contract(a, b, ((0,), (0,)))
 
 
 def _logits(q, k, row_bias, start, n_valid: int, scale: float):
@@ -68,6 +79,15 @@ def _logits(q, k, row_bias, start, n_valid: int, scale: float):
         col = start + lax.broadcasted_iota(jnp.int32, s.shape, 1)
         s = jnp.where(col < n_valid, s, NEG_INF)
     return s
+
+
+def _as_row(x, spec: KernelSpec):
+    """A per-query statistic (bq,) from a reduction over keys (Mosaic lays it out down the sublanes) in the
+    lane layout of a (bq,) row block. On TPU through a (bq, 128) transpose: TPU v4 has no sublane gather, which
+    Mosaic's direct relayout needs (v5e/v5p/v6e have it); the transpose is one (bq, 128) tile per query block."""
+    if spec.platform != "tpu":
+        return x
+    return jnp.broadcast_to(x[:, None], (x.shape[0], ROW_LANES)).T[0]
 
 
 # ---------------------------------------------------------------------------------------------- forward
@@ -105,7 +125,7 @@ def _forward_kernel(*refs, spec: KernelSpec):
         carry = _online_softmax(q, kr_ref, vr_ref, bias_ref[...], spec.nr, spec, carry)
     m, l, acc = carry
     o_ref[...] = (acc / l[:, None]).astype(o_ref.dtype)
-    lse_ref[...] = m + jnp.log(l)
+    lse_ref[...] = _as_row(m + jnp.log(l), spec)
 
 
 def _row_spec(spec: KernelSpec):
@@ -118,19 +138,32 @@ def _query_spec(spec: KernelSpec, d: int):
     return pl.BlockSpec((None, None, spec.block_q, d), lambda b, h, i: (b, h, i, 0))
 
 
-def _whole_spec(n: int, d: int):
-    return pl.BlockSpec((None, None, n, d), lambda b, h, i: (b, h, 0, 0))
+def _whole_spec(n: int, d: int, spec: KernelSpec):
+    """All n rows of one (sample, head): fetched once per (sample, head), so on TPU one buffer, not the default
+    two (VMEM: TPU v4 has 16 MiB scoped; a 2048 px sequence's double-buffered K/V alone exceed it)."""
+    single = spec.platform == "tpu" and not spec.interpret
+    return pl.BlockSpec((None, None, n, d), lambda b, h, i: (b, h, 0, 0),
+                        pipeline_mode=pl.Buffered(1) if single else None)
+
+
+def _call(local, spec: KernelSpec, arrays: tuple, n_outs: int, **static):
+    """`local(*arrays, spec=spec, **static)`, per sample and head on the mesh of `jax.set_mesh` if any."""
+    return per_sample_and_head(lambda *a: local(*a, spec=spec, **static), *arrays, n_outs=n_outs)
 
 
 def forward(q, k, v, ref, spec: KernelSpec):
     """q (B, H, Nq_p, D), k/v (B, H, Nk_p, D), ref () or (k_ref, v_ref (B, H, Nr_p, D), row_bias (B, H, 1, Nq_p)
     float32) -> out (B, H, Nq_p, D) in q's dtype, lse (B, H, 1, Nq_p) float32."""
+    return tuple(_call(_forward_local, spec, (q, k, v, *ref), 2))
+
+
+def _forward_local(q, k, v, *ref, spec: KernelSpec):
     b, h, nq, d = q.shape
     grid = (b, h, nq // spec.block_q)
-    in_specs = [_query_spec(spec, d), _whole_spec(k.shape[2], d), _whole_spec(k.shape[2], d)]
+    in_specs = [_query_spec(spec, d), _whole_spec(k.shape[2], d, spec), _whole_spec(k.shape[2], d, spec)]
     if spec.nr:
         nr = ref[0].shape[2]
-        in_specs += [_whole_spec(nr, d), _whole_spec(nr, d), _row_spec(spec)]
+        in_specs += [_whole_spec(nr, d, spec), _whole_spec(nr, d, spec), _row_spec(spec)]
     return pl.pallas_call(
         functools.partial(_forward_kernel, spec=spec),
         out_shape=(jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct((b, h, 1, nq), jnp.float32)),
@@ -168,7 +201,7 @@ def _dq_kernel(*refs, spec: KernelSpec):
     dq, _ = _dq_segment(q, do, lse, delta, k_ref, v_ref, None, spec.nk, spec, dq)
     if spec.nr:
         dq, dbias = _dq_segment(q, do, lse, delta, kr_ref, vr_ref, bias_ref[...], spec.nr, spec, dq)
-        dbias_ref[...] = dbias
+        dbias_ref[...] = _as_row(dbias, spec)
     dq_ref[...] = (dq * spec.scale).astype(dq_ref.dtype)
 
 
@@ -199,13 +232,20 @@ def _dkv_kernel(*refs, spec: KernelSpec, n_valid: int, has_bias: bool):
 
 def backward_dq(q, k, v, ref, do, lse, delta, spec: KernelSpec):
     """dq (B, H, Nq_p, D), and with a reference the row bias gradient (B, H, 1, Nq_p) float32."""
+    outs = _call(_dq_local, spec, (q, k, v, *ref, do, lse, delta), 1 + bool(spec.nr))
+    return tuple(outs) if spec.nr else (outs[0], None)
+
+
+def _dq_local(*arrays, spec: KernelSpec):
+    q, k, v = arrays[:3]
+    ref, (do, lse, delta) = arrays[3:-3], arrays[-3:]
     b, h, nq, d = q.shape
     nk = k.shape[2]
-    in_specs = [_query_spec(spec, d), _whole_spec(nk, d), _whole_spec(nk, d)]
+    in_specs = [_query_spec(spec, d), _whole_spec(nk, d, spec), _whole_spec(nk, d, spec)]
     out_shape, out_specs = [jax.ShapeDtypeStruct(q.shape, q.dtype)], [_query_spec(spec, d)]
     if spec.nr:
         nr = ref[0].shape[2]
-        in_specs += [_whole_spec(nr, d), _whole_spec(nr, d), _row_spec(spec)]
+        in_specs += [_whole_spec(nr, d, spec), _whole_spec(nr, d, spec), _row_spec(spec)]
         out_shape.append(jax.ShapeDtypeStruct((b, h, 1, nq), jnp.float32))
         out_specs.append(_row_spec(spec))
     in_specs += [_query_spec(spec, d), _row_spec(spec), _row_spec(spec)]
@@ -214,18 +254,26 @@ def backward_dq(q, k, v, ref, do, lse, delta, spec: KernelSpec):
         grid=(b, h, nq // spec.block_q), in_specs=in_specs, out_specs=tuple(out_specs),
         interpret=spec.interpret, compiler_params=spec.compiler_params(3), name="flash_backward_dq",
     )(q, k, v, *ref, do, lse, delta)
-    return outs if spec.nr else (outs[0], None)
+    return tuple(outs)
 
 
 def backward_dkv(q, k, v, row_bias, do, lse, delta, n_valid: int, spec: KernelSpec):
     """dk, dv (B, H, N_p, D) of one key segment (row_bias None for the base keys)."""
+    bias = () if row_bias is None else (row_bias,)
+    return tuple(_call(_dkv_local, spec, (q, k, v, *bias, do, lse, delta), 2, n_valid=n_valid))
+
+
+def _dkv_local(*arrays, spec: KernelSpec, n_valid: int):
+    has_bias = len(arrays) == 7
+    q, k, v = arrays[:3]
+    row_bias = arrays[3] if has_bias else None
+    do, lse, delta = arrays[-3:]
     b, h, nq, d = q.shape
     n = k.shape[2]
     key_spec = pl.BlockSpec((None, None, spec.block_k, d), lambda b_, h_, j: (b_, h_, j, 0))
     rows_spec = pl.BlockSpec((None, None, None, nq), lambda b_, h_, j: (b_, h_, 0, 0))
-    has_bias = row_bias is not None
-    in_specs = [_whole_spec(nq, d), key_spec, key_spec] + [rows_spec] * has_bias
-    in_specs += [_whole_spec(nq, d), rows_spec, rows_spec]
+    in_specs = [_whole_spec(nq, d, spec), key_spec, key_spec] + [rows_spec] * has_bias
+    in_specs += [_whole_spec(nq, d, spec), rows_spec, rows_spec]
     return pl.pallas_call(
         functools.partial(_dkv_kernel, spec=spec, n_valid=n_valid, has_bias=has_bias),
         out_shape=(jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)),
