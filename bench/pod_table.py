@@ -7,8 +7,9 @@ file one line per compile, so an interrupted run resumes where it stopped. Run i
     nohup python bench/pod_table.py --out bench/pod_table.jsonl > pod_table.log 2>&1 &
     python bench/pod_table.py --out bench/pod_table.jsonl --table   # the markdown table of what is done
 
-Global batch: one image per chip. Candidates per row: rules fsdp (mesh fsdp=-1) and fsdp_tp (tensor = the
-largest of 8, 4, 2 dividing the heads), remat full for training (none for sampling), bf16, attention xla.
+Global batch: one image per chip. Candidates per row: rules fsdp (mesh fsdp=-1), dp for sampling (data=-1) and
+fsdp_tp (tensor = the largest of 8, 4, 2 dividing the heads), remat full for training (none for sampling), bf16,
+attention xla (`--attention flash` adds the Pallas kernels' rows, shown in the last column).
 """
 from __future__ import annotations
 
@@ -33,16 +34,19 @@ def candidates(heads: int, chips: int, task: str) -> list[tuple[str, dict, str]]
     tensor = next(t for t in (8, 4, 2, 1) if heads % t == 0 and chips % t == 0)
     remat = "full" if task.startswith("train") else "none"
     out = [("fsdp", {"fsdp": -1}, remat)]
+    if not task.startswith("train"):  # sampling holds no optimizer state: whole weights per chip may fit
+        out.append(("dp", {"data": -1}, remat))
     if tensor > 1:
         out.append(("fsdp_tp", {"fsdp": -1, "tensor": tensor}, remat))
     return out
 
 
 def key(rec: dict) -> tuple:
-    return rec["model"], rec["task"], rec["topology_name"], rec["rules"], rec["remat"]
+    k = (rec["model"], rec["task"], rec["topology_name"], rec["rules"], rec["remat"])
+    return k + ((rec["attention"],) if rec.get("attention", "xla") != "xla" else ())
 
 
-def run(out: Path, models, tasks, topologies, rule_sets) -> None:
+def run(out: Path, models, tasks, topologies, rule_sets, attention: str = "xla") -> None:
     from customshift_jax.models.mmdit.config import get_preset
     from customshift_jax.plan.planner import plan
     from customshift_jax.plan.pod import load_pod
@@ -56,10 +60,10 @@ def run(out: Path, models, tasks, topologies, rule_sets) -> None:
             config = get_preset(model)
             for task in tasks:
                 for rules, mesh, remat in candidates(config.num_attention_heads, len(pod.devices), task):
-                    k = (model, task, topo, rules, remat)
+                    k = (model, task, topo, rules, remat) + ((attention,) if attention != "xla" else ())
                     if k in done or rules not in rule_sets:
                         continue
-                    work = Workload(config, task, 1024, len(pod.devices), remat=remat)
+                    work = Workload(config, task, 1024, len(pod.devices), remat=remat, attention=attention)
                     start = time.time()
                     try:
                         rec = plan(pod, work, mesh, rules, model_name=model, keep_hlo=True)
@@ -67,7 +71,7 @@ def run(out: Path, models, tasks, topologies, rule_sets) -> None:
                         hlo_file.parent.mkdir(exist_ok=True)
                         hlo_file.write_bytes(gzip.compress(rec.pop("hlo", "").encode()))
                     except Exception as e:  # noqa: BLE001 - recorded, the table says so
-                        rec = {"model": model, "task": task, "rules": rules, "remat": remat,
+                        rec = {"model": model, "task": task, "rules": rules, "remat": remat, "attention": attention,
                                "error": f"{type(e).__name__}: {str(e)[:300]}"}
                     rec["topology_name"] = topo
                     with out.open("a") as f:
@@ -99,29 +103,33 @@ def table(out: Path) -> str:
     from customshift_jax.plan.planner import best
 
     recs = [json.loads(line) for line in out.read_text().splitlines()]
-    rows = ["| model | task | slice | chips | best rules (mesh) | HBM GiB / chip | step >= | images/s <= | "
-            "MFU <= | bound | collective GiB / chip | compile s |",
+    rows = ["| model | task | slice | chips | best rules (mesh), remat | HBM GiB / chip | step >= | images/s <= | "
+            "MFU <= | bound | collective GiB / chip | flash: HBM GiB, step >=, images/s <= |",
             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     groups: dict[tuple, list] = {}
-    recs = [r for r in recs if "error" not in r] + [r for r in recs if "error" in r]
     for r in recs:
         groups.setdefault((r["model"], r["task"], r["topology_name"]), []).append(r)
     order = {t: i for i, t in enumerate(TOPOLOGIES)}
     for (model, task, topo), rs in sorted(groups.items(), key=lambda kv: (kv[0][0], kv[0][1], order.get(kv[0][2], 99))):
-        b = best([r for r in rs if "error" not in r])
         ok = [r for r in rs if "error" not in r]
+        xla = [r for r in ok if r.get("attention", "xla") == "xla"]
+        flash = best([r for r in ok if r.get("attention") == "flash"])
+        per = "loop" if task == "sample" else "step"
+        flash_cell = (f"{flash['memory']['total'] / GIB:.1f}, {flash['roofline']['step_s']:.3g} s, "
+                      f"{flash['roofline']['items_per_s']:.3g}" if flash else "")
+        b = best(xla)
         if b is None:
-            smallest = min(ok, key=lambda r: r["memory"]["total"], default=None)
-            need = f"{smallest['memory']['total'] / GIB:.1f} needed" if smallest else "error"
-            rows.append(f"| {model} | {task} | {topo} | {rs[0].get('chips', '')} | none fits | {need} | | | | | | |")
+            need = min((r["memory"]["total"] for r in xla), default=None)
+            chips = next((r["chips"] for r in ok), "")
+            rows.append(f"| {model} | {task} | {topo} | {chips} | none fits | "
+                        f"{f'{need / GIB:.1f} needed' if need else 'error'} | | | | | | {flash_cell} |")
             continue
         m, rf = b["memory"], b["roofline"]
         mesh = ",".join(f"{k}={v}" for k, v in b["mesh"].items() if v > 1)
-        per = "28-step loop" if task == "sample" else "step"
-        rows.append(f"| {model} | {task} | {topo} | {b['chips']} | {b['rules']} ({mesh}), remat {b['remat']} | "
+        rows.append(f"| {model} | {task} | {topo} | {b['chips']} | {b['rules']} ({mesh}), {b['remat']} | "
                     f"{m['total'] / GIB:.1f} of {b['hbm_bytes_per_device'] / GIB:.0f} | {rf['step_s']:.3g} s / {per} | "
                     f"{rf['items_per_s']:.3g} | {rf['mfu_ceiling']:.0%} | {rf['bound_by']} | "
-                    f"{(b['ici_bytes_per_device'] + b['dcn_bytes_per_device']) / GIB:.2f} | {b['compile_seconds']:.0f} |")
+                    f"{(b['ici_bytes_per_device'] + b['dcn_bytes_per_device']) / GIB:.2f} | {flash_cell} |")
     return "\n".join(rows)
 
 
@@ -132,6 +140,7 @@ def main() -> None:
     parser.add_argument("--tasks", nargs="+", default=list(TASKS))
     parser.add_argument("--topologies", nargs="+", default=list(TOPOLOGIES))
     parser.add_argument("--rules", nargs="+", default=["fsdp", "fsdp_tp"], help="rule sets to compile")
+    parser.add_argument("--attention", default="xla", choices=("xla", "flash"), help="attention backend")
     parser.add_argument("--reanalyze", action="store_true", help="recount from the saved HLO, then print the table")
     parser.add_argument("--table", action="store_true", help="print the markdown table of the results so far")
     args = parser.parse_args()
@@ -140,7 +149,7 @@ def main() -> None:
     if args.table or args.reanalyze:
         print(table(args.out))
         return
-    run(args.out, args.models, args.tasks, args.topologies, args.rules)
+    run(args.out, args.models, args.tasks, args.topologies, args.rules, args.attention)
 
 
 if __name__ == "__main__":

@@ -173,3 +173,10 @@ def test_two_slices_reduce_gradients_over_dcn():
     assert (r["chips"], r["hosts"], r["num_slices"]) == (8, 2, 2)
     assert r["dcn_bytes_per_device"] > 0 and r["ici_bytes_per_device"] > 0
     assert r["roofline"]["collective_s"] > r["dcn_bytes_per_device"] / pod.chip.dcn_bytes_per_s * 0.99
+
+
+def test_flash_attention_reaches_the_plan_as_mosaic_kernels(v5e):
+    r = plan(v5e, _work("prefill", attention="flash"), {"fsdp": -1}, "fsdp", keep_hlo=True)
+    assert r["attention"] == "flash" and "tpu_custom_call" in r["hlo"] and r["memory"]["fits"]
+    plain = plan(v5e, _work("prefill"), {"fsdp": -1}, "fsdp", keep_hlo=True)
+    assert "tpu_custom_call" not in plain["hlo"]
