@@ -44,30 +44,32 @@ def setup(tmp_path_factory):
 
 def test_exact_resume_after_sigterm_and_kill9(setup):
     data, cache, tmp = setup
-    common = (f"data.path={data}", f"train.steps={STEPS}", "checkpoint.every=4", "log.every=1",
-              "debug.sleep_per_step=0.3")
+    common = (f"data.path={data}", f"train.steps={STEPS}", "checkpoint.every=4", "log.every=1")
     straight = tmp / "straight"
-    p = start_trainer(CONFIG, *common, f"output_dir={straight}", cache_dir=cache, log=tmp / "straight.log")
+    p = start_trainer(CONFIG, *common, f"output_dir={straight}", cache_dir=cache, log=tmp / "straight.log",
+                      sleep_per_step=0.3)
     assert p.wait(600) == 0, (tmp / "straight.log").read_text()[-3000:]
 
     run = tmp / "interrupted"
     # 1) SIGTERM at a seeded random step: a clean exit with a checkpoint at the step boundary.
     term_step = random.Random(7).randint(3, 9)
-    p = start_trainer(CONFIG, *common, f"output_dir={run}", cache_dir=cache, log=tmp / "a.log")
+    p = start_trainer(CONFIG, *common, f"output_dir={run}", cache_dir=cache, log=tmp / "a.log", sleep_per_step=0.3)
     _wait_for_step(p, run / "metrics.jsonl", term_step)
     p.send_signal(signal.SIGTERM)
     assert p.wait(300) == 0, (tmp / "a.log").read_text()[-3000:]
     assert "SIGTERM: saved step" in (tmp / "a.log").read_text()
 
     # 2) resume, then kill -9 once it is past step 12 (it loses the steps after its last periodic checkpoint).
-    p = start_trainer(CONFIG, *common, f"output_dir={run}", cache_dir=cache, resume=True, log=tmp / "b.log")
+    p = start_trainer(CONFIG, *common, f"output_dir={run}", cache_dir=cache, resume=True, log=tmp / "b.log",
+                      sleep_per_step=0.3)
     _wait_for_step(p, run / "metrics.jsonl", 13)
     p.send_signal(signal.SIGKILL)
     p.wait(60)
     assert "resumed from step" in (tmp / "b.log").read_text()
 
     # 3) resume to the end.
-    p = start_trainer(CONFIG, *common, f"output_dir={run}", cache_dir=cache, resume=True, log=tmp / "c.log")
+    p = start_trainer(CONFIG, *common, f"output_dir={run}", cache_dir=cache, resume=True, log=tmp / "c.log",
+                      sleep_per_step=0.3)
     assert p.wait(600) == 0, (tmp / "c.log").read_text()[-3000:]
 
     a, b = _final(straight), _final(run)
@@ -83,7 +85,7 @@ def test_ctrl_c_saves_and_says_how_to_resume(setup):
     data, cache, tmp = setup
     run = tmp / "ctrl-c"
     p = start_trainer(CONFIG, f"data.path={data}", f"train.steps={STEPS}", "checkpoint.every=1000", "log.every=1",
-                      "debug.sleep_per_step=0.3", f"output_dir={run}", cache_dir=cache, log=tmp / "ctrl-c.log")
+                      f"output_dir={run}", cache_dir=cache, log=tmp / "ctrl-c.log", sleep_per_step=0.3)
     seen = _wait_for_step(p, run / "metrics.jsonl", 2)
     p.send_signal(signal.SIGINT)
     assert p.wait(300) == 0, (tmp / "ctrl-c.log").read_text()[-3000:]
