@@ -24,6 +24,7 @@ from customshift_jax.io.checkpoint import (
     read_marker,
     save_checkpoint,
 )
+from customshift_jax.io.folder_lock import exclusive_folder
 from customshift_jax.io.loading import load_transformer
 from customshift_jax.io.lora_files import save_lora_files, to_state_dict
 from customshift_jax.io.safe_files import refuse_link, write_text
@@ -333,11 +334,18 @@ def _check_model_destination(dst: Path) -> None:
 
 
 def train(cfg: dict, *, resume: bool = False, log=print) -> int:
-    """Run training as configured; returns the process exit code (0 done or preempted, 3 non-finite loss)."""
+    """Run training as configured; returns the process exit code (0 done or preempted, 3 non-finite loss).
+    Process 0 holds output_dir's lock throughout: a second run into the same folder is refused, naming this one."""
     import jax
 
-
     out = Path(cfg["output_dir"])
+    with exclusive_folder(out, "output_dir", log=log) if jax.process_index() == 0 else contextlib.nullcontext(out):
+        return _train(cfg, out, resume, log)
+
+
+def _train(cfg: dict, out: Path, resume: bool, log) -> int:
+    import jax
+
     ckpt_dir = refuse_link(out / "checkpoints", "checkpoint folder")  # orbax would write through a link
     if not resume and ckpt_dir.exists() and any(ckpt_dir.iterdir()):
         raise ValueError(f"{ckpt_dir} already holds checkpoints: pass --resume to continue that run, or choose "

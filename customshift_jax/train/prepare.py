@@ -20,6 +20,7 @@ from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
 
+from customshift_jax.io.folder_lock import exclusive_folder
 from customshift_jax.io.images import ImageLimits
 from customshift_jax.io.loading import load_vae
 from customshift_jax.models.vae import scale_latents, vae_encode
@@ -47,6 +48,25 @@ def prepare(manifest: str | Path, out: str | Path, *, checkpoint: str | Path, te
             limits: ImageLimits = ImageLimits(), format: str = "jsonl", subjects200k: Subjects200KOptions | None = None,
             text_backend: str = "auto", mesh: Any = None, rules: Any = "fsdp", progress: bool | None = None,
             log: Any = print) -> dict:
+    """Prepare `manifest` into shards at `out` (process 0 holding its lock: one prepare per OUT); returns the
+    index. See `_prepare`."""
+    import jax
+
+    kw = dict(checkpoint=checkpoint, text_encoders=text_encoders, size=size, batch_size=batch_size,
+              shard_size=shard_size, flip=flip, max_sequence_length=max_sequence_length,
+              max_bad_fraction=max_bad_fraction, read_threads=read_threads, limits=limits, format=format,
+              subjects200k=subjects200k, text_backend=text_backend, mesh=mesh, rules=rules, progress=progress, log=log)
+    if jax.process_index() != 0:
+        return _prepare(manifest, out, **kw)
+    with exclusive_folder(out, "OUT", log=log):
+        return _prepare(manifest, out, **kw)
+
+
+def _prepare(manifest: str | Path, out: str | Path, *, checkpoint: str | Path, text_encoders: str | Path,
+             size: int, batch_size: int, shard_size: int, flip: bool, max_sequence_length: int,
+             max_bad_fraction: float, read_threads: int, limits: ImageLimits, format: str,
+             subjects200k: Subjects200KOptions | None, text_backend: str, mesh: Any, rules: Any,
+             progress: bool | None, log: Any) -> dict:
     """Prepare `manifest` into shards at `out`; returns the index. Bad lines/images are skipped with a counted
     warning; above `max_bad_fraction` it stops, keeping no shard: a JSONL manifest's bad lines are counted before
     any model loads, its bad images at the one that makes the fraction certain; a Subjects200K folder's (a stream
