@@ -78,6 +78,9 @@ def test_exact_resume_after_sigterm_and_kill9(setup):
     for k in a:
         np.testing.assert_array_equal(a[k], b[k], err_msg=f"leaf {k} differs after resume")
     assert (run / "lora" / "customshift_cgb.safetensors").is_file()
+    # metrics.jsonl: every step once, in order, after the kill -9 and its resume (case 17)
+    steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, STEPS + 1)), steps
 
 
 def test_ctrl_c_saves_and_says_how_to_resume(setup):
@@ -93,3 +96,34 @@ def test_ctrl_c_saves_and_says_how_to_resume(setup):
     assert "SIGINT: saved step" in text and "--resume" in text, text[-2000:]
     saved = sorted(int(d.name) for d in (run / "checkpoints").iterdir() if d.name.isdigit())
     assert saved and seen <= saved[-1] < STEPS, saved
+
+
+def test_metrics_lines_are_whole_and_a_resume_cuts_the_steps_it_runs_again(tmp_path, monkeypatch):
+    """Case 17: a full disk left a torn line no JSON reader parses, and a resume after kill -9 repeated the rolled
+    back steps. A line is now written whole or cut back off; a resume from step k cuts the lines after k (and any
+    torn one) before appending."""
+    import os
+
+    from customshift_jax.train import metrics as metrics_mod
+    from customshift_jax.train.metrics import MetricsLogger
+
+    logger = MetricsLogger(tmp_path, tensorboard=False)
+    for step in (1, 2, 3):
+        logger.log(step, {"loss": 0.5})
+    real_write = os.write
+    monkeypatch.setattr(metrics_mod.os, "write", lambda fd, data: real_write(fd, data[: len(data) // 2]))
+    with pytest.raises(OSError, match="only .* bytes written"):
+        logger.log(4, {"loss": 0.25})  # the disk fills mid-line
+    monkeypatch.setattr(metrics_mod.os, "write", real_write)
+    logger.close()
+    text = (tmp_path / "metrics.jsonl").read_text()
+    assert [json.loads(line)["step"] for line in text.splitlines()] == [1, 2, 3] and text.endswith("\n")
+
+    with open(tmp_path / "metrics.jsonl", "a") as f:  # as an older version left it: a torn line, then more steps
+        f.write('{"step": 4, "lo\n{"step": 5, "loss": 1.0}\n{"step": 6, "loss"')
+    resumed = MetricsLogger(tmp_path, tensorboard=False, resumed_at=2)  # the checkpoint it resumes from: step 2
+    assert resumed.cut == 4
+    resumed.log(3, {"loss": 0.125})
+    resumed.close()
+    steps = [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3]

@@ -368,7 +368,11 @@ def _train(cfg: dict, out: Path, resume: bool, log) -> int:
         import yaml
 
         write_text(out / "config.yaml", yaml.safe_dump(cfg, sort_keys=False), what="run config")
-    metrics = MetricsLogger(out, tensorboard=cfg["log"]["tensorboard"]) if jax.process_index() == 0 else None
+    metrics = None
+    if jax.process_index() == 0:
+        metrics = MetricsLogger(out, tensorboard=cfg["log"]["tensorboard"], resumed_at=start)
+        if metrics.cut:
+            log(f"{out / 'metrics.jsonl'}: cut {metrics.cut} line(s) after step {start} (steps run again, or torn)")
     preempt = _Preempt()
     sleep_per_step = float(os.environ.get(SLEEP_ENV) or 0)
     every, log_every = cfg["checkpoint"]["every"], cfg["log"]["every"]
