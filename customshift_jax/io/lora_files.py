@@ -35,6 +35,7 @@ import numpy as np
 
 from customshift_jax.customshift.branches import init_lora
 from customshift_jax.io.integrity import check_hash, tensors_hash, warn_unverified
+from customshift_jax.io.safe_files import atomic_write, make_dir
 from customshift_jax.models.mmdit.config import MMDiTConfig
 from customshift_jax.models.mmdit.lora import LoRAConfig
 from customshift_jax.models.mmdit.mapping import StateDictMismatch, describe, to_numpy
@@ -228,11 +229,11 @@ def diffusers_lora_metadata(lora: LoRAConfig, modules: list[str]) -> dict[str, A
 
 
 def save_lora_files(directory: str | Path, state_dict: Mapping[str, Any], lora: LoRAConfig) -> list[Path]:
-    """Write the combined state dict as the three files of the module docstring; returns their paths."""
-    from safetensors.numpy import save_file
+    """Write the combined state dict as the three files of the module docstring (each atomically, never through a
+    link, mode 0644); returns their paths."""
+    from safetensors.numpy import save as safetensors_bytes
 
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
+    directory = make_dir(directory, "LoRA folder")
     parts = split_state_dict({k: to_numpy(v) for k, v in state_dict.items()})
     ours = {"rank": lora.rank, "alpha": lora.alpha, "targets": list(lora.targets)}
     written = []
@@ -248,7 +249,8 @@ def save_lora_files(directory: str | Path, state_dict: Mapping[str, Any], lora: 
         if branch != "beta":
             metadata[LORA_ADAPTER_METADATA_KEY] = json.dumps(diffusers_lora_metadata(lora, modules), sort_keys=True)
         path = directory / name
-        save_file(tensors, str(path), metadata=metadata)
+        with atomic_write(path, "wb", what="LoRA file") as f:  # 0644 like every output (safetensors' own: 0600)
+            f.write(safetensors_bytes(tensors, metadata=metadata))
         written.append(path)
     return written
 

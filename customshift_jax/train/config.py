@@ -33,7 +33,8 @@ DEFAULTS: dict[str, dict[str, Any]] = {
     },
     "mesh": {"enabled": False, "data": 1, "fsdp": 1, "tensor": 1, "rules": "fsdp"},
     "checkpoint": {"every": 100, "keep": 3, "async": True},
-    "log": {"every": 1, "tensorboard": True, "progress": "auto"},  # progress: "auto" = a bar on a terminal
+    # progress: "auto" = a bar on a terminal, else a loss line every line_every_s seconds; false: neither
+    "log": {"every": 1, "tensorboard": True, "progress": "auto", "line_every_s": 30.0},
     # Samples every `every` steps (0: never) with the current LoRAs, written to OUTPUT_DIR/samples/step-XXXXXX/.
     "sample": {
         "every": 0,
@@ -133,6 +134,7 @@ RANGES: dict[str, Range] = {
     "checkpoint.every": _count(1, "steps between checkpoints"),
     "checkpoint.keep": _count(1, "checkpoints kept"),
     "log.every": _count(1, "steps between metric lines"),
+    "log.line_every_s": Range(0.0, open_low=True, means="seconds between loss lines without a bar"),
     "sample.every": _count(0, "0: never"),
     "sample.reference": _count(0, "a record index, or an image path"),
     "sample.subject": _count(0, "a record index"),

@@ -35,6 +35,7 @@ from customshift_jax.parallel import sharding as shd
 from customshift_jax.parallel.distributed import gather
 from customshift_jax.train.base_step import init_base_train_state, make_base_train_step, model_params
 from customshift_jax.train.data import BatchIterator, ShardDataset
+from customshift_jax.train.loss_lines import LossLines
 from customshift_jax.train.metrics import MetricsLogger
 from customshift_jax.train.optim import make_optimizer
 from customshift_jax.train.samples import maybe_sampler
@@ -383,6 +384,9 @@ def _train(cfg: dict, out: Path, resume: bool, log) -> int:
 
         bar = tqdm(total=total, initial=start, desc="train", file=sys.stderr, dynamic_ncols=True)
         log = _above_bar(log)
+    lines = None  # no bar (not a terminal: nohup, SLURM): a loss line every log.line_every_s seconds instead
+    if bar is None and cfg["log"]["progress"] is not False and jax.process_index() == 0:
+        lines = LossLines(total, start, cfg["log"]["line_every_s"], log)
     last_saved = start if start else None
     code = 0
     t_last, n_last = time.perf_counter(), start
@@ -413,6 +417,8 @@ def _train(cfg: dict, out: Path, resume: bool, log) -> int:
                 if bar is not None:
                     bar.update(1)
                     bar.set_postfix(loss=f"{loss:.4f}")
+                if lines is not None:
+                    lines.update(step, loss)
                 if metrics is not None and (step % log_every == 0 or step == total):
                     now = time.perf_counter()
                     sps = (step - n_last) / max(now - t_last, 1e-9)
