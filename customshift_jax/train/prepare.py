@@ -36,6 +36,7 @@ from customshift_jax.train.data import (
     read_pairs,
     too_much_bad_data,
 )
+from customshift_jax.train.made_by import text_encoders_identity, vae_identity
 from customshift_jax.train.prepare_out import MARKER, PrepareDestination, check_destination  # noqa: F401 - re-exported
 from customshift_jax.train.subjects200k import Subjects200KOptions, Subjects200KSource
 
@@ -111,8 +112,10 @@ def _prepare(manifest: str | Path, out: str | Path, *, checkpoint: str | Path, t
     # the first block not finished.
     lo, hi = (0, len(share)) if source is None else source.rows
     blocks = [(b, min(b + shard_size, hi)) for b in range(lo, hi, shard_size)]
+    made_by = {"vae": vae_identity(vae_config, vae_params), "text_encoders": text_encoders_identity(text_encoders,
+                                                                                                   encoders)}
     dest.begin(_fingerprint(manifest, format, checkpoint, encoders, source, size=size, flip=flip,
-                            max_sequence_length=max_sequence_length, shard_size=shard_size))
+                            max_sequence_length=max_sequence_length, shard_size=shard_size, made_by=made_by))
     done = dest.done_blocks()
     for record in done.values():
         counter.total += record["total"]
@@ -165,6 +168,7 @@ def _prepare(manifest: str | Path, out: str | Path, *, checkpoint: str | Path, t
     if pid == 0:
         parts = dest.parts(part)
         meta = {"size": size, "flip": flip, "max_sequence_length": max_sequence_length, "manifest": str(manifest),
+                "made_by": made_by,
                 **_merged(parts, lines, source)}
         dest.write_index(parts, meta)
     barrier("customshift-prepare-indexed")  # every process returns once the index is there
@@ -229,7 +233,8 @@ def _summed(dicts: Iterable[dict[str, int]]) -> dict[str, int]:
 def _fingerprint(manifest: str | Path, format: str, checkpoint: str | Path, encoders: Any,
                  source: Subjects200KSource | None, **settings: Any) -> dict:
     """What shapes the shards: the data (the manifest file's size and time, or each parquet file's size), the
-    VAE's checkpoint, the text encoders' identity, the filters and the settings. A resume needs it unchanged."""
+    VAE's checkpoint, the text encoders' identity, the filters and the settings (with `made_by`: the VAE's and
+    the encoders' content hashes). A resume needs it unchanged."""
     if source is not None:
         data = [[str(f), f.stat().st_size] for f in source.files]
         settings["filters"] = dataclasses.asdict(source.options)
