@@ -113,3 +113,17 @@ def test_resume_with_another_vae_at_the_same_path_redoes_the_shards(capsys, tmp_
     assert "made with other settings" in out and "finished shard(s) are kept" not in out, out
     made_by = ShardDataset(tmp_path / "out").index["made_by"]
     assert made_by["vae"].startswith("sha256:") and made_by["text_encoders"].startswith("sha256:")
+
+
+def test_prepare_names_the_records_it_skipped(capsys, tmp_path, tiny_pipeline_dir):  # noqa: F811
+    """README says skipped records are named; the summary line (and the index) now name them by file and line."""
+    manifest = write_manifest(tmp_path, 4, missing=(2,))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", BadDataWarning)
+        assert main(["prepare", str(manifest), str(tmp_path / "out"), "--checkpoint", str(tiny_pipeline_dir),
+                     "--text-encoders", str(tiny_pipeline_dir), "--size", "16", "--batch-size", "2",
+                     "--max-sequence-length", "8", "--max-bad-fraction", "0.5", "--no-progress"]) == 0
+    [summary] = [line for line in capsys.readouterr().out.splitlines() if line.startswith("wrote ")]
+    assert "3 pairs; 2 of 5 skipped: " in summary and f"{manifest}:1 is not JSON" in summary, summary
+    assert f"{manifest}:4: image not found" in summary, summary
+    assert len(ShardDataset(tmp_path / "out").index["skipped_examples"]) == 2

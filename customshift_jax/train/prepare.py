@@ -174,9 +174,17 @@ def _prepare(manifest: str | Path, out: str | Path, *, checkpoint: str | Path, t
     barrier("customshift-prepare-indexed")  # every process returns once the index is there
     index = json.loads((Path(out) / "index.json").read_text())
     filtered = f"; filtered {index['filtered']}" if source is not None else ""
-    say(f"wrote {out} ({index['count']} pairs; {bad} of {total} skipped{filtered})"
-        + (f"; this process {written} pairs" if count > 1 else ""))
+    say(f"wrote {out} ({index['count']} pairs; {bad} of {total} skipped{_named(lines.examples + counter.examples, bad)}"
+        f"{filtered})" + (f"; this process {written} pairs" if count > 1 else ""))
     return index
+
+
+def _named(examples: list[str], bad: int, shown: int = 5) -> str:
+    """': <the first skipped records, by file and line>; and N more' for the summary line ('' when none)."""
+    if not bad or not examples:
+        return ""
+    first = examples[:shown]
+    return ": " + "; ".join(first) + (f"; and {bad - len(first)} more" if bad > len(first) else "")
 
 
 def _merged(parts: list[dict], lines: BadCounter, source: Subjects200KSource | None) -> dict:
@@ -185,6 +193,7 @@ def _merged(parts: list[dict], lines: BadCounter, source: Subjects200KSource | N
     reasons = _summed([lines.reasons] + [p["reasons"] for p in parts])
     meta = {"latent_shape": next(p["latent_shape"] for p in parts if p["latent_shape"]),
             "skipped": sum(reasons.values()), "skipped_reasons": reasons,
+            "skipped_examples": (lines.examples + [e for p in parts for e in p["examples"]])[:20],
             "manifest_records": lines.total + sum(p["total"] for p in parts)}
     if source is not None:
         merged = dict(parts[0]["source"])
