@@ -115,7 +115,8 @@ def test_a_flash_training_step_equals_the_xla_one(tmp_path):
     got = {}
     for backend in ("xla", "flash"):
         cfg = load_config(TINY, [f"data.path={data}", f"output_dir={tmp_path / 'o'}", f"model.attention={backend}",
-                                 "model.num_layers=1", "data.shuffle=false", "data.flip_prob=0.0", "train.warmup_steps=0"])
+                                 "model.num_layers=1", "data.shuffle=false", "data.flip_prob=0.0",
+                                 "train.warmup_steps=0"])
         parts = loop.build(cfg)
         state, metrics = parts.jstep(parts.state, parts.base, parts.put_batch(next(parts.it)))
         got[backend] = (metrics, jax.tree_util.tree_leaves(state.trainable))
