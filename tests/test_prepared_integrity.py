@@ -127,3 +127,16 @@ def test_prepare_names_the_records_it_skipped(capsys, tmp_path, tiny_pipeline_di
     assert "3 pairs; 2 of 5 skipped: " in summary and f"{manifest}:1 is not JSON" in summary, summary
     assert f"{manifest}:4: image not found" in summary, summary
     assert len(ShardDataset(tmp_path / "out").index["skipped_examples"]) == 2
+
+
+@pytest.mark.parametrize("flag, value", [("--max-bad-fraction", "nan"), ("--max-bad-fraction", "2"),
+                                         ("--batch-size", "0"), ("--size", "-16"), ("--shard-size", "0"),
+                                         ("--read-threads", "0"), ("--max-image-pixels", "0")])
+def test_prepare_checks_its_numbers_before_reading_anything(capsys, tmp_path, flag, value):
+    """Every number flag of prepare is range-checked where it is read (--max-bad-fraction nan never stopped)."""
+    code = main(["prepare", str(tmp_path / "m.jsonl"), str(tmp_path / "out"), "--checkpoint", "ck",
+                 "--text-encoders", "te", flag, value])
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert code == 2 and len(lines) == 1 and lines[0].startswith(f"error: {flag} "), err
+    assert "expected a number" in lines[0] and not (tmp_path / "out").exists()

@@ -80,6 +80,29 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="px around the two views in each composite (default 8: 512-px views in 1056x528)")
 
 
+# flag -> (attribute, lowest value, highest value or None): checked before anything is read or loaded
+NUMBERS = {
+    "--size": ("size", 1, None), "--batch-size": ("batch_size", 1, None), "--shard-size": ("shard_size", 1, None),
+    "--max-sequence-length": ("max_sequence_length", 1, None), "--max-bad-fraction": ("max_bad_fraction", 0, 1),
+    "--read-threads": ("read_threads", 1, None), "--max-image-bytes": ("max_image_bytes", 1, None),
+    "--max-image-pixels": ("max_image_pixels", 1, None), "--min-quality": ("min_quality", 0, 5),
+    "--padding": ("padding", 0, None),
+}
+
+
+def check_numbers(args: argparse.Namespace) -> None:
+    """Every number flag in its range (NaN included), one line naming the flag."""
+    import math
+
+    for flag, (attr, low, high) in NUMBERS.items():
+        value = getattr(args, attr, None)
+        if value is None:
+            continue
+        if not math.isfinite(value) or value < low or (high is not None and value > high):
+            span = f"from {low} to {high}" if high is not None else f"of at least {low}"
+            raise ValueError(f"{flag} {value}: expected a number {span}.")
+
+
 def _subjects200k_options(args: argparse.Namespace):
     """The Subjects200K filters from the flags; with --format jsonl, any of them set is refused."""
     from customshift_jax.train.subjects200k import Subjects200KOptions
@@ -114,6 +137,7 @@ def _local_mesh(args: argparse.Namespace):
 
 
 def run(args: argparse.Namespace) -> int:
+    check_numbers(args)  # before joining a job: a bad flag does not wait for the other processes
     if args.distributed:  # before any other JAX call
         from customshift_jax.parallel import distributed
 
