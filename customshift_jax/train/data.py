@@ -4,9 +4,12 @@ deterministic, per-process, checkpointable batch iterator over them (grain).
 Manifest: one JSON object a line, {"reference": path, "target": path, "caption": str, "subject": str}; paths
 are local or any fsspec URL, relative ones relative to the manifest. Prepared data (`customshift prepare`):
 
-    OUT/index.json                  {"version", "count", "size", "latent_shape", "flip", "shards": [...], ...}
+    OUT/index.json                  {"version", "count", "size", "latent_shape", "flip", "made_by", "shards":
+                                     [{"dir", "count", "arrays", "digests"}, ...], ...}
     OUT/shard-00000/<array>.npy     latents, ref_latents (+ latents_flip, ref_latents_flip), prompt_embeds,
                                     pooled, subject_embeds, subject_pooled; row i of each is one record
+    OUT/shard-00000/row-digests.bin every row's digest, per array (`train.shard_digests`): each record read is
+                                    checked against them; the index holds the file's own hash ("digests")
 """
 from __future__ import annotations
 
