@@ -64,6 +64,9 @@ def test_words_are_checked_and_in_step_with_the_code_that_takes_them():
             load_config(TINY, [*REQUIRED, f"{key}=nope"])
     with pytest.raises(ValueError, match=r"train.steps=2 is fewer than train.accum_steps=4"):
         load_config(TINY, [*REQUIRED, "train.steps=2", "train.accum_steps=4"])
+    with pytest.raises(ValueError, match="mesh.data and mesh.fsdp are both -1"):
+        load_config(TINY, [*REQUIRED, "mesh.data=-1", "mesh.fsdp=-1"])
+    assert load_config(TINY, [*REQUIRED, "mesh.fsdp=-1"])["mesh"]["fsdp"] == -1  # -1: the rest of the devices
     cfg = load_config(TINY, [*REQUIRED, "train.lr=1", "lora.alpha=8"])
     assert type(cfg["train"]["lr"]) is float and type(cfg["lora"]["alpha"]) is float  # typed once, when read
 

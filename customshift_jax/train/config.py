@@ -88,8 +88,11 @@ class Range:
     open_low: bool = False
     open_high: bool = False
     means: str = ""
+    also: tuple[float, ...] = ()  # values allowed outside the range (-1: "the rest" of a mesh axis)
 
     def holds(self, v: float) -> bool:
+        if v in self.also:
+            return True
         if not math.isfinite(v):
             return False
         if self.low is not None and (v <= self.low if self.open_low else v < self.low):
@@ -98,10 +101,14 @@ class Range:
 
     def text(self, integer: bool) -> str:
         kind = "an integer" if integer else "a finite number"
-        lo = None if self.low is None else f"{'>' if self.open_low else '>='} {self.low:g}"
-        hi = None if self.high is None else f"{'<' if self.open_high else '<='} {self.high:g}"
-        where = " and ".join(x for x in (lo, hi) if x)
+        lo = None if self.low is None else f"{'>' if self.open_low else '>='} {_number(self.low)}"
+        hi = None if self.high is None else f"{'<' if self.open_high else '<='} {_number(self.high)}"
+        where = " and ".join(x for x in (lo, hi) if x) + "".join(f" or {_number(x)}" for x in self.also)
         return f"{kind}{' ' + where if where else ''}{f' ({self.means})' if self.means else ''}"
+
+
+def _number(x: float) -> str:
+    return str(int(x)) if float(x).is_integer() else f"{x:g}"
 
 
 def _count(low: int = 1, means: str = "") -> Range:
@@ -109,7 +116,8 @@ def _count(low: int = 1, means: str = "") -> Range:
 
 
 _FRACTION = Range(0.0, 1.0, means="a probability")
-_SEED = _count(0, "a seed")
+_SEED = Range(0, 2**32 - 1, means="a seed")
+_MESH_AXIS = Range(1, also=(-1,), means="devices along the axis; -1: the rest, on one axis at most")
 # Every number of the config -> its range: checked when the config is read, so a run never starts on -5 steps.
 RANGES: dict[str, Range] = {
     "model.num_layers": _count(1, "the preset's depth"),
@@ -128,9 +136,9 @@ RANGES: dict[str, Range] = {
     "train.text_dropout": _FRACTION,
     "train.ref_dropout": _FRACTION,
     "train.ema_decay": Range(0.0, 1.0, open_high=True, means="0 turns the EMA off"),
-    "mesh.data": _count(1, "devices along the axis"),
-    "mesh.fsdp": _count(1, "devices along the axis"),
-    "mesh.tensor": _count(1, "devices along the axis"),
+    "mesh.data": _MESH_AXIS,
+    "mesh.fsdp": _MESH_AXIS,
+    "mesh.tensor": _MESH_AXIS,
     "checkpoint.every": _count(1, "steps between checkpoints"),
     "checkpoint.keep": _count(1, "checkpoints kept"),
     "log.every": _count(1, "steps between metric lines"),
@@ -285,6 +293,9 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> dict[str,
     if m["preset"] is None:
         m["num_layers"] = None  # only a preset's depth can be changed: the saved config says what ran
     _check_train(cfg["train"])
+    rest = [f"mesh.{a}" for a in ("data", "fsdp", "tensor") if cfg["mesh"][a] == -1]
+    if len(rest) > 1:
+        raise ValueError(f"{' and '.join(rest)} are both -1: one mesh axis at most takes the rest of the devices.")
     if cfg["log"]["progress"] not in (True, False, "auto"):
         raise ValueError(f"log.progress={cfg['log']['progress']!r}: expected true, false or auto (a bar on a terminal).")
     return cfg
