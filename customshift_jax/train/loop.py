@@ -345,6 +345,7 @@ def train(cfg: dict, *, resume: bool = False, log=print) -> int:
 
 
 def _train(cfg: dict, out: Path, resume: bool, log) -> int:
+    """`train` inside output_dir's lock: build, restore, the step loop, checkpoints and the export."""
     import jax
 
     ckpt_dir = refuse_link(out / "checkpoints", "checkpoint folder")  # orbax would write through a link
