@@ -140,3 +140,25 @@ def test_prepare_checks_its_numbers_before_reading_anything(capsys, tmp_path, fl
     lines = [line for line in err.splitlines() if line.strip()]
     assert code == 2 and len(lines) == 1 and lines[0].startswith(f"error: {flag} "), err
     assert "expected a number" in lines[0] and not (tmp_path / "out").exists()
+
+
+def test_prepare_pairs_the_images_of_subject_folders(capsys, tmp_path, tiny_pipeline_dir):  # noqa: F811
+    """Case 26 (part): no example manifest and no way to build one from DreamBench's folders. --format folders
+    pairs each image with the next of its subject folder, captioned with the folder's name."""
+    from conftest import DREAMBENCH
+
+    from customshift_jax.train.data import BadCounter, records_from_folders
+
+    counter = BadCounter()
+    with pytest.warns(BadDataWarning, match="holds 1 image"):
+        (tmp_path / "lonely").mkdir()
+        shutil.copyfile(DREAMBENCH / "cat" / "00.jpg", tmp_path / "lonely" / "00.jpg")
+        shutil.copytree(DREAMBENCH / "backpack_dog", tmp_path / "backpack_dog")
+        records = records_from_folders(tmp_path, counter)
+    n = len(list((tmp_path / "backpack_dog").glob("*.jpg")))
+    assert len(records) == counter.total == n and records[0].caption == "a photo of a backpack dog"
+    assert records[0].reference.endswith(f"0{n - 1}.jpg") and records[0].target.endswith("00.jpg")
+    assert main(["prepare", str(DREAMBENCH / "dog"), str(tmp_path / "out"), "--format", "folders", "--checkpoint",
+                 str(tiny_pipeline_dir), "--text-encoders", str(tiny_pipeline_dir), "--size", "16",
+                 "--max-sequence-length", "8", "--no-progress"]) == 0
+    assert len(ShardDataset(tmp_path / "out")) == len(list((DREAMBENCH / "dog").glob("*.jpg")))

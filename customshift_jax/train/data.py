@@ -159,6 +159,40 @@ def read_manifest(path: str | Path, counter: BadCounter | None = None) -> list[R
     return records
 
 
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
+
+
+def _images(folder: Path) -> list[Path]:
+    return sorted(f for f in folder.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES and f.is_file())
+
+
+def records_from_folders(root: str | Path, counter: BadCounter | None = None) -> list[Record]:
+    """Pairs from a folder of subject folders (DreamBench's layout: root/dog/00.jpg, ...), or from one subject
+    folder of images: each image is the reference of the next image of its subject (the last of the first), with
+    the caption "a photo of a <subject>" and the folder's name as the subject ("_" read as a space). A subject
+    with fewer than two images makes no pair: counted as a warning."""
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"--format folders: {root} is not a folder (expected subject folders of images, "
+                                "e.g. dreambench/dog/00.jpg).")
+    counter = counter if counter is not None else BadCounter()
+    subjects = [d for d in sorted(root.iterdir()) if d.is_dir() and _images(d)] or [root]
+    records = []
+    for folder in subjects:
+        images, subject = _images(folder), folder.name.replace("_", " ")
+        if len(images) < 2:
+            counter.warn("single_image", f"{folder} holds {len(images)} image(s): no pair to make; skipped")
+            continue
+        for i, target in enumerate(images):
+            counter.total += 1
+            records.append(Record(str(images[i - 1]), str(target), f"a photo of a {subject}", subject,
+                                  len(records) + 1, str(root)))
+    if not records:
+        raise ValueError(f"--format folders: {root} holds no subject folder of two or more images "
+                         f"({', '.join(IMAGE_SUFFIXES)}).")
+    return records
+
+
 def _text(s: str) -> str:
     """Text as valid Unicode: bytes that were not UTF-8 (kept as surrogates) become U+FFFD."""
     return s.encode("utf-8", errors="surrogateescape").decode("utf-8", errors="replace")

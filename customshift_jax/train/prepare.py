@@ -34,13 +34,14 @@ from customshift_jax.train.data import (
     TooMuchBadData,
     read_manifest,
     read_pairs,
+    records_from_folders,
     too_much_bad_data,
 )
 from customshift_jax.train.made_by import text_encoders_identity, vae_identity
 from customshift_jax.train.prepare_out import MARKER, PrepareDestination, check_destination  # noqa: F401 - re-exported
 from customshift_jax.train.subjects200k import Subjects200KOptions, Subjects200KSource
 
-FORMATS = ("jsonl", "subjects200k")
+FORMATS = ("jsonl", "subjects200k", "folders")
 
 
 def prepare(manifest: str | Path, out: str | Path, *, checkpoint: str | Path, text_encoders: str | Path,
@@ -78,7 +79,7 @@ def _prepare(manifest: str | Path, out: str | Path, *, checkpoint: str | Path, t
     import jax
 
     if format not in FORMATS:
-        raise ValueError(f"--format {format}: expected jsonl or subjects200k.")
+        raise ValueError(f"--format {format}: expected one of {', '.join(FORMATS)}.")
     pid, count = jax.process_index(), jax.process_count()
     say = log if count == 1 else (lambda m: log(f"[process {pid} of {count}] {m}"))
     dest = PrepareDestination(out, manifest, index=pid, count=count, log=say)
@@ -90,7 +91,8 @@ def _prepare(manifest: str | Path, out: str | Path, *, checkpoint: str | Path, t
     source = (Subjects200KSource(manifest, subjects200k, process_index=pid, process_count=count, log=say)
               if format == "subjects200k" else None)
     lines = BadCounter()  # the JSONL manifest's lines: every process reads all of them, so the same counts
-    records = read_manifest(manifest, lines) if source is None else []
+    records = (records_from_folders(manifest, lines) if format == "folders" else
+               read_manifest(manifest, lines) if source is None else [])
     lines.check(max_bad_fraction, f"manifest {manifest}")  # stop early when the manifest alone is too bad
     share = records[pid * len(records) // count:(pid + 1) * len(records) // count]
     vae_config, vae_params = load_vae(checkpoint)  # our checkpoint or a diffusers folder
@@ -249,6 +251,9 @@ def _fingerprint(manifest: str | Path, format: str, checkpoint: str | Path, enco
         settings["filters"] = dataclasses.asdict(source.options)
     elif "://" in str(manifest):
         data = None
+    elif format == "folders":  # every image's name, size and time
+        data = [[str(f), f.stat().st_size, f.stat().st_mtime_ns] for f in sorted(Path(manifest).rglob("*"))
+                if f.is_file()]
     else:
         st = Path(manifest).stat()
         data = [st.st_size, st.st_mtime_ns]
