@@ -210,7 +210,7 @@ def test_conversion_written_in_pieces_reads_back_equal(tiny_pipeline, tmp_path, 
     whole, _ = convert(tiny_pipeline, tmp_path / "whole", dtype=dtype, progress=False)
     split, _ = convert(tiny_pipeline, tmp_path / "split", dtype=dtype, progress=False, piece_bytes=16 << 10)
     marker = json.loads((split / "customshift_checkpoint.json").read_text())
-    assert marker["version"] == 2
+    assert marker["version"] == 3
     assert all(len(marker["components"][c]["pieces"]) > 2 for c in ("transformer", "vae"))
     assert all(len(e["pieces"]) == 1 for e in json.loads((whole / "customshift_checkpoint.json").read_text())
                ["components"].values())

@@ -88,11 +88,19 @@ def test_a_flipped_byte_is_refused_naming_the_piece_and_loads_without_verify(mad
     assert main(["export", str(ckpt), str(tmp_path / "out"), "--components", "transformer", "--no-verify"]) == 0
 
 
+def _as_version_2(marker: dict, keep_piece_hashes: bool = False) -> dict:
+    """The marker as a version-2 writer left it: no marker or config hashes (and, before them, no piece hashes)."""
+    marker = {**{k: v for k, v in marker.items() if k != "marker_hash"}, "version": 2}
+    for entry in marker["components"].values():
+        del entry["config_hash"]
+        if not keep_piece_hashes:
+            del entry["hashes"]
+    return marker
+
+
 def test_a_checkpoint_without_hashes_loads_with_a_warning(made, tmp_path, capsys):
     ckpt = _copy(made, tmp_path)
-    marker = json.loads((ckpt / MARKER).read_text())
-    for entry in marker["components"].values():
-        del entry["hashes"]
+    marker = _as_version_2(json.loads((ckpt / MARKER).read_text()))
     (ckpt / MARKER).write_text(json.dumps(marker))
     load_checkpoint(ckpt, ["transformer"])
     err = capsys.readouterr().err.strip()
@@ -121,8 +129,8 @@ def test_a_vae_config_that_does_not_fit_is_refused(made, tmp_path):
     config_file = ckpt / "vae" / "config.json"
     data = json.loads(config_file.read_text())
     config_file.write_text(json.dumps({**data, "latent_channels": 8}))
-    with pytest.raises(ConfigMismatch, match="of another shape"):
-        load_checkpoint(ckpt, ["vae"])
+    with pytest.raises(ConfigMismatch, match="of another shape"):  # the shape check, under the config's hash
+        load_checkpoint(ckpt, ["vae"], verify=False)
 
 
 def test_the_export_header_check_catches_a_config_diffusers_would_not_load(made, tmp_path):
@@ -260,3 +268,91 @@ def test_overwrite_refuses_an_export_holding_foreign_files(made, tmp_path, capsy
     (out / "render.png").write_text("not ours")
     assert main(["export", str(made / "ckpt"), str(out), "--components", "transformer", "--overwrite"]) == 2
     assert "(render.png)" in _one_line_error(capsys) and (out / "render.png").is_file()
+
+
+# ------------------------------------------------- what the hashes cover (issue 26: cases 1, 2, 3, 5)
+
+def _edit_json(path, **fields):
+    path.write_text(json.dumps({**json.loads(path.read_text()), **fields}, indent=2))
+
+
+@pytest.mark.parametrize("component, fields", [
+    ("transformer", {"num_attention_heads": 4, "attention_head_dim": 4}),  # case 1: same shapes, other heads
+    ("vae", {"scaling_factor": 4.5}),  # case 2: another latent scale, same arrays
+])
+def test_an_edited_config_is_refused_by_its_hash(made, tmp_path, capsys, component, fields):
+    """Cases 1 and 2: an edited config.json that the arrays cannot contradict made other images, exit 0 (and
+    `export` wrote that config); the marker now records each config's hash."""
+    ckpt = _copy(made, tmp_path)
+    config = ckpt / component / "config.json"
+    _edit_json(config, **fields)
+    with pytest.raises(DamagedCheckpoint, match=f"the {component} config {config} is damaged: its content hash"):
+        load_checkpoint(ckpt, [component])
+    assert main(["export", str(ckpt), str(tmp_path / "out"), "--components", component]) == 2
+    assert str(config) in _one_line_error(capsys) and not (tmp_path / "out").exists()
+
+
+def test_an_edited_marker_is_refused(made, tmp_path, capsys):
+    """Case 3: the marker's "hashes" renamed (and a piece damaged) gave only the old-checkpoint warning, exit 0."""
+    ckpt = _copy(made, tmp_path)
+    marker = json.loads((ckpt / MARKER).read_text())
+    _flip_a_byte_of(ckpt, load_checkpoint(ckpt, ["transformer"])["transformer"][1][LEAF[0]][LEAF[1]])
+    entry = marker["components"]["transformer"]
+    entry["hashez"] = entry.pop("hashes")
+    (ckpt / MARKER).write_text(json.dumps(marker))
+    with pytest.raises(DamagedCheckpoint, match=f"the checkpoint marker {ckpt / MARKER} is damaged"):
+        load_checkpoint(ckpt, ["transformer"])
+    del marker["marker_hash"]  # its own hash removed too: a version-3 marker must have it
+    (ckpt / MARKER).write_text(json.dumps(marker))
+    with pytest.raises(DamagedCheckpoint, match="lacks its 'marker_hash'"):
+        load_checkpoint(ckpt, ["transformer"])
+    # Made to look like version 2 (no marker or config hashes), the renamed key is still seen.
+    old = _as_version_2(json.loads((made / "ckpt" / MARKER).read_text()), keep_piece_hashes=True)
+    entry = old["components"]["transformer"]
+    entry["hashez"] = entry.pop("hashes")
+    (ckpt / MARKER).write_text(json.dumps(old))
+    assert main(["export", str(ckpt), str(tmp_path / "out"), "--components", "transformer"]) == 2
+    line = _one_line_error(capsys)
+    assert "lacks the transformer's 'hashes' (the entry has 'hashez' in its place)" in line, line
+    marker = json.loads((made / "ckpt" / MARKER).read_text())  # any other field edited: the marker's own hash
+    marker["components"]["vae"]["params"] = "transformer/params"
+    (ckpt / MARKER).write_text(json.dumps(marker))
+    with pytest.raises(DamagedCheckpoint, match="checkpoint marker .* is damaged"):
+        load_checkpoint(ckpt, ["vae"])
+
+
+def test_a_version_2_checkpoint_with_piece_hashes_says_its_config_is_unverified(made, tmp_path, capsys):
+    ckpt = _copy(made, tmp_path)
+    (ckpt / MARKER).write_text(json.dumps(_as_version_2(json.loads((ckpt / MARKER).read_text()), True)))
+    load_checkpoint(ckpt, ["vae"])
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("warning: ") and "config.json carries no content hash" in err and "\n" not in err
+
+
+def _rewrite_lora_metadata(path, update_ours):
+    from safetensors import safe_open
+    from safetensors.numpy import save_file
+
+    with safe_open(str(path), framework="numpy") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+        metadata = dict(f.metadata())
+    ours = json.loads(metadata["customshift_lora"])
+    metadata["customshift_lora"] = json.dumps(update_ours(ours))
+    save_file(tensors, str(path), metadata=metadata)
+
+
+def test_lora_metadata_is_covered_by_the_files_hash(made, tmp_path, capsys):
+    """Case 5: alpha x50 in the metadata (tensors unchanged) gave other pixels, exit 0; now refused, through the
+    CLI too. A file written before the metadata was covered loads with a warning saying so."""
+    lora = tmp_path / "lora"
+    shutil.copytree(made / "lora", lora)
+    _rewrite_lora_metadata(lora / CGB_FILE, lambda ours: {**ours, "alpha": ours["alpha"] * 50})
+    with pytest.raises(DamagedCheckpoint, match=f"LoRA file {lora / CGB_FILE} is damaged: .*metadata"):
+        load_lora_files(lora)
+    assert main(["export", str(made / "ckpt"), str(tmp_path / "out"), "--lora", str(lora)]) == 2
+    assert CGB_FILE in _one_line_error(capsys) and not (tmp_path / "out").exists()
+    shutil.copyfile(made / "lora" / CGB_FILE, lora / CGB_FILE)
+    _rewrite_lora_metadata(lora / CGB_FILE, lambda ours: {k: v for k, v in ours.items() if k != "file_hash"})
+    load_lora_files(lora)
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("warning: ") and "(rank, alpha) carries no content hash" in err and "\n" not in err

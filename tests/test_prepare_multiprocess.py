@@ -159,7 +159,7 @@ def test_shards_stream_to_disk_a_batch_at_a_time(tmp_path):
     writer.close({"size": 8})
     np.testing.assert_array_equal(np.load(folder / "latents.npy"), rows[:4])
     np.testing.assert_array_equal(np.load(tmp_path / "out" / "shard-00001" / "latents.npy"), rows[4:])
-    assert sorted(p.name for p in folder.iterdir()) == ["latents.npy"]
+    assert sorted(p.name for p in folder.iterdir()) == ["latents.npy", "row-digests.bin"]  # with its checksums
     with pytest.raises(ValueError, match="shard arrays changed"):
         writer.add({"latents": rows[:1, :2]})
 

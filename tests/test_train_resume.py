@@ -44,30 +44,32 @@ def setup(tmp_path_factory):
 
 def test_exact_resume_after_sigterm_and_kill9(setup):
     data, cache, tmp = setup
-    common = (f"data.path={data}", f"train.steps={STEPS}", "checkpoint.every=4", "log.every=1",
-              "debug.sleep_per_step=0.3")
+    common = (f"data.path={data}", f"train.steps={STEPS}", "checkpoint.every=4", "log.every=1")
     straight = tmp / "straight"
-    p = start_trainer(CONFIG, *common, f"output_dir={straight}", cache_dir=cache, log=tmp / "straight.log")
+    p = start_trainer(CONFIG, *common, f"output_dir={straight}", cache_dir=cache, log=tmp / "straight.log",
+                      sleep_per_step=0.3)
     assert p.wait(600) == 0, (tmp / "straight.log").read_text()[-3000:]
 
     run = tmp / "interrupted"
     # 1) SIGTERM at a seeded random step: a clean exit with a checkpoint at the step boundary.
     term_step = random.Random(7).randint(3, 9)
-    p = start_trainer(CONFIG, *common, f"output_dir={run}", cache_dir=cache, log=tmp / "a.log")
+    p = start_trainer(CONFIG, *common, f"output_dir={run}", cache_dir=cache, log=tmp / "a.log", sleep_per_step=0.3)
     _wait_for_step(p, run / "metrics.jsonl", term_step)
     p.send_signal(signal.SIGTERM)
     assert p.wait(300) == 0, (tmp / "a.log").read_text()[-3000:]
     assert "SIGTERM: saved step" in (tmp / "a.log").read_text()
 
     # 2) resume, then kill -9 once it is past step 12 (it loses the steps after its last periodic checkpoint).
-    p = start_trainer(CONFIG, *common, f"output_dir={run}", cache_dir=cache, resume=True, log=tmp / "b.log")
+    p = start_trainer(CONFIG, *common, f"output_dir={run}", cache_dir=cache, resume=True, log=tmp / "b.log",
+                      sleep_per_step=0.3)
     _wait_for_step(p, run / "metrics.jsonl", 13)
     p.send_signal(signal.SIGKILL)
     p.wait(60)
     assert "resumed from step" in (tmp / "b.log").read_text()
 
     # 3) resume to the end.
-    p = start_trainer(CONFIG, *common, f"output_dir={run}", cache_dir=cache, resume=True, log=tmp / "c.log")
+    p = start_trainer(CONFIG, *common, f"output_dir={run}", cache_dir=cache, resume=True, log=tmp / "c.log",
+                      sleep_per_step=0.3)
     assert p.wait(600) == 0, (tmp / "c.log").read_text()[-3000:]
 
     a, b = _final(straight), _final(run)
@@ -76,6 +78,9 @@ def test_exact_resume_after_sigterm_and_kill9(setup):
     for k in a:
         np.testing.assert_array_equal(a[k], b[k], err_msg=f"leaf {k} differs after resume")
     assert (run / "lora" / "customshift_cgb.safetensors").is_file()
+    # metrics.jsonl: every step once, in order, after the kill -9 and its resume (case 17)
+    steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, STEPS + 1)), steps
 
 
 def test_ctrl_c_saves_and_says_how_to_resume(setup):
@@ -83,7 +88,7 @@ def test_ctrl_c_saves_and_says_how_to_resume(setup):
     data, cache, tmp = setup
     run = tmp / "ctrl-c"
     p = start_trainer(CONFIG, f"data.path={data}", f"train.steps={STEPS}", "checkpoint.every=1000", "log.every=1",
-                      "debug.sleep_per_step=0.3", f"output_dir={run}", cache_dir=cache, log=tmp / "ctrl-c.log")
+                      f"output_dir={run}", cache_dir=cache, log=tmp / "ctrl-c.log", sleep_per_step=0.3)
     seen = _wait_for_step(p, run / "metrics.jsonl", 2)
     p.send_signal(signal.SIGINT)
     assert p.wait(300) == 0, (tmp / "ctrl-c.log").read_text()[-3000:]
@@ -91,3 +96,34 @@ def test_ctrl_c_saves_and_says_how_to_resume(setup):
     assert "SIGINT: saved step" in text and "--resume" in text, text[-2000:]
     saved = sorted(int(d.name) for d in (run / "checkpoints").iterdir() if d.name.isdigit())
     assert saved and seen <= saved[-1] < STEPS, saved
+
+
+def test_metrics_lines_are_whole_and_a_resume_cuts_the_steps_it_runs_again(tmp_path, monkeypatch):
+    """Case 17: a full disk left a torn line no JSON reader parses, and a resume after kill -9 repeated the rolled
+    back steps. A line is now written whole or cut back off; a resume from step k cuts the lines after k (and any
+    torn one) before appending."""
+    import os
+
+    from customshift_jax.train import metrics as metrics_mod
+    from customshift_jax.train.metrics import MetricsLogger
+
+    logger = MetricsLogger(tmp_path, tensorboard=False)
+    for step in (1, 2, 3):
+        logger.log(step, {"loss": 0.5})
+    real_write = os.write
+    monkeypatch.setattr(metrics_mod.os, "write", lambda fd, data: real_write(fd, data[: len(data) // 2]))
+    with pytest.raises(OSError, match="only .* bytes written"):
+        logger.log(4, {"loss": 0.25})  # the disk fills mid-line
+    monkeypatch.setattr(metrics_mod.os, "write", real_write)
+    logger.close()
+    text = (tmp_path / "metrics.jsonl").read_text()
+    assert [json.loads(line)["step"] for line in text.splitlines()] == [1, 2, 3] and text.endswith("\n")
+
+    with open(tmp_path / "metrics.jsonl", "a") as f:  # as an older version left it: a torn line, then more steps
+        f.write('{"step": 4, "lo\n{"step": 5, "loss": 1.0}\n{"step": 6, "loss"')
+    resumed = MetricsLogger(tmp_path, tensorboard=False, resumed_at=2)  # the checkpoint it resumes from: step 2
+    assert resumed.cut == 4
+    resumed.log(3, {"loss": 0.125})
+    resumed.close()
+    steps = [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3]

@@ -47,6 +47,11 @@ def trainer_cmd(config: Path, *overrides: str, resume: bool = False) -> list[str
             *(["--resume"] if resume else []), *overrides]
 
 
-def start_trainer(config: Path, *overrides: str, cache_dir: Path, resume: bool = False, log: Path) -> subprocess.Popen:
-    return subprocess.Popen(trainer_cmd(config, *overrides, resume=resume), cwd=ROOT, env=trainer_env(cache_dir),
+def start_trainer(config: Path, *overrides: str, cache_dir: Path, resume: bool = False, log: Path,
+                  sleep_per_step: float = 0.0) -> subprocess.Popen:
+    """The trainer in a subprocess; `sleep_per_step` > 0 slows it (the loop's test hook) so a signal lands mid-run."""
+    from customshift_jax.train.loop import SLEEP_ENV
+
+    env = {**trainer_env(cache_dir), **({SLEEP_ENV: str(sleep_per_step)} if sleep_per_step else {})}
+    return subprocess.Popen(trainer_cmd(config, *overrides, resume=resume), cwd=ROOT, env=env,
                             stdout=open(log, "w"), stderr=subprocess.STDOUT)

@@ -23,6 +23,11 @@ records on its own devices and process 0 writes one index, in the manifest's ord
 streamed file by file: each composite is split into its left and right views, the item is the subject name,
 rows are filtered by quality scores, description_valid and --collections, and filtered rows are counted.
   customshift prepare Subjects200K/ data/s200k --format subjects200k --checkpoint ckpt/ --text-encoders sd3/
+
+--format folders: MANIFEST is a folder of subject folders of images (DreamBench's layout, dreambench/dog/00.jpg),
+or one such subject folder: each image is paired as the reference of the next image of its subject, captioned
+"a photo of a <subject>" (the folder's name).
+  customshift prepare dreambench/ data/dreambench --format folders --checkpoint ckpt/ --text-encoders sd3/
 """
 from __future__ import annotations
 
@@ -63,8 +68,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="largest image file read; a larger one is skipped and counted")
     p.add_argument("--max-image-pixels", type=int, default=DEFAULT_MAX_PIXELS,
                    help="largest width x height decoded; a larger image is skipped and counted")
-    p.add_argument("--format", choices=("jsonl", "subjects200k"), default="jsonl",
-                   help="MANIFEST is a JSONL manifest, or a folder of Subjects200K parquet shards")
+    p.add_argument("--format", choices=("jsonl", "subjects200k", "folders"), default="jsonl",
+                   help="MANIFEST is a JSONL manifest, a folder of Subjects200K parquet shards, or a folder of "
+                        "subject folders of images (pairs within each subject)")
     s = p.add_argument_group("--format subjects200k")
     s.add_argument("--min-quality", type=int, default=None,
                    help="keep rows whose three quality scores are all >= this, 0-5 (default 5, as the dataset card "
@@ -80,6 +86,29 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="px around the two views in each composite (default 8: 512-px views in 1056x528)")
 
 
+# flag -> (attribute, lowest value, highest value or None): checked before anything is read or loaded
+NUMBERS = {
+    "--size": ("size", 1, None), "--batch-size": ("batch_size", 1, None), "--shard-size": ("shard_size", 1, None),
+    "--max-sequence-length": ("max_sequence_length", 1, None), "--max-bad-fraction": ("max_bad_fraction", 0, 1),
+    "--read-threads": ("read_threads", 1, None), "--max-image-bytes": ("max_image_bytes", 1, None),
+    "--max-image-pixels": ("max_image_pixels", 1, None), "--min-quality": ("min_quality", 0, 5),
+    "--padding": ("padding", 0, None),
+}
+
+
+def check_numbers(args: argparse.Namespace) -> None:
+    """Every number flag in its range (NaN included), one line naming the flag."""
+    import math
+
+    for flag, (attr, low, high) in NUMBERS.items():
+        value = getattr(args, attr, None)
+        if value is None:
+            continue
+        if not math.isfinite(value) or value < low or (high is not None and value > high):
+            span = f"from {low} to {high}" if high is not None else f"of at least {low}"
+            raise ValueError(f"{flag} {value}: expected a number {span}.")
+
+
 def _subjects200k_options(args: argparse.Namespace):
     """The Subjects200K filters from the flags; with --format jsonl, any of them set is refused."""
     from customshift_jax.train.subjects200k import Subjects200KOptions
@@ -89,7 +118,8 @@ def _subjects200k_options(args: argparse.Namespace):
     if args.format != "subjects200k":
         used = [k for k, v in given.items() if v is not None]
         if used:
-            raise ValueError(f"{', '.join(used)} apply to --format subjects200k only (this run reads a JSONL manifest).")
+            raise ValueError(f"{', '.join(used)} apply to --format subjects200k only (this run reads --format "
+                             f"{args.format}).")
         return None
     defaults = Subjects200KOptions()
     collections = tuple(c.strip() for c in args.collections.split(",") if c.strip()) if args.collections else None
@@ -114,6 +144,7 @@ def _local_mesh(args: argparse.Namespace):
 
 
 def run(args: argparse.Namespace) -> int:
+    check_numbers(args)  # before joining a job: a bad flag does not wait for the other processes
     if args.distributed:  # before any other JAX call
         from customshift_jax.parallel import distributed
 

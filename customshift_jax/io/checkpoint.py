@@ -1,9 +1,10 @@
 """Our checkpoint format (DESIGN section 6): one directory, a marker JSON, and per component its diffusers
 config JSON beside its params as orbax PyTrees. Writes are atomic: a checkpoint is complete or absent.
 
-Layout (version 2)::
+Layout (version 3)::
 
-    DST/customshift_checkpoint.json   {"format": "customshift-jax-checkpoint", "version": 2, "components": {...}}
+    DST/customshift_checkpoint.json   {"format": "customshift-jax-checkpoint", "version": 3, "components": {...},
+                                       "marker_hash": "sha256:..."}
     DST/<component>/config.json       the diffusers config (`_class_name` included), e.g. SD3Transformer2DModel
     DST/<component>/params/part-NNNNN/  orbax PyTree checkpoints of numpy arrays, each restorable by plain
                                         orbax; each holds some of the leaves (same nested paths), together all
@@ -13,7 +14,8 @@ time (about `PIECE_BYTES` each), so a writer holds one piece in memory, not the 
 "pieces") stored the params as one orbax PyTree in DST/<component>/params/; it is still read. The entry's
 "hashes" ({piece: "sha256:..."}, customshift_jax.io.integrity) are checked when loading (`verify`), and the
 config is checked against the stored shapes (customshift_jax.io.config_check); older checkpoints without
-hashes load with a warning.
+hashes load with a warning. Version 3 also records each config.json's hash ("config_hash") and the marker's own
+("marker_hash", over every other field), so an edited config or marker is refused like a damaged piece.
 """
 from __future__ import annotations
 
@@ -21,6 +23,7 @@ import concurrent.futures
 import dataclasses
 import json
 import os
+import sys
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Mapping, Union
 
@@ -41,12 +44,15 @@ from customshift_jax.models.mmdit.config import MMDiTConfig
 from customshift_jax.models.vae.config import VAEConfig
 
 FORMAT = "customshift-jax-checkpoint"
-VERSION = 2
+VERSION = 3  # 3: the marker's own hash and each config.json's; a version-3 marker without them is refused
 MARKER = "customshift_checkpoint.json"
 CONFIG_NAME = "config.json"
 PARAMS_DIR = "params"
 PIECES_KEY = "pieces"
 FOLDERS_KEY = "folders"  # {name: {"hashes": {relative file: hash}}}: folders stored as files (tokenizers)
+CONFIG_HASH_KEY = "config_hash"  # in a component's entry: file_hash of its config.json
+MARKER_HASH_KEY = "marker_hash"  # at the top of the marker: marker_hash() of every other field
+ENTRY_KEYS = ("class", "config", "params", PIECES_KEY, HASHES_KEY, CONFIG_HASH_KEY, "dtype", "num_params")
 PIECE_BYTES = 512 << 20  # one piece's leaves in memory at a time; a larger leaf is a piece of its own
 Params = dict[str, Any]
 Leaf = tuple[tuple[str, ...], Any]  # (path of dict keys, array)
@@ -287,11 +293,13 @@ def save_checkpoint(
                 "config": f"{name}/{CONFIG_NAME}",
                 "params": f"{name}/{PARAMS_DIR}",
                 **written,
+                CONFIG_HASH_KEY: file_hash(tmp / name / CONFIG_NAME),
             }
         copied = {name: {HASHES_KEY: _copy_folder(Path(source), tmp / name)} for name, source in (folders or {}).items()}
         marker = {"format": FORMAT, "version": VERSION, "components": entries, **dict(metadata or {})}
         if copied:
             marker[FOLDERS_KEY] = copied
+        marker[MARKER_HASH_KEY] = marker_hash(marker)
         with open(tmp / MARKER, "w") as f:
             f.write(json.dumps(marker, indent=2) + "\n")
             f.flush()
@@ -324,7 +332,10 @@ def checkpoint_folders(path: str | Path) -> list[str]:
 def checkpoint_folder(path: str | Path, name: str, *, verify: bool = True) -> Path:
     """The folder `name` stored as files in our checkpoint, each file checked against its recorded hash."""
     path = Path(path)
-    stored = read_marker(path).get(FOLDERS_KEY, {})
+    marker = read_marker(path)
+    if verify:
+        verify_marker(path, marker)
+    stored = marker.get(FOLDERS_KEY, {})
     if name not in stored:
         raise ValueError(f"{path}: no folder {name} in this checkpoint; it holds {', '.join(stored) or 'none'}.")
     folder = path / name
@@ -336,6 +347,68 @@ def checkpoint_folder(path: str | Path, name: str, *, verify: bool = True) -> Pa
         if verify:
             check_hash(expected, file_hash(f), f"the {name} file {f}")
     return folder
+
+
+def marker_hash(marker: Mapping[str, Any]) -> str:
+    """"sha256:<hex>" of the marker's fields (all but its own hash), in a canonical JSON form."""
+    import hashlib
+
+    fields = {k: v for k, v in marker.items() if k != MARKER_HASH_KEY}
+    text = json.dumps(fields, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+    return "sha256:" + hashlib.sha256(text.encode()).hexdigest()
+
+
+def _hashed(marker: Mapping[str, Any]) -> bool:
+    """Whether the marker is of the kind that covers itself and the configs (version 3, or carrying its hash)."""
+    return marker.get("version", 0) >= 3 or MARKER_HASH_KEY in marker
+
+
+def verify_marker(path: Path, marker: Mapping[str, Any]) -> None:
+    """Refuse a marker whose fields were edited or damaged after writing (its own hash), and one of version 3 that
+    lacks its hash; a marker of before (version 2 or 1) has none to check."""
+    if not _hashed(marker):
+        return
+    if MARKER_HASH_KEY not in marker:
+        raise DamagedCheckpoint(f"the checkpoint marker {path / MARKER} (version {marker.get('version')}) lacks its "
+                                f"{MARKER_HASH_KEY!r}: it was edited or damaged; re-run `customshift convert` (or "
+                                "pass --no-verify / verify=False to load it anyway).")
+    check_hash(marker[MARKER_HASH_KEY], marker_hash(marker), f"the checkpoint marker {path / MARKER}")
+
+
+def _component_hashes(path: Path, marker: Mapping[str, Any], name: str, entry: Mapping[str, Any],
+                      log: Callable[[str], None] | None) -> Mapping[str, str] | None:
+    """The pieces' recorded hashes of component `name` (verify); None, with the old-checkpoint warning, for a
+    marker written before hashes. A version-3 marker without them, or an entry holding hashes under another key
+    (renamed), is refused: the marker was edited, and its pieces cannot be checked."""
+    hashes = entry.get(HASHES_KEY)
+    if hashes is not None:
+        return hashes
+    renamed = [k for k, v in entry.items() if k not in ENTRY_KEYS and isinstance(v, dict)
+               and any(isinstance(x, str) and x.startswith("sha256:") for x in v.values())]
+    if _hashed(marker) or renamed:
+        how = f"has {renamed[0]!r} in its place" if renamed else f"is version {marker.get('version')}, which has them"
+        raise DamagedCheckpoint(f"the checkpoint marker {path / MARKER} lacks the {name}'s {HASHES_KEY!r} (the entry "
+                                f"{how}): the marker was edited or damaged and the {name} params cannot be checked; "
+                                "re-run `customshift convert` (or pass --no-verify / verify=False to load it "
+                                "anyway).")
+    warn_unverified(f"the {name} of checkpoint {path}", log)
+    return None
+
+
+def _verify_config(path: Path, marker: Mapping[str, Any], name: str, entry: Mapping[str, Any],
+                   config_path: Path, log: Callable[[str], None] | None) -> None:
+    """config.json against the hash its entry records; a version-3 entry must record one."""
+    expected = entry.get(CONFIG_HASH_KEY)
+    if expected is None:
+        if _hashed(marker):
+            raise DamagedCheckpoint(f"the checkpoint marker {path / MARKER} lacks the {name}'s {CONFIG_HASH_KEY!r}: "
+                                    "the marker was edited or damaged; re-run `customshift convert`.")
+        if entry.get(HASHES_KEY) is not None:  # hashed params, unhashed config: say what is not covered
+            (log or (lambda m: print(m, file=sys.stderr)))(
+                f"warning: {config_path} carries no content hash (written by an older customshift-jax); read "
+                "unverified. Re-run `customshift convert` to add one.")
+        return
+    check_hash(expected, file_hash(config_path), f"the {name} config {config_path}")
 
 
 def read_marker(path: str | Path) -> dict[str, Any]:
@@ -385,16 +458,18 @@ def load_checkpoint(path: str | Path, components: Iterable[str] | None = None, *
         raise ValueError(f"{path}: no {', '.join(absent)} in this checkpoint; it holds "
                          f"{', '.join(present) or 'nothing'}.")
     out = {}
+    if verify:
+        verify_marker(path, marker)
     for name in wanted:
         entry = present[name]
         config_path = path / entry.get("config", f"{name}/{CONFIG_NAME}")
+        hashes = _component_hashes(path, marker, name, entry, log) if verify else None
+        if verify:
+            _verify_config(path, marker, name, entry, config_path, log)
         raw = json.loads(config_path.read_text())
         kind = COMPONENT_KINDS.get(name)
         config = kind.config_from_dict(raw) if kind else raw
         params_path = (path / entry.get("params", f"{name}/{PARAMS_DIR}")).absolute()
-        hashes = entry.get(HASHES_KEY) if verify else None
-        if verify and hashes is None:
-            warn_unverified(f"the {name} of checkpoint {path}", log)
         params = _read_params(params_path, entry.get(PIECES_KEY), name, hashes)
         check_fits(config, params, f"{config_path}")
         out[name] = (config, params)

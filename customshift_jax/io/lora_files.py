@@ -21,13 +21,15 @@ Files (`save_lora_files` / `load_lora_files`), one directory:
     customshift_rab.safetensors   RAB LoRA, same layout (loadable as a second adapter, e.g. "rab").
     customshift_beta.safetensors  `transformer_blocks.N.attn.cads_beta`; not a LoRA, so diffusers ignores it.
 
-Each file also carries `customshift_lora` metadata (branch, rank, alpha, targets, and "content_hash" of its
-tensors, customshift_jax.io.integrity) for `load_lora_files`, which checks the hash.
+Each file also carries `customshift_lora` metadata (branch, rank, alpha, targets, "content_hash" of its tensors
+(customshift_jax.io.integrity) and "file_hash" of the tensors and every metadata field) for `load_lora_files`,
+which checks them: an edited alpha is refused like a damaged tensor.
 """
 from __future__ import annotations
 
 import functools
 import json
+import sys
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -35,6 +37,7 @@ import numpy as np
 
 from customshift_jax.customshift.branches import init_lora
 from customshift_jax.io.integrity import check_hash, tensors_hash, warn_unverified
+from customshift_jax.io.safe_files import atomic_write, make_dir
 from customshift_jax.models.mmdit.config import MMDiTConfig
 from customshift_jax.models.mmdit.lora import LoRAConfig
 from customshift_jax.models.mmdit.mapping import StateDictMismatch, describe, to_numpy
@@ -48,6 +51,7 @@ BETA_FILE = "customshift_beta.safetensors"
 LORA_ADAPTER_METADATA_KEY = "lora_adapter_metadata"  # diffusers' key in the safetensors header
 CUSTOMSHIFT_METADATA_KEY = "customshift_lora"
 CONTENT_HASH_KEY = "content_hash"  # in the customshift_lora metadata: the tensors' hash (integrity.tensors_hash)
+FILE_HASH_KEY = "file_hash"  # in the customshift_lora metadata: the tensors' and all the metadata's (`lora_file_hash`)
 BRANCHES = ("rab", "cgb")
 
 LoRATree = dict[str, Any]
@@ -228,11 +232,11 @@ def diffusers_lora_metadata(lora: LoRAConfig, modules: list[str]) -> dict[str, A
 
 
 def save_lora_files(directory: str | Path, state_dict: Mapping[str, Any], lora: LoRAConfig) -> list[Path]:
-    """Write the combined state dict as the three files of the module docstring; returns their paths."""
-    from safetensors.numpy import save_file
+    """Write the combined state dict as the three files of the module docstring (each atomically, never through a
+    link, mode 0644); returns their paths."""
+    from safetensors.numpy import save as safetensors_bytes
 
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
+    directory = make_dir(directory, "LoRA folder")
     parts = split_state_dict({k: to_numpy(v) for k, v in state_dict.items()})
     ours = {"rank": lora.rank, "alpha": lora.alpha, "targets": list(lora.targets)}
     written = []
@@ -243,12 +247,16 @@ def save_lora_files(directory: str | Path, state_dict: Mapping[str, Any], lora: 
         if branch != "beta":
             modules = module_names(tensors)
             tensors = {DIFFUSERS_PREFIX + k: v for k, v in tensors.items()}
-        ours_here = {"branch": branch, **ours, CONTENT_HASH_KEY: tensors_hash(tensors)}
-        metadata = {"format": "pt", CUSTOMSHIFT_METADATA_KEY: json.dumps(ours_here)}
+        content = tensors_hash(tensors)
+        ours_here = {"branch": branch, **ours, CONTENT_HASH_KEY: content}
+        metadata = {"format": "pt"}
         if branch != "beta":
             metadata[LORA_ADAPTER_METADATA_KEY] = json.dumps(diffusers_lora_metadata(lora, modules), sort_keys=True)
+        ours_here[FILE_HASH_KEY] = lora_file_hash(content, metadata, ours_here)
+        metadata[CUSTOMSHIFT_METADATA_KEY] = json.dumps(ours_here)
         path = directory / name
-        save_file(tensors, str(path), metadata=metadata)
+        with atomic_write(path, "wb", what="LoRA file") as f:  # 0644 like every output (safetensors' own: 0600)
+            f.write(safetensors_bytes(tensors, metadata=metadata))
         written.append(path)
     return written
 
@@ -294,7 +302,8 @@ def _read_lora_file(path: Path, branch: str, verify: bool = True) -> tuple[dict,
     tensors: dict[str, np.ndarray] = {}
     try:
         with safe_open(str(path), framework="numpy") as f:
-            meta = json.loads((f.metadata() or {}).get(CUSTOMSHIFT_METADATA_KEY, "null") or "null")
+            others = dict(f.metadata() or {})
+            meta = json.loads(others.pop(CUSTOMSHIFT_METADATA_KEY, "null") or "null")
             if meta is None or meta.get("branch") != branch:
                 raise ValueError(f"{path}: no {CUSTOMSHIFT_METADATA_KEY!r} metadata for branch {branch!r}; "
                                  "not written by save_lora_files.")
@@ -304,12 +313,29 @@ def _read_lora_file(path: Path, branch: str, verify: bool = True) -> tuple[dict,
         raise ValueError(f"{path} is damaged or truncated ({_one_line(e)}); re-export it.") from None
     for key, value in tensors.items():  # first: a non-finite value is named, whatever made it
         check_finite_tensor(value, key, path)
-    if verify and meta.get(CONTENT_HASH_KEY) is None:
-        warn_unverified(f"LoRA file {path}")
+    _lora_config_from_meta(meta, path)  # and a non-finite alpha, before the hash that covers it
+    fix = "re-export it from its training checkpoint"
+    if verify and meta.get(FILE_HASH_KEY) is not None:  # tensors and metadata (rank, alpha, targets, ...)
+        check_hash(meta[FILE_HASH_KEY], lora_file_hash(tensors_hash(tensors), others, meta), f"LoRA file {path}",
+                   fix="its tensors or metadata (rank, alpha, ...) changed since it was written; " + fix)
+    elif verify and meta.get(CONTENT_HASH_KEY) is not None:  # written before the metadata was covered
+        check_hash(meta[CONTENT_HASH_KEY], tensors_hash(tensors), f"LoRA file {path}", fix=fix)
+        print(f"warning: the metadata of LoRA file {path} (rank, alpha) carries no content hash (written by an older "
+              "customshift-jax); read unverified. Re-export it to add one.", file=sys.stderr)
     elif verify:
-        check_hash(meta[CONTENT_HASH_KEY], tensors_hash(tensors), f"LoRA file {path}",
-                   fix="re-export it from its training checkpoint")
+        warn_unverified(f"LoRA file {path}")
     return meta, tensors
+
+
+def lora_file_hash(tensors_digest: str, metadata: Mapping[str, str], ours: Mapping[str, Any]) -> str:
+    """"sha256:<hex>" of a LoRA file: its tensors' hash, its other metadata strings as stored, and our metadata
+    (rank, alpha, targets, branch, ...) but this hash itself, in canonical JSON."""
+    import hashlib
+
+    fields = {"tensors": tensors_digest,
+              "metadata": {k: v for k, v in metadata.items() if k != CUSTOMSHIFT_METADATA_KEY},
+              "ours": {k: v for k, v in ours.items() if k != FILE_HASH_KEY}}
+    return "sha256:" + hashlib.sha256(json.dumps(fields, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
 def load_lora_files(directory: str | Path, *, verify: bool = True) -> tuple[dict[str, np.ndarray], LoRAConfig]:

@@ -103,3 +103,75 @@ def _check_size(path: Any, size: int, max_bytes: int, what: str, limit_flag: str
     if size > max_bytes:
         raise ValueError(f"{what} {path} has more than {max_bytes} bytes, the limit ({limit_flag}); shrink the "
                          "file or raise the limit.")
+
+
+NPZ_MAX_BYTES = 16 << 30  # all members of an .npz of embeddings together, inflated (SD3: ~1500 prompts' worth)
+NPZ_MAX_RATIO = 32  # float arrays compress little; a member inflating more than this past NPZ_RATIO_FLOOR is a bomb
+NPZ_RATIO_FLOOR = 64 << 20
+
+
+def _npz_members(path: Path, what: str, max_bytes: int) -> list[str]:
+    """The member names of the .npz at `path`, checked from the zip directory and each .npy header before any
+    array is read: sizes within `max_bytes` in all, no member inflating far beyond its stored size, each header
+    saying no more bytes than its member holds."""
+    import zipfile
+
+    import numpy as np
+
+    try:
+        zf = zipfile.ZipFile(path)
+    except (zipfile.BadZipFile, EOFError) as e:
+        raise ValueError(f"{what} {path} is not an .npz file ({e}); give an .npz written by numpy.savez.") from None
+    with zf:
+        infos = zf.infolist()
+        total = sum(i.file_size for i in infos)
+        if total > max_bytes:
+            raise ValueError(f"{what} {path} inflates to {total} bytes, above the limit of {max_bytes}; split it.")
+        names = []
+        for info in infos:
+            ratio = info.file_size / max(info.compress_size, 1)
+            if info.file_size > NPZ_RATIO_FLOOR and ratio > NPZ_MAX_RATIO:
+                raise ValueError(f"{what} {path}: member {info.filename} inflates from {info.compress_size} to "
+                                 f"{info.file_size} bytes ({ratio:.0f}x), not an array of embeddings; refusing to "
+                                 "read it.")
+            try:
+                with zf.open(info) as f:
+                    fmt = np.lib.format
+                    version = fmt.read_magic(f)
+                    read_header = fmt.read_array_header_1_0 if version == (1, 0) else fmt.read_array_header_2_0
+                    shape, _, dtype = read_header(f)
+                    stored = info.file_size - f.tell()  # the bytes after the header
+            except Exception as e:  # noqa: BLE001 - numpy says "not a .npy" in many ways
+                raise ValueError(f"{what} {path}: member {info.filename} is not a .npy array "
+                                 f"({' '.join(str(e).split())}).") from None
+            if dtype.hasobject:
+                raise ValueError(f"{what} {path}: member {info.filename} holds pickled Python objects, which are not "
+                                 "read; save plain numeric arrays.")
+            nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+            if nbytes > stored:
+                raise ValueError(f"{what} {path}: member {info.filename}'s header says {shape} {dtype} ({nbytes} "
+                                 f"bytes) but it holds {stored}: the file is damaged.")
+            names.append(info.filename[:-4] if info.filename.endswith(".npy") else info.filename)
+        return names
+
+
+def read_npz(path: str | Path, what: str = ".npz file", max_bytes: int = NPZ_MAX_BYTES) -> dict[str, Any]:
+    """{name: array} of the .npz at `path`, read only from a regular file whose zip directory and .npy headers
+    promise bounded memory (`_npz_members`); every problem is one line naming `what` and the file."""
+    import numpy as np
+
+    path = Path(path)
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{what} {path}: no such file.") from None
+    if not stat.S_ISREG(st.st_mode):
+        kind = "folder" if stat.S_ISDIR(st.st_mode) else "FIFO" if stat.S_ISFIFO(st.st_mode) else "device"
+        raise ValueError(f"{what} {path} is a {kind}, not a regular file; give an .npz file.")
+    names = _npz_members(path, what, max_bytes)
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            return {name: data[name] for name in names}
+    except Exception as e:  # noqa: BLE001 - a truncated or damaged member: zipfile, zlib and numpy errors
+        raise ValueError(f"{what} {path} cannot be read ({type(e).__name__}: {' '.join(str(e).split())}); the file "
+                         "is damaged.") from None

@@ -13,6 +13,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from customshift_jax.io.safe_files import read_npz
 from customshift_jax.text.encode import PromptEmbeds, _atomic_savez, assemble_prompt_embeds
 
 logger = logging.getLogger(__name__)
@@ -45,10 +46,10 @@ class CachedTextEncoder:
         if not path.is_file():
             return None
         try:
-            with np.load(path, allow_pickle=False) as data:
-                if str(data["prompt"]) != prompt:
-                    return None
-                return np.array(data["prompt_embeds"]), np.array(data["pooled_prompt_embeds"])
+            data = read_npz(path, "text cache entry")  # bounded, like every .npz read
+            if str(data["prompt"]) != prompt:
+                return None
+            return np.array(data["prompt_embeds"]), np.array(data["pooled_prompt_embeds"])
         except Exception as e:  # noqa: BLE001 - an unreadable entry is re-encoded and overwritten
             logger.warning("ignoring unreadable cache entry %s (%s); re-encoding", path, e)
             return None

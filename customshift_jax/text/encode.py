@@ -14,7 +14,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from customshift_jax.io.safe_files import atomic_write
+from customshift_jax.io.safe_files import atomic_write, read_npz
 
 logger = logging.getLogger(__name__)
 
@@ -69,23 +69,19 @@ class PromptEmbeds:
     def load_npz(cls, path: str | Path) -> "PromptEmbeds":
         """Read a file written by `save_npz`; a missing required array is an error that names it."""
         path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(
-                f"prompt-embedding file {path} not found (expected an .npz from PromptEmbeds.save_npz)"
-            )
-        with np.load(path, allow_pickle=False) as data:
-            present = set(data.files)
-            for name in ("prompt_embeds", "pooled_prompt_embeds"):
-                if name not in present:
-                    raise KeyError(
-                        f"{path} has no array {name!r} (found {sorted(present)}); expected {list(_ARRAY_NAMES[:2])} "
-                        f"and optionally {list(_ARRAY_NAMES[2:])}"
-                    )
-            neg = [n in present for n in _ARRAY_NAMES[2:]]
-            if any(neg) and not all(neg):
-                missing = _ARRAY_NAMES[2 + neg.index(False)]
-                raise KeyError(f"{path} has one negative array but not {missing!r}; the negatives come in pairs")
-            return cls(**{k: np.asarray(data[k], dtype=np.float32) for k in _ARRAY_NAMES if k in present})
+        data = read_npz(path, "prompt-embedding file")  # bounded: sizes checked from the zip and .npy headers
+        present = set(data)
+        for name in ("prompt_embeds", "pooled_prompt_embeds"):
+            if name not in present:
+                raise KeyError(
+                    f"{path} has no array {name!r} (found {sorted(present)}); expected {list(_ARRAY_NAMES[:2])} "
+                    f"and optionally {list(_ARRAY_NAMES[2:])}"
+                )
+        neg = [n in present for n in _ARRAY_NAMES[2:]]
+        if any(neg) and not all(neg):
+            missing = _ARRAY_NAMES[2 + neg.index(False)]
+            raise KeyError(f"{path} has one negative array but not {missing!r}; the negatives come in pairs")
+        return cls(**{k: np.asarray(data[k], dtype=np.float32) for k in _ARRAY_NAMES if k in present})
 
 
 def _atomic_savez(path: Path, arrays: dict[str, np.ndarray]) -> None:

@@ -4,14 +4,18 @@ deterministic, per-process, checkpointable batch iterator over them (grain).
 Manifest: one JSON object a line, {"reference": path, "target": path, "caption": str, "subject": str}; paths
 are local or any fsspec URL, relative ones relative to the manifest. Prepared data (`customshift prepare`):
 
-    OUT/index.json                  {"version", "count", "size", "latent_shape", "flip", "shards": [...], ...}
+    OUT/index.json                  {"version", "count", "size", "latent_shape", "flip", "made_by", "shards":
+                                     [{"dir", "count", "arrays", "digests"}, ...], ...}
     OUT/shard-00000/<array>.npy     latents, ref_latents (+ latents_flip, ref_latents_flip), prompt_embeds,
                                     pooled, subject_embeds, subject_pooled; row i of each is one record
+    OUT/shard-00000/row-digests.bin every row's digest, per array (`train.shard_digests`): each record read is
+                                    checked against them; the index holds the file's own hash ("digests")
 """
 from __future__ import annotations
 
 import dataclasses
 import json
+import sys
 import warnings
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -19,7 +23,8 @@ from typing import Any, Callable, Iterator
 import numpy as np
 
 from customshift_jax.io.images import ImageLimits, read_image
-from customshift_jax.io.safe_files import read_regular_file
+from customshift_jax.io.safe_files import read_regular_file, refuse_link
+from customshift_jax.train.shard_digests import DamagedShard, check_row, read_digests
 from customshift_jax.train.shard_writer import FORMAT_VERSION, INDEX_NAME, ShardWriter  # noqa: F401 - re-exported
 
 REQUIRED_FIELDS = ("reference", "target", "caption", "subject")
@@ -154,6 +159,40 @@ def read_manifest(path: str | Path, counter: BadCounter | None = None) -> list[R
     return records
 
 
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
+
+
+def _images(folder: Path) -> list[Path]:
+    return sorted(f for f in folder.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES and f.is_file())
+
+
+def records_from_folders(root: str | Path, counter: BadCounter | None = None) -> list[Record]:
+    """Pairs from a folder of subject folders (DreamBench's layout: root/dog/00.jpg, ...), or from one subject
+    folder of images: each image is the reference of the next image of its subject (the last of the first), with
+    the caption "a photo of a <subject>" and the folder's name as the subject ("_" read as a space). A subject
+    with fewer than two images makes no pair: counted as a warning."""
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"--format folders: {root} is not a folder (expected subject folders of images, "
+                                "e.g. dreambench/dog/00.jpg).")
+    counter = counter if counter is not None else BadCounter()
+    subjects = [d for d in sorted(root.iterdir()) if d.is_dir() and _images(d)] or [root]
+    records = []
+    for folder in subjects:
+        images, subject = _images(folder), folder.name.replace("_", " ")
+        if len(images) < 2:
+            counter.warn("single_image", f"{folder} holds {len(images)} image(s): no pair to make; skipped")
+            continue
+        for i, target in enumerate(images):
+            counter.total += 1
+            records.append(Record(str(images[i - 1]), str(target), f"a photo of a {subject}", subject,
+                                  len(records) + 1, str(root)))
+    if not records:
+        raise ValueError(f"--format folders: {root} holds no subject folder of two or more images "
+                         f"({', '.join(IMAGE_SUFFIXES)}).")
+    return records
+
+
 def _text(s: str) -> str:
     """Text as valid Unicode: bytes that were not UTF-8 (kept as surrogates) become U+FFFD."""
     return s.encode("utf-8", errors="surrogateescape").decode("utf-8", errors="replace")
@@ -224,21 +263,25 @@ class ShardDataset:
         self.index = json.loads(index_path.read_text())
         if self.index.get("version") != FORMAT_VERSION:
             raise ValueError(f"{index_path}: format version {self.index.get('version')}, expected {FORMAT_VERSION}.")
-        self.arrays: dict[str, np.ndarray] = {}
-        parts: dict[str, list[np.ndarray]] = {}
-        for shard in self.index["shards"]:
-            for f in sorted((self.path / shard["dir"]).glob("*.npy")):
-                a = np.load(f, mmap_mode="r")
-                if a.shape[0] != shard["count"]:
-                    raise ValueError(f"{f} has {a.shape[0]} rows, the index says {shard['count']}: damaged shard.")
-                parts.setdefault(f.stem, []).append(a)
+        shards = self.index["shards"]
+        names = _array_names(self.path, shards)
+        parts: dict[str, list[np.ndarray]] = {name: [] for name in names}
+        self.digests: list[np.ndarray | None] = []
+        for shard in shards:
+            folder = self.path / shard["dir"]
+            for name in names:
+                parts[name].append(_open_array(folder / f"{name}.npy", shard["count"]))
+            self.digests.append(read_digests(folder, shard))
         if not parts:
             raise ValueError(f"{self.path}: the index lists no data.")
         missing = [k for k in ("latents", "ref_latents", *TEXT_ARRAYS) if k not in parts]
         if missing:
             raise ValueError(f"{self.path}: the shards lack {missing}.")
+        if any(d is None for d in self.digests):
+            print(f"warning: {self.path} records no checksums of its shards (prepared by an older customshift-jax); "
+                  "read unverified. Run `customshift prepare` again to add them.", file=sys.stderr)
         self.parts = parts
-        self.offsets = np.cumsum([0] + [s["count"] for s in self.index["shards"]])
+        self.offsets = np.cumsum([0] + [s["count"] for s in shards])
         self.flip = "latents_flip" in parts and "ref_latents_flip" in parts
 
     def __len__(self) -> int:
@@ -247,11 +290,40 @@ class ShardDataset:
     def get(self, i: int, flip: bool = False) -> dict[str, np.ndarray]:
         s = int(np.searchsorted(self.offsets, i, side="right") - 1)
         j = i - int(self.offsets[s])
-        out = {k: np.asarray(self.parts[k][s][j]) for k in TEXT_ARRAYS}
         suffix = "_flip" if flip and self.flip else ""
-        out["latents"] = np.asarray(self.parts["latents" + suffix][s][j])
-        out["ref_latents"] = np.asarray(self.parts["ref_latents" + suffix][s][j])
+        read = {**{k: k for k in TEXT_ARRAYS}, "latents": "latents" + suffix, "ref_latents": "ref_latents" + suffix}
+        entry = self.index["shards"][s]
+        out = {}
+        for key, name in read.items():
+            out[key] = np.asarray(self.parts[name][s][j])
+            check_row(self.digests[s], entry.get("arrays", []), name, out[key], j, self.path / entry["dir"])
         return out
+
+
+def _array_names(path: Path, shards: list[dict]) -> list[str]:
+    """The arrays every shard must hold: those its index entry lists, else those of any shard (older indexes)."""
+    names: set[str] = set()
+    for shard in shards:
+        listed = shard.get("arrays")
+        names |= set(listed) if listed else {f.stem for f in (path / shard["dir"]).glob("*.npy")}
+    return sorted(names)
+
+
+def _open_array(path: Path, count: int) -> np.ndarray:
+    """A shard's array, memory-mapped: one line naming the shard and the file when it is missing or damaged."""
+    try:
+        a = np.load(refuse_link(path, "shard"), mmap_mode="r")
+    except FileNotFoundError:
+        raise DamagedShard(f"{path.parent}: {path.name} is missing (the other shards have it): the prepared data is "
+                           "incomplete; run `customshift prepare` again.") from None
+    except (ValueError, OSError) as e:
+        raise DamagedShard(f"{path} cannot be read as an array ({' '.join(str(e).split())}): damaged shard; run "
+                           "`customshift prepare` again.") from None
+    if a.dtype != np.float32 or a.ndim < 1:
+        raise DamagedShard(f"{path} holds {a.dtype} of shape {a.shape}, not float32 rows: damaged shard.")
+    if a.shape[0] != count:
+        raise DamagedShard(f"{path} has {a.shape[0]} rows, the index says {count}: damaged shard.")
+    return a
 
 
 def index_batches(count: int, global_batch: int, *, seed: int, shuffle: bool = True, flip_prob: float = 0.5):

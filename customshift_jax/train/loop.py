@@ -24,6 +24,7 @@ from customshift_jax.io.checkpoint import (
     read_marker,
     save_checkpoint,
 )
+from customshift_jax.io.folder_lock import exclusive_folder
 from customshift_jax.io.loading import load_transformer
 from customshift_jax.io.lora_files import save_lora_files, to_state_dict
 from customshift_jax.io.safe_files import refuse_link, write_text
@@ -34,6 +35,7 @@ from customshift_jax.parallel import sharding as shd
 from customshift_jax.parallel.distributed import gather
 from customshift_jax.train.base_step import init_base_train_state, make_base_train_step, model_params
 from customshift_jax.train.data import BatchIterator, ShardDataset
+from customshift_jax.train.loss_lines import LossLines
 from customshift_jax.train.metrics import MetricsLogger
 from customshift_jax.train.optim import make_optimizer
 from customshift_jax.train.samples import maybe_sampler
@@ -41,6 +43,8 @@ from customshift_jax.train.sharded import make_sharded_base_train_step, make_sha
 from customshift_jax.train.step import init_train_state, make_train_step
 
 EXIT_NONFINITE = 3
+# A test hook, not a setting: seconds to sleep after each step, so that a signal lands mid-run in the tests.
+SLEEP_ENV = "CUSTOMSHIFT_TEST_SLEEP_PER_STEP"
 
 
 class _Preempt:
@@ -95,10 +99,10 @@ def load_base(mcfg: dict) -> tuple[Any, Any]:
 
     dtype = as_dtype(mcfg["base_dtype"])
     if mcfg["checkpoint"] is not None:
-        return load_transformer(mcfg["checkpoint"], dtype=dtype, verify=bool(mcfg["verify"]))
+        return load_transformer(mcfg["checkpoint"], dtype=dtype, verify=mcfg["verify"])
     config = get_preset(mcfg["preset"])
     if mcfg["num_layers"]:
-        config = dataclasses.replace(config, num_layers=int(mcfg["num_layers"]))
+        config = dataclasses.replace(config, num_layers=mcfg["num_layers"])
     params = jax.jit(lambda k: init_mmdit(config, k, param_dtype=dtype))(jax.random.key(mcfg["init_seed"]))
     return config, params
 
@@ -138,17 +142,17 @@ def _flatten_nested(tree: dict, prefix: str = "") -> dict:
 def _step_parts(cfg: dict, config, base, lora, optimizer, schedule) -> tuple:
     """(initial state, base argument of the step, plain step, mesh -> sharded step) for `train.mode`."""
     t = cfg["train"]
-    step_kw = dict(seed=int(t["seed"]), schedule=schedule, accum_steps=int(t["accum_steps"]),
-                   dtype=t["dtype"], remat=t["remat"], text_dropout=float(t["text_dropout"]))
+    step_kw = dict(seed=t["seed"], schedule=schedule, accum_steps=t["accum_steps"], dtype=t["dtype"],
+                   remat=t["remat"], text_dropout=t["text_dropout"], backend=cfg["model"]["attention"])
     rules = cfg["mesh"]["rules"]
     if t["mode"] == "base":
-        step_kw["ema_decay"] = float(t["ema_decay"])
+        step_kw["ema_decay"] = t["ema_decay"]
         state = init_base_train_state(base, optimizer, ema_decay=step_kw["ema_decay"])
         return (state, {}, make_base_train_step(config, optimizer, **step_kw),
                 lambda mesh: make_sharded_base_train_step(config, optimizer, mesh, rules, **step_kw))
 
-    step_kw.update(shift=t["shift"], form=t["form"], ref_dropout=float(t["ref_dropout"]))
-    state = init_train_state(config, lora, optimizer, int(t["seed"]))
+    step_kw.update(shift=t["shift"], form=t["form"], ref_dropout=t["ref_dropout"])
+    state = init_train_state(config, lora, optimizer, t["seed"])
     return (state, base, make_train_step(config, lora, optimizer, **step_kw),
             lambda mesh: make_sharded_train_step(config, lora, optimizer, mesh, rules, **step_kw))
 
@@ -177,24 +181,22 @@ def build(cfg: dict) -> TrainParts:
     t, d = cfg["train"], cfg["data"]
     # train.mode=base trains the loaded params themselves: fp32 masters, whatever model.base_dtype says.
     config, base = load_base({**cfg["model"], "base_dtype": "fp32"} if t["mode"] == "base" else cfg["model"])
-    lora = LoRAConfig(rank=int(cfg["lora"]["rank"]), alpha=float(cfg["lora"]["alpha"]))
+    lora = LoRAConfig(rank=cfg["lora"]["rank"], alpha=cfg["lora"]["alpha"])
     dataset = ShardDataset(d["path"])
     lat_shape = dataset.index["latent_shape"]
     if lat_shape[0] != config.in_channels:
         raise ValueError(f"{d['path']}: latents have {lat_shape[0]} channels, the model takes {config.in_channels}.")
     _check_text_widths(dataset, config, d["path"])
-    it = BatchIterator(dataset, int(d["global_batch"]), seed=int(t["seed"]), shuffle=bool(d["shuffle"]),
-                       flip_prob=float(d["flip_prob"]))
+    it = BatchIterator(dataset, d["global_batch"], seed=t["seed"], shuffle=d["shuffle"], flip_prob=d["flip_prob"])
     optimizer, schedule = make_optimizer(
-        float(t["lr"]), warmup_steps=int(t["warmup_steps"]), schedule=t["schedule"],
-        total_steps=int(t["steps"]) // int(t["accum_steps"]), weight_decay=float(t["weight_decay"]),
-        clip_norm=t["clip_norm"], accum_steps=int(t["accum_steps"]))
+        t["lr"], warmup_steps=t["warmup_steps"], schedule=t["schedule"], total_steps=t["steps"] // t["accum_steps"],
+        weight_decay=t["weight_decay"], clip_norm=t["clip_norm"], accum_steps=t["accum_steps"])
     state, base, plain_step, sharded_step = _step_parts(cfg, config, base, lora, optimizer, schedule)
     m = cfg["mesh"]
     if m["enabled"]:
-        mesh = shd.make_mesh(int(m["data"]), int(m["fsdp"]), int(m["tensor"]))
+        mesh = shd.make_mesh(m["data"], m["fsdp"], m["tensor"])
         sharded = sharded_step(mesh)
-        global_batch = {k: jax.ShapeDtypeStruct((int(d["global_batch"]),) + v.shape, v.dtype)
+        global_batch = {k: jax.ShapeDtypeStruct((d["global_batch"],) + v.shape, v.dtype)
                         for k, v in dataset.get(0).items()}  # a batch stacks records: shapes from one
         # Trainable tree, Adam moments and base laid out by the rules (not replicated); the batch split along "batch".
         (_, _, batch_sh), _ = sharded.shardings(state, base, global_batch)
@@ -333,11 +335,19 @@ def _check_model_destination(dst: Path) -> None:
 
 
 def train(cfg: dict, *, resume: bool = False, log=print) -> int:
-    """Run training as configured; returns the process exit code (0 done or preempted, 3 non-finite loss)."""
+    """Run training as configured; returns the process exit code (0 done or preempted, 3 non-finite loss).
+    Process 0 holds output_dir's lock throughout: a second run into the same folder is refused, naming this one."""
     import jax
 
-
     out = Path(cfg["output_dir"])
+    with exclusive_folder(out, "output_dir", log=log) if jax.process_index() == 0 else contextlib.nullcontext(out):
+        return _train(cfg, out, resume, log)
+
+
+def _train(cfg: dict, out: Path, resume: bool, log) -> int:
+    """`train` inside output_dir's lock: build, restore, the step loop, checkpoints and the export."""
+    import jax
+
     ckpt_dir = refuse_link(out / "checkpoints", "checkpoint folder")  # orbax would write through a link
     if not resume and ckpt_dir.exists() and any(ckpt_dir.iterdir()):
         raise ValueError(f"{ckpt_dir} already holds checkpoints: pass --resume to continue that run, or choose "
@@ -346,12 +356,12 @@ def train(cfg: dict, *, resume: bool = False, log=print) -> int:
     if base_mode:
         _check_model_destination(out / "model")
     out.mkdir(parents=True, exist_ok=True)
-    seed, total = int(cfg["train"]["seed"]), int(cfg["train"]["steps"])
+    seed, total = cfg["train"]["seed"], cfg["train"]["steps"]
     parts = build(cfg)
     state, it, jstep, put_batch = parts.state, parts.it, parts.jstep, parts.put_batch
     sampler = maybe_sampler(cfg, parts, out)
-    sample_every = int(cfg["sample"]["every"])
-    mngr = _manager(ckpt_dir, int(cfg["checkpoint"]["keep"]), bool(cfg["checkpoint"]["async"]))
+    sample_every = cfg["sample"]["every"]
+    mngr = _manager(ckpt_dir, cfg["checkpoint"]["keep"], cfg["checkpoint"]["async"])
     start = 0
     if resume:
         state, start = _restore(mngr, state, it, seed, log)
@@ -360,16 +370,24 @@ def train(cfg: dict, *, resume: bool = False, log=print) -> int:
         import yaml
 
         write_text(out / "config.yaml", yaml.safe_dump(cfg, sort_keys=False), what="run config")
-    metrics = MetricsLogger(out, tensorboard=bool(cfg["log"]["tensorboard"])) if jax.process_index() == 0 else None
+    metrics = None
+    if jax.process_index() == 0:
+        metrics = MetricsLogger(out, tensorboard=cfg["log"]["tensorboard"], resumed_at=start)
+        if metrics.cut:
+            log(f"{out / 'metrics.jsonl'}: cut {metrics.cut} line(s) after step {start} (steps run again, or torn)")
     preempt = _Preempt()
-    every, log_every = int(cfg["checkpoint"]["every"]), max(1, int(cfg["log"]["every"]))
-    gb = int(cfg["data"]["global_batch"])
+    sleep_per_step = float(os.environ.get(SLEEP_ENV) or 0)
+    every, log_every = cfg["checkpoint"]["every"], cfg["log"]["every"]
+    gb = cfg["data"]["global_batch"]
     bar = None
     if show_progress(cfg["log"]["progress"], sys.stderr.isatty()) and jax.process_index() == 0:
         from tqdm import tqdm
 
         bar = tqdm(total=total, initial=start, desc="train", file=sys.stderr, dynamic_ncols=True)
         log = _above_bar(log)
+    lines = None  # no bar (not a terminal: nohup, SLURM): a loss line every log.line_every_s seconds instead
+    if bar is None and cfg["log"]["progress"] is not False and jax.process_index() == 0:
+        lines = LossLines(total, start, cfg["log"]["line_every_s"], log)
     last_saved = start if start else None
     code = 0
     t_last, n_last = time.perf_counter(), start
@@ -395,11 +413,13 @@ def train(cfg: dict, *, resume: bool = False, log=print) -> int:
                     code = EXIT_NONFINITE
                     return code
                 step += 1
-                if cfg["debug"]["sleep_per_step"]:
-                    time.sleep(float(cfg["debug"]["sleep_per_step"]))
+                if sleep_per_step:
+                    time.sleep(sleep_per_step)
                 if bar is not None:
                     bar.update(1)
                     bar.set_postfix(loss=f"{loss:.4f}")
+                if lines is not None:
+                    lines.update(step, loss)
                 if metrics is not None and (step % log_every == 0 or step == total):
                     now = time.perf_counter()
                     sps = (step - n_last) / max(now - t_last, 1e-9)
@@ -438,7 +458,7 @@ def _export_base(cfg: dict, dst: Path, state, config, steps: int, log) -> None:
     weights = gather(model_params(state))  # a collective: every process takes part
     if jax.process_index() != 0:
         return
-    ema = float(cfg["train"]["ema_decay"])
+    ema = cfg["train"]["ema_decay"]
     meta = {"trained": {"by": "customshift train (train.mode=base)", "steps": steps, "ema_decay": ema}}
     names = export_model(dst, weights, config, cfg["model"]["checkpoint"], meta)
     log(f"wrote the trained transformer{' (EMA weights)' if ema > 0 else ''} to {dst} "

@@ -5,14 +5,17 @@ scalar values or PNG images), which TensorBoard reads as scalars and images.
 """
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
+import os
 import socket
 import struct
 import time
 from pathlib import Path
 from typing import Any
 
-from customshift_jax.io.safe_files import make_dir, open_append
+from customshift_jax.io.safe_files import atomic_write, make_dir, open_append, refuse_link
 
 
 def _crc32c_table() -> list[int]:
@@ -188,16 +191,19 @@ def _parse_event(b: bytes, images: bool = False) -> tuple[int, dict[str, Any]]:
 
 
 class MetricsLogger:
-    """Both sinks: `OUT/metrics.jsonl` (one JSON object a line) and TensorBoard events under `OUT/tb`."""
+    """Both sinks: `OUT/metrics.jsonl` (one JSON object a line, each written whole or not at all) and TensorBoard
+    events under `OUT/tb`. `resumed_at`: the step training goes on from; lines after it (steps rolled back with the
+    checkpoint) and a torn line (a crash or a full disk mid-write) are cut before appending, see `cut_metrics`."""
 
-    def __init__(self, out: str | Path, tensorboard: bool = True):
+    def __init__(self, out: str | Path, tensorboard: bool = True, resumed_at: int = 0):
         out = make_dir(out, "output_dir")
-        self.jsonl = open_append(out / "metrics.jsonl", "a", what="metrics")
+        self.cut = cut_metrics(out / METRICS_NAME, resumed_at)
+        self.jsonl = open_append(out / METRICS_NAME, "ab", what="metrics")
         self.tb = EventWriter(out / "tb") if tensorboard else None
 
     def log(self, step: int, values: dict[str, float]) -> None:
-        self.jsonl.write(json.dumps({"step": step, **{k: float(v) for k, v in values.items()}}) + "\n")
-        self.jsonl.flush()
+        line = json.dumps({"step": step, **{k: float(v) for k, v in values.items()}}) + "\n"
+        append_whole(self.jsonl.fileno(), line.encode())
         if self.tb is not None:
             self.tb.scalars(step, values)
 
@@ -210,3 +216,44 @@ class MetricsLogger:
         self.jsonl.close()
         if self.tb is not None:
             self.tb.close()
+
+
+METRICS_NAME = "metrics.jsonl"
+
+
+def append_whole(fd: int, data: bytes) -> None:
+    """Append `data` to the O_APPEND file `fd` in one write; a short or failed write (a full disk) is cut back off,
+    so the file never ends in a torn line, and raised."""
+    before = os.fstat(fd).st_size
+    try:
+        written = os.write(fd, data)
+        if written != len(data):
+            raise OSError(errno.ENOSPC, f"only {written} of {len(data)} bytes written")
+    except OSError:
+        with contextlib.suppress(OSError):
+            os.ftruncate(fd, before)
+        raise
+
+
+def _line_step(line: bytes) -> int | None:
+    """The step of a whole metrics line, or None for a torn or foreign one."""
+    try:
+        record = json.loads(line)
+    except ValueError:
+        return None
+    step = record.get("step") if isinstance(record, dict) else None
+    return step if isinstance(step, int) and not isinstance(step, bool) else None
+
+
+def cut_metrics(path: Path, after: int) -> int:
+    """Keep the whole lines of `path` up to step `after` (the resumed checkpoint's; 0 for a fresh run): a torn
+    line and the lines of steps after it, which a resume runs again, are cut (atomically). Returns how many."""
+    if not path.exists():
+        return 0
+    lines = refuse_link(path, "metrics").read_bytes().splitlines(keepends=True)
+    kept = [line for line in lines if line.endswith(b"\n") and (_line_step(line) or 0) <= after
+            and _line_step(line) is not None]
+    if len(kept) != len(lines):
+        with atomic_write(path, "wb", what="metrics") as f:
+            f.write(b"".join(kept))
+    return len(lines) - len(kept)

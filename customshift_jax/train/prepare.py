@@ -20,6 +20,7 @@ from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
 
+from customshift_jax.io.folder_lock import exclusive_folder
 from customshift_jax.io.images import ImageLimits
 from customshift_jax.io.loading import load_vae
 from customshift_jax.models.vae import scale_latents, vae_encode
@@ -33,12 +34,14 @@ from customshift_jax.train.data import (
     TooMuchBadData,
     read_manifest,
     read_pairs,
+    records_from_folders,
     too_much_bad_data,
 )
+from customshift_jax.train.made_by import text_encoders_identity, vae_identity
 from customshift_jax.train.prepare_out import MARKER, PrepareDestination, check_destination  # noqa: F401 - re-exported
 from customshift_jax.train.subjects200k import Subjects200KOptions, Subjects200KSource
 
-FORMATS = ("jsonl", "subjects200k")
+FORMATS = ("jsonl", "subjects200k", "folders")
 
 
 def prepare(manifest: str | Path, out: str | Path, *, checkpoint: str | Path, text_encoders: str | Path,
@@ -47,6 +50,25 @@ def prepare(manifest: str | Path, out: str | Path, *, checkpoint: str | Path, te
             limits: ImageLimits = ImageLimits(), format: str = "jsonl", subjects200k: Subjects200KOptions | None = None,
             text_backend: str = "auto", mesh: Any = None, rules: Any = "fsdp", progress: bool | None = None,
             log: Any = print) -> dict:
+    """Prepare `manifest` into shards at `out` (process 0 holding its lock: one prepare per OUT); returns the
+    index. See `_prepare`."""
+    import jax
+
+    kw = dict(checkpoint=checkpoint, text_encoders=text_encoders, size=size, batch_size=batch_size,
+              shard_size=shard_size, flip=flip, max_sequence_length=max_sequence_length,
+              max_bad_fraction=max_bad_fraction, read_threads=read_threads, limits=limits, format=format,
+              subjects200k=subjects200k, text_backend=text_backend, mesh=mesh, rules=rules, progress=progress, log=log)
+    if jax.process_index() != 0:
+        return _prepare(manifest, out, **kw)
+    with exclusive_folder(out, "OUT", log=log):
+        return _prepare(manifest, out, **kw)
+
+
+def _prepare(manifest: str | Path, out: str | Path, *, checkpoint: str | Path, text_encoders: str | Path,
+             size: int, batch_size: int, shard_size: int, flip: bool, max_sequence_length: int,
+             max_bad_fraction: float, read_threads: int, limits: ImageLimits, format: str,
+             subjects200k: Subjects200KOptions | None, text_backend: str, mesh: Any, rules: Any,
+             progress: bool | None, log: Any) -> dict:
     """Prepare `manifest` into shards at `out`; returns the index. Bad lines/images are skipped with a counted
     warning; above `max_bad_fraction` it stops, keeping no shard: a JSONL manifest's bad lines are counted before
     any model loads, its bad images at the one that makes the fraction certain; a Subjects200K folder's (a stream
@@ -57,7 +79,7 @@ def prepare(manifest: str | Path, out: str | Path, *, checkpoint: str | Path, te
     import jax
 
     if format not in FORMATS:
-        raise ValueError(f"--format {format}: expected jsonl or subjects200k.")
+        raise ValueError(f"--format {format}: expected one of {', '.join(FORMATS)}.")
     pid, count = jax.process_index(), jax.process_count()
     say = log if count == 1 else (lambda m: log(f"[process {pid} of {count}] {m}"))
     dest = PrepareDestination(out, manifest, index=pid, count=count, log=say)
@@ -69,7 +91,8 @@ def prepare(manifest: str | Path, out: str | Path, *, checkpoint: str | Path, te
     source = (Subjects200KSource(manifest, subjects200k, process_index=pid, process_count=count, log=say)
               if format == "subjects200k" else None)
     lines = BadCounter()  # the JSONL manifest's lines: every process reads all of them, so the same counts
-    records = read_manifest(manifest, lines) if source is None else []
+    records = (records_from_folders(manifest, lines) if format == "folders" else
+               read_manifest(manifest, lines) if source is None else [])
     lines.check(max_bad_fraction, f"manifest {manifest}")  # stop early when the manifest alone is too bad
     share = records[pid * len(records) // count:(pid + 1) * len(records) // count]
     vae_config, vae_params = load_vae(checkpoint)  # our checkpoint or a diffusers folder
@@ -91,8 +114,10 @@ def prepare(manifest: str | Path, out: str | Path, *, checkpoint: str | Path, te
     # the first block not finished.
     lo, hi = (0, len(share)) if source is None else source.rows
     blocks = [(b, min(b + shard_size, hi)) for b in range(lo, hi, shard_size)]
+    made_by = {"vae": vae_identity(vae_config, vae_params), "text_encoders": text_encoders_identity(text_encoders,
+                                                                                                   encoders)}
     dest.begin(_fingerprint(manifest, format, checkpoint, encoders, source, size=size, flip=flip,
-                            max_sequence_length=max_sequence_length, shard_size=shard_size))
+                            max_sequence_length=max_sequence_length, shard_size=shard_size, made_by=made_by))
     done = dest.done_blocks()
     for record in done.values():
         counter.total += record["total"]
@@ -145,14 +170,23 @@ def prepare(manifest: str | Path, out: str | Path, *, checkpoint: str | Path, te
     if pid == 0:
         parts = dest.parts(part)
         meta = {"size": size, "flip": flip, "max_sequence_length": max_sequence_length, "manifest": str(manifest),
+                "made_by": made_by,
                 **_merged(parts, lines, source)}
         dest.write_index(parts, meta)
     barrier("customshift-prepare-indexed")  # every process returns once the index is there
     index = json.loads((Path(out) / "index.json").read_text())
     filtered = f"; filtered {index['filtered']}" if source is not None else ""
-    say(f"wrote {out} ({index['count']} pairs; {bad} of {total} skipped{filtered})"
-        + (f"; this process {written} pairs" if count > 1 else ""))
+    say(f"wrote {out} ({index['count']} pairs; {bad} of {total} skipped{_named(lines.examples + counter.examples, bad)}"
+        f"{filtered})" + (f"; this process {written} pairs" if count > 1 else ""))
     return index
+
+
+def _named(examples: list[str], bad: int, shown: int = 5) -> str:
+    """': <the first skipped records, by file and line>; and N more' for the summary line ('' when none)."""
+    if not bad or not examples:
+        return ""
+    first = examples[:shown]
+    return ": " + "; ".join(first) + (f"; and {bad - len(first)} more" if bad > len(first) else "")
 
 
 def _merged(parts: list[dict], lines: BadCounter, source: Subjects200KSource | None) -> dict:
@@ -161,6 +195,7 @@ def _merged(parts: list[dict], lines: BadCounter, source: Subjects200KSource | N
     reasons = _summed([lines.reasons] + [p["reasons"] for p in parts])
     meta = {"latent_shape": next(p["latent_shape"] for p in parts if p["latent_shape"]),
             "skipped": sum(reasons.values()), "skipped_reasons": reasons,
+            "skipped_examples": (lines.examples + [e for p in parts for e in p["examples"]])[:20],
             "manifest_records": lines.total + sum(p["total"] for p in parts)}
     if source is not None:
         merged = dict(parts[0]["source"])
@@ -209,12 +244,16 @@ def _summed(dicts: Iterable[dict[str, int]]) -> dict[str, int]:
 def _fingerprint(manifest: str | Path, format: str, checkpoint: str | Path, encoders: Any,
                  source: Subjects200KSource | None, **settings: Any) -> dict:
     """What shapes the shards: the data (the manifest file's size and time, or each parquet file's size), the
-    VAE's checkpoint, the text encoders' identity, the filters and the settings. A resume needs it unchanged."""
+    VAE's checkpoint, the text encoders' identity, the filters and the settings (with `made_by`: the VAE's and
+    the encoders' content hashes). A resume needs it unchanged."""
     if source is not None:
         data = [[str(f), f.stat().st_size] for f in source.files]
         settings["filters"] = dataclasses.asdict(source.options)
     elif "://" in str(manifest):
         data = None
+    elif format == "folders":  # every image's name, size and time
+        data = [[str(f), f.stat().st_size, f.stat().st_mtime_ns] for f in sorted(Path(manifest).rglob("*"))
+                if f.is_file()]
     else:
         st = Path(manifest).stat()
         data = [st.st_size, st.st_mtime_ns]

@@ -14,6 +14,7 @@ import shutil
 from pathlib import Path
 from typing import Any, Callable
 
+from customshift_jax.io.folder_lock import LOCK_NAME
 from customshift_jax.io.safe_files import make_dir, refuse_link, write_text
 from customshift_jax.parallel.distributed import allgather_counts, barrier
 from customshift_jax.train.shard_writer import INDEX_NAME, write_index
@@ -44,7 +45,7 @@ def check_destination(out: Path, manifest: str | Path, log: Callable[[str], Any]
         raise ValueError(f"OUT {out} is a file; give a folder for the shards.")
     if (out / INDEX_NAME).exists():
         raise ValueError(f"{out} already holds a prepared dataset; choose another OUT or delete it.")
-    names = sorted(p.name for p in out.iterdir())
+    names = sorted(p.name for p in out.iterdir() if p.name != LOCK_NAME)  # the lock: this run's own (process 0)
     if not names:
         return []
     try:

@@ -18,7 +18,7 @@ import numpy as np
 
 from customshift_jax.io.images import load_reference_image
 from customshift_jax.io.loading import load_vae
-from customshift_jax.io.safe_files import atomic_write, make_dir
+from customshift_jax.io.safe_files import atomic_write, make_dir, read_npz
 from customshift_jax.models.vae import scale_latents, vae_encode
 from customshift_jax.parallel.distributed import gather
 from customshift_jax.pipeline import Pipeline, save_png
@@ -49,11 +49,10 @@ def _record(dataset: ShardDataset, index: Any, what: str) -> dict[str, np.ndarra
 
 def _npz(path: str | Path) -> dict[str, np.ndarray]:
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise FileNotFoundError(f"sample.embeds {path}: no such file (an .npz as `customshift generate --embeds` "
                                 "takes: prompt_embeds, pooled_prompt_embeds, ...).")
-    with np.load(path) as data:
-        got = {k: np.asarray(data[k], np.float32) for k in data.files}
+    got = {k: np.asarray(v, np.float32) for k, v in read_npz(path, "sample.embeds").items()}  # bounded
     missing = [k for k in ("prompt_embeds", "pooled_prompt_embeds") if k not in got]
     if missing:
         raise ValueError(f"sample.embeds {path} lacks {', '.join(missing)}.")

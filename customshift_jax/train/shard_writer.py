@@ -12,7 +12,8 @@ from pathlib import Path
 
 import numpy as np
 
-from customshift_jax.io.safe_files import make_dir, refuse_link, write_text
+from customshift_jax.io.safe_files import atomic_write, make_dir, refuse_link, write_text
+from customshift_jax.train.shard_digests import DIGESTS_NAME, bytes_hash, row_digest
 
 INDEX_NAME = "index.json"
 FORMAT_VERSION = 1
@@ -36,6 +37,7 @@ class _OpenShard:
 
     def __init__(self, folder: Path, shapes: dict[str, tuple[int, ...]], capacity: int):
         self.folder, self.rows, self.files = folder, 0, {}
+        self.digests: list[bytes] = []  # per row, every array's digest in sorted name order
         self.headers = {k: len(npy_header((capacity, *s))) for k, s in shapes.items()}
         self.shapes = shapes
         try:
@@ -49,12 +51,18 @@ class _OpenShard:
             raise
 
     def append(self, arrays: dict[str, np.ndarray], start: int, stop: int) -> None:
+        rows = {k: np.ascontiguousarray(arrays[k][start:stop], np.float32) for k in self.files}
         for k, (_, f) in self.files.items():
-            f.write(np.ascontiguousarray(arrays[k][start:stop], np.float32).tobytes())
+            f.write(rows[k].tobytes())
             f.flush()  # the batch is on its way to disk, not held in a buffer
+        self.digests += [b"".join(row_digest(rows[k][i]) for k in sorted(rows)) for i in range(stop - start)]
         self.rows += stop - start
 
-    def finish(self) -> None:
+    def finish(self) -> dict:
+        """Close the shard; its index entry's checksum fields: the arrays' order and the row digests' hash."""
+        digests = b"".join(self.digests)
+        with atomic_write(self.folder / DIGESTS_NAME, "wb", what="shard checksums") as out:
+            out.write(digests)
         for k, (tmp, f) in self.files.items():
             f.seek(0)
             f.write(npy_header((self.rows, *self.shapes[k]), self.headers[k]))
@@ -62,6 +70,7 @@ class _OpenShard:
             os.chmod(tmp, 0o644)
             os.replace(tmp, refuse_link(self.folder / f"{k}.npy", "shard"))
         self.files = {}
+        return {"arrays": sorted(self.shapes), "digests": bytes_hash(digests)}
 
     def abandon(self) -> None:
         for tmp, f in self.files.values():
@@ -69,6 +78,9 @@ class _OpenShard:
                 f.close()
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp)
+        if self.files:
+            with contextlib.suppress(FileNotFoundError):
+                (self.folder / DIGESTS_NAME).unlink()
         self.files = {}
 
 
@@ -110,8 +122,8 @@ class ShardWriter:
                 self._finish()
 
     def _finish(self) -> None:
-        self._open.finish()
-        self.shards.append({"dir": self._name, "count": self._open.rows})
+        checks = self._open.finish()
+        self.shards.append({"dir": self._name, "count": self._open.rows, **checks})
         self._open = None
 
     def flush(self) -> list[dict]:
