@@ -1,7 +1,8 @@
 """Text settings travel with the model: a checkpoint's (and a LoRA's) recorded T5 length is what `generate`,
-`encode` and `CustomShiftPipeline` encode with by default, an explicit value that differs is said in one line,
-a LoRA's record wins over the checkpoint's, training records its data's length, and the shipped world records
-the length it was trained with (README's world example pairs `--subject star` with a star)."""
+`encode`, `prepare`, the demo's world model and `CustomShiftPipeline` encode with by default, an explicit value
+that differs is said in one line, a LoRA's record wins over the checkpoint's, convert and train record it, and
+the shipped world records the length it was trained with (README's world example pairs `--subject star` with a
+star)."""
 from __future__ import annotations
 
 import json
@@ -26,11 +27,11 @@ SIZE = ["--height", "16", "--width", "24", "--steps", "1"]
 
 
 @pytest.fixture(scope="module")
-def recorded_checkpoint(tiny_checkpoint_dir, tmp_path_factory):  # noqa: F811
-    """A copy of the tiny checkpoint whose marker records T5 length 12."""
+def recorded_checkpoint(tiny_pipeline_dir, tmp_path_factory):  # noqa: F811
+    """The tiny pipeline converted to our checkpoint recording T5 length 12 (`convert --max-sequence-length`)."""
     dst = tmp_path_factory.mktemp("recorded") / "ckpt"
-    shutil.copytree(tiny_checkpoint_dir, dst)
-    ts.record_in_checkpoint(dst, TextSettings(RECORDED))
+    assert main(["convert", str(tiny_pipeline_dir), str(dst), "--max-sequence-length", str(RECORDED),
+                 "--no-progress"]) == 0
     return dst
 
 
@@ -121,6 +122,23 @@ def test_encode_uses_the_recorded_length(recorded_checkpoint, tiny_pipeline_dir,
     assert len(notes) == 1 and "--max-sequence-length 8 differs from the 12" in notes[0], notes
 
 
+def test_prepare_encodes_at_the_checkpoints_recorded_length(recorded_checkpoint, tiny_pipeline_dir,  # noqa: F811
+                                                            reference_png, tmp_path, capsys):
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text(json.dumps({"reference": str(reference_png), "target": str(reference_png), "subject": "dog",
+                                    "caption": "a dog on the beach"}) + "\n")
+    common = ["prepare", str(manifest), "--checkpoint", str(recorded_checkpoint), "--text-encoders",
+              str(tiny_pipeline_dir), "--size", "16", "--no-progress"]
+    assert main([*common[:2], str(tmp_path / "a"), *common[2:]]) == 0
+    index = json.loads((tmp_path / "a" / "index.json").read_text())
+    embeds = np.load(next((tmp_path / "a").glob("shard-*/prompt_embeds.npy")))
+    assert index["max_sequence_length"] == RECORDED and embeds.shape[1] == CLIP_TOKENS + RECORDED
+    assert "note:" not in capsys.readouterr().err
+    assert main([*common[:2], str(tmp_path / "b"), *common[2:], "--max-sequence-length", "8"]) == 0
+    notes = [line for line in capsys.readouterr().err.splitlines() if line.startswith("note:")]
+    assert len(notes) == 1 and "--max-sequence-length 8 differs from the 12" in notes[0], notes
+
+
 def test_pipeline_api_uses_the_record_and_warns_on_another(recorded_checkpoint, tiny_pipeline_dir):  # noqa: F811
     from customshift_jax import CustomShiftPipeline
 
@@ -143,7 +161,7 @@ def test_pipeline_api_uses_the_record_and_warns_on_another(recorded_checkpoint, 
 def test_records_read_back_and_bad_ones_are_named(recorded_checkpoint, tmp_path):
     assert ts.checkpoint_text_settings(recorded_checkpoint).settings == TextSettings(RECORDED)
     lora = _lora(tmp_path / "lora", recorded_checkpoint, 10)
-    assert ts.lora_text_settings(lora / "customshift_cgb.safetensors").settings == TextSettings(10)  # a file: its folder
+    assert ts.lora_text_settings(lora / "customshift_cgb.safetensors").settings == TextSettings(10)  # its folder
     assert ts.lora_text_settings(_lora(tmp_path / "none", recorded_checkpoint, None)) is None
     notes = []
     assert ts.resolve_max_sequence_length(None, None, notes.append) == ts.DEFAULT_MAX_SEQUENCE_LENGTH == 256
@@ -151,14 +169,15 @@ def test_records_read_back_and_bad_ones_are_named(recorded_checkpoint, tmp_path)
     marker = json.loads((recorded_checkpoint / "customshift_checkpoint.json").read_text())
     bad = tmp_path / "bad"
     shutil.copytree(recorded_checkpoint, bad)
-    (bad / "customshift_checkpoint.json").write_text(json.dumps({**marker, "text_settings": {"max_sequence_length": 0}}))
+    marker["text_settings"] = {"max_sequence_length": 0}
+    (bad / "customshift_checkpoint.json").write_text(json.dumps(marker))
     with pytest.raises(ValueError, match="customshift_checkpoint.json: 'text_settings' is .*expected"):
         ts.checkpoint_text_settings(bad)
 
 
 def test_training_records_its_datas_length_in_the_lora_and_the_base_model(tmp_path):
-    """`customshift train` (a LoRA run and a train.mode=base run; no steps: the exports are what is checked) records the prepared data's
-    max_sequence_length in the exported LoRA files and in OUTPUT_DIR/model's marker."""
+    """`customshift train` (a LoRA run and a train.mode=base run; no steps: the exports are what is checked)
+    records the prepared data's max_sequence_length in the exported LoRA files and in OUTPUT_DIR/model's marker."""
     import jax
     from train_fixtures import ROOT, write_synthetic_dataset
 
@@ -203,3 +222,19 @@ def test_the_shipped_world_records_its_length_and_readme_pairs_a_star_with_a_sta
     row = int(re.match(r"demo/images/(\d+)-reference\.png", flag(generate, "--reference")).group(1))
     case = E.draw_cases(int(flag(demo, "--seed")), int(flag(demo, "--subjects")), 1)[row]
     assert case.subject.name == flag(generate, "--subject"), (case.subject.name, flag(generate, "--subject"))
+
+
+def test_the_demos_world_model_encodes_at_the_recorded_length(tmp_path, capsys):
+    from customshift_jax.toyworld.methods import WEIGHTS, WorldModel
+
+    if not (WEIGHTS / "model").is_dir():
+        pytest.skip("no shipped world weights")
+    weights = tmp_path / "weights"
+    shutil.copytree(WEIGHTS, weights)
+    ts.record_in_checkpoint(weights / "model", TextSettings(16))  # the LoRAs still record 20
+    model = WorldModel.load(weights)
+    assert model.max_sequence_length == 16
+    embeds, _ = model.encode_text(["a star on the beach, left, large"])
+    assert embeds.shape[1] == WorldModel.load(WEIGHTS).encode_text(["a star"])[0].shape[1] - 4
+    notes = [line for line in capsys.readouterr().err.splitlines() if line.startswith("note:")]
+    assert len(notes) == 2 and all("trained with T5 length 20" in n and "encodes at 16" in n for n in notes), notes

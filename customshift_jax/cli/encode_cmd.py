@@ -25,8 +25,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--subject", help="the subject's name, e.g. 'dog' (adds subject_embeds for CustomShift)")
     p.add_argument("--max-sequence-length", type=int, default=None, help="T5 tokens (default: what the --text-encoders "
                    "checkpoint, or --lora, records its model was trained with, else 256)")
-    p.add_argument("--lora", metavar="DIR", help="the CustomShift LoRA folder the embeddings are for: its recorded text "
-                   "settings win over the checkpoint's")
+    p.add_argument("--lora", metavar="DIR", help="the CustomShift LoRA folder the embeddings are for: its "
+                   "recorded text settings win over the checkpoint's")
     p.add_argument("--text-backend", choices=("auto", "torch", "jax"), default="auto",
                    help="run the text encoders in PyTorch on the host or in JAX (default auto: jax when the "
                    "text encoders come from our checkpoint, torch from a diffusers folder)")
