@@ -7,7 +7,9 @@ Examples:
   customshift generate --checkpoint ckpt/ --prompt "a dog" --num-images 8 --mesh data=2,fsdp=4 --rules fsdp
 
 CKPT is a checkpoint written by `customshift convert` or a diffusers SD3 pipeline folder. Text encoders
-(PyTorch, on the host) come from --text-encoders or the pipeline folder; --embeds skips them. The work is
+(PyTorch, on the host) come from --text-encoders or the pipeline folder; --embeds skips them. Prompts are encoded
+at the T5 length the checkpoint (or --lora) records it was trained with; --max-sequence-length overrides it, with
+a one-line note when it differs. The work is
 `customshift_jax.CustomShiftPipeline`'s: this command turns flags into its arguments and writes the PNGs.
 """
 from __future__ import annotations
