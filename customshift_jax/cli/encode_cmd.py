@@ -3,6 +3,8 @@
 
 The file holds prompt_embeds, pooled_prompt_embeds, the negatives (of --negative-prompt, for CFG) and, with
 --subject, subject_embeds and subject_pooled_embeds.
+Prompts are encoded at the T5 length the --text-encoders checkpoint (or --lora) records its model was trained
+with, else 256; --max-sequence-length overrides it, with a one-line note when it differs.
 
 example:
   customshift encode --text-encoders /models/sd3-medium --prompts-file prompts.txt --subject dog --out dog.npz
