@@ -10,6 +10,7 @@ import dataclasses
 import hashlib
 import math
 import numbers
+import warnings
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
@@ -17,6 +18,14 @@ import numpy as np
 
 import customshift_jax.pipeline as stages  # looked up at call time: `stages.load_components` can be replaced
 from customshift_jax.io.images import ImageLimits, load_reference_image, reference_pixels, to_rgb
+from customshift_jax.io.text_settings import (
+    Recorded,
+    checkpoint_text_settings,
+    combine,
+    lora_text_settings,
+    recorded_clip_skip,
+    resolve_max_sequence_length,
+)
 from customshift_jax.models.mmdit.config import MMDiTConfig
 from customshift_jax.text import PromptEmbeds
 
@@ -144,8 +153,12 @@ class CustomShiftPipeline:
     def __init__(self, components: Any, *, lora: LoRAFiles | None = None, fitted_lora: tuple | None = None,
                  text_backend: str = "auto", text_cache: str | Path | None = None, dtype: Any = "float32",
                  attention: str = "xla", mesh: Any = None, rules: Any = "fsdp", shift: str = "cads",
-                 image_limits: ImageLimits = ImageLimits(), progress: bool = True, source: str = ""):
+                 image_limits: ImageLimits = ImageLimits(), progress: bool = True, source: str = "",
+                 text_settings: Recorded | None = None, notes: Any = None):
         self.components, self.config, self.source = components, components.config, source
+        self.text_settings = text_settings  # what the checkpoint / LoRA record: the text encoding's defaults
+        self._notes = notes if isinstance(notes, _Notes) else _Notes(notes)  # each note said once
+        self._overrides_said: set[int | None] = set()
         self.lora = lora
         self.lora_config, self.rab, self.cgb = fitted_lora if fitted_lora is not None else fit_lora(lora,
                                                                                                    self.config)
@@ -170,7 +183,7 @@ class CustomShiftPipeline:
                         dtype: Any = "float32", attention: str = "xla", mesh: Any = None, rules: Any = "fsdp", *,
                         text_encoders: str | Path | None = None, text_cache: str | Path | None = None,
                         shift: str = "cads", verify: bool = True, image_limits: ImageLimits = ImageLimits(),
-                        progress: bool = True) -> "CustomShiftPipeline":
+                        progress: bool = True, notes: Any = None) -> "CustomShiftPipeline":
         """Load our checkpoint (`customshift convert`) or a diffusers SD3 pipeline folder, and the CustomShift LoRA
         folder `lora` (training's `output_dir/lora`; None: the training-free method). Text encoders come from
         `text_encoders` (a diffusers folder) or `path`, on `text_backend` ("auto": jax for our checkpoint holding
@@ -178,7 +191,10 @@ class CustomShiftPipeline:
         the MMDiT's compute dtype; `attention`: "xla", "blocked" or "flash" (`RunOptions.backend`; flash runs in
         Pallas interpret mode on CPU); `mesh` (a `jax.sharding.Mesh` or "data=2,fsdp=4") runs the MMDiT sharded
         by the rule set `rules`; `shift`: "cads" or "concat" (the baseline); `verify` checks content hashes.
-        Every argument is checked, and the LoRA read, before the weights load."""
+        The text settings the checkpoint and the LoRA record (`io.text_settings`; the LoRA's win) are the
+        defaults of every call; `notes` (a callable taking one line; default `warnings.warn`) hears when they
+        differ, or when a call overrides them. Every argument is checked, and the LoRA read, before the weights
+        load."""
         from customshift_jax.text import TEXT_BACKENDS
 
         if attention not in ATTENTIONS:
@@ -196,10 +212,22 @@ class CustomShiftPipeline:
             early = stages.read_transformer_config(path)
             # A LoRA of another model fails here, before the weights load; the fitted trees are kept.
             fitted = (early, fit_lora(lora, early)) if early is not None else None
+        said = _Notes(notes)
+        recorded = combine(checkpoint_text_settings(path), lora_text_settings(lora.folder) if lora else None, said)
         components = stages.load_components(path, text_encoders=text_encoders, verify=verify)
-        return cls(components, lora=lora, fitted_lora=fitted[1] if fitted and fitted[0] == components.config else None,
+        pipe = cls(components, lora=lora, fitted_lora=fitted[1] if fitted and fitted[0] == components.config else None,
                    text_backend=text_backend, text_cache=text_cache, dtype=dtype, attention=attention, mesh=mesh,
-                   rules=rules, shift=shift, image_limits=image_limits, progress=progress, source=str(path))
+                   rules=rules, shift=shift, image_limits=image_limits, progress=progress, source=str(path),
+                   text_settings=recorded, notes=said)
+        return pipe
+
+    def max_sequence_length(self, given: int | None = None, flag: str = "max_sequence_length") -> int:
+        """The T5 length a call encodes with: `given`, else what the model records, else 256; a `given` that
+        differs from the recorded one is said once (through `notes`), naming it as `flag`."""
+        if given is not None and given in self._overrides_said:  # e.g. said by the CLI in its flag's name
+            return given
+        self._overrides_said.add(given)
+        return resolve_max_sequence_length(given, self.text_settings, self._notes, flag)
 
     @property
     def vae_scale(self) -> int:
@@ -222,7 +250,7 @@ class CustomShiftPipeline:
                  num_inference_steps: int = 28, guidance_scale: float = 7.0, gamma: float = 1.0,
                  height: int | None = None, width: int | None = None, seed: int = 0, output_type: str = "pil", *,
                  prompt_embeds: PromptEmbeds | None = None, subject_embeds: Any = None, latents: Any = None,
-                 max_sequence_length: int = 256) -> CustomShiftPipelineOutput:
+                 max_sequence_length: int | None = None) -> CustomShiftPipelineOutput:
         """Images of `prompt` (a string or a list), with CustomShift when `reference` (an image file, a PIL image
         or a uint8 (H, W, 3) array) and `subject` (its name, e.g. "dog") are given: one prefill serves every
         prompt, and the next call with the same reference and subject reuses it. `gamma` is the reference strength
@@ -230,7 +258,9 @@ class CustomShiftPipeline:
         the model's native size (1024 px for SD3). Image j of prompt i comes from the noise of
         `jax.random.fold_in(jax.random.key(seed), i)`, as `customshift generate --seed` draws it.
         `prompt_embeds` (a `PromptEmbeds`) and `subject_embeds` ((1, S, J), (1, P)) replace the text encoders;
-        `latents` (N, C, h, w) replace the seeded noise. Every argument is checked before anything compiles."""
+        `latents` (N, C, h, w) replace the seeded noise. `max_sequence_length` (T5 tokens) defaults to what the
+        model records (`self.text_settings`), else 256; another value is warned about. Every argument is checked
+        before anything compiles."""
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"output_type={output_type!r}: expected one of {', '.join(OUTPUT_TYPES)}.")
         results = list(self.each_prompt(
@@ -250,7 +280,7 @@ class CustomShiftPipeline:
                     negative_prompt: Any = None, num_images_per_prompt: int = 1, num_inference_steps: int = 28,
                     guidance_scale: float = 7.0, gamma: float = 1.0, height: int | None = None,
                     width: int | None = None, seed: int = 0, *, prompt_embeds: PromptEmbeds | None = None,
-                    subject_embeds: Any = None, latents: Any = None, max_sequence_length: int = 256,
+                    subject_embeds: Any = None, latents: Any = None, max_sequence_length: int | None = None,
                     decode: bool = True) -> Iterator[PromptImages]:
         """`__call__`'s work as `PromptImages`, one prompt at a time (so a caller can save each as it comes).
         The arguments are checked, the text encoded and the reference cache made now; the sampling runs as the
@@ -296,8 +326,11 @@ class CustomShiftPipeline:
         if not _is_int(seed) or not 0 <= seed <= SEED_MAX:
             raise ValueError(f"seed={seed!r}: expected a whole number from 0 to {SEED_MAX} (2**32 - 1); JAX's "
                              "random key keeps only 32 bits.")
-        if not _is_int(max_sequence_length) or not 1 <= max_sequence_length <= 512:
+        if max_sequence_length is not None and (not _is_int(max_sequence_length)
+                                                or not 1 <= max_sequence_length <= 512):
             raise ValueError(f"max_sequence_length={max_sequence_length!r}: expected a whole number from 1 to 512.")
+        if prompt_embeds is None or subject is not None:
+            max_sequence_length = self.max_sequence_length(max_sequence_length)
         native = self.config.sample_size * self.vae_scale
         height, width = native if height is None else height, native if width is None else width
         if not _is_int(height) or not _is_int(width):
@@ -318,7 +351,8 @@ class CustomShiftPipeline:
             negatives = [negative_prompt or ""] * len(prompts) if not isinstance(negative_prompt, (list, tuple)) \
                 else list(negative_prompt)
             embeds = self.text_encoder().encode(prompts, negatives, max_sequence_length=max_sequence_length,
-                                                do_classifier_free_guidance=guidance > 1)
+                                                do_classifier_free_guidance=guidance > 1,
+                                                clip_skip=recorded_clip_skip(self.text_settings))
         check_widths(self.config, embeds, subject_embeds, "prompt_embeds" if prompt_embeds is not None else
                      f"the text encoders of {self.text_folder}")
         if guidance > 1 and not embeds.has_negative:
@@ -356,7 +390,8 @@ class CustomShiftPipeline:
         subject = request.subject
         if subject is None:
             s = self.text_encoder().encode([request.subject_name], max_sequence_length=request.max_sequence_length,
-                                           do_classifier_free_guidance=False)
+                                           do_classifier_free_guidance=False,
+                                           clip_skip=recorded_clip_skip(self.text_settings))
             subject = (s.prompt_embeds, s.pooled_prompt_embeds)
             check_widths(self.config, request.embeds, subject, f"the text encoders of {self.text_folder}")
         latents = self._steps.encode_reference(self.components.vae_params, request.reference)
@@ -396,6 +431,22 @@ class CustomShiftPipeline:
             stages.check_finite_latents(z, i, count)  # NaN latents would decode to a black image
             images = np.asarray(self._steps.decode_latents(self.components.vae_params, z)) if decode else None
             yield PromptImages(i, r.prompts[i] if r.prompts else None, z, images)
+
+
+class _Notes:
+    """Says each note once: through `say` (one line), or `warnings.warn` when there is none."""
+
+    def __init__(self, say: Any = None):
+        self.say, self.said = say, set()
+
+    def __call__(self, message: str) -> None:
+        if message in self.said:
+            return
+        self.said.add(message)
+        if self.say is None:
+            warnings.warn(message, UserWarning, stacklevel=4)
+        else:
+            self.say(message)
 
 
 def _dtype(dtype: Any) -> Any:

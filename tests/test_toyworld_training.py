@@ -1,6 +1,6 @@
 """The world's training path as a user runs it, on a few pairs: `customshift prepare` with the shipped tiny SD3
-(its VAE and text encoders), then a short base training (train.mode=base) and a short CustomShift training,
-both through the real CLI with the world's configs."""
+(its VAE and text encoders, at the T5 length it records), then a short base training (train.mode=base) and a short
+CustomShift training, both through the real CLI with the world's configs, each recording that length."""
 from __future__ import annotations
 
 import subprocess
@@ -29,8 +29,7 @@ def test_prepare_then_base_and_customshift_training_run(tmp_path):
     train_subjects, _ = world.split_subjects(0)
     manifest = write_pairs(tmp_path / "pairs", 8, seed=3, subjects=train_subjects)
     _cli(tmp_path, "prepare", str(manifest), str(tmp_path / "prepared"), "--checkpoint", str(WEIGHTS / "model"),
-         "--text-encoders", str(WEIGHTS / "model"), "--size", str(IMAGE_SIZE), "--no-flip",
-         "--max-sequence-length", str(T5_MAX_LENGTH))
+         "--text-encoders", str(WEIGHTS / "model"), "--size", str(IMAGE_SIZE), "--no-flip")  # T5 length: the record
     common = [f"data.path={tmp_path / 'prepared'}", "train.steps=2", "data.global_batch=4", "train.warmup_steps=0",
               "train.schedule=constant", "log.tensorboard=false", "log.progress=false", "checkpoint.every=2"]
     _cli(tmp_path, "train", "--config", str(CONFIGS / "world-base.yaml"), f"output_dir={tmp_path / 'base'}",
@@ -40,6 +39,11 @@ def test_prepare_then_base_and_customshift_training_run(tmp_path):
          f"model.checkpoint={tmp_path / 'base' / 'model'}", *common)
     assert sorted(p.name for p in (tmp_path / "cs" / "lora").iterdir()) == [
         "customshift_beta.safetensors", "customshift_cgb.safetensors", "customshift_rab.safetensors"]
+    # The world's T5 length went from the shipped model's record through the data into both trained outputs.
+    from customshift_jax.io.text_settings import checkpoint_text_settings, lora_text_settings
+
+    assert checkpoint_text_settings(tmp_path / "base" / "model").settings.max_sequence_length == T5_MAX_LENGTH
+    assert lora_text_settings(tmp_path / "cs" / "lora").settings.max_sequence_length == T5_MAX_LENGTH
     # The base run moved the weights it started from.
     from customshift_jax.io.loading import load_transformer
 

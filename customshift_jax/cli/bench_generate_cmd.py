@@ -44,7 +44,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--shift", choices=["cads", "concat"], default="cads", help="attention distribution shift")
     p.add_argument("--height", type=int, help="image height in px (default: the model's native size)")
     p.add_argument("--width", type=int, help="image width in px (default: the model's native size)")
-    p.add_argument("--max-sequence-length", type=int, default=256, help="T5 tokens")
+    p.add_argument("--max-sequence-length", type=int, default=None, help="T5 tokens (default: what the checkpoint or "
+                   "--lora records it was trained with, else 256)")
     p.add_argument("--negative-prompt", default="", help="negative prompt for classifier-free guidance")
     p.add_argument("--text-cache", default=str(Path.home() / ".cache" / "customshift" / "text"),
                    help="folder of cached prompt embeddings")
@@ -84,6 +85,7 @@ def run(args: argparse.Namespace) -> int:
 
     from customshift_jax.customshift_pipeline import CustomShiftPipeline, read_lora_files
     from customshift_jax.eval.generate import SampleSettings, generate_plan
+    from customshift_jax.io.text_settings import stderr_note
     from customshift_jax.pipeline import check_size
 
     lora = read_lora_files(args.lora, what="--lora") if args.lora else None  # damaged: fails before the weights load
@@ -91,7 +93,8 @@ def run(args: argparse.Namespace) -> int:
         shard = (jax.process_index(), jax.process_count())
     pipe = CustomShiftPipeline.from_pretrained(args.checkpoint, lora=lora, text_backend=args.text_backend,
                                                text_encoders=args.text_encoders, text_cache=args.text_cache,
-                                               shift=args.shift, progress=False)
+                                               shift=args.shift, progress=False, notes=stderr_note)
+    args.max_sequence_length = pipe.max_sequence_length(args.max_sequence_length, "--max-sequence-length")
     config, scale = pipe.config, pipe.vae_scale
     height, width = args.height or config.sample_size * scale, args.width or config.sample_size * scale
     check_size(config, scale, height, width)

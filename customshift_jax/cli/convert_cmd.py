@@ -41,15 +41,26 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--overwrite", action="store_true",
                    help="replace an existing DST checkpoint, once the new one is complete")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--max-sequence-length", type=int, default=None, metavar="N",
+                   help="record that the model was trained with prompts of N T5 tokens: generate, encode and prepare "
+                   "then use N by default (default: record nothing; they use 256)")
 
 
 def run(args: argparse.Namespace) -> int:
     from customshift_jax.io.convert import CONVERTERS, convert
 
+    text = None
+    if args.max_sequence_length is not None:
+        if not 1 <= args.max_sequence_length <= 512:
+            raise ValueError(f"--max-sequence-length {args.max_sequence_length}: give a whole number from 1 to 512 "
+                             "(T5 tokens).")
+        from customshift_jax.io.text_settings import TextSettings
+
+        text = TextSettings(args.max_sequence_length).to_json()
     quiet_orbax()
     start = time.perf_counter()
     dst, plan = convert(args.src, args.dst, dtype=args.dtype, components=args.components, config_paths=args.config,
-                        overwrite=args.overwrite, progress=not args.no_progress)
+                        overwrite=args.overwrite, progress=not args.no_progress, text_settings=text)
     print(f"wrote {dst} ({args.dtype}) from the {plan.kind} {plan.src} in {time.perf_counter() - start:.1f} s:")
     for s in plan.sources:
         print(f"  {s.name}: {CONVERTERS[s.name].describe(s.config)}; {len(s.tensors)} tensors, "

@@ -7,7 +7,9 @@ Examples:
   customshift generate --checkpoint ckpt/ --prompt "a dog" --num-images 8 --mesh data=2,fsdp=4 --rules fsdp
 
 CKPT is a checkpoint written by `customshift convert` or a diffusers SD3 pipeline folder. Text encoders
-(PyTorch, on the host) come from --text-encoders or the pipeline folder; --embeds skips them. The work is
+(PyTorch, on the host) come from --text-encoders or the pipeline folder; --embeds skips them. Prompts are encoded
+at the T5 length the checkpoint (or --lora) records it was trained with; --max-sequence-length overrides it, with
+a one-line note when it differs. The work is
 `customshift_jax.CustomShiftPipeline`'s: this command turns flags into its arguments and writes the PNGs.
 """
 from __future__ import annotations
@@ -45,7 +47,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num-images", type=int, default=1, help="images per prompt")
     p.add_argument("--out", help="output folder for the PNGs, created if missing (default: ./out, or ./out-2, "
                    "./out-3, ... when it already holds images: earlier results are never overwritten)")
-    p.add_argument("--max-sequence-length", type=int, default=256, help="T5 tokens (default 256)")
+    p.add_argument("--max-sequence-length", type=int, default=None, help="T5 tokens (default: what the checkpoint "
+                   "or --lora records it was trained with, else 256)")
     p.add_argument("--text-encoders", help="a diffusers pipeline folder holding the text encoders (default: the "
                    "--checkpoint's own, when it holds them)")
     p.add_argument("--text-backend", choices=("auto", "torch", "jax"), default="auto",
@@ -121,6 +124,7 @@ def run(args: argparse.Namespace) -> int:
     args.out = str(output_folder(args.out))  # before anything loads: a bad --out fails at once
 
     from customshift_jax.customshift_pipeline import CustomShiftPipeline, check_widths, read_lora_files
+    from customshift_jax.io.text_settings import stderr_note
     from customshift_jax.pipeline import check_init_latents, check_size, load_embeds_file, read_prompts, save_png
 
     if args.reference is not None and not (args.subject or "").strip() and not args.embeds:
@@ -143,7 +147,9 @@ def run(args: argparse.Namespace) -> int:
     pipe = CustomShiftPipeline.from_pretrained(
         args.checkpoint, lora=lora, text_backend=args.text_backend, attention=args.attention, mesh=args.mesh,
         rules=args.rules, text_encoders=args.text_encoders, text_cache=args.text_cache, shift=args.shift,
-        verify=not args.no_verify, image_limits=limits)
+        verify=not args.no_verify, image_limits=limits, notes=stderr_note)
+    if not args.embeds or args.subject:  # the text is encoded here: at the recorded length unless the flag says
+        args.max_sequence_length = pipe.max_sequence_length(args.max_sequence_length, "--max-sequence-length")
     config, scale = pipe.config, pipe.vae_scale
     height = args.height or config.sample_size * scale
     width = args.width or config.sample_size * scale

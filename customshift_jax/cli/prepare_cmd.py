@@ -48,7 +48,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--shard-size", type=int, default=1024,
                    help="manifest records (Subjects200K rows) per shard: a shard holds their usable pairs, and a rerun "
                         "after an interruption resumes at the first unfinished shard (default 1024)")
-    p.add_argument("--max-sequence-length", type=int, default=256, help="T5 tokens (default 256)")
+    p.add_argument("--max-sequence-length", type=int, default=None, help="T5 tokens (default: what the --checkpoint "
+                   "(or the --text-encoders checkpoint) records its model was trained with, else 256)")
     p.add_argument("--max-bad-fraction", type=float, default=0.05,
                    help="stop when more than this fraction of records is unusable (default 0.05)")
     p.add_argument("--no-flip", action="store_true", help="do not store horizontally flipped latents")
@@ -143,6 +144,15 @@ def _local_mesh(args: argparse.Namespace):
     return shd.make_mesh(**shd.parse_mesh(args.mesh), devices=jax.local_devices())
 
 
+def _max_sequence_length(args: argparse.Namespace) -> int:
+    """--max-sequence-length, else what the --checkpoint (or the --text-encoders checkpoint) records, else 256; a
+    flag that differs from the record is said in one line (the data would not match the model)."""
+    from customshift_jax.io import text_settings as ts
+
+    recorded = ts.checkpoint_text_settings(args.checkpoint) or ts.checkpoint_text_settings(args.text_encoders)
+    return ts.resolve_max_sequence_length(args.max_sequence_length, recorded, ts.stderr_note)
+
+
 def run(args: argparse.Namespace) -> int:
     check_numbers(args)  # before joining a job: a bad flag does not wait for the other processes
     if args.distributed:  # before any other JAX call
@@ -152,10 +162,11 @@ def run(args: argparse.Namespace) -> int:
     from customshift_jax.train.prepare import prepare
 
     subjects200k = _subjects200k_options(args)
+    length = _max_sequence_length(args)
     mesh = _local_mesh(args)
     prepare(args.manifest, args.out, checkpoint=args.checkpoint, text_encoders=args.text_encoders, size=args.size,
             batch_size=args.batch_size, shard_size=args.shard_size, flip=not args.no_flip,
-            max_sequence_length=args.max_sequence_length, max_bad_fraction=args.max_bad_fraction,
+            max_sequence_length=length, max_bad_fraction=args.max_bad_fraction,
             read_threads=args.read_threads,
             limits=ImageLimits(max_bytes=args.max_image_bytes, max_pixels=args.max_image_pixels),
             format=args.format, subjects200k=subjects200k, text_backend=args.text_backend, mesh=mesh,

@@ -31,6 +31,7 @@ from customshift_jax.io.checkpoint import (
 )
 from customshift_jax.io.diffusers_folder import LazyStateDict, read_json, weight_files
 from customshift_jax.io.leftovers import StopSignals
+from customshift_jax.io.lora_files import TEXT_SETTINGS_KEY
 from customshift_jax.io.safetensors import SafetensorsFile
 from customshift_jax.io.text_encoders import CLASSES_KEY, TEXT_ENCODERS, TextEncoderSource, plan_text_encoders
 from customshift_jax.models.mmdit.mapping import (
@@ -418,13 +419,16 @@ class Progress:
 
 def convert(src: str | Path, dst: str | Path, *, dtype: str = "fp32", components: str | Iterable[str] | None = None,
             config_paths: Sequence[str | Path] = (), overwrite: bool = False, progress: bool = True,
-            log: Callable[[str], None] | None = None, piece_bytes: int | None = None) -> tuple[Path, Plan]:
+            log: Callable[[str], None] | None = None, piece_bytes: int | None = None,
+            text_settings: Mapping[str, Any] | None = None) -> tuple[Path, Plan]:
     """Convert SRC (diffusers folder / component / original single file) into our orbax checkpoint at DST.
 
     Validates everything first; streams tensors (memory-mapped, one at a time) into params of `dtype`
     ("fp32" or "bf16"), written in pieces of about `piece_bytes` (default: the checkpoint module's) as they
     are built; writes atomically (DST appears only when complete; an existing DST is replaced only with
-    `overwrite`, and only once the new one is complete). Returns (DST, the plan it carried out).
+    `overwrite`, and only once the new one is complete). `text_settings` (`io.text_settings.TextSettings.to_json()`:
+    how the model's prompts were encoded in training) is recorded in the marker. Returns (DST, the plan it carried
+    out).
     """
     log = log or (lambda msg: print(msg, file=sys.stderr))
     if dtype not in DTYPES:
@@ -471,6 +475,8 @@ def convert(src: str | Path, dst: str | Path, *, dtype: str = "fp32", components
         metadata["config_origin"][t.name] = f"{t.folder / 'config.json'}"
     if plan.text:
         metadata[CLASSES_KEY] = plan.text_classes
+    if text_settings is not None:
+        metadata[TEXT_SETTINGS_KEY] = dict(text_settings)
     try:
         with stop:
             save_checkpoint(dst, parts, overwrite=overwrite, metadata=metadata, piece_bytes=piece_bytes, log=log,

@@ -21,9 +21,10 @@ Files (`save_lora_files` / `load_lora_files`), one directory:
     customshift_rab.safetensors   RAB LoRA, same layout (loadable as a second adapter, e.g. "rab").
     customshift_beta.safetensors  `transformer_blocks.N.attn.cads_beta`; not a LoRA, so diffusers ignores it.
 
-Each file also carries `customshift_lora` metadata (branch, rank, alpha, targets, "content_hash" of its tensors
-(customshift_jax.io.integrity) and "file_hash" of the tensors and every metadata field) for `load_lora_files`,
-which checks them: an edited alpha is refused like a damaged tensor.
+Each file also carries `customshift_lora` metadata (branch, rank, alpha, targets, "text_settings" the training data
+was encoded with (customshift_jax.io.text_settings), "content_hash" of its tensors (customshift_jax.io.integrity) and
+"file_hash" of the tensors and every metadata field) for `load_lora_files`, which checks them: an edited alpha is
+refused like a damaged tensor.
 """
 from __future__ import annotations
 
@@ -52,6 +53,7 @@ LORA_ADAPTER_METADATA_KEY = "lora_adapter_metadata"  # diffusers' key in the saf
 CUSTOMSHIFT_METADATA_KEY = "customshift_lora"
 CONTENT_HASH_KEY = "content_hash"  # in the customshift_lora metadata: the tensors' hash (integrity.tensors_hash)
 FILE_HASH_KEY = "file_hash"  # in the customshift_lora metadata: the tensors' and all the metadata's (`lora_file_hash`)
+TEXT_SETTINGS_KEY = "text_settings"  # in the customshift_lora metadata (and our checkpoint's marker): io.text_settings
 BRANCHES = ("rab", "cgb")
 
 LoRATree = dict[str, Any]
@@ -231,14 +233,18 @@ def diffusers_lora_metadata(lora: LoRAConfig, modules: list[str]) -> dict[str, A
             f"{DIFFUSERS_PREFIX}target_modules": list(modules)}
 
 
-def save_lora_files(directory: str | Path, state_dict: Mapping[str, Any], lora: LoRAConfig) -> list[Path]:
+def save_lora_files(directory: str | Path, state_dict: Mapping[str, Any], lora: LoRAConfig, *,
+                    text_settings: Mapping[str, Any] | None = None) -> list[Path]:
     """Write the combined state dict as the three files of the module docstring (each atomically, never through a
-    link, mode 0644); returns their paths."""
+    link, mode 0644); returns their paths. `text_settings` (`io.text_settings.TextSettings.to_json()`: how the
+    training data's prompts were encoded) is recorded in each file's metadata."""
     from safetensors.numpy import save as safetensors_bytes
 
     directory = make_dir(directory, "LoRA folder")
     parts = split_state_dict({k: to_numpy(v) for k, v in state_dict.items()})
     ours = {"rank": lora.rank, "alpha": lora.alpha, "targets": list(lora.targets)}
+    if text_settings is not None:
+        ours[TEXT_SETTINGS_KEY] = dict(text_settings)
     written = []
     for branch, name in (("cgb", CGB_FILE), ("rab", RAB_FILE), ("beta", BETA_FILE)):
         tensors = {k: np.ascontiguousarray(v) for k, v in parts[branch].items()}

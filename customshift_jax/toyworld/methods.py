@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from customshift_jax.io.lora_files import from_state_dict, load_lora_files
+from customshift_jax.io.text_settings import checkpoint_text_settings, lora_text_settings, stderr_note
 from customshift_jax.pipeline import Pipeline, load_components
 from customshift_jax.sampling import Conditioning
 from customshift_jax.sampling.sampler import initial_latents
@@ -46,11 +47,13 @@ class WorldModel:
     vae_params: Any
     encoders: Any
     loras: dict[str, tuple[Any, Any, Any]]  # name -> (LoRAConfig, rab tree, cgb tree incl. beta)
+    max_sequence_length: int = T5_MAX_LENGTH  # T5 tokens: what weights/model records it was trained with
     _encode: Any = dataclasses.field(default=None, repr=False)  # a Pipeline for the VAE encoder, on first use
 
     @classmethod
     def load(cls, weights: str | Path = WEIGHTS) -> "WorldModel":
-        """Read `weights/model` (our checkpoint with the text encoders beside it) and `weights/<lora>/`."""
+        """Read `weights/model` (our checkpoint with the text encoders beside it) and `weights/<lora>/`; prompts are
+        encoded at the T5 length the model records (a LoRA that records another is said on stderr)."""
         weights = Path(weights)
         if not (weights / "model").is_dir():
             raise FileNotFoundError(f"{weights}/model: no world model here; rebuild it with "
@@ -61,11 +64,18 @@ class WorldModel:
             state_dict, lora = load_lora_files(weights / name)
             loras[name] = (lora, *from_state_dict(comps.config, lora, state_dict))
         encoders = TextEncoders.from_pretrained(comps.text_folder)
-        return cls(comps.config, comps.params, comps.vae_config, comps.vae_params, encoders, loras)
+        recorded = checkpoint_text_settings(weights / "model")
+        length = recorded.settings.max_sequence_length if recorded else T5_MAX_LENGTH
+        for name in loras:  # one encoding serves every method: the model's
+            lora_record = lora_text_settings(weights / name)
+            if lora_record and lora_record.settings.max_sequence_length != length:
+                stderr_note(f"the {name} LoRA was trained with T5 length {lora_record.settings.max_sequence_length} "
+                            f"({lora_record.source}), the model with {length}; every method encodes at {length}.")
+        return cls(comps.config, comps.params, comps.vae_config, comps.vae_params, encoders, loras, length)
 
     def encode_text(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
         """(embeds (N, 36, 96), pooled (N, 80)) of captions or subject names, float32."""
-        return self.encoders.encode_batch(list(texts), max_sequence_length=T5_MAX_LENGTH)
+        return self.encoders.encode_batch(list(texts), max_sequence_length=self.max_sequence_length)
 
     def encode_images(self, images: np.ndarray) -> jax.Array:
         """uint8 (N, 32, 32, 3) -> scaled VAE latents (N, 4, 16, 16): what the RAB reads."""

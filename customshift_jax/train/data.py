@@ -396,3 +396,14 @@ class BatchIterator:
 
     def __next__(self) -> dict[str, np.ndarray]:
         return next(self._it)
+
+
+def prepared_text_settings(path: str | Path) -> dict[str, Any] | None:
+    """The text settings (`io.text_settings.TextSettings.to_json()`) the prepared data at `path` was encoded with,
+    from its index.json, for the model or LoRA trained on it to record; None when the index says none."""
+    from customshift_jax.io.text_settings import TextSettings
+
+    index = json.loads((Path(path) / INDEX_NAME).read_text())
+    if index.get("max_sequence_length") is None:
+        return None
+    return TextSettings(int(index["max_sequence_length"]), index.get("clip_skip")).to_json()

@@ -26,7 +26,7 @@ from customshift_jax.io.checkpoint import (
 )
 from customshift_jax.io.folder_lock import exclusive_folder
 from customshift_jax.io.loading import load_transformer
-from customshift_jax.io.lora_files import save_lora_files, to_state_dict
+from customshift_jax.io.lora_files import TEXT_SETTINGS_KEY, save_lora_files, to_state_dict
 from customshift_jax.io.safe_files import refuse_link, write_text
 from customshift_jax.models.mmdit.api import as_dtype, init_mmdit
 from customshift_jax.models.mmdit.config import get_preset
@@ -34,7 +34,7 @@ from customshift_jax.models.mmdit.lora import LoRAConfig
 from customshift_jax.parallel import sharding as shd
 from customshift_jax.parallel.distributed import gather
 from customshift_jax.train.base_step import init_base_train_state, make_base_train_step, model_params
-from customshift_jax.train.data import BatchIterator, ShardDataset
+from customshift_jax.train.data import BatchIterator, ShardDataset, prepared_text_settings
 from customshift_jax.train.loss_lines import LossLines
 from customshift_jax.train.metrics import MetricsLogger
 from customshift_jax.train.optim import make_optimizer
@@ -303,10 +303,10 @@ def _stored_state(mngr, step: int) -> dict:
     return dict(getattr(state, "tree", state) or {})
 
 
-def export_lora(out: Path, state, lora) -> list[Path]:
+def export_lora(out: Path, state, lora, text_settings: dict | None = None) -> list[Path]:
     """Write the trained LoRAs and beta in the PEFT / diffusers-named format (`customshift_jax.io.lora_files`)."""
     trainable = gather(state.trainable)
-    return save_lora_files(out, to_state_dict(trainable["rab"], trainable["cgb"]), lora)
+    return save_lora_files(out, to_state_dict(trainable["rab"], trainable["cgb"]), lora, text_settings=text_settings)
 
 
 def _other_components(src: Any) -> dict[str, tuple[Any, Any]]:
@@ -436,7 +436,7 @@ def _train(cfg: dict, out: Path, resume: bool, log) -> int:
             if base_mode:
                 _export_base(cfg, out / "model", state, parts.config, total, log)
             elif cfg["export_lora"] and jax.process_index() == 0:
-                files = export_lora(out / "lora", state, parts.lora)
+                files = export_lora(out / "lora", state, parts.lora, prepared_text_settings(cfg["data"]["path"]))
                 log(f"exported the LoRA: {', '.join(str(f) for f in files)}")
             log(f"done: {total} steps; checkpoints in {ckpt_dir}")
             return code
@@ -460,6 +460,8 @@ def _export_base(cfg: dict, dst: Path, state, config, steps: int, log) -> None:
         return
     ema = cfg["train"]["ema_decay"]
     meta = {"trained": {"by": "customshift train (train.mode=base)", "steps": steps, "ema_decay": ema}}
+    text = prepared_text_settings(cfg["data"]["path"])  # what the data was encoded with: generate's defaults
+    meta.update({TEXT_SETTINGS_KEY: text} if text else {})
     names = export_model(dst, weights, config, cfg["model"]["checkpoint"], meta)
     log(f"wrote the trained transformer{' (EMA weights)' if ema > 0 else ''} to {dst} "
         f"(components: {', '.join(names)}); use it with model.checkpoint={dst}")
