@@ -194,7 +194,7 @@ def test_training_records_its_datas_length_in_the_lora_and_the_base_model(tmp_pa
     vae_config = VAEConfig.tiny()
     save_checkpoint(tmp_path / "init", {"transformer": (config, params),
                                         "vae": (vae_config, init_vae(vae_config, jax.random.key(1)))})
-    common = ["train", "--config", str(ROOT / "train" / "configs" / "tiny.yaml"), f"data.path={data}", "train.steps=0",
+    common = ["train", "--config", str(ROOT / "train" / "configs" / "tiny.yaml"), f"data.path={data}", "train.steps=1",
               "checkpoint.every=1", "log.tensorboard=false", "log.progress=false"]
     assert main([*common, f"output_dir={tmp_path / 'lora'}"]) == 0
     assert main([*common, f"output_dir={tmp_path / 'base'}", "train.mode=base", f"model.checkpoint={tmp_path / 'init'}",
