@@ -6,6 +6,7 @@ calls a pipeline. Prompt-to-image is written here once; `customshift generate` i
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import math
@@ -303,6 +304,7 @@ class CustomShiftPipeline:
         if not _is_int(height) or not _is_int(width):
             raise ValueError(f"height={height!r}, width={width!r}: expected whole numbers of pixels.")
         stages.check_size(self.config, self.vae_scale, height, width, names=("height", "width"))
+        stages.check_batch_memory(self.config, self.vae_scale, height, width, n, name="num_images_per_prompt")
         n_prompts = len(prompts) if prompts is not None else int(np.shape(prompt_embeds.prompt_embeds)[0])
         shape = (n_prompts * n, self.config.in_channels, height // self.vae_scale, width // self.vae_scale)
         if latents is not None:
@@ -387,11 +389,18 @@ class CustomShiftPipeline:
                 self.progress.start(r.steps, f"prompt {i + 1}/{count}")
             noise = dict(latents=r.latents[i * n:(i + 1) * n]) if r.latents is not None else dict(
                 latents=None, key=jax.random.fold_in(key, i), height=r.height, width=r.width)
-            z = self._steps.sample(self.params, cond=cond, schedule=schedule, guidance=r.guidance, cgb=self.cgb,
-                                   ref_kv=ref_kv, gamma=r.gamma, **noise)
-            z = jax.block_until_ready(z)
-            if self.progress is not None:
-                self.progress.close()
+            try:  # with a progress bar, Ctrl-C stops the loop between steps (StepProgress.interruptible)
+                with self.progress.interruptible() if self.progress is not None else contextlib.nullcontext():
+                    z = self._steps.sample(self.params, cond=cond, schedule=schedule, guidance=r.guidance,
+                                           cgb=self.cgb, ref_kv=ref_kv, gamma=r.gamma, **noise)
+                    z = jax.block_until_ready(z)
+            except Exception:
+                if self.progress is not None and self.progress.interrupted:
+                    raise KeyboardInterrupt() from None
+                raise
+            finally:
+                if self.progress is not None:
+                    self.progress.close()
             z = np.asarray(z)
             stages.check_finite_latents(z, i, count)  # NaN latents would decode to a black image
             images = np.asarray(self._steps.decode_latents(self.components.vae_params, z)) if decode else None
