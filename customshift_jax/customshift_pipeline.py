@@ -304,7 +304,6 @@ class CustomShiftPipeline:
         if not _is_int(height) or not _is_int(width):
             raise ValueError(f"height={height!r}, width={width!r}: expected whole numbers of pixels.")
         stages.check_size(self.config, self.vae_scale, height, width, names=("height", "width"))
-        stages.check_batch_memory(self.config, self.vae_scale, height, width, n, name="num_images_per_prompt")
         n_prompts = len(prompts) if prompts is not None else int(np.shape(prompt_embeds.prompt_embeds)[0])
         shape = (n_prompts * n, self.config.in_channels, height // self.vae_scale, width // self.vae_scale)
         if latents is not None:
@@ -323,6 +322,8 @@ class CustomShiftPipeline:
                                                 do_classifier_free_guidance=guidance > 1)
         check_widths(self.config, embeds, subject_embeds, "prompt_embeds" if prompt_embeds is not None else
                      f"the text encoders of {self.text_folder}")
+        stages.check_batch_memory(self.config, self.vae_scale, height, width, n, name="num_images_per_prompt",
+                                  text_tokens=int(np.shape(embeds.prompt_embeds)[1]))
         if guidance > 1 and not embeds.has_negative:
             raise ValueError(f"guidance_scale={guidance} > 1 needs negative embeddings; prompt_embeds has none (or "
                              "use guidance_scale=1).")

@@ -156,15 +156,17 @@ def memory_bytes() -> int:
 
 
 def check_batch_memory(config: MMDiTConfig, vae_scale: int, height: int, width: int, images: int,
-                       name: str = "--num-images", available: int | None = None) -> None:
-    """One prompt's batch (`images` at once) must fit in memory: its float32 noise, latents and decoded pixels
-    alone; a batch past that is refused in one line naming `name`, not a numpy memory error mid-run."""
-    per_image = 4 * (2 * config.in_channels * (height // vae_scale) * (width // vae_scale) + 3 * height * width)
+                       name: str = "--num-images", text_tokens: int = 0, available: int | None = None) -> None:
+    """One prompt's batch (`images` at once) must fit in memory: its float32 noise, latents, decoded pixels and
+    the prompt's `text_tokens` embeddings repeated per image (with the negatives) alone; a batch past that is
+    refused in one line naming `name`, not a numpy memory error mid-run."""
+    per_image = 4 * (2 * config.in_channels * (height // vae_scale) * (width // vae_scale) + 3 * height * width
+                     + 2 * (text_tokens * config.joint_attention_dim + config.pooled_projection_dim))
     available = memory_bytes() if available is None else available
     if available and images * per_image > available:
         raise ValueError(f"{name} {images} needs at least {images * per_image / 2**30:.1f} GiB for one prompt's "
-                         f"batch ({per_image / 2**10:.0f} KiB of latents and pixels per {height}x{width} image), over "
-                         f"this machine's {available / 2**30:.1f} GiB; give at most {available // per_image}.")
+                         f"batch ({per_image / 2**10:.0f} KiB of latents, pixels and text per {height}x{width} "
+                         f"image), over this machine's {available / 2**30:.1f} GiB; give at most {available // per_image}.")
 
 
 def check_init_latents(latents: np.ndarray, expected: Sequence[int], what: str) -> None:

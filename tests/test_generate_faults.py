@@ -100,10 +100,11 @@ def test_batch_memory_bound_is_computed_from_the_images():
     from customshift_jax.pipeline import check_batch_memory
 
     config = MMDiTConfig(in_channels=16)
-    per_image = 4 * (2 * 16 * 128 * 128 + 3 * 1024 * 1024)
-    check_batch_memory(config, 8, 1024, 1024, 10, available=10 * per_image)  # fits exactly
+    text = 2 * (333 * config.joint_attention_dim + config.pooled_projection_dim)  # with the negatives
+    per_image = 4 * (2 * 16 * 128 * 128 + 3 * 1024 * 1024 + text)
+    check_batch_memory(config, 8, 1024, 1024, 10, text_tokens=333, available=10 * per_image)  # fits exactly
     with pytest.raises(ValueError, match=r"--num-images 11 .* give at most 10\."):
-        check_batch_memory(config, 8, 1024, 1024, 11, available=10 * per_image)
+        check_batch_memory(config, 8, 1024, 1024, 11, text_tokens=333, available=10 * per_image)
 
 
 @pytest.mark.parametrize("planted", ["settings.json", "z.npy"])

@@ -28,6 +28,7 @@ HELP = "generate images (SD3, or CustomShift with --reference/--subject)"
 # jax.random.key takes any int64 but, without jax_enable_x64 (as here), keeps only the low 32 bits:
 # seeds past 2**32 - 1, and negative ones, would silently repeat another seed's image.
 SEED_MAX = 2**32 - 1
+CLIP_TOKENS = 77  # SD3's prompt embeddings: 77 CLIP tokens, then --max-sequence-length T5 tokens
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -129,7 +130,8 @@ def run(args: argparse.Namespace) -> int:
     args.out = str(output_folder(args.out))  # before anything loads: a bad --out fails at once
 
     from customshift_jax.customshift_pipeline import CustomShiftPipeline, check_widths, read_lora_files
-    from customshift_jax.pipeline import check_batch_memory, check_init_latents, check_size, load_embeds_file, read_prompts
+    from customshift_jax.pipeline import (check_batch_memory, check_init_latents, check_size, load_embeds_file,
+                                         read_prompts)
 
     if args.reference is not None and not (args.subject or "").strip() and not args.embeds:
         raise ValueError("--reference needs --subject NAME (the subject's name, e.g. 'dog'); it is empty.")
@@ -160,7 +162,6 @@ def run(args: argparse.Namespace) -> int:
     height = args.height if args.height is not None else config.sample_size * scale
     width = args.width if args.width is not None else config.sample_size * scale
     check_size(config, scale, height, width)
-    check_batch_memory(config, scale, height, width, args.num_images)
     embeds, subject = None, None
     if args.embeds:
         need_subject = args.reference is not None and (pipe.text_folder is None or not args.subject)
@@ -175,6 +176,8 @@ def run(args: argparse.Namespace) -> int:
         prompts = [f"(prompt {i} of {args.embeds})" for i in range(n_prompts)]
     if n_prompts != len(prompts):
         raise ValueError(f"--embeds holds {n_prompts} prompts but {len(prompts)} were given.")
+    tokens = int(np.shape(embeds.prompt_embeds)[1]) if embeds is not None else CLIP_TOKENS + args.max_sequence_length
+    check_batch_memory(config, scale, height, width, args.num_images, text_tokens=tokens)
     if embeds is not None and args.guidance > 1 and not embeds.has_negative:
         raise ValueError("guidance > 1 needs negative embeddings; the --embeds file has none (or use "
                          "--guidance 1).")
