@@ -144,7 +144,7 @@ def test_ctrl_c_stops_between_steps_and_writes_what_is_done(base, tmp_path, caps
     assert any(line.startswith("interrupted") for line in err.splitlines()), err
     assert sorted(p.name for p in (tmp_path / "o").iterdir()) == ["000_00.png", "settings.json"]
     settings = json.loads((tmp_path / "o" / "settings.json").read_text())
-    assert settings["interrupted"].startswith("after 1 of 2 prompts"), settings
+    assert settings["interrupted"].startswith("by Ctrl-C after 1 of 2 prompts"), settings
     assert not (tmp_path / "z.npy").exists()
 
 

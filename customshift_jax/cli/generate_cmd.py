@@ -207,7 +207,7 @@ def run(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         if pipe.progress is not None:
             pipe.progress.close()  # the bar's line cleared: "interrupted" starts its own line
-        settings["interrupted"] = f"after {len(finals)} of {n_prompts} prompts; their PNGs are written"
+        settings["interrupted"] = f"by Ctrl-C after {len(finals)} of {n_prompts} prompts (the PNGs here)"
         write_text(out / "settings.json", json.dumps(settings, indent=1, default=str), what="settings")
         raise KeyboardInterrupt(f"{len(finals)} of {n_prompts} prompts finished, in {out} (see settings.json)") \
             from None
