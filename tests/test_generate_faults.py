@@ -220,3 +220,12 @@ def test_device_or_fifo_input_is_named(flag, kind, tiny_checkpoint_dir, tmp_path
                           "--out", str(tmp_path / "o"))
     line = _one_line(err)
     assert code == 2 and path in line and f"is a {kind}, not a regular file" in line, line
+
+
+def test_init_latents_that_are_not_an_array_are_named(base, tmp_path, capsys):
+    text = tmp_path / "x.npy"
+    text.write_text("not an array")
+    for path, expect in (("/dev/zero", "is a device, not a regular file"), (str(text), "cannot be read as a .npy")):
+        code, out, err = _run(capsys, *base, "--init-latents", path, "--out", str(tmp_path / "o"))
+        line = _one_line(err)
+        assert code == 2 and f"--init-latents {path}" in line and expect in line, line

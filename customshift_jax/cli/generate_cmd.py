@@ -183,7 +183,7 @@ def run(args: argparse.Namespace) -> int:
                          "--guidance 1).")
     init = None
     if args.init_latents:
-        init = np.load(args.init_latents).astype(np.float32)
+        init = read_init_latents(args.init_latents)
         shape = (n_prompts * args.num_images, config.in_channels, height // scale, width // scale)
         check_init_latents(init, shape, f"--init-latents {args.init_latents}")
 
@@ -217,6 +217,25 @@ def run(args: argparse.Namespace) -> int:
         print(f"final latents -> {latents_path}")
     write_text(out / "settings.json", json.dumps(settings, indent=1, default=str), what="settings")
     return 0
+
+
+def read_init_latents(path: str) -> np.ndarray:
+    """--init-latents as float32: a regular .npy file (no FIFO or device, no pickle), or one line naming it."""
+    import os
+    import stat
+
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        raise FileNotFoundError(f"--init-latents {path}: no such file.") from None
+    if not stat.S_ISREG(mode):
+        kind = "folder" if stat.S_ISDIR(mode) else "FIFO" if stat.S_ISFIFO(mode) else "device"
+        raise ValueError(f"--init-latents {path} is a {kind}, not a regular file; give a .npy file.")
+    try:
+        return np.load(path, allow_pickle=False).astype(np.float32)
+    except (ValueError, OSError, EOFError) as e:
+        raise ValueError(f"--init-latents {path} cannot be read as a .npy array ({' '.join(str(e).split())}); "
+                         "give the file np.save wrote.") from None
 
 
 def check_outputs(out: Path, n_prompts: int, num_images: int, latents_path: str | None) -> None:
