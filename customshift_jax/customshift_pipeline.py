@@ -6,6 +6,7 @@ calls a pipeline. Prompt-to-image is written here once; `customshift generate` i
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import math
@@ -355,6 +356,8 @@ class CustomShiftPipeline:
                                                 clip_skip=recorded_clip_skip(self.text_settings))
         check_widths(self.config, embeds, subject_embeds, "prompt_embeds" if prompt_embeds is not None else
                      f"the text encoders of {self.text_folder}")
+        stages.check_batch_memory(self.config, self.vae_scale, height, width, n, name="num_images_per_prompt",
+                                  text_tokens=int(np.shape(embeds.prompt_embeds)[1]))
         if guidance > 1 and not embeds.has_negative:
             raise ValueError(f"guidance_scale={guidance} > 1 needs negative embeddings; prompt_embeds has none (or "
                              "use guidance_scale=1).")
@@ -422,11 +425,18 @@ class CustomShiftPipeline:
                 self.progress.start(r.steps, f"prompt {i + 1}/{count}")
             noise = dict(latents=r.latents[i * n:(i + 1) * n]) if r.latents is not None else dict(
                 latents=None, key=jax.random.fold_in(key, i), height=r.height, width=r.width)
-            z = self._steps.sample(self.params, cond=cond, schedule=schedule, guidance=r.guidance, cgb=self.cgb,
-                                   ref_kv=ref_kv, gamma=r.gamma, **noise)
-            z = jax.block_until_ready(z)
-            if self.progress is not None:
-                self.progress.close()
+            try:  # with a progress bar, Ctrl-C stops the loop between steps (StepProgress.interruptible)
+                with self.progress.interruptible() if self.progress is not None else contextlib.nullcontext():
+                    z = self._steps.sample(self.params, cond=cond, schedule=schedule, guidance=r.guidance,
+                                           cgb=self.cgb, ref_kv=ref_kv, gamma=r.gamma, **noise)
+                    z = jax.block_until_ready(z)
+            except Exception:
+                if self.progress is not None and self.progress.interrupted:
+                    raise KeyboardInterrupt() from None
+                raise
+            finally:
+                if self.progress is not None:
+                    self.progress.close()
             z = np.asarray(z)
             stages.check_finite_latents(z, i, count)  # NaN latents would decode to a black image
             images = np.asarray(self._steps.decode_latents(self.components.vae_params, z)) if decode else None

@@ -6,8 +6,12 @@ the subject world's methods call `Pipeline` directly, with weights that change o
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
+import os
+import signal
+import threading
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -21,7 +25,7 @@ from customshift_jax.customshift.sampling import make_customshift_sampler, make_
 from customshift_jax.customshift.sharded import make_sharded_prefill
 from customshift_jax.io.checkpoint import is_checkpoint, load_checkpoint
 from customshift_jax.io.loading import load_transformer, load_vae
-from customshift_jax.io.safe_files import save_image
+from customshift_jax.io.safe_files import read_npz, read_regular_file, save_image
 from customshift_jax.models.mmdit.attention import BACKENDS
 from customshift_jax.models.mmdit.config import MMDiTConfig
 from customshift_jax.models.vae import scale_latents, unscale_latents, vae_decode, vae_encode
@@ -86,6 +90,9 @@ def read_transformer_config(path: str | Path) -> MMDiTConfig | None:
         return None
 
 
+PROMPTS_MAX_BYTES = 64 << 20  # a --prompts-file larger than this is not a list of prompts
+
+
 def read_prompts(prompt: str | None, prompts_file: str | Path | None) -> list[str]:
     """The prompts: one `--prompt`, or a file of one prompt a line (blank lines and # comments skipped)."""
     if (prompt is None) == (prompts_file is None):
@@ -95,9 +102,12 @@ def read_prompts(prompt: str | None, prompts_file: str | Path | None) -> list[st
             raise ValueError("--prompt is empty; give the text to generate.")
         return [prompt]
     path = Path(prompts_file)
-    if not path.is_file():
-        raise FileNotFoundError(f"prompts file {path}: no such file.")
-    lines = [line.strip() for line in path.read_text().splitlines()]
+    data = read_regular_file(path, PROMPTS_MAX_BYTES, "prompts file", f"{PROMPTS_MAX_BYTES >> 20} MiB of prompts")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ValueError(f"prompts file {path} is not UTF-8 text; give a text file of one prompt a line.") from None
+    lines = [line.strip() for line in text.splitlines()]
     prompts = [line for line in lines if line and not line.startswith("#")]
     if not prompts:
         raise ValueError(f"prompts file {path} holds no prompts (one prompt a line expected).")
@@ -107,22 +117,19 @@ def read_prompts(prompt: str | None, prompts_file: str | Path | None) -> list[st
 def load_embeds_file(path: str | Path, *, need_subject: bool) -> tuple[Any, tuple[np.ndarray, np.ndarray] | None]:
     """(PromptEmbeds, (subject_embeds, subject_pooled) or None) from an `--embeds` .npz file."""
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"embeddings file {path}: no such file.")
-    try:
+    try:  # through read_npz: a regular file, members bounded (no FIFO, device or zip bomb), each fault one line
         embeds = PromptEmbeds.load_npz(path)
     except KeyError as e:
         raise ValueError(f"embeddings file {path}: {e.args[0] if e.args else e}") from None
     subject = None
-    with np.load(path) as data:
-        present = [k for k in SUBJECT_ARRAYS if k in data]
-        if need_subject:
-            if len(present) != 2:
-                missing = [k for k in SUBJECT_ARRAYS if k not in data]
-                raise ValueError(f"embeddings file {path} lacks {', '.join(missing)}, needed with --reference "
-                                 "unless text encoders are available (--text-encoders).")
-            subject = (np.asarray(data["subject_embeds"], np.float32), np.asarray(data["subject_pooled_embeds"],
-                                                                                  np.float32))
+    if need_subject:
+        data = read_npz(path, "embeddings file")
+        missing = [k for k in SUBJECT_ARRAYS if k not in data]
+        if missing:
+            raise ValueError(f"embeddings file {path} lacks {', '.join(missing)}, needed with --reference "
+                             "unless text encoders are available (--text-encoders).")
+        subject = (np.asarray(data["subject_embeds"], np.float32), np.asarray(data["subject_pooled_embeds"],
+                                                                              np.float32))
     return embeds, subject
 
 
@@ -138,6 +145,28 @@ def check_size(config: MMDiTConfig, vae_scale: int, height: int, width: int,
     if not config.latent_fits(height // vae_scale, width // vae_scale):
         raise ValueError(f"{height}x{width} px needs a {grid}-patch grid, over this model's pos_embed_max_size "
                          f"{config.pos_embed_max_size}; the largest side is {config.pos_embed_max_size * unit} px.")
+
+
+def memory_bytes() -> int:
+    """This machine's physical memory in bytes (0 when the OS does not say)."""
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return 0
+
+
+def check_batch_memory(config: MMDiTConfig, vae_scale: int, height: int, width: int, images: int,
+                       name: str = "--num-images", text_tokens: int = 0, available: int | None = None) -> None:
+    """One prompt's batch (`images` at once) must fit in memory: its float32 noise, latents, decoded pixels and
+    the prompt's `text_tokens` embeddings repeated per image (with the negatives) alone; a batch past that is
+    refused in one line naming `name`, not a numpy memory error mid-run."""
+    per_image = 4 * (2 * config.in_channels * (height // vae_scale) * (width // vae_scale) + 3 * height * width
+                     + 2 * (text_tokens * config.joint_attention_dim + config.pooled_projection_dim))
+    available = memory_bytes() if available is None else available
+    if available and images * per_image > available:
+        raise ValueError(f"{name} {images} needs at least {images * per_image / 2**30:.1f} GiB for one prompt's "
+                         f"batch ({per_image / 2**10:.0f} KiB of latents, pixels and text per {height}x{width} "
+                         f"image), over this machine's {available / 2**30:.1f} GiB; give at most {available // per_image}.")
 
 
 def check_init_latents(latents: np.ndarray, expected: Sequence[int], what: str) -> None:
@@ -180,11 +209,54 @@ def save_png(image: np.ndarray, path: Path, metadata: dict[str, Any]) -> None:
 class StepProgress:
     """A tqdm bar over sampling steps, fed from inside the jitted loop by `jax.debug.callback`.
 
-    One instance serves many sampler calls: `start` opens a bar, each step advances it, `close` ends it.
+    One instance serves many sampler calls: `start` opens a bar, each step advances it, `close` ends it. Inside
+    `interruptible()`, Ctrl-C stops the loop after the step in progress (the step callback raises).
     """
 
     def __init__(self) -> None:
         self._bar = None
+        self._signals: int | None = None  # read end of the signal wakeup pipe, inside `interruptible()`
+        self.interrupted = False
+
+    @contextlib.contextmanager
+    def interruptible(self):
+        """Ctrl-C stops the sampler between steps. Inside, SIGINT only sets `interrupted`; each step's callback
+        sees it (or, when the main thread waits inside XLA and Python cannot run its handler, the signal's number
+        on the wakeup fd the C-level handler writes) and raises, so XLA abandons the loop; leaving, an interrupted
+        run raises KeyboardInterrupt. The compiled loop is unchanged: an uninterrupted run gives the same numbers."""
+        self.interrupted = False
+        if threading.current_thread() is not threading.main_thread():
+            yield self
+            return
+        read, write = os.pipe()
+        os.set_blocking(read, False)
+        os.set_blocking(write, False)
+
+        def note(signum, frame):
+            self.interrupted = True
+
+        previous_handler = signal.signal(signal.SIGINT, note)
+        previous_fd = signal.set_wakeup_fd(write, warn_on_full_buffer=False)
+        self._signals = read
+        try:
+            yield self
+        finally:
+            signal.set_wakeup_fd(previous_fd)
+            signal.signal(signal.SIGINT, previous_handler)
+            self._signals = None
+            os.close(read)
+            os.close(write)
+        if self.interrupted:
+            raise KeyboardInterrupt()
+
+    def _interrupt_requested(self) -> bool:
+        fd = self._signals
+        if fd is not None:
+            try:
+                self.interrupted |= signal.SIGINT in os.read(fd, 512)
+            except OSError:  # nothing there (EAGAIN), or closed as the loop ended
+                pass
+        return self.interrupted
 
     def start(self, total: int, desc: str) -> None:
         from tqdm import tqdm
@@ -195,9 +267,14 @@ class StepProgress:
     def __call__(self, _index) -> None:
         if self._bar is not None:
             self._bar.update(1)
+        if self._interrupt_requested():
+            raise KeyboardInterrupt("sampling interrupted between steps")  # XLA stops the loop here
 
     def close(self) -> None:
-        jax.effects_barrier()  # let the last steps' callbacks land before the bar closes
+        try:
+            jax.effects_barrier()  # let the last steps' callbacks land before the bar closes
+        except Exception:  # noqa: BLE001 - a loop stopped by Ctrl-C: its callbacks are over
+            pass
         if self._bar is not None:
             self._bar.close()
             self._bar = None

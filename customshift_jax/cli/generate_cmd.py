@@ -17,18 +17,20 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import sys
 from pathlib import Path
 
 import numpy as np
 
 from customshift_jax.io.images import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS, ImageLimits
-from customshift_jax.io.safe_files import atomic_write, make_dir, write_text
+from customshift_jax.io.safe_files import atomic_write, make_dir, refuse_link, write_text
 
 HELP = "generate images (SD3, or CustomShift with --reference/--subject)"
 
 # jax.random.key takes any int64 but, without jax_enable_x64 (as here), keeps only the low 32 bits:
 # seeds past 2**32 - 1, and negative ones, would silently repeat another seed's image.
 SEED_MAX = 2**32 - 1
+CLIP_TOKENS = 77  # SD3's prompt embeddings: 77 CLIP tokens, then --max-sequence-length T5 tokens
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -98,8 +100,15 @@ def check_gamma(gamma: float) -> None:
 
 def check_numbers(args: argparse.Namespace) -> None:
     """The numeric flags, checked before anything loads, so a bad value is one line, not a NaN image."""
+    if not math.isfinite(args.guidance):  # NaN would silently turn guidance off (NaN > 1 is False)
+        raise ValueError(f"--guidance {args.guidance} is not allowed: give a finite number (<= 1 turns classifier-"
+                         "free guidance off; 7 is the default).")
     if args.steps < 1 or args.num_images < 1:
         raise ValueError("--steps and --num-images must be at least 1.")
+    for flag, value in (("--height", args.height), ("--width", args.width)):
+        if value is not None and value <= 0:  # 0 would silently mean "the model's default"
+            raise ValueError(f"{flag} {value} is not allowed: give a positive number of pixels, a multiple of the "
+                             "VAE scale x patch size (16 for SD3), or leave it out for the model's native size.")
     check_seed(args.seed)
     check_gamma(args.gamma)
 
@@ -125,7 +134,8 @@ def run(args: argparse.Namespace) -> int:
 
     from customshift_jax.customshift_pipeline import CustomShiftPipeline, check_widths, read_lora_files
     from customshift_jax.io.text_settings import stderr_note
-    from customshift_jax.pipeline import check_init_latents, check_size, load_embeds_file, read_prompts, save_png
+    from customshift_jax.pipeline import (check_batch_memory, check_init_latents, check_size, load_embeds_file,
+                                         read_prompts)
 
     if args.reference is not None and not (args.subject or "").strip() and not args.embeds:
         raise ValueError("--reference needs --subject NAME (the subject's name, e.g. 'dog'); it is empty.")
@@ -136,10 +146,14 @@ def run(args: argparse.Namespace) -> int:
     if args.lora and args.reference is None:
         raise ValueError("--lora applies to CustomShift runs: give --reference IMAGE (and --subject NAME) with it, "
                          "or drop --lora.")
-    prompts = read_prompts(args.prompt, args.prompts_file) if (args.prompt or args.prompts_file) else None
+    given = args.prompt is not None or args.prompts_file is not None  # an empty --prompt is said to be empty
+    prompts = read_prompts(args.prompt, args.prompts_file) if given else None
     if prompts is None and not args.embeds:
         raise ValueError("give --prompt TEXT, --prompts-file FILE, or --embeds FILE.npz.")
 
+    if args.reference is not None and not args.lora:
+        print("note: no --lora: the CustomShift branches are untrained (plain shared attention, the training-free "
+              "baseline); pass --lora RUN/lora, the folder `customshift train` exports.", file=sys.stderr)
     lora = None
     if args.lora and args.reference:  # damaged / NaN: fails before the weights load
         lora = read_lora_files(args.lora, verify=not args.no_verify, what="--lora")
@@ -151,8 +165,8 @@ def run(args: argparse.Namespace) -> int:
     if not args.embeds or args.subject:  # the text is encoded here: at the recorded length unless the flag says
         args.max_sequence_length = pipe.max_sequence_length(args.max_sequence_length, "--max-sequence-length")
     config, scale = pipe.config, pipe.vae_scale
-    height = args.height or config.sample_size * scale
-    width = args.width or config.sample_size * scale
+    height = args.height if args.height is not None else config.sample_size * scale
+    width = args.width if args.width is not None else config.sample_size * scale
     check_size(config, scale, height, width)
     embeds, subject = None, None
     if args.embeds:
@@ -168,12 +182,14 @@ def run(args: argparse.Namespace) -> int:
         prompts = [f"(prompt {i} of {args.embeds})" for i in range(n_prompts)]
     if n_prompts != len(prompts):
         raise ValueError(f"--embeds holds {n_prompts} prompts but {len(prompts)} were given.")
+    tokens = int(np.shape(embeds.prompt_embeds)[1]) if embeds is not None else CLIP_TOKENS + args.max_sequence_length
+    check_batch_memory(config, scale, height, width, args.num_images, text_tokens=tokens)
     if embeds is not None and args.guidance > 1 and not embeds.has_negative:
         raise ValueError("guidance > 1 needs negative embeddings; the --embeds file has none (or use "
                          "--guidance 1).")
     init = None
     if args.init_latents:
-        init = np.load(args.init_latents).astype(np.float32)
+        init = read_init_latents(args.init_latents)
         shape = (n_prompts * args.num_images, config.in_channels, height // scale, width // scale)
         check_init_latents(init, shape, f"--init-latents {args.init_latents}")
 
@@ -183,26 +199,74 @@ def run(args: argparse.Namespace) -> int:
         negative_prompt=None if embeds is not None else args.negative_prompt, num_images_per_prompt=args.num_images,
         num_inference_steps=args.steps, guidance_scale=args.guidance, gamma=args.gamma, height=height, width=width,
         seed=args.seed, prompt_embeds=embeds, latents=init, max_sequence_length=args.max_sequence_length)
-    out = make_dir(args.out, "--out")
-    finals = []
-    for result in results:
-        i, prompt = result.index, prompts[result.index]
-        finals.append(result.latents)
-        for j in range(args.num_images):
-            meta = dict(prompt=prompt, negative_prompt=args.negative_prompt, seed=args.seed, index=j,
-                        steps=args.steps, guidance=args.guidance, height=height, width=width,
-                        checkpoint=str(args.checkpoint), reference=args.reference, subject=args.subject,
-                        gamma=args.gamma if args.reference else None, shift=args.shift if args.reference else None,
-                        lora=args.lora, mesh=args.mesh, rules=args.rules if args.mesh else None,
-                        init_latents=args.init_latents, attention=args.attention)
-            path = out / f"{i:03d}_{j:02d}.png"
-            save_png(result.images[j], path, meta)
-            print(path)
+    latents_path = None
     if args.save_latents:
         latents_path = args.save_latents + ("" if args.save_latents.endswith(".npy") else ".npy")  # as np.save
+    check_outputs(Path(args.out), n_prompts, args.num_images, latents_path)  # a refused run writes nothing
+    out = make_dir(args.out, "--out")
+    finals = []
+    settings = {k: v for k, v in vars(args).items() if not k.startswith("_")}  # no internal entries
+    try:
+        for result in results:
+            write_prompt_pngs(args, out, result, prompts[result.index], height, width)
+            finals.append(result.latents)
+    except KeyboardInterrupt:
+        if pipe.progress is not None:
+            pipe.progress.close()  # the bar's line cleared: "interrupted" starts its own line
+        settings["interrupted"] = f"by Ctrl-C after {len(finals)} of {n_prompts} prompts (the PNGs here)"
+        write_text(out / "settings.json", json.dumps(settings, indent=1, default=str), what="settings")
+        raise KeyboardInterrupt(f"{len(finals)} of {n_prompts} prompts finished, in {out} (see settings.json)") \
+            from None
+    if latents_path:
         with atomic_write(latents_path, what="--save-latents") as fh:
             np.save(fh, np.concatenate(finals, axis=0))
         print(f"final latents -> {latents_path}")
-    settings = {k: v for k, v in vars(args).items() if not k.startswith("_")}  # no internal entries
     write_text(out / "settings.json", json.dumps(settings, indent=1, default=str), what="settings")
     return 0
+
+
+def read_init_latents(path: str) -> np.ndarray:
+    """--init-latents as float32: a regular .npy file (no FIFO or device, no pickle), or one line naming it."""
+    import os
+    import stat
+
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        raise FileNotFoundError(f"--init-latents {path}: no such file.") from None
+    if not stat.S_ISREG(mode):
+        kind = "folder" if stat.S_ISDIR(mode) else "FIFO" if stat.S_ISFIFO(mode) else "device"
+        raise ValueError(f"--init-latents {path} is a {kind}, not a regular file; give a .npy file.")
+    try:
+        return np.load(path, allow_pickle=False).astype(np.float32)
+    except (ValueError, OSError, EOFError) as e:
+        raise ValueError(f"--init-latents {path} cannot be read as a .npy array ({' '.join(str(e).split())}); "
+                         "give the file np.save wrote.") from None
+
+
+def check_outputs(out: Path, n_prompts: int, num_images: int, latents_path: str | None) -> None:
+    """Every path this run writes, checked before the first is written: a planted link refuses the run with
+    --out left as it was, not after some PNGs."""
+    refuse_link(out / "settings.json", "settings")
+    if latents_path:
+        refuse_link(latents_path, "--save-latents")
+    for i in range(n_prompts):
+        for j in range(num_images):
+            refuse_link(out / f"{i:03d}_{j:02d}.png", "image")
+
+
+def write_prompt_pngs(args: argparse.Namespace, out: Path, result, prompt: str, height: int, width: int) -> None:
+    """One prompt's PNGs, each with the settings that made it in its text chunks."""
+    from customshift_jax.pipeline import save_png
+
+    i = result.index
+    for j in range(args.num_images):
+        meta = dict(prompt=prompt, negative_prompt=args.negative_prompt, seed=args.seed, index=j,
+                    steps=args.steps, guidance=args.guidance, height=height, width=width,
+                    checkpoint=str(args.checkpoint), reference=args.reference, subject=args.subject,
+                    gamma=args.gamma if args.reference else None, shift=args.shift if args.reference else None,
+                    lora=args.lora, mesh=args.mesh, rules=args.rules if args.mesh else None,
+                    init_latents=args.init_latents, attention=args.attention)
+        path = out / f"{i:03d}_{j:02d}.png"
+        save_png(result.images[j], path, meta)
+        print(path)

@@ -50,6 +50,16 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
         return text
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse whose errors are one line (`error: argument --gamma: invalid float value: 'high'`), as every other
+    error of the CLI; an unknown flag still shows the subcommand's usage (what the flags are)."""
+
+    def error(self, message: str):  # noqa: D102 - argparse's hook
+        if message.startswith("unrecognized arguments"):
+            super().error(message)
+        self.exit(2, f"error: {message}\n")
+
+
 def version() -> str:
     """The installed package's version."""
     from importlib.metadata import PackageNotFoundError
@@ -62,7 +72,7 @@ def version() -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="customshift",
         description="CustomShift on Stable Diffusion 3, in JAX: cross-check against diffusers, convert, generate.",
     )

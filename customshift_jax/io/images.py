@@ -60,7 +60,10 @@ def decode_image(data: bytes, name: Any, limits: ImageLimits = ImageLimits()):
     except Image.DecompressionBombError:  # PIL's own guard, far above ours unless the limit was raised
         raise ValueError(f"image {name} has more pixels than PIL decodes safely; it is above --max-image-pixels "
                          f"{limits.max_pixels} too. Downscale it.") from None
-    except (UnidentifiedImageError, OSError, SyntaxError) as e:
+    except UnidentifiedImageError:  # its text names PIL's in-memory buffer, not the file
+        raise ValueError(f"image {name} cannot be read as an image: it is not an image in any format PIL reads "
+                         "(JPEG, PNG, WebP, ...); give an image file.") from None
+    except (OSError, SyntaxError) as e:
         raise ValueError(f"image {name} cannot be read as an image ({e}); give a JPEG or PNG.") from None
 
 

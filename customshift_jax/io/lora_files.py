@@ -63,7 +63,14 @@ class LoRAStateDictMismatch(StateDictMismatch):
     """A LoRA state dict that does not fit the model / rank; the message counts the keys and names the first."""
 
     def __init__(self, what: str, missing=(), unexpected=(), misshaped=()):
-        super().__init__(what, missing, unexpected, misshaped, limit=3)
+        super().__init__(what, missing, unexpected, misshaped, limit=1)
+        # One line, short: the counts and the first key that differs (a LoRA of another model differs in hundreds).
+        counts = [(len(items), label, items) for label, items in (("unexpected", self.unexpected),
+                  ("missing", self.missing), ("wrong shape", self.misshaped)) if items]
+        n, label, items = counts[0]
+        first = f"{n} {label}: {items[0]}" + (f" ... and {n - 1} more" if n > 1 else "")
+        others = f" Also {', '.join(f'{k} {lab}' for k, lab, _ in counts[1:])}." if counts[1:] else ""
+        self.args = (f"{what} does not fit this model: {first}.{others} It was made for another model or rank.",)
 
 
 def _parse_group(name: str) -> tuple[int, int]:
