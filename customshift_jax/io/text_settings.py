@@ -14,7 +14,14 @@ import os
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
-from customshift_jax.io.checkpoint import MARKER, is_checkpoint, read_marker
+from customshift_jax.io.checkpoint import (
+    MARKER,
+    MARKER_HASH_KEY,
+    is_checkpoint,
+    marker_hash,
+    read_marker,
+    verify_marker,
+)
 from customshift_jax.io.lora_files import BETA_FILE, CGB_FILE, CUSTOMSHIFT_METADATA_KEY, RAB_FILE, TEXT_SETTINGS_KEY
 
 DEFAULT_MAX_SEQUENCE_LENGTH = 256  # diffusers' SD3 default: what a model that records nothing is encoded with
@@ -134,7 +141,10 @@ def record_in_checkpoint(path: str | Path, settings: TextSettings) -> Path:
     params and their hashes stay as they are); the marker is replaced atomically, in the writer's format."""
     path = Path(path)
     marker = read_marker(path)
+    verify_marker(path, marker)  # an edited marker is not blessed with a fresh hash
     marker[TEXT_SETTINGS_KEY] = settings.to_json()
+    if MARKER_HASH_KEY in marker:  # the marker's hash covers its fields: this one included
+        marker[MARKER_HASH_KEY] = marker_hash(marker)
     tmp = path / f".{MARKER}.tmp"
     with open(tmp, "w") as f:
         f.write(json.dumps(marker, indent=2) + "\n")

@@ -149,8 +149,9 @@ def build(w: Workload, mesh: Any, rules: shd.RulesLike) -> Compilable:
                                               remat=w.remat)
         b = w.global_batch * (2 if w.guidance else 1)  # CFG runs [negative; positive] in one call
         args = (base, lora_shapes(config, lora, "cgb"), _sds((b, config.in_channels, w.latent_side, w.latent_side)),
-                _sds((b,)), _sds((b, w.text_tokens, config.joint_attention_dim)), _sds((b, config.pooled_projection_dim)),
-                _sds((config.num_layers,), jnp.bool_), ref_kv_shapes(config, w, 1, dtype), _sds(()))
+                _sds((b,)), _sds((b, w.text_tokens, config.joint_attention_dim)),
+                _sds((b, config.pooled_projection_dim)), _sds((config.num_layers,), jnp.bool_),
+                ref_kv_shapes(config, w, 1, dtype), _sds(()))
         return Compilable(lambda: fn.jitted(*args), args, fn.fn, w.global_batch, "images per step")
     if w.task == "sample":
         run = make_sharded_customshift_sampler(config, mesh, rules, lora, dtype=dtype, backend=w.attention)
