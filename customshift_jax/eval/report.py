@@ -9,6 +9,7 @@ from typing import Any
 
 from customshift_jax.eval.evaluate import METRICS
 from customshift_jax.eval.plan import atomic_write_bytes
+from customshift_jax.io.safe_files import read_regular_file
 
 HEADERS = {"dino": "DINO", "clip_i": "CLIP-I", "clip_t": "CLIP-T", "clipscore": "CLIPScore"}
 # Protocol entries that may differ between two compared tables: each method's own sampling seeds.
@@ -58,10 +59,13 @@ def load_result(path: str | Path) -> dict[str, Any]:
     """A scores.json written by `customshift eval` (a file, or the folder holding it)."""
     path = Path(path)
     path = path / "scores.json" if path.is_dir() else path
-    if not path.is_file():
+    if not path.exists():
         raise FileNotFoundError(f"--compare {path}: no such file (give scores.json written by `customshift eval`).")
-    result = json.loads(path.read_text())
-    if "protocol" not in result or "groups" not in result:
+    try:
+        result = json.loads(read_regular_file(path, 64 << 20, "--compare", "--compare").decode())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"--compare {path} is not JSON ({e}); give scores.json written by `customshift eval`.") from None
+    if not isinstance(result, dict) or "protocol" not in result or "groups" not in result:
         raise ValueError(f"--compare {path} is not a `customshift eval` result (no protocol / groups).")
     return result
 
