@@ -56,7 +56,7 @@ def test_generate_refuses_a_link_planted_in_out(checkpoint, embeds, tmp_path, ca
     (out / "000_00.png").symlink_to(victim)
     code = main(_argv(checkpoint, embeds, out))
     lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
-    assert code == 2 and lines[-1].startswith("error: PNG path") and "000_00.png is a symbolic link" in lines[-1]
+    assert code == 2 and lines[-1].startswith("error: image path") and "000_00.png is a symbolic link" in lines[-1]
     assert "Traceback" not in "".join(lines)
     assert victim.read_text() == "precious"
 
