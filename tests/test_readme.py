@@ -86,22 +86,20 @@ def test_readme_tutorial_commands_run(tmp_path, monkeypatch, capsys):
     import json
     import shlex
 
-    from conftest import DREAMBENCH
-
     from customshift_jax.cli.main import main
     from customshift_jax.testing import tiny_pipeline
 
     work = tmp_path / "cwd"
     work.mkdir()
     monkeypatch.chdir(work)
-    dog = sorted((DREAMBENCH / "dog").glob("*.jpg"))
+    dog = sorted((ROOT / "examples" / "dog").glob("*.jpg"))
     (work / "manifest.jsonl").write_text("".join(json.dumps(
         {"reference": str(dog[i]), "target": str(dog[i + 1]), "caption": "a dog on the beach", "subject": "dog"})
         + "\n" for i in range(2)))
     ran = []
     for section in TUTORIALS:
         for command in bash_commands(section):
-            command = (command.replace("/tmp/", f"{tmp_path}/").replace("../shared/data/dreambench", str(DREAMBENCH))
+            command = (command.replace("/tmp/", f"{tmp_path}/").replace("examples/", f"{ROOT}/examples/")
                        .replace("train/configs/", f"{ROOT}/train/configs/"))
             argv = shlex.split(command)
             if argv[:3] == ["python", "-m", "customshift_jax.testing.tiny_pipeline"]:
