@@ -38,3 +38,19 @@ def tiny_checkpoint_dir(tiny_pipeline_dir, tmp_path_factory) -> Path:
     dst = tmp_path_factory.mktemp("ckpt") / "tiny"
     assert main(["convert", str(tiny_pipeline_dir), str(dst)]) == 0
     return dst
+
+
+def write_embeds_with_subject(pipeline_dir: Path, folder: Path) -> Path:
+    """An --embeds .npz of two dog prompts (with negatives) and the subject's embeddings, encoded once by the tiny
+    pipeline's text encoders, so that generate needs none."""
+    import numpy as np
+
+    from customshift_jax.text import TextEncoders
+
+    encoders = TextEncoders.from_pretrained(pipeline_dir)
+    prompts = encoders.encode(["a dog on the beach", "a dog in the snow"], max_sequence_length=16)
+    subject = encoders.encode(["dog"], max_sequence_length=16, do_classifier_free_guidance=False)
+    path = folder / "with_subject.npz"
+    np.savez(path, **prompts.arrays(), subject_embeds=subject.prompt_embeds,
+             subject_pooled_embeds=subject.pooled_prompt_embeds)
+    return path

@@ -4,7 +4,11 @@ import json
 import numpy as np
 import pytest
 from conftest import DREAMBENCH
-from fixtures_pipeline import tiny_checkpoint_dir, tiny_pipeline_dir  # noqa: F401  (session fixtures)
+from fixtures_pipeline import (  # noqa: F401  (session fixtures)
+    tiny_checkpoint_dir,
+    tiny_pipeline_dir,
+    write_embeds_with_subject,
+)
 
 from customshift_jax.cli.main import main
 
@@ -21,15 +25,7 @@ def checkpoint(tiny_checkpoint_dir):  # noqa: F811
 @pytest.fixture(scope="module")
 def embeds(tiny_pipeline_dir, tmp_path_factory):  # noqa: F811
     """An --embeds file for two prompts with the subject's embeddings: no text encoders at generate time."""
-    from customshift_jax.text import TextEncoders
-
-    encoders = TextEncoders.from_pretrained(tiny_pipeline_dir)
-    prompts = encoders.encode(["a dog on the beach", "a dog in the snow"], max_sequence_length=16)
-    subject = encoders.encode(["dog"], max_sequence_length=16, do_classifier_free_guidance=False)
-    path = tmp_path_factory.mktemp("embeds") / "with_subject.npz"
-    np.savez(path, **prompts.arrays(), subject_embeds=subject.prompt_embeds,
-             subject_pooled_embeds=subject.pooled_prompt_embeds)
-    return path
+    return write_embeds_with_subject(tiny_pipeline_dir, tmp_path_factory.mktemp("embeds"))
 
 
 def _argv(checkpoint, embeds, out, *extra):

@@ -4,10 +4,13 @@ import json
 import os
 import signal
 
-import numpy as np
 import pytest
 from conftest import DREAMBENCH
-from fixtures_pipeline import tiny_checkpoint_dir, tiny_pipeline_dir  # noqa: F401  (session fixtures)
+from fixtures_pipeline import (  # noqa: F401  (session fixtures)
+    tiny_checkpoint_dir,
+    tiny_pipeline_dir,
+    write_embeds_with_subject,
+)
 
 from customshift_jax.cli.main import build_parser, main
 
@@ -18,15 +21,7 @@ SIZE = ["--height", "16", "--width", "24"]  # tiny VAE scale 2 x patch 2: latent
 @pytest.fixture(scope="module")
 def embeds_file(tiny_pipeline_dir, tmp_path_factory):  # noqa: F811
     """Two prompts' embeddings, with the subject's (no text encoders needed)."""
-    from customshift_jax.text import TextEncoders
-
-    encoders = TextEncoders.from_pretrained(tiny_pipeline_dir)
-    embeds = encoders.encode(["a dog on the beach", "a dog in the snow"], max_sequence_length=16)
-    subject = encoders.encode(["dog"], max_sequence_length=16, do_classifier_free_guidance=False)
-    path = tmp_path_factory.mktemp("embeds") / "with_subject.npz"
-    np.savez(path, **embeds.arrays(), subject_embeds=subject.prompt_embeds,
-             subject_pooled_embeds=subject.pooled_prompt_embeds)
-    return path
+    return write_embeds_with_subject(tiny_pipeline_dir, tmp_path_factory.mktemp("embeds"))
 
 
 @pytest.fixture
