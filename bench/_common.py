@@ -1,7 +1,8 @@
 """Shared pieces of the CPU benchmarks that put JAX beside PyTorch: the MMDiT pair on the same weights, the SD3
 pipeline and inputs of the sampling row, interleaved median timing, and the CPU description.
 
-Imported by bench/forward.py, sample.py, vae.py, train.py and cpu_vs_torch.py (as `_common`: run them as scripts).
+Imported by bench/forward.py, sample.py, vae.py, train.py, cpu_vs_torch.py and profile_forward.py (as `_common`:
+run them as scripts). Importing it picks no JAX platform; `setup_jax` picks the CPU.
 """
 from __future__ import annotations
 
@@ -11,8 +12,6 @@ import statistics
 import time
 from typing import Any, Callable
 
-os.environ.setdefault("JAX_PLATFORMS", "cpu")
-
 # The x86 vector extensions that decide which GEMM kernels XLA (Eigen / XNNPACK / oneDNN) and torch (oneDNN / MKL)
 # pick, in /proc/cpuinfo's spelling.
 VECTOR_FLAGS = ("sse4_2", "avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512_vnni",
@@ -20,7 +19,9 @@ VECTOR_FLAGS = ("sse4_2", "avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "
 
 
 def setup_jax() -> None:
-    """fp32 matmuls at full precision on every side (the parity the benchmarks check)."""
+    """JAX on the CPU (unless JAX_PLATFORMS says otherwise) with fp32 matmuls at full precision, the parity the
+    benchmarks check. Call it before the first JAX computation."""
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
     import jax
 
     jax.config.update("jax_default_matmul_precision", "highest")

@@ -15,8 +15,6 @@ import argparse
 import sys
 import time
 
-import _common  # noqa: F401  (sets JAX_PLATFORMS=cpu before jax loads)
-
 ROWS = ("forward", "sample", "lora-step", "base-step", "vae-encode", "vae-decode")
 QUICK = {"layers": 2, "size": 16, "text_len": 32, "sample_text_len": 32, "steps": 4, "subject_len": 16, "train_text_len": 32,
          "base_batch": 4, "vae_size": 16, "runs": 2}

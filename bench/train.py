@@ -86,7 +86,7 @@ def main(argv=None) -> int:
 
     import jax
     import jax.numpy as jnp
-    import numpy as np
+    from _train_cases import train_batch
 
     from customshift_jax.models.mmdit.api import init_mmdit
     from customshift_jax.models.mmdit.config import get_preset
@@ -100,14 +100,8 @@ def main(argv=None) -> int:
     print(f"device {dev.device_kind} ({jax.default_backend()}), {config.num_layers} layers width "
           f"{config.num_attention_heads * config.attention_head_dim}, {args.size * 8} px batch {args.batch} rank {args.rank}",
           flush=True)
-    h = args.size
-    rng = np.random.default_rng(0)
-    f = lambda *s: jnp.asarray(rng.standard_normal(s).astype(np.float32))  # noqa: E731
-    batch = {"latents": f(args.batch, 16, h, h), "ref_latents": f(args.batch, 16, h, h),
-             "prompt_embeds": f(args.batch, args.text_len, config.joint_attention_dim),
-             "pooled": f(args.batch, config.pooled_projection_dim),
-             "subject_embeds": f(args.batch, args.subject_len, config.joint_attention_dim),
-             "subject_pooled": f(args.batch, config.pooled_projection_dim)}
+    batch = train_batch(config, batch=args.batch, size=args.size, text_len=args.text_len,
+                        subject_len=args.subject_len)
     results = []
     for dtype in args.dtypes.split(","):
         base = jax.jit(lambda k: init_mmdit(config, k, param_dtype=jnp.bfloat16 if dtype == "bf16" else jnp.float32))(
