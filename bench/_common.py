@@ -18,6 +18,14 @@ VECTOR_FLAGS = ("sse4_2", "avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "
                 "avx512_bf16", "avx_vnni", "amx_tile", "amx_bf16")
 
 
+def add_model_args(parser) -> None:
+    """The MMDiT size flags every CPU benchmark shares: --preset, --layers, --size, --batch (issue 27's defaults)."""
+    parser.add_argument("--preset", default="sd3-medium")
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--size", type=int, default=64, help="latent height and width (64 = 512 px)")
+    parser.add_argument("--batch", type=int, default=1)
+
+
 def setup_jax() -> None:
     """JAX on the CPU (unless JAX_PLATFORMS says otherwise) with fp32 matmuls at full precision, the parity the
     benchmarks check. Call it before the first JAX computation."""

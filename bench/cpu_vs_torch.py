@@ -21,12 +21,11 @@ QUICK = {"layers": 2, "size": 16, "text_len": 32, "sample_text_len": 32, "steps"
 
 
 def parse(argv=None) -> argparse.Namespace:
+    from _common import add_model_args
+
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--rows", default=",".join(ROWS), help=f"comma-separated subset of {','.join(ROWS)}")
-    p.add_argument("--preset", default="sd3-medium")
-    p.add_argument("--layers", type=int, default=4)
-    p.add_argument("--size", type=int, default=64, help="latent height and width of the MMDiT rows (64 = 512 px)")
-    p.add_argument("--batch", type=int, default=1)
+    add_model_args(p)
     p.add_argument("--text-len", type=int, default=154, help="prompt tokens of the forward row")
     p.add_argument("--sample-text-len", type=int, default=333, help="prompt tokens of the sampling row (77 + 256)")
     p.add_argument("--steps", type=int, default=28)
@@ -57,11 +56,9 @@ def _seconds(s: float) -> str:
 
 def run_rows(args) -> list[dict]:
     """Build each asked row's case, time it interleaved, and print a line per row as it finishes."""
-    import torch  # noqa: F401
-
     from _cases import forward_case, sampling_case, vae_case
     from _common import interleaved, mmdit_pair
-    from _train_cases import base_step_case, lora_step_case
+    from _train_cases import lora_step_case
 
     rows = args.rows.split(",")
     pair = mmdit_pair(args.preset, args.layers) if set(rows) & {"forward", "sample", "lora-step"} else None

@@ -7,15 +7,12 @@ from __future__ import annotations
 
 import argparse
 
-from _common import interleaved, mmdit_pair, setup_jax
+from _common import add_model_args, interleaved, mmdit_pair, setup_jax
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--preset", default="sd3-medium")
-    ap.add_argument("--layers", type=int, default=4)
-    ap.add_argument("--size", type=int, default=64, help="latent height and width (64 = 512 px)")
-    ap.add_argument("--batch", type=int, default=1)
+    add_model_args(ap)
     ap.add_argument("--text-len", type=int, default=154)
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--backend", default="xla", choices=["xla", "blocked", "jax", "cudnn"])

@@ -16,7 +16,7 @@ import json
 import re
 import tempfile
 
-from _common import cpu_description, describe_cpu_line, mmdit_pair, setup_jax
+from _common import add_model_args, cpu_description, describe_cpu_line, mmdit_pair, setup_jax
 
 _HEADER = re.compile(r"^(?:ENTRY )?%?([\w.\-]+) \(")
 _INSTR = re.compile(r"^\s*(?:ROOT )?%?([\w.\-]+) = (\S+) (\w[\w\-]*)\(")
@@ -126,10 +126,7 @@ def torch_profile(model, inputs: dict, runs: int, top: int) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--preset", default="sd3-medium")
-    ap.add_argument("--layers", type=int, default=4)
-    ap.add_argument("--size", type=int, default=64, help="latent height and width (64 = 512 px)")
-    ap.add_argument("--batch", type=int, default=1)
+    add_model_args(ap)
     ap.add_argument("--text-len", type=int, default=154)
     ap.add_argument("--runs", type=int, default=3, help="profiled runs of each side (after one warm-up)")
     ap.add_argument("--top", type=int, default=25, help="ops listed per side")
