@@ -5,15 +5,13 @@ import math
 
 import numpy as np
 import pytest
-from conftest import DREAMBENCH
-from fixtures_pipeline import tiny_checkpoint_dir, tiny_pipeline_dir  # noqa: F401  (session fixtures)
+from conftest import DOG
 from PIL import Image
 
 from customshift_jax import CustomShiftPipeline
 from customshift_jax.cli.main import main
 from customshift_jax.numerics import relative_error
 
-DOG = DREAMBENCH / "dog" / "00.jpg"
 PROMPTS = ["a dog on the beach", "a dog in the snow"]
 
 
@@ -32,7 +30,7 @@ def _pngs(images, n_prompts, n):
 
 
 @pytest.fixture(scope="module")
-def tiny(tiny_checkpoint_dir, tiny_pipeline_dir, tmp_path_factory):  # noqa: F811
+def tiny(tiny_checkpoint_dir, tiny_pipeline_dir, tmp_path_factory):
     """The tiny checkpoint as a pipeline (text encoders from the tiny diffusers folder), and its arguments."""
     cache = tmp_path_factory.mktemp("text")
     pipe = CustomShiftPipeline.from_pretrained(tiny_checkpoint_dir, text_encoders=tiny_pipeline_dir,
@@ -40,7 +38,7 @@ def tiny(tiny_checkpoint_dir, tiny_pipeline_dir, tmp_path_factory):  # noqa: F81
     return pipe, cache
 
 
-def test_tiny_pipeline_equals_generate_and_prefills_once(tiny, tiny_checkpoint_dir, tiny_pipeline_dir,  # noqa: F811
+def test_tiny_pipeline_equals_generate_and_prefills_once(tiny, tiny_checkpoint_dir, tiny_pipeline_dir,
                                                          tmp_path):
     pipe, cache = tiny
     (tmp_path / "prompts.txt").write_text("\n".join(PROMPTS) + "\n")
@@ -99,7 +97,7 @@ def test_world_model_pipeline_equals_generate(tmp_path):
         np.testing.assert_array_equal(ours[name], pixels, err_msg=name)
 
 
-def test_attention_backend_reaches_the_model(tiny_checkpoint_dir, monkeypatch):  # noqa: F811
+def test_attention_backend_reaches_the_model(tiny_checkpoint_dir, monkeypatch):
     """attention="flash" runs the Pallas kernel (interpret mode on CPU) in the prefill and every step, and gives
     the xla backend's latents (the kernel's bound, 1e-5)."""
     from customshift_jax.models.mmdit import attention
@@ -169,7 +167,7 @@ def test_bad_call_arguments_are_one_line_errors_before_any_compile(tiny, kwargs,
     (dict(mesh="data=2", rules="zero3"), "unknown rule set"),
     (dict(lora="no/such/lora"), "lora: "),
 ])
-def test_bad_from_pretrained_arguments_fail_before_loading(tiny_checkpoint_dir, kwargs, message,  # noqa: F811
+def test_bad_from_pretrained_arguments_fail_before_loading(tiny_checkpoint_dir, kwargs, message,
                                                            monkeypatch):
     from customshift_jax import pipeline
 

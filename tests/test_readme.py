@@ -3,7 +3,6 @@ import re
 from pathlib import Path
 
 import numpy as np
-from fixtures_pipeline import tiny_pipeline_dir  # noqa: F401
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 
@@ -12,7 +11,7 @@ def python_blocks() -> list[str]:
     return re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
 
 
-def test_readme_python_blocks_run(tiny_pipeline_dir):  # noqa: F811
+def test_readme_python_blocks_run(tiny_pipeline_dir):
     blocks = python_blocks()
     assert blocks, "README has no python block"
     scopes = []

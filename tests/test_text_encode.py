@@ -8,7 +8,6 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("diffusers")
 
 from conftest import rel_err  # noqa: E402
-from fixtures_pipeline import tiny_pipeline_dir, tiny_pipeline_dir_no_text, tiny_sd3_pipe  # noqa: E402,F401
 
 from customshift_jax.text import CachedTextEncoder, PromptEmbeds, TextEncoders  # noqa: E402
 
