@@ -176,7 +176,7 @@ class CustomShiftPipeline:
     VAE decode. Build it with `from_pretrained`; call it with prompts. The compiled functions are built on first
     use and kept; the reference cache (the Reference-Alignment Branch's K/V of every layer) is kept for the last
     (reference, subject) pair, keyed by content, so a second call with the same reference runs no prefill.
-    `prefills` counts the prefills run."""
+    `prefills` counts the prefills run; `steps` is the `pipeline.Pipeline` of compiled stages it runs them with."""
 
     def __init__(self, components: Any, *, lora: LoRAFiles | None = None, fitted_lora: tuple | None = None,
                  text_backend: str = "auto", text_cache: str | Path | None = None, dtype: Any = "float32",
@@ -194,7 +194,7 @@ class CustomShiftPipeline:
         self.attention, self.mesh, self.rules, self.shift = attention, mesh, rules, shift
         self.image_limits = image_limits
         self.progress = stages.StepProgress() if progress else None
-        self._steps = stages.Pipeline(self.config, components.vae_config, lora=self.lora_config, shift=shift,
+        self.steps = stages.Pipeline(self.config, components.vae_config, lora=self.lora_config, shift=shift,
                                       dtype=_dtype(dtype), backend=attention, decode=False, mesh=mesh, rules=rules,
                                       progress=self.progress)
         self.params = components.params
@@ -424,8 +424,8 @@ class CustomShiftPipeline:
                                            clip_skip=recorded_clip_skip(self.text_settings))
             subject = (s.prompt_embeds, s.pooled_prompt_embeds)
             check_widths(self.config, request.embeds, subject, f"the text encoders of {self.text_folder}")
-        latents = self._steps.encode_reference(self.components.vae_params, request.reference)
-        ref_kv = self._steps.reference_cache(self.params, self.rab, latents, *subject)
+        latents = self.steps.encode_reference(self.components.vae_params, request.reference)
+        ref_kv = self.steps.reference_cache(self.params, self.rab, latents, *subject)
         self.prefills += 1
         self._cache = (key, ref_kv)
         return ref_kv
@@ -452,7 +452,7 @@ class CustomShiftPipeline:
                 latents=None, key=jax.random.fold_in(key, i), height=r.height, width=r.width)
             try:  # with a progress bar, Ctrl-C stops the loop between steps (StepProgress.interruptible)
                 with self.progress.interruptible() if self.progress is not None else contextlib.nullcontext():
-                    z = sample_from_embeds(self._steps, self.params, cond, schedule, guidance=r.guidance,
+                    z = sample_from_embeds(self.steps, self.params, cond, schedule, guidance=r.guidance,
                                            cgb=self.cgb, ref_kv=ref_kv, gamma=r.gamma, **noise)
                     z = jax.block_until_ready(z)
             except Exception:
@@ -464,7 +464,7 @@ class CustomShiftPipeline:
                     self.progress.close()
             z = np.asarray(z)
             stages.check_finite_latents(z, i, count)  # NaN latents would decode to a black image
-            images = np.asarray(self._steps.decode_latents(self.components.vae_params, z)) if decode else None
+            images = np.asarray(self.steps.decode_latents(self.components.vae_params, z)) if decode else None
             yield PromptImages(i, r.prompts[i] if r.prompts else None, z, images)
 
 

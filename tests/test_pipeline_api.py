@@ -50,8 +50,8 @@ def test_tiny_pipeline_equals_generate_and_prefills_once(tiny, tiny_checkpoint_d
     kw = dict(subject="dog", num_images_per_prompt=2, num_inference_steps=2, guidance_scale=4.0, gamma=1.5, seed=3,
               height=16, width=24, max_sequence_length=16)
     calls = []
-    prefill = pipe._steps.reference_cache
-    pipe._steps.reference_cache = lambda *a: calls.append(1) or prefill(*a)  # counts the prefills that run
+    prefill = pipe.steps.reference_cache
+    pipe.steps.reference_cache = lambda *a: calls.append(1) or prefill(*a)  # counts the prefills that run
     try:
         images = pipe(PROMPTS, reference=str(DOG), **kw).images
         assert len(calls) == 1 and pipe.prefills == 1  # one reference, two prompts: one prefill
@@ -67,7 +67,7 @@ def test_tiny_pipeline_equals_generate_and_prefills_once(tiny, tiny_checkpoint_d
         pipe(PROMPTS[1], reference=str(DOG), **{**kw, "subject": "cat", "num_inference_steps": 1})
         assert len(calls) == 2 and pipe.prefills == 2  # another subject: a new cache
     finally:
-        pipe._steps.reference_cache = prefill
+        pipe.steps.reference_cache = prefill
 
 
 def test_world_model_pipeline_equals_generate(tmp_path):
