@@ -97,6 +97,37 @@ def test_world_model_pipeline_equals_generate(tmp_path):
         np.testing.assert_array_equal(ours[name], pixels, err_msg=name)
 
 
+def test_world_methods_draw_what_the_pipeline_draws():
+    """The world's demo and evaluation (`toyworld.methods.Generator`) sample through the pipeline's own
+    `sample_from_embeds`: with the same embeddings, reference and noise, its text-only and CustomShift images are
+    the pipeline's, pixel for pixel."""
+    from customshift_jax.text import PromptEmbeds
+    from customshift_jax.toyworld import world
+    from customshift_jax.toyworld.methods import WEIGHTS, Generator, WorldModel, noise_for
+
+    if not (WEIGHTS / "model").is_dir():
+        pytest.skip("no shipped world weights")
+    _, held = world.split_subjects(0)
+    star = next(s for s in held if s.name == "star")
+    reference = world.render(star, world.Context(scene=1, position=0, size=1), rng=0)  # uint8 (32, 32, 3)
+    model = WorldModel.load()
+    prompt = model.encode_text([world.caption("star", world.Context(0, 2, 1)),
+                                world.caption("star", world.Context(3, 1, 0))])
+    subject = model.encode_text(["star"])
+    noise = np.concatenate([np.asarray(noise_for(seed, 1)) for seed in (1, 2)])
+    generator = Generator(model, steps=3)
+    drawn = {"text only": generator.run("text only", noise, prompt), "customshift": generator.run(
+        "customshift", noise, prompt, reference=model.encode_images(np.stack([reference] * 2)),
+        subject=tuple(np.repeat(a, 2, axis=0) for a in subject), gamma=2.0)}
+    pipe = CustomShiftPipeline.from_pretrained(WEIGHTS / "model", lora=WEIGHTS / "customshift", progress=False)
+    kw = dict(prompt_embeds=PromptEmbeds(*prompt), height=32, width=32, num_inference_steps=3, guidance_scale=1.0,
+              latents=noise)
+    ours = {"text only": pipe(**kw).images,
+            "customshift": pipe(**kw, reference=reference, subject_embeds=subject, gamma=2.0).images}
+    for method, images in ours.items():
+        np.testing.assert_array_equal(np.stack([np.asarray(im) for im in images]), drawn[method], err_msg=method)
+
+
 def test_attention_backend_reaches_the_model(tiny_checkpoint_dir, monkeypatch):
     """attention="flash" runs the Pallas kernel (interpret mode on CPU) in the prefill and every step, and gives
     the xla backend's latents (the kernel's bound, 1e-5)."""

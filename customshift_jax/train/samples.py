@@ -3,8 +3,9 @@
 Everything a sample needs is fixed when training starts: the prompt embeddings (prepared records' captions or
 an `--embeds`-style .npz, so no text encoder runs in the training process), the reference latents and subject
 embeddings, and the initial noise (from `sample.seed`). Each call runs the RAB prefill with the current RAB
-LoRA and the CustomShift sampler with the current CGB LoRA; it reads neither the training RNG nor the data
-iterator, so sampling never changes what training computes. In train.mode=base (`BaseTrainingSampler`) the
+LoRA and the CustomShift sampler with the current CGB LoRA (`customshift_pipeline.sample_from_embeds`, as
+`CustomShiftPipeline` samples); it reads neither the training RNG nor the data iterator, so sampling never
+changes what training computes. In train.mode=base (`BaseTrainingSampler`) the
 prompts alone drive the plain SD3 sampler with the base weights being trained (their EMA when one is kept);
 `sample.reference`, `sample.subject` and `sample.gamma` are not used there.
 """
@@ -16,9 +17,9 @@ from typing import Any, Callable
 
 import numpy as np
 
+from customshift_jax.customshift_pipeline import sample_from_embeds, text_conditioning
 from customshift_jax.io.images import load_reference_image
 from customshift_jax.io.loading import load_vae
-from customshift_jax.customshift_pipeline import sample_from_embeds, text_conditioning
 from customshift_jax.io.safe_files import atomic_write, make_dir, read_npz
 from customshift_jax.models.vae import scale_latents, vae_encode
 from customshift_jax.parallel.distributed import gather
