@@ -1,4 +1,7 @@
-"""Test-wide settings: 8 CPU devices, fp32 with the highest matmul precision, deterministic seeds."""
+"""Test-wide settings (8 CPU devices, fp32 with the highest matmul precision, deterministic seeds) and every shared
+pytest fixture: a small DreamBench folder, the tiny SD3 pipeline and its checkpoint, the sampler tests' pipelines,
+the eval metrics' tiny models. Plain helpers (`write_embeds_with_subject`, `synthetic_photo`) are imported from
+here as usual; nothing in this repository's tests reads a path outside it."""
 import json
 import os
 import shutil
