@@ -83,6 +83,33 @@ def check_widths(config: MMDiTConfig, embeds: Any, subject: Any, source: Any) ->
                              "text encoders; encode with this model's (customshift encode --text-encoders DIR).")
 
 
+def text_conditioning(embeds: Any, pooled: Any, negative: Any = None, negative_pooled: Any = None, *,
+                      guidance: float) -> Any:
+    """The sampler's text input of one batch: the negatives go in only when `guidance` > 1 (classifier-free
+    guidance), zeros where none are given (the unconditional input training drops the text to)."""
+    from customshift_jax.sampling import Conditioning
+
+    if guidance <= 1:
+        return Conditioning(embeds, pooled)
+    return Conditioning(embeds, pooled, np.zeros_like(embeds) if negative is None else negative,
+                        np.zeros_like(pooled) if negative_pooled is None else negative_pooled)
+
+
+def sample_from_embeds(steps: "stages.Pipeline", params: Any, cond: Any, schedule: Any, *, guidance: float,
+                       latents: Any = None, vae_params: Any = None, rab: Any = None, cgb: Any = None,
+                       reference: Any = None, subject: tuple | None = None, ref_kv: Any = None, gamma: float = 1.0,
+                       **noise: Any) -> Any:
+    """Prompt-to-image below the text encoders, for one batch: with a reference (its VAE latents `reference` and
+    the subject name's (embeds, pooled) `subject`, or the `ref_kv` that `steps.reference_cache` made of them
+    earlier) the Reference-Alignment Branch's prefill with `rab`, then the CustomShift sampler with `cgb` at
+    `gamma`; without one, the plain SD3 sampler. Final latents, or images in [-1, 1] when `steps` decodes.
+    `CustomShiftPipeline`, training samples and the world's methods all sample through here."""
+    if ref_kv is None and reference is not None:
+        ref_kv = steps.reference_cache(params, rab, reference, *subject)
+    return steps.sample(params, latents, cond, schedule, guidance=guidance, cgb=cgb, ref_kv=ref_kv, gamma=gamma,
+                        vae_params=vae_params, **noise)
+
+
 def _is_int(x: Any) -> bool:
     return isinstance(x, numbers.Integral) and not isinstance(x, bool)
 
@@ -149,7 +176,7 @@ class CustomShiftPipeline:
     VAE decode. Build it with `from_pretrained`; call it with prompts. The compiled functions are built on first
     use and kept; the reference cache (the Reference-Alignment Branch's K/V of every layer) is kept for the last
     (reference, subject) pair, keyed by content, so a second call with the same reference runs no prefill.
-    `prefills` counts the prefills run."""
+    `prefills` counts the prefills run; `steps` is the `pipeline.Pipeline` of compiled stages it runs them with."""
 
     def __init__(self, components: Any, *, lora: LoRAFiles | None = None, fitted_lora: tuple | None = None,
                  text_backend: str = "auto", text_cache: str | Path | None = None, dtype: Any = "float32",
@@ -167,7 +194,7 @@ class CustomShiftPipeline:
         self.attention, self.mesh, self.rules, self.shift = attention, mesh, rules, shift
         self.image_limits = image_limits
         self.progress = stages.StepProgress() if progress else None
-        self._steps = stages.Pipeline(self.config, components.vae_config, lora=self.lora_config, shift=shift,
+        self.steps = stages.Pipeline(self.config, components.vae_config, lora=self.lora_config, shift=shift,
                                       dtype=_dtype(dtype), backend=attention, decode=False, mesh=mesh, rules=rules,
                                       progress=self.progress)
         self.params = components.params
@@ -397,8 +424,8 @@ class CustomShiftPipeline:
                                            clip_skip=recorded_clip_skip(self.text_settings))
             subject = (s.prompt_embeds, s.pooled_prompt_embeds)
             check_widths(self.config, request.embeds, subject, f"the text encoders of {self.text_folder}")
-        latents = self._steps.encode_reference(self.components.vae_params, request.reference)
-        ref_kv = self._steps.reference_cache(self.params, self.rab, latents, *subject)
+        latents = self.steps.encode_reference(self.components.vae_params, request.reference)
+        ref_kv = self.steps.reference_cache(self.params, self.rab, latents, *subject)
         self.prefills += 1
         self._cache = (key, ref_kv)
         return ref_kv
@@ -407,27 +434,25 @@ class CustomShiftPipeline:
         """Sample (and decode) prompt by prompt: image j of prompt i from fold_in(key(seed), i)'s noise."""
         import jax
 
-        from customshift_jax.sampling import Conditioning, make_schedule
+        from customshift_jax.sampling import make_schedule
 
         config, scale = self.config, self.vae_scale
         schedule = make_schedule(self.components.scheduler, r.steps, image_seq_len=(
             r.height // scale // config.patch_size) * (r.width // scale // config.patch_size))
         key = jax.random.key(r.seed)
-        cfg = r.guidance > 1
         e, n = r.embeds, r.n
         count = int(np.shape(e.prompt_embeds)[0])
         for i in range(count):
             pick = lambda a: None if a is None else np.repeat(np.asarray(a)[i:i + 1], n, axis=0)  # noqa: E731
-            cond = Conditioning(pick(e.prompt_embeds), pick(e.pooled_prompt_embeds),
-                                pick(e.negative_prompt_embeds) if cfg else None,
-                                pick(e.negative_pooled_prompt_embeds) if cfg else None)
+            cond = text_conditioning(pick(e.prompt_embeds), pick(e.pooled_prompt_embeds), pick(
+                e.negative_prompt_embeds), pick(e.negative_pooled_prompt_embeds), guidance=r.guidance)
             if self.progress is not None:
                 self.progress.start(r.steps, f"prompt {i + 1}/{count}")
             noise = dict(latents=r.latents[i * n:(i + 1) * n]) if r.latents is not None else dict(
                 latents=None, key=jax.random.fold_in(key, i), height=r.height, width=r.width)
             try:  # with a progress bar, Ctrl-C stops the loop between steps (StepProgress.interruptible)
                 with self.progress.interruptible() if self.progress is not None else contextlib.nullcontext():
-                    z = self._steps.sample(self.params, cond=cond, schedule=schedule, guidance=r.guidance,
+                    z = sample_from_embeds(self.steps, self.params, cond, schedule, guidance=r.guidance,
                                            cgb=self.cgb, ref_kv=ref_kv, gamma=r.gamma, **noise)
                     z = jax.block_until_ready(z)
             except Exception:
@@ -439,7 +464,7 @@ class CustomShiftPipeline:
                     self.progress.close()
             z = np.asarray(z)
             stages.check_finite_latents(z, i, count)  # NaN latents would decode to a black image
-            images = np.asarray(self._steps.decode_latents(self.components.vae_params, z)) if decode else None
+            images = np.asarray(self.steps.decode_latents(self.components.vae_params, z)) if decode else None
             yield PromptImages(i, r.prompts[i] if r.prompts else None, z, images)
 
 

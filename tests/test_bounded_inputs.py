@@ -12,7 +12,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from fixtures_pipeline import tiny_checkpoint_dir, tiny_pipeline_dir  # noqa: F401  (session fixtures)
 
 from customshift_jax.cli.main import main
 from customshift_jax.io.images import ImageLimits, read_image
@@ -36,7 +35,7 @@ def _inflating_npz(path: Path, floats: int = 1 << 28) -> Path:
     return path
 
 
-def test_an_inflating_embeds_npz_is_refused_before_reading(tmp_path, capsys, tiny_checkpoint_dir):  # noqa: F811
+def test_an_inflating_embeds_npz_is_refused_before_reading(tmp_path, capsys, tiny_checkpoint_dir):
     """Case 13: a 4 MB --embeds .npz that inflates to 4 GB grew memory without bound; now one line, nothing read."""
     bomb = _inflating_npz(tmp_path / "bomb.npz")
     assert bomb.stat().st_size < 8 << 20

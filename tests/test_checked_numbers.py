@@ -3,32 +3,26 @@ import json
 
 import numpy as np
 import pytest
-from conftest import DREAMBENCH
-from fixtures_pipeline import (  # noqa: F401  (session fixtures)
-    tiny_checkpoint_dir,
-    tiny_pipeline_dir,
-    write_embeds_with_subject,
-)
+from conftest import DOG
 
 from customshift_jax.cli.main import main
 
-DOG = DREAMBENCH / "dog" / "00.jpg"
 SIZE = ["--height", "16", "--width", "24"]  # tiny VAE scale 2 x patch 2: latents 8 x 12
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tiny_checkpoint_dir):  # noqa: F811
+def checkpoint(tiny_checkpoint_dir):
     """The tiny pipeline converted to our checkpoint (session fixture)."""
     return tiny_checkpoint_dir
 
 
 @pytest.fixture(scope="module")
-def embeds(tiny_pipeline_dir, tmp_path_factory):  # noqa: F811
+def embeds(embeds_with_subject):
     """An --embeds file for two prompts with the subject's embeddings: no text encoders at generate time."""
-    return write_embeds_with_subject(tiny_pipeline_dir, tmp_path_factory.mktemp("embeds"))
+    return embeds_with_subject
 
 
-def _argv(checkpoint, embeds, out, *extra):
+def generate_argv(checkpoint, embeds, out, *extra):
     """A one-step CustomShift run on the tiny checkpoint."""
     return ["generate", "--checkpoint", str(checkpoint), "--embeds", str(embeds), *SIZE, "--steps", "1",
             "--reference", str(DOG), "--out", str(out), *extra]
@@ -85,7 +79,7 @@ def _rewrite(path, *, tensor_key=None, value=None, meta_update=None):
 @pytest.mark.parametrize("gamma", ["-1", "nan", "inf"])
 def test_bad_gamma_is_one_line(gamma, checkpoint, embeds, tmp_path, capsys):
     out = tmp_path / "o"
-    line = _fails_in_one_line(capsys, _argv(checkpoint, embeds, out, "--gamma", gamma), out)
+    line = _fails_in_one_line(capsys, generate_argv(checkpoint, embeds, out, "--gamma", gamma), out)
     assert line.startswith("error: --gamma ") and "finite number >= 0" in line, line
 
 
@@ -104,7 +98,7 @@ def test_non_finite_lora_is_one_line(case, checkpoint, embeds, tmp_path, capsys)
                else "transformer.transformer_blocks.0.attn.to_q.lora_A.weight")
         _rewrite(folder / name, tensor_key=key, value=np.inf if case == "lora_inf" else np.nan)
     out = tmp_path / "o"
-    line = _fails_in_one_line(capsys, _argv(checkpoint, embeds, out, "--lora", str(folder)), out)
+    line = _fails_in_one_line(capsys, generate_argv(checkpoint, embeds, out, "--lora", str(folder)), out)
     assert line.startswith("error: --lora: ") and str(folder / name) in line and key in line, line
 
 
@@ -116,7 +110,7 @@ def test_truncated_lora_file_is_one_line(checkpoint, embeds, tmp_path, capsys):
     data = (folder / CGB_FILE).read_bytes()
     (folder / CGB_FILE).write_bytes(data[: len(data) // 2])
     out = tmp_path / "o"
-    line = _fails_in_one_line(capsys, _argv(checkpoint, embeds, out, "--lora", str(folder)), out)
+    line = _fails_in_one_line(capsys, generate_argv(checkpoint, embeds, out, "--lora", str(folder)), out)
     assert line.startswith("error: --lora: ") and str(folder / CGB_FILE) in line, line
     assert "damaged or truncated" in line and "re-export it" in line, line
 
@@ -125,7 +119,7 @@ def test_truncated_lora_file_is_one_line(checkpoint, embeds, tmp_path, capsys):
 @pytest.mark.parametrize("seed", [str(2**70), "-1", str(2**32)])
 def test_out_of_range_seed_is_one_line(seed, checkpoint, embeds, tmp_path, capsys):
     out = tmp_path / "o"
-    line = _fails_in_one_line(capsys, _argv(checkpoint, embeds, out, "--seed", seed), out)
+    line = _fails_in_one_line(capsys, generate_argv(checkpoint, embeds, out, "--seed", seed), out)
     assert line.startswith(f"error: --seed {seed} is out of range") and "4294967295" in line, line
 
 

@@ -2,7 +2,7 @@
 import jax
 import numpy as np
 import pytest
-from conftest import DREAMBENCH
+from conftest import DOG
 
 from customshift_jax import get_preset, init_mmdit
 from customshift_jax.customshift.branches import init_lora, prefill
@@ -62,7 +62,7 @@ def test_gamma_zero_with_zero_lora_is_base_sd3(setup):
 
 
 def test_reference_image_reading(tmp_path):
-    image = load_reference_image(DREAMBENCH / "dog" / "00.jpg", 48, 32)
+    image = load_reference_image(DOG, 48, 32)
     assert image.shape == (1, 3, 48, 32) and image.dtype == np.float32
     assert -1.0 <= image.min() < image.max() <= 1.0
     bad = tmp_path / "broken.jpg"

@@ -1,12 +1,11 @@
 """`customshift encode` writes the --embeds file that `generate` and training samples read."""
 import numpy as np
 import pytest
-from fixtures_pipeline import tiny_pipeline_dir  # noqa: F401
 
 from customshift_jax.cli.main import main
 
 
-def test_encode_writes_what_generate_reads(tiny_pipeline_dir, tmp_path, capsys):  # noqa: F811
+def test_encode_writes_what_generate_reads(tiny_pipeline_dir, tmp_path, capsys):
     from customshift_jax.pipeline import load_embeds_file
     from customshift_jax.text import TextEncoders
 

@@ -2,30 +2,32 @@
 import json
 
 import pytest
-from conftest import DREAMBENCH
+from conftest import DREAMBENCH_LIVE_PROMPTS, DREAMBENCH_OBJECT_PROMPTS, DREAMBENCH_SUBJECTS
 from PIL import Image
 
 from customshift_jax.eval.benchmarks import load_benchmark, load_customconcept101, load_dreambench
 from customshift_jax.eval.plan import make_plan, parse_shard, select, shard_items
 
 
-def test_dreambench_subjects_prompts_and_live_split():
-    bench = load_dreambench(DREAMBENCH)
-    assert len(bench.subjects) == 30 and all(len(s.prompts) == 25 for s in bench.subjects)
+def test_dreambench_subjects_prompts_and_live_split(dreambench):
+    bench = load_dreambench(dreambench)
+    assert [s.name for s in bench.subjects] == list(DREAMBENCH_SUBJECTS)
+    assert all(len(s.prompts) == len(DREAMBENCH_LIVE_PROMPTS if s.live else DREAMBENCH_OBJECT_PROMPTS)
+               for s in bench.subjects)
     live = sorted(s.name for s in bench.subjects if s.live)
-    assert live == ["cat", "cat2", "dog", "dog2", "dog3", "dog5", "dog6", "dog7", "dog8"]
+    assert live == ["cat", "dog", "dog2"]
     plushie = bench.subject("bear_plushie")
     assert plushie.class_word == "stuffed animal" and plushie.prompts[0] == "a stuffed animal in the jungle"
-    assert bench.subject("dog").prompts[10] == "a dog wearing a red hat"  # live subjects: accessorisation
-    assert bench.subject("can").prompts[10] == "a can with a wheat field in the background"
-    assert sum(len(s.photos) for s in bench.subjects) == 158
+    assert bench.subject("dog").prompts[2] == "a dog wearing a red hat"  # live subjects: accessorisation
+    assert bench.subject("can").prompts[3] == "a can with a wheat field in the background"
+    assert sum(len(s.photos) for s in bench.subjects) == sum(n for _, n in DREAMBENCH_SUBJECTS.values())
 
 
-def test_plan_paths_seeds_references_and_shards():
-    bench = select(load_dreambench(DREAMBENCH), ["cat", "dog", "can"], max_prompts=3)
+def test_plan_paths_seeds_references_and_shards(dreambench):
+    bench = select(load_dreambench(dreambench), ["cat", "dog", "can"], max_prompts=3)
     plan = make_plan(bench, images_per_prompt=4, seed=10, reference_rule="first")
     assert len(plan) == 3 * 3 * 4 and plan[5].image == "cat/01_11.png" and plan[5].seed == 11
-    assert {p.reference for p in plan if p.subject == "dog"} == {str(DREAMBENCH / "dog" / "00.jpg")}
+    assert {p.reference for p in plan if p.subject == "dog"} == {str(dreambench / "dog" / "00.jpg")}
     cycled = make_plan(bench, images_per_prompt=4, seed=0, reference_rule="cycle")
     assert [p.reference.rsplit("/", 1)[1] for p in cycled[:4]] == ["00.jpg", "01.jpg", "02.jpg", "03.jpg"]
     shards = [shard_items(plan, (i, 2)) for i in range(2)]
@@ -35,7 +37,7 @@ def test_plan_paths_seeds_references_and_shards():
         with pytest.raises(ValueError, match="--shard"):
             parse_shard(bad)
     with pytest.raises(ValueError, match="'unicorn' is not a dreambench subject"):
-        select(load_dreambench(DREAMBENCH), ["unicorn"])
+        select(load_dreambench(dreambench), ["unicorn"])
 
 
 def _concept(root, name):

@@ -3,9 +3,6 @@ import csv
 import json
 
 import pytest
-from conftest import DREAMBENCH
-from fixtures_pipeline import tiny_pipeline_dir  # noqa: F401  (session fixture)
-from test_eval_metrics import eval_models  # noqa: F401  (session fixture)
 
 from customshift_jax.cli.main import main
 
@@ -22,10 +19,10 @@ def _run(capsys, *argv):
 
 
 @pytest.fixture(scope="module")
-def generated(tiny_pipeline_dir, tmp_path_factory):  # noqa: F811
+def generated(tiny_pipeline_dir, dreambench, tmp_path_factory):
     """The 8 images, made by a run stopped early in one shard and a full rerun; (folder, mtimes after each, argv)."""
     out = tmp_path_factory.mktemp("bench") / "ours"
-    argv = ["bench-generate", "--data", str(DREAMBENCH), "--checkpoint", str(tiny_pipeline_dir), "--out", str(out),
+    argv = ["bench-generate", "--data", str(dreambench), "--checkpoint", str(tiny_pipeline_dir), "--out", str(out),
             "--text-cache", str(out.parent / "text"), *SMALL]
     stamps = []
     for extra in (["--shard", "1/2", "--limit", "3"], []):
@@ -34,7 +31,7 @@ def generated(tiny_pipeline_dir, tmp_path_factory):  # noqa: F811
     return out, stamps, argv
 
 
-def test_bench_generate_resumes_without_redoing_or_losing(generated, capsys):
+def test_bench_generate_resumes_without_redoing_or_losing(generated, dreambench, capsys):
     out, stamps, argv = generated
     # shard 1/2 is the second subject; --limit 3 stopped it after three images, inside a prompt's batch
     assert sorted(stamps[0]) == ["backpack/00_0.png", "backpack/00_1.png", "backpack/01_0.png"]
@@ -42,7 +39,7 @@ def test_bench_generate_resumes_without_redoing_or_losing(generated, capsys):
     assert not [p for p in out.rglob(".*")]  # no temp file left behind
     rows = [json.loads(line) for line in (out / "manifest.jsonl").read_text().splitlines()]
     assert sorted(r["image"] for r in rows) == sorted(IMAGES)
-    assert {r["reference"] for r in rows if r["subject"] == "dog"} == {str(DREAMBENCH / "dog" / "00.jpg")}
+    assert {r["reference"] for r in rows if r["subject"] == "dog"} == {str(dreambench / "dog" / "00.jpg")}
     assert rows[0]["prompt"] == "a dog in the jungle" and rows[0]["settings"]["steps"] == 2
     code, stdout, err = _run(capsys, *argv)  # all there: nothing to do
     assert code == 0 and "8 already there, 0 written" in stdout, stdout + err
@@ -50,9 +47,9 @@ def test_bench_generate_resumes_without_redoing_or_losing(generated, capsys):
     assert code == 2 and "made with other settings (max_sequence_length differ)" in err, err
 
 
-def _eval(capsys, models, tmp_path, *argv):
+def _eval(capsys, models, data, tmp_path, *argv):
     clip, dino = models
-    return _run(capsys, "eval", "--data", str(DREAMBENCH), "--dino", str(dino), "--clip", str(clip), "--cache",
+    return _run(capsys, "eval", "--data", str(data), "--dino", str(dino), "--clip", str(clip), "--cache",
                 str(tmp_path / "cache"), *argv)
 
 
@@ -64,9 +61,9 @@ def _csv_manifest(path, rows):
     return path
 
 
-def test_eval_of_folder_and_of_manifest_agree(generated, eval_models, tmp_path, capsys):  # noqa: F811
+def test_eval_of_folder_and_of_manifest_agree(generated, eval_models, dreambench, tmp_path, capsys):
     out, _, _ = generated
-    code, stdout, err = _eval(capsys, eval_models, tmp_path, "--images", str(out), "--out", str(tmp_path / "a"))
+    code, stdout, err = _eval(capsys, eval_models, dreambench, tmp_path, "--images", str(out), "--out", str(tmp_path / "a"))
     assert code == 0, err
     ours = json.loads((tmp_path / "a" / "scores.json").read_text())
     assert ours["groups"]["all"]["images"] == 8 and ours["skipped"]["count"] == 0
@@ -77,19 +74,19 @@ def test_eval_of_folder_and_of_manifest_agree(generated, eval_models, tmp_path, 
     rows = [json.loads(line) for line in (out / "manifest.jsonl").read_text().splitlines()]
     manifest = _csv_manifest(tmp_path / "other.csv", [dict(path=str(out / r["image"]), subject=r["subject"],
                                                            prompt=r["prompt"], seed=r["seed"]) for r in rows])
-    code, stdout, err = _eval(capsys, eval_models, tmp_path, "--manifest", str(manifest), "--out", str(tmp_path / "b"))
+    code, stdout, err = _eval(capsys, eval_models, dreambench, tmp_path, "--manifest", str(manifest), "--out", str(tmp_path / "b"))
     assert code == 0 and "42 cached, 0 computed" in stdout, err  # 2 models x (8 images + 11 photos) + 4 prompts
     theirs = json.loads((tmp_path / "b" / "scores.json").read_text())
     assert theirs["subjects"] == ours["subjects"] and theirs["groups"] == ours["groups"]
     code, stdout, err = _run(capsys, "eval", "--compare", str(tmp_path / "a"), str(tmp_path / "b"))
     assert code == 2 and "different protocols (reference: 'first' vs 'unstated')" in err, err
-    code, stdout, err = _eval(capsys, eval_models, tmp_path, "--manifest", str(manifest), "--out", str(tmp_path / "b"),
+    code, stdout, err = _eval(capsys, eval_models, dreambench, tmp_path, "--manifest", str(manifest), "--out", str(tmp_path / "b"),
                               "--reference-rule", "first")
     code, stdout, err = _run(capsys, "eval", "--compare", str(tmp_path / "a"), str(tmp_path / "b"))
     assert code == 0 and stdout.count("| all |") == 2, err
 
 
-def test_missing_and_unreadable_images_are_counted_skips(generated, eval_models, tmp_path, capsys):  # noqa: F811
+def test_missing_and_unreadable_images_are_counted_skips(generated, eval_models, dreambench, tmp_path, capsys):
     out, _, _ = generated
     rows = [json.loads(line) for line in (out / "manifest.jsonl").read_text().splitlines()]
     (tmp_path / "broken.png").write_bytes(b"not a png")
@@ -97,7 +94,7 @@ def test_missing_and_unreadable_images_are_counted_skips(generated, eval_models,
     listed[0]["path"] = str(tmp_path / "gone.png")
     listed[5]["path"] = str(tmp_path / "broken.png")
     manifest = _csv_manifest(tmp_path / "m.csv", listed)
-    code, _, err = _eval(capsys, eval_models, tmp_path, "--manifest", str(manifest), "--out", str(tmp_path))
+    code, _, err = _eval(capsys, eval_models, dreambench, tmp_path, "--manifest", str(manifest), "--out", str(tmp_path))
     assert code == 0 and "2 of 8 images skipped (1 missing, 1 unreadable)" in err, err
     result = json.loads((tmp_path / "scores.json").read_text())
     assert result["groups"]["all"]["images"] == 6 and result["subjects"]["dog"]["skipped"] == 1
@@ -105,7 +102,7 @@ def test_missing_and_unreadable_images_are_counted_skips(generated, eval_models,
 
 
 @pytest.mark.parametrize("case", ["unknown_subject", "clip_is_vit", "dino_is_clip", "no_manifest", "all_missing"])
-def test_bad_input_is_a_clear_error(case, eval_models, tmp_path, capsys):  # noqa: F811
+def test_bad_input_is_a_clear_error(case, eval_models, dreambench, tmp_path, capsys):
     clip, dino = eval_models
     manifest = _csv_manifest(tmp_path / "m.csv", [dict(path="x.png", subject="dog", prompt="a dog", seed=0)])
     argv = ["--manifest", str(manifest)]
@@ -123,5 +120,5 @@ def test_bad_input_is_a_clear_error(case, eval_models, tmp_path, capsys):  # noq
         expect = "no manifest.jsonl; give a folder written by `customshift bench-generate`"
     else:
         expect = "none of the 1 images of"
-    code, _, err = _eval(capsys, eval_models, tmp_path, *argv)
+    code, _, err = _eval(capsys, eval_models, dreambench, tmp_path, *argv)
     assert code == 2 and expect in err and len(err.strip().splitlines()) == 1, err

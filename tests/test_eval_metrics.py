@@ -1,23 +1,18 @@
 """The eval metrics against direct transformers computations on tiny random CLIP and DINO ViT folders."""
 import numpy as np
 import pytest
-from conftest import DREAMBENCH
 from PIL import Image
 
-PHOTOS = [DREAMBENCH / "dog" / "00.jpg", DREAMBENCH / "dog" / "01.jpg", DREAMBENCH / "backpack" / "00.jpg"]
 PROMPTS = ["a dog in the jungle", "a dog wearing a red hat", "a backpack on the beach"]
 
 
-@pytest.fixture(scope="session")
-def eval_models(tmp_path_factory):
-    """(tiny CLIP folder, tiny DINO ViT folder), built once per session."""
-    from customshift_jax.testing.tiny_eval_models import build_tiny_clip, build_tiny_dino
-
-    root = tmp_path_factory.mktemp("eval_models")
-    return build_tiny_clip(root / "clip"), build_tiny_dino(root / "dino")
+@pytest.fixture(scope="module")
+def photos(dreambench):
+    """Two photos of one dog and one of a backpack (DreamBench's layout)."""
+    return [dreambench / "dog" / "00.jpg", dreambench / "dog" / "01.jpg", dreambench / "backpack" / "00.jpg"]
 
 
-def test_clip_t_and_clipscore_equal_transformers(eval_models):
+def test_clip_t_and_clipscore_equal_transformers(eval_models, photos):
     """CLIP-T per pair and CLIPScore (torchmetrics' definition, 100 * cos clamped at 0, rescaled to w = 2.5)."""
     import torch
     from transformers import CLIPModel, CLIPProcessor
@@ -26,7 +21,7 @@ def test_clip_t_and_clipscore_equal_transformers(eval_models):
     from customshift_jax.eval.encoders import ClipEncoder, read_image
 
     clip_dir, _ = eval_models
-    images = [read_image(p) for p in PHOTOS]
+    images = [read_image(p) for p in photos]
     ours_enc = ClipEncoder(clip_dir)
     cos = metrics.text_image_cosines(ours_enc.embed_texts(PROMPTS), ours_enc.embed_images(images))
     model, processor = CLIPModel.from_pretrained(clip_dir).eval(), CLIPProcessor.from_pretrained(clip_dir)
@@ -41,7 +36,7 @@ def test_clip_t_and_clipscore_equal_transformers(eval_models):
 
 
 @pytest.mark.parametrize("backend", ["jax", "torch"])
-def test_dino_and_clip_i_equal_direct_computation(eval_models, backend):
+def test_dino_and_clip_i_equal_direct_computation(eval_models, photos, backend):
     """Mean pairwise cosine (generated x real) of DINO CLS tokens and CLIP image features, against torch; our
     image towers in JAX (the default) or through transformers."""
     import torch
@@ -51,7 +46,7 @@ def test_dino_and_clip_i_equal_direct_computation(eval_models, backend):
     from customshift_jax.eval.encoders import IMAGENET_MEAN, IMAGENET_STD, ClipEncoder, DinoEncoder, read_image
 
     clip_dir, dino_dir = eval_models
-    gen, real = [read_image(p) for p in PHOTOS[:2]], [read_image(p) for p in PHOTOS[1:]]
+    gen, real = [read_image(p) for p in photos[:2]], [read_image(p) for p in photos[1:]]
     gen[0] = gen[0].resize((300, 200))  # a wide one: the short side goes to 256, the long one is cropped
     dino, clip = DinoEncoder(dino_dir, backend=backend), ClipEncoder(clip_dir, backend=backend)
     assert dino.describe()["backend"] == clip.describe()["backend"] == backend

@@ -3,7 +3,6 @@ in one call and samples what the original pipeline samples; the LoRA goes beside
 import numpy as np
 import pytest
 import torch
-from fixtures_pipeline import tiny_pipeline_dir  # noqa: F401
 
 from customshift_jax.cli.main import main
 from customshift_jax.io.lora_files import save_lora_files
@@ -17,7 +16,7 @@ def _latents(pipe):
                     generator=generator, output_type="latent").images.numpy()
 
 
-def test_export_is_a_pipeline_diffusers_loads_in_one_call(tiny_pipeline_dir, tmp_path, capsys):  # noqa: F811
+def test_export_is_a_pipeline_diffusers_loads_in_one_call(tiny_pipeline_dir, tmp_path, capsys):
     from diffusers import StableDiffusion3Pipeline
 
     ckpt, out = tmp_path / "ckpt", tmp_path / "exported"
@@ -39,7 +38,7 @@ def test_export_is_a_pipeline_diffusers_loads_in_one_call(tiny_pipeline_dir, tmp
     (["--lora", "EMPTY"], "no customshift_*.safetensors"),
     (["--components", "transformer", "--lora", "EMPTY"], "make a whole pipeline folder"),
 ])
-def test_export_pipeline_refusals(tiny_pipeline_dir, tmp_path, capsys, extra, message):  # noqa: F811
+def test_export_pipeline_refusals(tiny_pipeline_dir, tmp_path, capsys, extra, message):
     ckpt = tmp_path / "ckpt"
     assert main(["convert", str(tiny_pipeline_dir), str(ckpt), "--no-progress", "--components", "transformer,vae"]) == 0
     (tmp_path / "EMPTY").mkdir()

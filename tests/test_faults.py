@@ -7,8 +7,7 @@ import os
 import subprocess
 import sys
 
-from fixtures_pipeline import tiny_checkpoint_dir, tiny_pipeline_dir  # noqa: F401 - session fixtures
-from test_checked_numbers import _argv, checkpoint, embeds  # noqa: F401 - fixtures
+from test_checked_numbers import generate_argv
 
 from customshift_jax.cli.faults import fault_message
 from customshift_jax.cli.main import main
@@ -26,7 +25,7 @@ def _convert(src, dst, env=None):
                           env={**os.environ, **(env or {})})
 
 
-def test_full_disk_during_convert_is_one_line(tiny_pipeline_dir, tmp_path):  # noqa: F811
+def test_full_disk_during_convert_is_one_line(tiny_pipeline_dir, tmp_path):
     r = _convert(tiny_pipeline_dir, tmp_path / "ckpt")
     lines = [line for line in r.stderr.splitlines() if line.strip()]
     assert r.returncode == 2 and len(lines) == 1, r.stderr[-3000:]
@@ -47,14 +46,14 @@ def test_fault_messages_name_the_fault_and_the_file():
     assert fault_message(OSError(errno.ENOENT, "No such file")) is None  # a user's path: said as it is
 
 
-def test_generate_refuses_a_link_planted_in_out(checkpoint, embeds, tmp_path, capsys):  # noqa: F811
+def test_generate_refuses_a_link_planted_in_out(tiny_checkpoint_dir, embeds_with_subject, tmp_path, capsys):
     """The row seen: links planted in `generate --out` were written through, outside the folder."""
     out = tmp_path / "out"
     out.mkdir()
     victim = tmp_path / "victim.txt"
     victim.write_text("precious")
     (out / "000_00.png").symlink_to(victim)
-    code = main(_argv(checkpoint, embeds, out))
+    code = main(generate_argv(tiny_checkpoint_dir, embeds_with_subject, out))
     lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
     assert code == 2 and lines[-1].startswith("error: image path") and "000_00.png is a symbolic link" in lines[-1]
     assert "Traceback" not in "".join(lines)

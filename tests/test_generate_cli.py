@@ -4,25 +4,23 @@ import re
 
 import numpy as np
 import pytest
-from conftest import DREAMBENCH
-from fixtures_pipeline import tiny_checkpoint_dir, tiny_pipeline_dir  # noqa: F401  (session fixtures)
+from conftest import DOG
 from PIL import Image
 
 from customshift_jax.cli.main import main
 from customshift_jax.numerics import relative_error
 
-DOG = DREAMBENCH / "dog" / "00.jpg"
 SIZE = ["--height", "16", "--width", "24"]  # tiny VAE scale 2 x patch 2: latents 8 x 12
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tiny_checkpoint_dir):  # noqa: F811
+def checkpoint(tiny_checkpoint_dir):
     """The tiny pipeline converted to our checkpoint (session fixture)."""
     return tiny_checkpoint_dir
 
 
 @pytest.fixture(scope="module")
-def embeds_file(tiny_pipeline_dir, tmp_path_factory):  # noqa: F811
+def embeds_file(tiny_pipeline_dir, tmp_path_factory):
     from customshift_jax.text import TextEncoders
 
     encoders = TextEncoders.from_pretrained(tiny_pipeline_dir)
@@ -43,7 +41,7 @@ def _run(capsys, *argv):
     return code, captured.out, captured.err
 
 
-def test_cli_latents_match_diffusers_pipeline(checkpoint, embeds_file, tiny_pipeline_dir, tmp_path, capsys):  # noqa: F811
+def test_cli_latents_match_diffusers_pipeline(checkpoint, embeds_file, tiny_pipeline_dir, tmp_path, capsys):
     import torch
     from diffusers import StableDiffusion3Pipeline
 
@@ -72,7 +70,7 @@ def test_cli_latents_match_diffusers_pipeline(checkpoint, embeds_file, tiny_pipe
     assert settings["guidance"] == 5.0 and not [k for k in settings if k.startswith("_")], settings
 
 
-def test_text_encoders_and_customshift_reference(checkpoint, tiny_pipeline_dir, tmp_path, capsys):  # noqa: F811
+def test_text_encoders_and_customshift_reference(checkpoint, tiny_pipeline_dir, tmp_path, capsys):
     common = ["--checkpoint", str(checkpoint), "--text-encoders", str(tiny_pipeline_dir), "--prompt",
               "a dog on the beach", *SIZE, "--steps", "2", "--max-sequence-length", "16",
               "--text-cache", str(tmp_path / "cache")]
@@ -200,16 +198,19 @@ def test_bad_input_is_a_clear_error(case, checkpoint, embeds_file, tmp_path, cap
     assert expect in err, err
 
 
-def test_load_vae_reads_our_checkpoint(checkpoint, tiny_pipeline_dir):  # noqa: F811
+def test_load_vae_reads_our_checkpoint(checkpoint, tiny_pipeline_dir):
+    import jax
+
     from customshift_jax.io.loading import load_vae
-    from customshift_jax.models.mmdit.mapping import _flat_paths
 
     config_a, params_a = load_vae(checkpoint)
     config_b, params_b = load_vae(tiny_pipeline_dir)
     assert config_a == config_b
-    flat_b = dict(_flat_paths(params_b))
-    for path, value in _flat_paths(params_a):
-        np.testing.assert_array_equal(np.asarray(value), np.asarray(flat_b[path]))
+    flat_a, flat_b = ({jax.tree_util.keystr(k): v for k, v in jax.tree_util.tree_leaves_with_path(params)}
+                      for params in (params_a, params_b))
+    assert sorted(flat_a) == sorted(flat_b) and flat_a
+    for path, value in flat_a.items():
+        np.testing.assert_array_equal(np.asarray(value), np.asarray(flat_b[path]), err_msg=path)
 
 
 def test_default_output_folder_never_overwrites(tmp_path):

@@ -5,27 +5,21 @@ import os
 import signal
 
 import pytest
-from conftest import DREAMBENCH
-from fixtures_pipeline import (  # noqa: F401  (session fixtures)
-    tiny_checkpoint_dir,
-    tiny_pipeline_dir,
-    write_embeds_with_subject,
-)
+from conftest import DOG
 
 from customshift_jax.cli.main import build_parser, main
 
-DOG = DREAMBENCH / "dog" / "00.jpg"
 SIZE = ["--height", "16", "--width", "24"]  # tiny VAE scale 2 x patch 2: latents 8 x 12
 
 
 @pytest.fixture(scope="module")
-def embeds_file(tiny_pipeline_dir, tmp_path_factory):  # noqa: F811
+def embeds_file(embeds_with_subject):
     """Two prompts' embeddings, with the subject's (no text encoders needed)."""
-    return write_embeds_with_subject(tiny_pipeline_dir, tmp_path_factory.mktemp("embeds"))
+    return embeds_with_subject
 
 
 @pytest.fixture
-def base(tiny_checkpoint_dir, embeds_file):  # noqa: F811
+def base(tiny_checkpoint_dir, embeds_file):
     return ["--checkpoint", str(tiny_checkpoint_dir), "--embeds", str(embeds_file), *SIZE, "--steps", "1"]
 
 
@@ -61,7 +55,7 @@ def test_non_finite_float_flags_are_refused_before_loading(flag, value, base, no
     assert not (tmp_path / "o").exists()
 
 
-def test_pipeline_api_refuses_non_finite_and_huge_batches(tiny_checkpoint_dir, embeds_file):  # noqa: F811
+def test_pipeline_api_refuses_non_finite_and_huge_batches(tiny_checkpoint_dir, embeds_file):
     from customshift_jax import CustomShiftPipeline
     from customshift_jax.text import PromptEmbeds
 
@@ -176,7 +170,7 @@ def test_text_file_as_reference_is_named(base, tmp_path, capsys):
     assert code == 2 and str(text) in line and "not an image" in line and "BytesIO" not in line, err
 
 
-def test_lora_of_another_model_is_one_short_line(base, tiny_checkpoint_dir, tmp_path, capsys):  # noqa: F811
+def test_lora_of_another_model_is_one_short_line(base, tiny_checkpoint_dir, tmp_path, capsys):
     """Case 25: about 700 characters of keys and shapes."""
     import jax
 
@@ -198,7 +192,7 @@ def test_lora_of_another_model_is_one_short_line(base, tiny_checkpoint_dir, tmp_
     assert code == 2 and "does not fit this model" in line and "unexpected" in line and len(line) < 400, line
 
 
-def test_empty_prompt_is_said_to_be_empty(tiny_checkpoint_dir, tmp_path, capsys):  # noqa: F811
+def test_empty_prompt_is_said_to_be_empty(tiny_checkpoint_dir, tmp_path, capsys):
     code, out, err = _run(capsys, "--checkpoint", str(tiny_checkpoint_dir), "--prompt", "", "--out",
                           str(tmp_path / "o"))
     assert code == 2 and "--prompt is empty" in _one_line(err), err
@@ -206,7 +200,7 @@ def test_empty_prompt_is_said_to_be_empty(tiny_checkpoint_dir, tmp_path, capsys)
 
 @pytest.mark.parametrize("flag", ["--prompts-file", "--embeds"])
 @pytest.mark.parametrize("kind", ["device", "FIFO"])
-def test_device_or_fifo_input_is_named(flag, kind, tiny_checkpoint_dir, tmp_path, capsys):  # noqa: F811
+def test_device_or_fifo_input_is_named(flag, kind, tiny_checkpoint_dir, tmp_path, capsys):
     path = "/dev/zero"
     if kind == "FIFO":
         path = str(tmp_path / "pipe")

@@ -5,15 +5,13 @@ import math
 
 import numpy as np
 import pytest
-from conftest import DREAMBENCH
-from fixtures_pipeline import tiny_checkpoint_dir, tiny_pipeline_dir  # noqa: F401  (session fixtures)
+from conftest import DOG
 from PIL import Image
 
 from customshift_jax import CustomShiftPipeline
 from customshift_jax.cli.main import main
 from customshift_jax.numerics import relative_error
 
-DOG = DREAMBENCH / "dog" / "00.jpg"
 PROMPTS = ["a dog on the beach", "a dog in the snow"]
 
 
@@ -32,7 +30,7 @@ def _pngs(images, n_prompts, n):
 
 
 @pytest.fixture(scope="module")
-def tiny(tiny_checkpoint_dir, tiny_pipeline_dir, tmp_path_factory):  # noqa: F811
+def tiny(tiny_checkpoint_dir, tiny_pipeline_dir, tmp_path_factory):
     """The tiny checkpoint as a pipeline (text encoders from the tiny diffusers folder), and its arguments."""
     cache = tmp_path_factory.mktemp("text")
     pipe = CustomShiftPipeline.from_pretrained(tiny_checkpoint_dir, text_encoders=tiny_pipeline_dir,
@@ -40,7 +38,7 @@ def tiny(tiny_checkpoint_dir, tiny_pipeline_dir, tmp_path_factory):  # noqa: F81
     return pipe, cache
 
 
-def test_tiny_pipeline_equals_generate_and_prefills_once(tiny, tiny_checkpoint_dir, tiny_pipeline_dir,  # noqa: F811
+def test_tiny_pipeline_equals_generate_and_prefills_once(tiny, tiny_checkpoint_dir, tiny_pipeline_dir,
                                                          tmp_path):
     pipe, cache = tiny
     (tmp_path / "prompts.txt").write_text("\n".join(PROMPTS) + "\n")
@@ -52,8 +50,8 @@ def test_tiny_pipeline_equals_generate_and_prefills_once(tiny, tiny_checkpoint_d
     kw = dict(subject="dog", num_images_per_prompt=2, num_inference_steps=2, guidance_scale=4.0, gamma=1.5, seed=3,
               height=16, width=24, max_sequence_length=16)
     calls = []
-    prefill = pipe._steps.reference_cache
-    pipe._steps.reference_cache = lambda *a: calls.append(1) or prefill(*a)  # counts the prefills that run
+    prefill = pipe.steps.reference_cache
+    pipe.steps.reference_cache = lambda *a: calls.append(1) or prefill(*a)  # counts the prefills that run
     try:
         images = pipe(PROMPTS, reference=str(DOG), **kw).images
         assert len(calls) == 1 and pipe.prefills == 1  # one reference, two prompts: one prefill
@@ -69,7 +67,7 @@ def test_tiny_pipeline_equals_generate_and_prefills_once(tiny, tiny_checkpoint_d
         pipe(PROMPTS[1], reference=str(DOG), **{**kw, "subject": "cat", "num_inference_steps": 1})
         assert len(calls) == 2 and pipe.prefills == 2  # another subject: a new cache
     finally:
-        pipe._steps.reference_cache = prefill
+        pipe.steps.reference_cache = prefill
 
 
 def test_world_model_pipeline_equals_generate(tmp_path):
@@ -99,7 +97,38 @@ def test_world_model_pipeline_equals_generate(tmp_path):
         np.testing.assert_array_equal(ours[name], pixels, err_msg=name)
 
 
-def test_attention_backend_reaches_the_model(tiny_checkpoint_dir, monkeypatch):  # noqa: F811
+def test_world_methods_draw_what_the_pipeline_draws():
+    """The world's demo and evaluation (`toyworld.methods.Generator`) sample through the pipeline's own
+    `sample_from_embeds`: with the same embeddings, reference and noise, its text-only and CustomShift images are
+    the pipeline's, pixel for pixel."""
+    from customshift_jax.text import PromptEmbeds
+    from customshift_jax.toyworld import world
+    from customshift_jax.toyworld.methods import WEIGHTS, Generator, WorldModel, noise_for
+
+    if not (WEIGHTS / "model").is_dir():
+        pytest.skip("no shipped world weights")
+    _, held = world.split_subjects(0)
+    star = next(s for s in held if s.name == "star")
+    reference = world.render(star, world.Context(scene=1, position=0, size=1), rng=0)  # uint8 (32, 32, 3)
+    model = WorldModel.load()
+    prompt = model.encode_text([world.caption("star", world.Context(0, 2, 1)),
+                                world.caption("star", world.Context(3, 1, 0))])
+    subject = model.encode_text(["star"])
+    noise = np.concatenate([np.asarray(noise_for(seed, 1)) for seed in (1, 2)])
+    generator = Generator(model, steps=3)
+    drawn = {"text only": generator.run("text only", noise, prompt), "customshift": generator.run(
+        "customshift", noise, prompt, reference=model.encode_images(np.stack([reference] * 2)),
+        subject=tuple(np.repeat(a, 2, axis=0) for a in subject), gamma=2.0)}
+    pipe = CustomShiftPipeline.from_pretrained(WEIGHTS / "model", lora=WEIGHTS / "customshift", progress=False)
+    kw = dict(prompt_embeds=PromptEmbeds(*prompt), height=32, width=32, num_inference_steps=3, guidance_scale=1.0,
+              latents=noise)
+    ours = {"text only": pipe(**kw).images,
+            "customshift": pipe(**kw, reference=reference, subject_embeds=subject, gamma=2.0).images}
+    for method, images in ours.items():
+        np.testing.assert_array_equal(np.stack([np.asarray(im) for im in images]), drawn[method], err_msg=method)
+
+
+def test_attention_backend_reaches_the_model(tiny_checkpoint_dir, monkeypatch):
     """attention="flash" runs the Pallas kernel (interpret mode on CPU) in the prefill and every step, and gives
     the xla backend's latents (the kernel's bound, 1e-5)."""
     from customshift_jax.models.mmdit import attention
@@ -169,7 +198,7 @@ def test_bad_call_arguments_are_one_line_errors_before_any_compile(tiny, kwargs,
     (dict(mesh="data=2", rules="zero3"), "unknown rule set"),
     (dict(lora="no/such/lora"), "lora: "),
 ])
-def test_bad_from_pretrained_arguments_fail_before_loading(tiny_checkpoint_dir, kwargs, message,  # noqa: F811
+def test_bad_from_pretrained_arguments_fail_before_loading(tiny_checkpoint_dir, kwargs, message,
                                                            monkeypatch):
     from customshift_jax import pipeline
 

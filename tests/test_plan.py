@@ -14,8 +14,6 @@ import pytest
 
 pytest.importorskip("libtpu")
 
-from fixtures_pipeline import tiny_checkpoint_dir, tiny_pipeline_dir  # noqa: E402,F401  (session fixtures)
-
 from customshift_jax.cli.main import main  # noqa: E402
 from customshift_jax.models.mmdit.config import get_preset  # noqa: E402
 from customshift_jax.parallel import sharding as shd  # noqa: E402
@@ -159,7 +157,7 @@ def test_sweep_grid_and_table_mark_the_fastest_that_fits():
     assert len(marked) == 1 and "fsdp_tp" in marked[0], lines  # dp is faster but does not fit
 
 
-def test_model_from_a_checkpoint_or_a_diffusers_folder(tiny_pipeline_dir, tiny_checkpoint_dir):  # noqa: F811
+def test_model_from_a_checkpoint_or_a_diffusers_folder(tiny_pipeline_dir, tiny_checkpoint_dir):
     from customshift_jax.cli.plan_cmd import model_config
     from customshift_jax.io.loading import load_transformer
 

@@ -12,7 +12,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from fixtures_pipeline import tiny_pipeline_dir  # noqa: F401 - pytest fixture
 from test_multiprocess import run_job
 
 from customshift_jax.numerics import relative_error
@@ -52,7 +51,7 @@ def assert_same_records(got: ShardDataset, want: ShardDataset) -> None:
             assert relative_error(a[k], b[k]) <= TOL, (i, k)
 
 
-def test_two_processes_write_what_one_process_writes(tmp_path, tiny_pipeline_dir):  # noqa: F811
+def test_two_processes_write_what_one_process_writes(tmp_path, tiny_pipeline_dir):
     """Each process runs `customshift prepare ... --mesh fsdp=4 --distributed` on a JSONL manifest, on a
     Subjects200K folder, and on a manifest whose bad images (all in process 1's share) make it fail: process 1
     stops at the second and both processes stop alike, keeping nothing (one job: each call after the first joins
@@ -108,7 +107,7 @@ def test_two_processes_write_what_one_process_writes(tmp_path, tiny_pipeline_dir
     assert not (tmp_path / "bad-two").exists()
 
 
-def test_one_process_on_a_mesh_equals_no_mesh(tmp_path, tiny_pipeline_dir):  # noqa: F811
+def test_one_process_on_a_mesh_equals_no_mesh(tmp_path, tiny_pipeline_dir):
     from customshift_jax.parallel import sharding as shd
     from customshift_jax.train.prepare import prepare
 
@@ -124,7 +123,7 @@ def test_one_process_on_a_mesh_equals_no_mesh(tmp_path, tiny_pipeline_dir):  # n
     assert not (tmp_path / "torch").exists()
 
 
-def test_bad_images_stop_the_stream_early_and_keep_no_shard(tmp_path, tiny_pipeline_dir, monkeypatch):  # noqa: F811
+def test_bad_images_stop_the_stream_early_and_keep_no_shard(tmp_path, tiny_pipeline_dir, monkeypatch):
     """20 records, the last 14 missing, 30 % allowed: the stop comes at the bad image that makes the manifest
     fail (7 of its 21 lines), with the good pairs already written as shards; those shards are removed, and the
     records after the stop are not read."""
@@ -181,7 +180,7 @@ def test_progress_without_a_terminal_says_where_it_is_without_flooding(monkeypat
                     "encoded 40/40 pairs (50s, 0.80 pairs/s)"]
 
 
-def test_an_interrupted_prepare_resumes_at_the_first_unfinished_shard(tmp_path, tiny_pipeline_dir, monkeypatch):  # noqa: F811
+def test_an_interrupted_prepare_resumes_at_the_first_unfinished_shard(tmp_path, tiny_pipeline_dir, monkeypatch):
     """7 records in 4 blocks of 2 (one image missing in the first), interrupted while writing the third: the rerun
     keeps the two finished shards, encodes only the last two blocks, and writes what an uninterrupted run writes,
     counts included; the same leftovers with other settings are redone whole."""

@@ -11,7 +11,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from fixtures_pipeline import tiny_pipeline_dir  # noqa: F401 - pytest fixture
 from test_prepare_multiprocess import write_manifest
 from train_fixtures import ROOT, write_synthetic_dataset
 
@@ -74,7 +73,7 @@ def test_checksums_cover_every_array_and_their_own_file(tmp_path):
 
 
 def test_resume_with_another_vae_at_the_same_path_redoes_the_shards(capsys, tmp_path, monkeypatch,
-                                                                    tiny_pipeline_dir):  # noqa: F811
+                                                                    tiny_pipeline_dir):
     """Case 11: prepare killed after some shards, the VAE checkpoint replaced at the same path, the same command
     rerun: "N finished shard(s) kept", shards of two VAEs mixed. The VAE's content is now in the fingerprint."""
     from safetensors.numpy import load_file, save_file
@@ -115,7 +114,7 @@ def test_resume_with_another_vae_at_the_same_path_redoes_the_shards(capsys, tmp_
     assert made_by["vae"].startswith("sha256:") and made_by["text_encoders"].startswith("sha256:")
 
 
-def test_prepare_names_the_records_it_skipped(capsys, tmp_path, tiny_pipeline_dir):  # noqa: F811
+def test_prepare_names_the_records_it_skipped(capsys, tmp_path, tiny_pipeline_dir):
     """README says skipped records are named; the summary line (and the index) now name them by file and line."""
     manifest = write_manifest(tmp_path, 4, missing=(2,))
     with warnings.catch_warnings():
@@ -142,23 +141,21 @@ def test_prepare_checks_its_numbers_before_reading_anything(capsys, tmp_path, fl
     assert "expected a number" in lines[0] and not (tmp_path / "out").exists()
 
 
-def test_prepare_pairs_the_images_of_subject_folders(capsys, tmp_path, tiny_pipeline_dir):  # noqa: F811
+def test_prepare_pairs_the_images_of_subject_folders(capsys, tmp_path, tiny_pipeline_dir, dreambench):
     """Case 26 (part): no example manifest and no way to build one from DreamBench's folders. --format folders
     pairs each image with the next of its subject folder, captioned with the folder's name."""
-    from conftest import DREAMBENCH
-
     from customshift_jax.train.data import BadCounter, records_from_folders
 
     counter = BadCounter()
     with pytest.warns(BadDataWarning, match="holds 1 image"):
         (tmp_path / "lonely").mkdir()
-        shutil.copyfile(DREAMBENCH / "cat" / "00.jpg", tmp_path / "lonely" / "00.jpg")
-        shutil.copytree(DREAMBENCH / "backpack_dog", tmp_path / "backpack_dog")
+        shutil.copyfile(dreambench / "cat" / "00.jpg", tmp_path / "lonely" / "00.jpg")
+        shutil.copytree(dreambench / "backpack_dog", tmp_path / "backpack_dog")
         records = records_from_folders(tmp_path, counter)
     n = len(list((tmp_path / "backpack_dog").glob("*.jpg")))
     assert len(records) == counter.total == n and records[0].caption == "a photo of a backpack dog"
     assert records[0].reference.endswith(f"0{n - 1}.jpg") and records[0].target.endswith("00.jpg")
-    assert main(["prepare", str(DREAMBENCH / "dog"), str(tmp_path / "out"), "--format", "folders", "--checkpoint",
+    assert main(["prepare", str(dreambench / "dog"), str(tmp_path / "out"), "--format", "folders", "--checkpoint",
                  str(tiny_pipeline_dir), "--text-encoders", str(tiny_pipeline_dir), "--size", "16",
                  "--max-sequence-length", "8", "--no-progress"]) == 0
-    assert len(ShardDataset(tmp_path / "out")) == len(list((DREAMBENCH / "dog").glob("*.jpg")))
+    assert len(ShardDataset(tmp_path / "out")) == len(list((dreambench / "dog").glob("*.jpg")))

@@ -3,7 +3,6 @@ import re
 from pathlib import Path
 
 import numpy as np
-from fixtures_pipeline import tiny_pipeline_dir  # noqa: F401
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 
@@ -12,7 +11,7 @@ def python_blocks() -> list[str]:
     return re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
 
 
-def test_readme_python_blocks_run(tiny_pipeline_dir):  # noqa: F811
+def test_readme_python_blocks_run(tiny_pipeline_dir):
     blocks = python_blocks()
     assert blocks, "README has no python block"
     scopes = []
@@ -20,9 +19,9 @@ def test_readme_python_blocks_run(tiny_pipeline_dir):  # noqa: F811
         scope: dict = {}
         exec(compile(code.replace("/tmp/tiny-sd3", str(tiny_pipeline_dir)), "README.md", "exec"), scope)
         scopes.append(scope)
-        if "sample" in scope:
-            assert np.all(np.isfinite(np.asarray(scope["sample"]))), "README's sample is not finite"
     _check_first_block(scopes[0])
+    (api,) = [scope for scope in scopes if "sample" in scope]
+    _check_api_block(api)
 
 
 def _check_first_block(scope: dict) -> None:
@@ -37,6 +36,21 @@ def _check_first_block(scope: dict) -> None:
     for factor in ("scene", "position", "size"):
         assert list(read[factor]) == [getattr(c, factor) for c in contexts], (factor, read[factor])
     assert list(read["body"]) == [star.body] * 2, read["body"]
+
+
+def _check_api_block(scope: dict) -> None:
+    """README's API block: its `sample` (the CustomShift forward at gamma 1) is the latents' shape and finite, the
+    reference moves it away from the base model, and gamma=0 gives the base model exactly, as its comment says."""
+    import customshift_jax as cs
+    from customshift_jax.customshift import customshift_apply
+
+    sample = np.asarray(scope["sample"])
+    assert sample.shape == scope["latents"].shape and np.all(np.isfinite(sample)), sample.shape
+    args = [scope[name] for name in ("config", "params", "latents")] + [500.0, scope["prompt_embeds"], scope["pooled"]]
+    base = np.asarray(cs.mmdit_apply(*args))
+    assert np.max(np.abs(sample - base)) > 1e-3  # the reference cache changes the prediction
+    off = customshift_apply(*args, scope["cache"], cgb_lora=scope["cgb"], lora=scope["lora"], gamma=0.0)
+    np.testing.assert_array_equal(np.asarray(off), base)
 
 
 # ------------------------------------------------------------------------------------------- bash blocks

@@ -9,20 +9,10 @@ import functools
 import jax
 import numpy as np
 import pytest
-from conftest import rel_err
+from conftest import DYNAMIC_SHIFT, rel_err
 
 torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
-
-from fixtures_sampler import (  # noqa: E402,F401
-    DYNAMIC_SHIFT,
-    dynamic_pipe,
-    sampler_dynamic_dir,
-    sampler_sd3m_dir,
-    sampler_sd35m_dir,
-    sd3m_pipe,
-    sd35m_pipe,
-)
 
 from customshift_jax.io.loading import load_transformer  # noqa: E402
 from customshift_jax.sampling import (  # noqa: E402

@@ -9,7 +9,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from fixtures_pipeline import tiny_pipeline_dir  # noqa: F401 - pytest fixture
 
 from customshift_jax.train.data import BadCounter, BadDataWarning, ShardDataset
 from customshift_jax.train.subjects200k import Subjects200KOptions, Subjects200KSource
@@ -167,7 +166,7 @@ def test_missing_column_or_field_is_refused_by_name(tmp_path, capsys):
     assert "--collections apply to --format subjects200k only" in capsys.readouterr().err
 
 
-def test_prepare_subjects200k_end_to_end(tmp_path, tiny_pipeline_dir):  # noqa: F811 - the fixture
+def test_prepare_subjects200k_end_to_end(tmp_path, tiny_pipeline_dir):
     """The CLI writes shards whose latents are the VAE's of the expected views and whose embeddings are the
     encoders' of the expected captions and subject names; the index counts filtered and skipped rows."""
     import jax

@@ -12,7 +12,6 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("diffusers")
 
-from fixtures_pipeline import tiny_pipeline_dir, tiny_sd3_pipe  # noqa: F401
 
 from customshift_jax.cli.main import main
 from customshift_jax.io.checkpoint import checkpoint_components, checkpoint_folders, load_checkpoint
@@ -30,7 +29,7 @@ PROMPTS = ["a sks dog wearing a santa hat", "a red backpack on top of a purple r
 
 
 @pytest.fixture(scope="module")
-def full_ckpt(tiny_pipeline_dir, tmp_path_factory):  # noqa: F811
+def full_ckpt(tiny_pipeline_dir, tmp_path_factory):
     """The tiny pipeline converted with its transformer, VAE and text encoders."""
     dst = tmp_path_factory.mktemp("text_ckpt") / "full"
     assert main(["convert", str(tiny_pipeline_dir), str(dst), "--components", "transformer,vae,text_encoders",
@@ -42,7 +41,7 @@ def _convert_text(src, dst) -> int:
     return main(["convert", str(src), str(dst), "--components", "text_encoders", "--no-progress"])
 
 
-def test_convert_stores_encoders_and_tokenizers_and_encode_equals_transformers(full_ckpt, tiny_pipeline_dir):  # noqa: F811
+def test_convert_stores_encoders_and_tokenizers_and_encode_equals_transformers(full_ckpt, tiny_pipeline_dir):
     assert checkpoint_components(full_ckpt) == ["transformer", "vae", *ENCODERS]
     assert checkpoint_folders(full_ckpt) == TOKENIZERS
     for name in ENCODERS:  # the transformers config.json, as it was
@@ -59,7 +58,7 @@ def test_convert_stores_encoders_and_tokenizers_and_encode_equals_transformers(f
     assert ours.identity != JaxTextEncoders.from_pretrained(tiny_pipeline_dir).identity
 
 
-def test_text_encoders_alone_and_a_flipped_byte_refused_by_name(tiny_pipeline_dir, tmp_path):  # noqa: F811
+def test_text_encoders_alone_and_a_flipped_byte_refused_by_name(tiny_pipeline_dir, tmp_path):
     ckpt = tmp_path / "text"
     assert _convert_text(tiny_pipeline_dir, ckpt) == 0
     assert checkpoint_components(ckpt) == ENCODERS
@@ -98,7 +97,7 @@ def _pipeline_copy(src, dst):
     ("truncated", r"text_encoder_3/model\.safetensors.*truncated"),
     ("no_clip_g", r"no text_encoder_2/ folder; --components text_encoders needs"),
 ])
-def test_convert_refuses_a_bad_source_by_name(tiny_pipeline_dir, tmp_path, capsys, damage, message):  # noqa: F811
+def test_convert_refuses_a_bad_source_by_name(tiny_pipeline_dir, tmp_path, capsys, damage, message):
     src = tmp_path / "src"
     tensors = _pipeline_copy(tiny_pipeline_dir, src)
     key, file = "encoder.block.1.layer.1.DenseReluDense.wo.weight", src / "text_encoder_3" / "model.safetensors"
@@ -119,7 +118,7 @@ def test_convert_refuses_a_bad_source_by_name(tiny_pipeline_dir, tmp_path, capsy
     assert not (tmp_path / "dst").exists()
 
 
-def test_generate_from_the_checkpoint_equals_torch_on_the_source(full_ckpt, tiny_pipeline_dir, tmp_path, capsys):  # noqa: F811
+def test_generate_from_the_checkpoint_equals_torch_on_the_source(full_ckpt, tiny_pipeline_dir, tmp_path, capsys):
     """No --text-encoders, default backend: the checkpoint's encoders in JAX; against PyTorch on the source."""
     assert resolve_text_backend(full_ckpt) == "jax" and resolve_text_backend(tiny_pipeline_dir) == "torch"
     common = ["generate", "--checkpoint", str(full_ckpt), "--prompt", "a dog on the beach", "--height", "16",
@@ -132,7 +131,7 @@ def test_generate_from_the_checkpoint_equals_torch_on_the_source(full_ckpt, tiny
     assert relative_error(np.load(tmp_path / "ckpt.npy"), np.load(tmp_path / "torch.npy")) <= TOL
 
 
-def test_export_writes_encoders_diffusers_loads(full_ckpt, tiny_pipeline_dir, tiny_sd3_pipe, tmp_path):  # noqa: F811
+def test_export_writes_encoders_diffusers_loads(full_ckpt, tiny_pipeline_dir, tiny_sd3_pipe, tmp_path):
     from diffusers import StableDiffusion3Pipeline
 
     out = tmp_path / "export"

@@ -8,7 +8,6 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("diffusers")
 
 from conftest import rel_err  # noqa: E402
-from fixtures_pipeline import tiny_pipeline_dir, tiny_pipeline_dir_no_text, tiny_sd3_pipe  # noqa: E402,F401
 
 from customshift_jax.text import CachedTextEncoder, PromptEmbeds, TextEncoders  # noqa: E402
 
@@ -149,12 +148,42 @@ def test_cache_hits_skip_the_encoders(tmp_path, encoders):
     assert not list((tmp_path / "cache").rglob("*.tmp"))
 
 
-def test_cache_key_depends_on_encoder_identity(tmp_path, tiny_pipeline_dir):
-    from customshift_jax.text import folder_identity
+def test_cache_key_depends_on_encoder_identity(tmp_path, encoders, tiny_pipeline_dir):
+    """Encoders of other weights or another dtype (another `identity`) sharing a cache folder never read each
+    other's entries, each reads back its own, and clip_skip is part of the key: a key without any of these would
+    hand one encoder the other's embeddings, which differ here."""
+    import shutil
 
-    a = folder_identity(tiny_pipeline_dir, ["text_encoder", "tokenizer"])
-    b = folder_identity(tiny_pipeline_dir, ["text_encoder", "tokenizer"], extra={"dtype": "float16"})
-    assert a != b and a == folder_identity(tiny_pipeline_dir, ["text_encoder", "tokenizer"])
+    changed = tmp_path / "changed"
+    shutil.copytree(tiny_pipeline_dir, changed)
+    (changed / "text_encoder" / "config.json").write_text(
+        (changed / "text_encoder" / "config.json").read_text() + "\n")  # the same weights, another config file
+    names = {"fp32": encoders.identity, "changed": TextEncoders.from_pretrained(changed).identity,
+             "fp16": TextEncoders.from_pretrained(tiny_pipeline_dir, dtype="float16").identity}
+    assert len(set(names.values())) == 3 and names["fp32"] == TextEncoders.from_pretrained(tiny_pipeline_dir).identity
+    calls = []
+
+    class Scaled:
+        """The tiny encoders' output times `scale`, under `identity`: what a cache hit returns tells whose it is."""
+
+        def __init__(self, name, scale):
+            self.name, self.scale, self.identity = name, scale, names[name]
+
+        def encode_batch(self, prompts, **kw):
+            calls.append((self.name, kw["clip_skip"]))
+            embeds, pooled = encoders.encode_batch(prompts, **kw)
+            return embeds * self.scale, pooled * self.scale
+
+    cache = tmp_path / "cache"
+    got = {}
+    for name, scale in (("fp32", 1.0), ("fp16", 2.0), ("changed", 3.0), ("fp32", 1.0)):
+        got[name] = CachedTextEncoder(Scaled(name, scale), cache).encode_batch(PROMPTS[:1], max_sequence_length=8)
+    assert calls == [("fp32", None), ("fp16", None), ("changed", None)]  # the second fp32 encoder: all hits
+    for name, scale in (("fp16", 2.0), ("changed", 3.0)):
+        for ours, base in zip(got[name], got["fp32"]):
+            np.testing.assert_array_equal(ours, np.float32(scale) * base, err_msg=name)
+    CachedTextEncoder(Scaled("fp32", 1.0), cache).encode_batch(PROMPTS[:1], max_sequence_length=8, clip_skip=1)
+    assert calls[-1] == ("fp32", 1)  # another clip_skip: another key
 
 
 def test_npz_roundtrip_and_missing_array(tmp_path, encoders):

@@ -13,7 +13,6 @@ pytest.importorskip("diffusers")
 import jax
 import jax.numpy as jnp
 from conftest import rel_err
-from fixtures_pipeline import tiny_pipeline_dir, tiny_sd3_pipe  # noqa: F401
 
 from customshift_jax.io.safetensors import SafetensorsFile, write_safetensors
 from customshift_jax.parallel.sharding import make_mesh
@@ -28,7 +27,7 @@ LONG = " ".join(["a shiny red dog on the beach with a mountain in the background
 
 
 @pytest.fixture(scope="module")
-def jax_encoders(tiny_pipeline_dir) -> JaxTextEncoders:  # noqa: F811
+def jax_encoders(tiny_pipeline_dir) -> JaxTextEncoders:
     return JaxTextEncoders.from_pretrained(tiny_pipeline_dir)
 
 
@@ -60,7 +59,7 @@ def _check_t5(folder, ids):
     assert rel_err(ours, ref.last_hidden_state.numpy()) <= TOL
 
 
-def test_each_encoder_matches_transformers(tiny_pipeline_dir):  # noqa: F811
+def test_each_encoder_matches_transformers(tiny_pipeline_dir):
     """Every hidden state, the pooled projection (first-EOS rule: EOS ids placed early) and T5's output."""
     rng = np.random.default_rng(0)
     for name in ("text_encoder", "text_encoder_2"):
@@ -106,7 +105,7 @@ def test_real_width_t5_xxl_one_layer(tmp_path):
     _check_t5(tmp_path / "t5", np.random.default_rng(2).integers(0, 1000, (1, 160)))
 
 
-def test_generate_text_backend_jax_equals_torch(tiny_pipeline_dir, tmp_path, capsys):  # noqa: F811
+def test_generate_text_backend_jax_equals_torch(tiny_pipeline_dir, tmp_path, capsys):
     """`customshift generate --text-backend jax` gives the latents of `--text-backend torch` (tiny pipeline)."""
     from customshift_jax.cli.main import main
 
@@ -130,7 +129,7 @@ def _reference(pipe, prompts, negatives, **kw):
     {"do_classifier_free_guidance": True, "num_images_per_prompt": 2, "max_sequence_length": 40},
     {"do_classifier_free_guidance": False, "num_images_per_prompt": 1, "max_sequence_length": 8, "clip_skip": 1},
 ])
-def test_encode_prompt_matches_diffusers(jax_encoders, tiny_sd3_pipe, kw):  # noqa: F811
+def test_encode_prompt_matches_diffusers(jax_encoders, tiny_sd3_pipe, kw):
     prompts = PROMPTS + [LONG]  # truncated in both CLIPs and T5
     negatives = ["blurry", "", "low quality", "a cat"] if kw["do_classifier_free_guidance"] else None
     ref = _reference(tiny_sd3_pipe, prompts, negatives, **kw)
@@ -143,7 +142,7 @@ def test_encode_prompt_matches_diffusers(jax_encoders, tiny_sd3_pipe, kw):  # no
             assert got.shape == expected.shape and rel_err(got, expected) <= TOL, name
 
 
-def test_batches_padded_to_buckets(tiny_pipeline_dir):  # noqa: F811
+def test_batches_padded_to_buckets(tiny_pipeline_dir):
     """5 prompts over buckets (2, 4) run as a 4 and a 1 padded to 2; 3 prompts then reuse bucket 4's compile."""
     small = JaxTextEncoders.from_pretrained(tiny_pipeline_dir, batch_buckets=(2, 4))
     exact = TextEncoders.from_pretrained(tiny_pipeline_dir)
@@ -154,7 +153,7 @@ def test_batches_padded_to_buckets(tiny_pipeline_dir):  # noqa: F811
     assert small.compiled_shapes == 2
 
 
-def test_bf16_error_beside_torch_bf16(tiny_pipeline_dir):  # noqa: F811
+def test_bf16_error_beside_torch_bf16(tiny_pipeline_dir):
     """bf16 (norms and softmax in fp32): our error against fp32 PyTorch is at most PyTorch bf16's own."""
     exact = TextEncoders.from_pretrained(tiny_pipeline_dir).encode_batch(PROMPTS, max_sequence_length=32)
     torch_bf16 = TextEncoders.from_pretrained(tiny_pipeline_dir, dtype="bfloat16").encode_batch(
@@ -172,7 +171,7 @@ def _copy_t5(src, dst):
     return {k: np.array(st.get(k)) for k in st.keys()}  # noqa: SIM118 (no __iter__)
 
 
-def test_loader_refuses_by_name(tiny_pipeline_dir, tmp_path):  # noqa: F811
+def test_loader_refuses_by_name(tiny_pipeline_dir, tmp_path):
     tensors = _copy_t5(tiny_pipeline_dir, tmp_path / "missing")
     key = "encoder.block.1.layer.1.DenseReluDense.wo.weight"
     write_safetensors(tmp_path / "missing" / "model.safetensors", {k: v for k, v in tensors.items() if k != key})
@@ -192,7 +191,7 @@ def test_loader_refuses_by_name(tiny_pipeline_dir, tmp_path):  # noqa: F811
         load_encoder_params(tmp_path / "extra")
 
 
-def test_sharded_index_loads_and_a_truncated_shard_is_refused(tiny_pipeline_dir, tmp_path):  # noqa: F811
+def test_sharded_index_loads_and_a_truncated_shard_is_refused(tiny_pipeline_dir, tmp_path):
     import json
 
     folder = tmp_path / "sharded"
@@ -218,7 +217,7 @@ def test_sharded_index_loads_and_a_truncated_shard_is_refused(tiny_pipeline_dir,
 
 
 @pytest.mark.parametrize("rules,sizes", [("fsdp", {"fsdp": 8}), ("fsdp_tp", {"data": 2, "fsdp": 2, "tensor": 2})])
-def test_sharded_encode_equals_unsharded(tiny_pipeline_dir, jax_encoders, rules, sizes):  # noqa: F811
+def test_sharded_encode_equals_unsharded(tiny_pipeline_dir, jax_encoders, rules, sizes):
     mesh = make_mesh(**sizes)
     sharded = JaxTextEncoders.from_pretrained(tiny_pipeline_dir, mesh=mesh, rules=rules)
     kernel = sharded.params["text_encoder_3"]["encoder"]["block"]["layer_1"]["DenseReluDense"]["wi_0"]["kernel"]
@@ -230,7 +229,7 @@ def test_sharded_encode_equals_unsharded(tiny_pipeline_dir, jax_encoders, rules,
         assert a.shape == b.shape and rel_err(a, b) <= TOL
 
 
-def test_encode_text_backend_jax_equals_torch(tiny_pipeline_dir, tmp_path):  # noqa: F811
+def test_encode_text_backend_jax_equals_torch(tiny_pipeline_dir, tmp_path):
     """`customshift encode --text-backend jax` writes the arrays of `--text-backend torch`."""
     from customshift_jax.cli.main import main
 
@@ -244,17 +243,17 @@ def test_encode_text_backend_jax_equals_torch(tiny_pipeline_dir, tmp_path):  # n
             assert rel_err(got[name], want[name]) <= TOL, name
 
 
-def test_prepare_text_backend_jax_writes_the_same_shards(tiny_pipeline_dir, tmp_path):  # noqa: F811
+def test_prepare_text_backend_jax_writes_the_same_shards(tiny_pipeline_dir, tmp_path):
     """`prepare --text-backend jax` writes the shards `--text-backend torch` writes: latents bit for bit (the same
     VAE path), the caption and subject embeddings within 1e-5."""
     import json
 
-    from conftest import DREAMBENCH
+    from conftest import DOG
 
     from customshift_jax.cli.main import main
     from customshift_jax.train.data import ShardDataset
 
-    dog = sorted((DREAMBENCH / "dog").glob("*.jpg"))
+    dog = sorted(DOG.parent.glob("*.jpg"))
     manifest = tmp_path / "m.jsonl"
     manifest.write_text("".join(json.dumps({"reference": str(dog[i]), "target": str(dog[i + 1]), "subject": "dog",
                                             "caption": PROMPTS[i]}) + "\n" for i in range(2)))

@@ -14,7 +14,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from fixtures_pipeline import tiny_checkpoint_dir, tiny_pipeline_dir  # noqa: F401  (session fixtures)
 from PIL import Image
 
 from customshift_jax.cli.main import main
@@ -27,7 +26,7 @@ SIZE = ["--height", "16", "--width", "24", "--steps", "1"]
 
 
 @pytest.fixture(scope="module")
-def recorded_checkpoint(tiny_pipeline_dir, tmp_path_factory):  # noqa: F811
+def recorded_checkpoint(tiny_pipeline_dir, tmp_path_factory):
     """The tiny pipeline converted to our checkpoint recording T5 length 12 (`convert --max-sequence-length`)."""
     dst = tmp_path_factory.mktemp("recorded") / "ckpt"
     assert main(["convert", str(tiny_pipeline_dir), str(dst), "--max-sequence-length", str(RECORDED),
@@ -71,7 +70,7 @@ def _generate(capsys, tmp_path, name, *argv) -> tuple[dict, list[str], dict[str,
     return json.loads((tmp_path / name / "settings.json").read_text()), notes, lengths
 
 
-def test_generate_encodes_at_the_checkpoints_recorded_length(recorded_checkpoint, tiny_pipeline_dir,  # noqa: F811
+def test_generate_encodes_at_the_checkpoints_recorded_length(recorded_checkpoint, tiny_pipeline_dir,
                                                              tmp_path, capsys):
     common = ["--checkpoint", str(recorded_checkpoint), "--text-encoders", str(tiny_pipeline_dir),
               "--prompt", "a dog on the beach"]
@@ -87,7 +86,7 @@ def test_generate_encodes_at_the_checkpoints_recorded_length(recorded_checkpoint
     assert notes == []  # the recorded value given explicitly: nothing to say
 
 
-def test_a_checkpoint_that_records_nothing_keeps_256(tiny_checkpoint_dir, tiny_pipeline_dir, tmp_path,  # noqa: F811
+def test_a_checkpoint_that_records_nothing_keeps_256(tiny_checkpoint_dir, tiny_pipeline_dir, tmp_path,
                                                      capsys):
     settings, notes, lengths = _generate(capsys, tmp_path, "plain", "--checkpoint", str(tiny_checkpoint_dir),
                                          "--text-encoders", str(tiny_pipeline_dir), "--prompt", "a dog",
@@ -95,7 +94,7 @@ def test_a_checkpoint_that_records_nothing_keeps_256(tiny_checkpoint_dir, tiny_p
     assert settings["max_sequence_length"] == 256 and lengths == {"a dog": 256} and notes == []
 
 
-def test_a_loras_recorded_length_wins_with_a_note(recorded_checkpoint, tiny_pipeline_dir, reference_png,  # noqa: F811
+def test_a_loras_recorded_length_wins_with_a_note(recorded_checkpoint, tiny_pipeline_dir, reference_png,
                                                   tmp_path, capsys):
     lora = _lora(tmp_path / "lora", recorded_checkpoint, 10)
     settings, notes, lengths = _generate(
@@ -107,7 +106,7 @@ def test_a_loras_recorded_length_wins_with_a_note(recorded_checkpoint, tiny_pipe
     assert len(notes) == 1 and "using the LoRA's" in notes[0] and "T5 length 10" in notes[0], notes
 
 
-def test_encode_uses_the_recorded_length(recorded_checkpoint, tiny_pipeline_dir, tmp_path, capsys):  # noqa: F811
+def test_encode_uses_the_recorded_length(recorded_checkpoint, tiny_pipeline_dir, tmp_path, capsys):
     folder = tmp_path / "encoders"  # the tiny diffusers folder's encoders beside a marker that records 12
     shutil.copytree(tiny_pipeline_dir, folder)
     shutil.copy(recorded_checkpoint / "customshift_checkpoint.json", folder)
@@ -122,7 +121,7 @@ def test_encode_uses_the_recorded_length(recorded_checkpoint, tiny_pipeline_dir,
     assert len(notes) == 1 and "--max-sequence-length 8 differs from the 12" in notes[0], notes
 
 
-def test_prepare_encodes_at_the_checkpoints_recorded_length(recorded_checkpoint, tiny_pipeline_dir,  # noqa: F811
+def test_prepare_encodes_at_the_checkpoints_recorded_length(recorded_checkpoint, tiny_pipeline_dir,
                                                             reference_png, tmp_path, capsys):
     manifest = tmp_path / "m.jsonl"
     manifest.write_text(json.dumps({"reference": str(reference_png), "target": str(reference_png), "subject": "dog",
@@ -139,7 +138,7 @@ def test_prepare_encodes_at_the_checkpoints_recorded_length(recorded_checkpoint,
     assert len(notes) == 1 and "--max-sequence-length 8 differs from the 12" in notes[0], notes
 
 
-def test_pipeline_api_uses_the_record_and_warns_on_another(recorded_checkpoint, tiny_pipeline_dir):  # noqa: F811
+def test_pipeline_api_uses_the_record_and_warns_on_another(recorded_checkpoint, tiny_pipeline_dir):
     from customshift_jax import CustomShiftPipeline
 
     pipe = CustomShiftPipeline.from_pretrained(recorded_checkpoint, text_encoders=tiny_pipeline_dir, progress=False)

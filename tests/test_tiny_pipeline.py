@@ -8,7 +8,6 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("diffusers")
 
-from fixtures_pipeline import tiny_pipeline_dir, tiny_pipeline_dir_no_text, tiny_sd3_pipe  # noqa: E402,F401
 
 from customshift_jax.testing import (  # noqa: E402
     DEFAULT_TRANSFORMER_CONFIG,

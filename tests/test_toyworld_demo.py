@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
+from PIL import Image
 
 from customshift_jax.cli.main import main
 from customshift_jax.toyworld.methods import WEIGHTS
@@ -30,8 +32,8 @@ def demo(tmp_path_factory):
 
 
 def test_demo_writes_grid_images_and_json(demo):
-    assert (demo / "grid.png").stat().st_size > 0
     subjects = json.loads((demo / "subjects.json").read_text())["subjects"]
+    _check_grid(demo, subjects)
     assert len(subjects) == SUBJECTS
     for s in subjects:
         assert len(s["body_rgb"]) == 3 and len(s["accent_rgb"]) == 3
@@ -39,6 +41,25 @@ def test_demo_writes_grid_images_and_json(demo):
                                                       "customshift"}
         for i in s["images"]:
             assert (demo / i["file"]).is_file() and {"scene", "position", "size"} <= set(i)
+
+
+def _check_grid(demo, subjects) -> None:
+    """grid.png decodes, is one row a subject and one column a method (after the reference), each tile being that
+    image's PNG drawn SCALE times larger, beside the labels' margins (`figures.grid`: 150 px left, 34 px top,
+    4 px between tiles)."""
+    from customshift_jax.toyworld.figures import SCALE
+
+    with Image.open(demo / "grid.png") as im:
+        grid = np.asarray(im.convert("RGB"))  # decodes the whole file
+    columns = 1 + len(subjects[0]["images"])
+    cell, pad, top, left = 32 * SCALE, 4, 34, 150
+    assert grid.shape == (top + SUBJECTS * (cell + pad), left + columns * (cell + pad), 3), grid.shape
+    for i in (0, SUBJECTS - 1):
+        files = [subjects[i]["reference"]["file"]] + [e["file"] for e in subjects[i]["images"]]
+        for j, file in enumerate(files):
+            y, x = top + i * (cell + pad), left + j * (cell + pad)
+            tile = np.asarray(Image.open(demo / file).convert("RGB")).repeat(SCALE, 0).repeat(SCALE, 1)
+            np.testing.assert_array_equal(grid[y:y + cell, x:x + cell], tile, err_msg=f"subject {i}, {file}")
 
 
 def test_demo_scores(demo):

@@ -7,7 +7,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from fixtures_pipeline import tiny_pipeline_dir  # noqa: F401 - pytest fixture
 from train_fixtures import write_synthetic_dataset
 
 from customshift_jax.train.config import load_config

@@ -8,7 +8,6 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
-from fixtures_pipeline import tiny_pipeline_dir_no_text  # noqa: F401 - pytest fixture
 from train_fixtures import ROOT, write_synthetic_dataset
 
 from customshift_jax.train.config import load_config

@@ -1,7 +1,7 @@
 """Generate a benchmark's whole image set with CustomShift: DreamBench (30 subjects x 25 prompts) or CustomConcept101.
 
 Examples:
-  customshift bench-generate --data ../shared/data/dreambench --checkpoint ckpt/ --lora lora/ --out bench/ours
+  customshift bench-generate --data dreambooth/dataset --checkpoint ckpt/ --lora lora/ --out bench/ours
   customshift bench-generate --data dreambench/ --checkpoint ckpt/ --out bench/ours --shard 0/4   # on host 0 of 4
   customshift bench-generate --benchmark customconcept101 --data CustomConcept101/ --checkpoint ckpt/ --out cc/
 

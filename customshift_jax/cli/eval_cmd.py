@@ -1,7 +1,7 @@
 """Score generated images on DreamBench or CustomConcept101: DINO, CLIP-I, CLIP-T and CLIPScore.
 
 Examples:
-  customshift eval --data ../shared/data/dreambench --images bench/ours --dino dino-vits16/ --clip clip-vit-b-32/
+  customshift eval --data dreambooth/dataset --images bench/ours --dino dino-vits16/ --clip clip-vit-b-32/
   customshift eval --data dreambench/ --manifest uno/images.csv --reference-rule first --dino ... --clip ... --out uno/
   customshift eval --compare bench/ours/scores.json uno/scores.json
 

@@ -16,7 +16,7 @@ this process's devices, e.g. T5-XXL with --mesh fsdp=8 on one 8-chip host. A job
 slice, a GPU cluster): give every process the same command with --distributed; each encodes its share of the
 records on its own devices and process 0 writes one index, in the manifest's order (OUT on a shared filesystem).
   JAX_COORDINATOR_ADDRESS=10.0.0.1:1234 JAX_NUM_PROCESSES=4 JAX_PROCESS_ID=$RANK \\
-  customshift prepare pairs.jsonl /shared/prepared --checkpoint ckpt/ --text-encoders ckpt/ \\
+  customshift prepare pairs.jsonl /mnt/disks/data/prepared --checkpoint ckpt/ --text-encoders ckpt/ \\
       --text-backend jax --mesh fsdp=-1 --distributed
 
 --format subjects200k: MANIFEST is a local folder of Subjects200K's parquet shards (as downloaded from the hub),

@@ -11,10 +11,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from customshift_jax.customshift_pipeline import sample_from_embeds, text_conditioning
 from customshift_jax.io.lora_files import from_state_dict, load_lora_files
 from customshift_jax.io.text_settings import checkpoint_text_settings, lora_text_settings, stderr_note
 from customshift_jax.pipeline import Pipeline, load_components
-from customshift_jax.sampling import Conditioning
 from customshift_jax.sampling.sampler import initial_latents
 from customshift_jax.sampling.schedule import make_schedule
 from customshift_jax.text import TextEncoders
@@ -97,11 +97,6 @@ class Generator:
         self.zeroed = {name: (model.loras[name][0], *jax.tree_util.tree_map(jnp.zeros_like, model.loras[name][1:]))
                        for name, _, zeroed in METHODS.values() if zeroed}
 
-    def _cond(self, embeds: np.ndarray, pooled: np.ndarray):
-        if self.guidance > 1:  # training drops the text to zeros: zeros are the unconditional input
-            return Conditioning(embeds, pooled, np.zeros_like(embeds), np.zeros_like(pooled))
-        return Conditioning(embeds, pooled)
-
     def run(self, method: str, noise: jax.Array, prompt: tuple[np.ndarray, np.ndarray], *,
             reference: jax.Array | None = None, subject: tuple[np.ndarray, np.ndarray] | None = None,
             gamma: float = 1.0) -> np.ndarray:
@@ -109,17 +104,16 @@ class Generator:
         reference methods the reference latents (B, 4, 16, 16) and the subject name's embeddings."""
         if method not in METHODS:
             raise ValueError(f"unknown method {method!r}; expected one of {list(METHODS)}.")
-        cond = self._cond(*prompt)
+        cond = text_conditioning(*prompt, guidance=self.guidance)  # negatives: zeros, as training drops the text
         lora_name, shift, zeroed = METHODS[method]
         m = self.model
         if shift is None:
-            return to_uint8(self.base.sample(m.params, noise, cond, self.schedule, guidance=self.guidance,
-                                             vae_params=m.vae_params))
+            return to_uint8(sample_from_embeds(self.base, m.params, cond, self.schedule, guidance=self.guidance,
+                                               latents=noise, vae_params=m.vae_params))
         _, rab, cgb = self.zeroed[lora_name] if zeroed else m.loras[lora_name]
-        pipe = self.pipes[lora_name]
-        kv = pipe.reference_cache(m.params, rab, reference, *subject)
-        return to_uint8(pipe.sample(m.params, noise, cond, self.schedule, guidance=self.guidance, cgb=cgb,
-                                    ref_kv=kv, gamma=gamma, vae_params=m.vae_params))
+        return to_uint8(sample_from_embeds(self.pipes[lora_name], m.params, cond, self.schedule,
+                                           guidance=self.guidance, latents=noise, vae_params=m.vae_params, rab=rab,
+                                           cgb=cgb, reference=reference, subject=subject, gamma=gamma))
 
 
 def noise_for(seed: int, n: int) -> jax.Array:

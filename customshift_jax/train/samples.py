@@ -3,8 +3,9 @@
 Everything a sample needs is fixed when training starts: the prompt embeddings (prepared records' captions or
 an `--embeds`-style .npz, so no text encoder runs in the training process), the reference latents and subject
 embeddings, and the initial noise (from `sample.seed`). Each call runs the RAB prefill with the current RAB
-LoRA and the CustomShift sampler with the current CGB LoRA; it reads neither the training RNG nor the data
-iterator, so sampling never changes what training computes. In train.mode=base (`BaseTrainingSampler`) the
+LoRA and the CustomShift sampler with the current CGB LoRA (`customshift_pipeline.sample_from_embeds`, as
+`CustomShiftPipeline` samples); it reads neither the training RNG nor the data iterator, so sampling never
+changes what training computes. In train.mode=base (`BaseTrainingSampler`) the
 prompts alone drive the plain SD3 sampler with the base weights being trained (their EMA when one is kept);
 `sample.reference`, `sample.subject` and `sample.gamma` are not used there.
 """
@@ -16,13 +17,14 @@ from typing import Any, Callable
 
 import numpy as np
 
+from customshift_jax.customshift_pipeline import sample_from_embeds, text_conditioning
 from customshift_jax.io.images import load_reference_image
 from customshift_jax.io.loading import load_vae
 from customshift_jax.io.safe_files import atomic_write, make_dir, read_npz
 from customshift_jax.models.vae import scale_latents, vae_encode
 from customshift_jax.parallel.distributed import gather
 from customshift_jax.pipeline import Pipeline, save_png
-from customshift_jax.sampling import Conditioning, initial_latents, make_schedule
+from customshift_jax.sampling import initial_latents, make_schedule
 from customshift_jax.train.data import ShardDataset
 
 
@@ -152,9 +154,8 @@ class TrainingSampler:
         n = self.inputs.prompt_embeds.shape[0]
         shape = (n,) + tuple(dataset.index["latent_shape"])
         self.guidance = float(scfg["guidance"])
-        self.cond = Conditioning(self.inputs.prompt_embeds, self.inputs.pooled,
-                                 self.inputs.negative_embeds if self.guidance > 1 else None,
-                                 self.inputs.negative_pooled if self.guidance > 1 else None)
+        self.cond = text_conditioning(self.inputs.prompt_embeds, self.inputs.pooled, self.inputs.negative_embeds,
+                                      self.inputs.negative_pooled, guidance=self.guidance)
         self.schedule = make_schedule({"shift": float(scfg["shift"])}, int(scfg["steps"]),
                                       image_seq_len=(shape[2] // config.patch_size) * (shape[3] // config.patch_size))
         self.noise = np.asarray(initial_latents(jax.random.key(int(scfg["seed"])), shape))
@@ -174,11 +175,10 @@ class TrainingSampler:
     def _sample(self, trainable: Any, base_params: Any) -> Any:
         """Latents (or decoded images) of every prompt with the current LoRAs."""
         i = self.inputs
-        ref_kv = self.pipe.reference_cache(base_params, trainable["rab"], i.ref_latents, i.subject_embeds,
-                                           i.subject_pooled)
-        return self.pipe.sample(base_params, self.noise, self.cond, self.schedule, guidance=self.guidance,
-                                cgb=trainable["cgb"], ref_kv=ref_kv, gamma=self.scfg["gamma"],
-                                vae_params=None if self.vae is None else self.vae[1])
+        return sample_from_embeds(self.pipe, base_params, self.cond, self.schedule, guidance=self.guidance,
+                                  latents=self.noise, vae_params=None if self.vae is None else self.vae[1],
+                                  rab=trainable["rab"], cgb=trainable["cgb"], reference=i.ref_latents,
+                                  subject=(i.subject_embeds, i.subject_pooled), gamma=self.scfg["gamma"])
 
     def __call__(self, trainable: Any, base_params: Any, step: int, metrics: Any = None) -> np.ndarray:
         """Sample with the current weights; process 0 writes the PNGs (and logs them when `metrics` is given)."""
@@ -220,8 +220,8 @@ class BaseTrainingSampler(TrainingSampler):
                              decode=self.vae is not None)
 
     def _sample(self, trainable: Any, base_params: Any) -> Any:  # noqa: ARG002
-        return self.pipe.sample(trainable, self.noise, self.cond, self.schedule, guidance=self.guidance,
-                                vae_params=None if self.vae is None else self.vae[1])
+        return sample_from_embeds(self.pipe, trainable, self.cond, self.schedule, guidance=self.guidance,
+                                  latents=self.noise, vae_params=None if self.vae is None else self.vae[1])
 
 
 def maybe_sampler(cfg: dict, parts: Any, out: Path) -> Callable | None:
