@@ -97,6 +97,11 @@ def initial_latents(key: Array, shape: Sequence[int]) -> Array:
     return jax.random.normal(key, (int(np.prod(shape)),), jnp.float32).reshape(shape)
 
 
+def noise_for(keys: Sequence[Array], shape: Sequence[int]) -> np.ndarray:
+    """(B, *shape) noise x_T, image b drawn from keys[b] alone: an image's noise does not depend on its batch."""
+    return np.concatenate([np.asarray(initial_latents(k, (1, *shape))) for k in keys])
+
+
 def latent_shape(config: MMDiTConfig, batch: int, height: int, width: int, vae_scale_factor: int = 8) -> tuple:
     """(B, C, height / f, width / f) for an image of height x width pixels; refuses sizes the pipeline refuses."""
     multiple = vae_scale_factor * config.patch_size

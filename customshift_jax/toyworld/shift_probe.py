@@ -17,7 +17,9 @@ from customshift_jax.customshift.cads import CustomShiftAttnProcessor, shift_log
 from customshift_jax.models.mmdit.api import skip_mask
 from customshift_jax.models.mmdit.attention import attention
 from customshift_jax.toyworld import evaluate as E
-from customshift_jax.toyworld.methods import METHODS, WEIGHTS, Generator, WorldModel, noise_for
+from customshift_jax.sampling.sampler import noise_for
+from customshift_jax.toyworld.methods import METHODS, WEIGHTS, Generator, WorldModel
+from customshift_jax.toyworld.tiny_sd3 import LATENT_SHAPE
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,7 +61,7 @@ def alpha_per_layer(model: WorldModel, method: str, cases: Sequence[E.Case], ts:
     kv = pipe.reference_cache(model.params, rab, refs, *model.encode_text([c.subject.name for c in cases]))
     embeds, pooled = model.encode_text([c.prompt for c in cases])
     x0 = model.encode_images(E.targets(cases))
-    noise = jnp.concatenate([noise_for(c.seed, 1) for c in cases])
+    noise = jnp.asarray(noise_for([jax.random.key(c.seed) for c in cases], LATENT_SHAPE))
     net = lora_model(model.config, lora).clone(options=lora_model(model.config, lora).options.replace(
         processor=AlphaProbe(shift)))
     skip = jnp.asarray(skip_mask(model.config, None))
