@@ -167,12 +167,12 @@ def _run_base(args: argparse.Namespace, jobs) -> list[Row]:
 
 
 def _read_lora(args: argparse.Namespace):
-    """The --lora folder's (state dict, LoRAConfig), checked, or None for random LoRAs."""
+    """The --lora folder's `LoRAFiles`, checked, or None for random LoRAs."""
     if args.lora is None:
         return None
-    from customshift_jax.crosscheck.customshift import read_lora_folder
+    from customshift_jax.io.lora_files import read_lora_files
 
-    return read_lora_folder(args.lora, verify=not args.no_verify)
+    return read_lora_files(args.lora, verify=not args.no_verify, what="--lora")
 
 
 def _run_customshift(args: argparse.Namespace, jobs, lora_files) -> list[Row]:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from pathlib import Path
 from typing import Any, Sequence
 
 import jax
@@ -29,9 +28,9 @@ from customshift_jax.customshift.sampling import make_customshift_sampler
 from customshift_jax.io.lora_files import (
     BETA_NAME,
     RAB_PREFIX,
+    LoRAFiles,
     expected_lora_shapes,
-    from_state_dict,
-    load_lora_files,
+    fit_lora,
     to_state_dict,
 )
 from customshift_jax.models.mmdit.api import Params, skip_mask
@@ -57,29 +56,6 @@ def random_lora(config: MMDiTConfig, lora: LoRAConfig, branch: str, rng: np.rand
         return rng.normal(0.0, std, spec.shape).astype(np.float32)
 
     return jax.tree_util.tree_map_with_path(leaf, expected_lora_shapes(config, lora, branch))
-
-
-def read_lora_folder(folder: str | Path, verify: bool = True) -> tuple[dict[str, np.ndarray], LoRAConfig]:
-    """(state dict, LoRAConfig) of a folder of customshift_{cgb,rab,beta}.safetensors, every file checked (its
-    content hash too, unless `verify` is off)."""
-    try:
-        return load_lora_files(folder, verify=verify)
-    except FileNotFoundError as e:
-        raise FileNotFoundError(f"--lora: {e}") from None
-    except ValueError as e:
-        raise ValueError(f"--lora: {e}") from None
-
-
-def fit_lora(config: MMDiTConfig, files: tuple[dict[str, np.ndarray], LoRAConfig],
-             name: str) -> tuple[LoRAConfig, Params, Params]:
-    """(LoRAConfig, RAB tree, CGB tree with beta) of `read_lora_folder`'s result on the model `name`; a LoRA of
-    another model or rank is refused in one line."""
-    state_dict, lora = files
-    try:
-        rab, cgb = from_state_dict(config, lora, state_dict)
-    except ValueError as e:
-        raise ValueError(f"--lora does not fit {name}: {' '.join(str(e).split())}") from None
-    return lora, rab, cgb
 
 
 @dataclasses.dataclass
@@ -146,11 +122,11 @@ class CustomShiftCase:
 
 
 def build_case(name: str, config: MMDiTConfig, torch_model, *, params: Params | None = None,
-               lora_files: tuple[dict[str, np.ndarray], LoRAConfig] | None = None, rank: int = 4,
+               lora_files: LoRAFiles | None = None, rank: int = 4,
                alpha: float = 8.0, batch: int = 2, height: int = 8, width: int = 12, seed: int = 0,
                skip_layers: Sequence[int] = ()) -> CustomShiftCase:
     """Map `torch_model` (unless `params` given), draw both LoRAs and beta (or take `lora_files`, from
-    `read_lora_folder`), and put the same ones on the PyTorch reference."""
+    `read_lora_files`), and put the same ones on the PyTorch reference."""
     from customshift_jax.reference.torch_customshift import TorchCustomShift
 
     skip_mask(config, skip_layers)  # an index outside the model is an error, before anything runs
@@ -158,7 +134,10 @@ def build_case(name: str, config: MMDiTConfig, torch_model, *, params: Params | 
         params = params_from_state_dict(config, torch_model.state_dict())
     params = jax.tree_util.tree_map(jnp.asarray, params)
     if lora_files is not None:
-        lora, rab, cgb = fit_lora(config, lora_files, name)
+        try:
+            lora, rab, cgb = fit_lora(lora_files, config)
+        except ValueError as e:
+            raise ValueError(f"--lora does not fit {name}: {' '.join(str(e).split())}") from None
     else:
         lora = LoRAConfig(rank=rank, alpha=alpha)
         rng = np.random.default_rng(seed + 1)
@@ -411,5 +390,5 @@ def crosscheck_customshift(case: CustomShiftCase, *, gammas: Sequence[float] = (
 
 
 __all__ = ["CustomShiftCase", "CustomShiftInputs", "build_case", "check_forward", "check_grads", "check_prefill",
-           "check_sample", "crosscheck_customshift", "fit_lora", "random_lora", "read_lora_folder",
+           "check_sample", "crosscheck_customshift", "random_lora",
            "GRAD_TOLERANCE", "SAMPLE_TOLERANCE"]

@@ -28,6 +28,7 @@ refused like a damaged tensor.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import sys
@@ -386,8 +387,39 @@ def load_lora_files(directory: str | Path, *, verify: bool = True) -> tuple[dict
     return out, LoRAConfig(rank=rank, alpha=alpha, targets=targets)
 
 
+@dataclasses.dataclass(frozen=True)
+class LoRAFiles:
+    """A CustomShift LoRA as read from its folder (customshift_{rab,cgb,beta}.safetensors): the PEFT-named state
+    dict and its `LoRAConfig` (rank, alpha, targets), checked (intact files, finite values)."""
+
+    state_dict: dict
+    config: LoRAConfig
+    folder: Path
+
+
+def read_lora_files(folder: str | Path, *, verify: bool = True, what: str = "lora") -> LoRAFiles:
+    """`LoRAFiles` of `folder` (or of the folder of one of its files); errors start with `what` (the flag or
+    argument the user typed)."""
+    try:
+        state_dict, config = load_lora_files(folder, verify=verify)
+    except FileNotFoundError as e:  # the messages name the folder or file already
+        raise FileNotFoundError(f"{what}: {e}") from None
+    except ValueError as e:
+        raise ValueError(f"{what}: {e}") from None
+    return LoRAFiles(state_dict, config, Path(folder))
+
+
+def fit_lora(lora_files: LoRAFiles | None, config: MMDiTConfig) -> tuple[Any, Any, Any]:
+    """(LoRAConfig, RAB LoRA tree, CGB LoRA tree with beta) for `config`, or (None, None, None) without a LoRA. A
+    LoRA of another model fails here, naming the keys that do not fit."""
+    if lora_files is None:
+        return None, None, None
+    rab, cgb = from_state_dict(config, lora_files.config, lora_files.state_dict)
+    return lora_files.config, rab, cgb
+
+
 __all__ = ["RAB_PREFIX", "BETA_NAME", "CGB_FILE", "RAB_FILE", "BETA_FILE", "LoRAStateDictMismatch",
            "keys_for_path", "lora_tree_to_state_dict", "state_dict_to_lora_tree", "expected_lora_shapes",
            "expected_state_dict_shapes", "check_lora_state_dict", "to_state_dict", "from_state_dict",
            "split_state_dict", "diffusers_lora_metadata", "save_lora_files", "load_lora_files",
-           "check_finite_tensor"]
+           "check_finite_tensor", "LoRAFiles", "read_lora_files", "fit_lora"]

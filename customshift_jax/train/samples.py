@@ -155,7 +155,7 @@ class TrainingSampler:
         self.cond = Conditioning(self.inputs.prompt_embeds, self.inputs.pooled,
                                  self.inputs.negative_embeds if self.guidance > 1 else None,
                                  self.inputs.negative_pooled if self.guidance > 1 else None)
-        self.schedule = make_schedule({"shift": float(scfg["shift"])}, int(scfg["steps"]),
+        self.schedule = make_schedule({"shift": float(scfg["schedule_shift"])}, int(scfg["steps"]),
                                       image_seq_len=(shape[2] // config.patch_size) * (shape[3] // config.patch_size))
         self.noise = np.asarray(initial_latents(jax.random.key(int(scfg["seed"])), shape))
         self.meta = dict(seed=scfg["seed"], steps=scfg["steps"], guidance=self.guidance, gamma=scfg["gamma"],

@@ -19,6 +19,7 @@ from customshift_jax.io.safetensors import SafetensorsFile, safetensors_files
 from customshift_jax.text.jax.clip import CLIPTextModelWithProjection
 from customshift_jax.text.jax.config import CLIPTextConfig, T5Config, read_config
 from customshift_jax.text.jax.t5 import T5EncoderModel
+from customshift_jax.tree_paths import key_names
 
 WEIGHTS_NAME = "model.safetensors"
 T5_BIAS_KEY = "encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight"
@@ -86,7 +87,7 @@ def encoder_leaves(folder: str | Path, *, dtype: Any = np.float32,
     flat = jax.tree_util.tree_flatten_with_path(abstract_encoder_params(config))[0]
     plan, missing, wrong = [], [], []
     for path, leaf in flat:
-        keys = tuple(str(getattr(k, "key", k)) for k in path)
+        keys = key_names(path)
         template, stacked = torch_key(keys)
         transpose = keys[-1] == "kernel"
         shape = tuple(leaf.shape[1:] if stacked else leaf.shape)
