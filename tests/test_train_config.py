@@ -105,7 +105,6 @@ def test_a_saved_config_of_before_with_the_unset_test_hook_still_loads(tmp_path)
         load_config(old, REQUIRED)
 
 
-
 def test_the_schedule_shift_old_key_still_loads(tmp_path):
     """`sample.shift` (the scheduler's shift) is `sample.schedule_shift` now, apart from train.shift (cads / concat);
     a config or a run's saved config.yaml with the old key loads as the new one, from the file and an override."""

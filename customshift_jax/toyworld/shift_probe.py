@@ -54,7 +54,7 @@ def alpha_per_layer(model: WorldModel, method: str, cases: Sequence[E.Case], ts:
     """Mean alpha (len(ts), layers, heads) of `method` on `cases`: targets noised to each t (x_t = (1 - t) x_0 +
     t eps), the prompt's text, the case's reference through the RAB."""
     lora_name, shift, _ = METHODS[method]
-    lora, rab, cgb = model.loras[lora_name]
+    lora_config, rab, cgb = model.loras[lora_name]
     generator = Generator(model)
     pipe = generator.pipes[lora_name]
     refs = model.encode_images(E.references(cases))
@@ -62,7 +62,7 @@ def alpha_per_layer(model: WorldModel, method: str, cases: Sequence[E.Case], ts:
     embeds, pooled = model.encode_text([c.prompt for c in cases])
     x0 = model.encode_images(E.targets(cases))
     noise = jnp.asarray(noise_for([jax.random.key(c.seed) for c in cases], LATENT_SHAPE))
-    net = lora_model(model.config, lora).clone(options=lora_model(model.config, lora).options.replace(
+    net = lora_model(model.config, lora_config).clone(options=lora_model(model.config, lora_config).options.replace(
         processor=AlphaProbe(shift)))
     skip = jnp.asarray(skip_mask(model.config, None))
 

@@ -118,7 +118,6 @@ def encode_reference(path: str, vae: tuple, latent_shape: list[int]) -> np.ndarr
     """(1, C, h, w) scaled VAE latents of the image at `path`, at the prepared data's latent size."""
     import jax
 
-
     vae_config, vae_params = vae
     size = latent_shape[-1] * vae_config.downsample_factor
     pixels = load_reference_image(path, size, size)
@@ -141,7 +140,6 @@ class TrainingSampler:
 
     def __init__(self, cfg: dict, config: Any, lora: Any, dataset: ShardDataset, out: Path):
         import jax
-
 
         scfg = cfg["sample"]
         self.scfg, self.out = scfg, Path(out)
@@ -183,7 +181,6 @@ class TrainingSampler:
     def __call__(self, trainable: Any, base_params: Any, step: int, metrics: Any = None) -> np.ndarray:
         """Sample with the current weights; process 0 writes the PNGs (and logs them when `metrics` is given)."""
         import jax
-
 
         got = gather(self._sample(trainable, base_params))
         images = got if self.vae is not None else np.stack([latent_preview(z) for z in got])
