@@ -38,6 +38,7 @@ from customshift_jax.models.mmdit.config import MMDiTConfig
 from customshift_jax.models.mmdit.lora import LoRAConfig
 from customshift_jax.models.mmdit.mapping import params_from_state_dict
 from customshift_jax.sampling import Conditioning, make_schedule
+from customshift_jax.tree_paths import key_names
 
 SAMPLE_TOLERANCE = 1e-4  # a full sampling loop (DESIGN section 7)
 GRAD_TOLERANCE = 1e-4  # one gradient leaf, as tests/test_customshift_torch.py holds it
@@ -52,7 +53,7 @@ LORA_STD, BETA_STD = 0.05, 0.5  # random LoRA factors (A and B) and beta: every 
 def random_lora(config: MMDiTConfig, lora_config: LoRAConfig, branch: str, rng: np.random.Generator) -> Params:
     """One branch's LoRA tree with every leaf random (B too: a zero B would hide a bug), numpy float32."""
     def leaf(path, spec):
-        std = BETA_STD if getattr(path[-1], "key", None) == "beta" else LORA_STD
+        std = BETA_STD if key_names(path)[-1] == "beta" else LORA_STD
         return rng.normal(0.0, std, spec.shape).astype(np.float32)
 
     return jax.tree_util.tree_map_with_path(leaf, expected_lora_shapes(config, lora_config, branch))

@@ -20,6 +20,7 @@ from customshift_jax.toyworld import evaluate as E
 from customshift_jax.sampling.sampler import noise_for
 from customshift_jax.toyworld.methods import METHODS, WEIGHTS, Generator, WorldModel
 from customshift_jax.toyworld.tiny_sd3 import LATENT_SHAPE
+from customshift_jax.tree_paths import named_leaves
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,8 +43,7 @@ class AlphaProbe(CustomShiftAttnProcessor):
 def beta_table(model: WorldModel, lora_name: str = "customshift") -> np.ndarray:
     """beta (layers, heads) of a trained CGB tree."""
     _, _, cgb = model.loras[lora_name]
-    found = [np.asarray(leaf) for path, leaf in jax.tree_util.tree_leaves_with_path(cgb)
-             if str(getattr(path[-1], "key", "")) == "beta"]
+    found = [np.asarray(leaf) for path, leaf in named_leaves(cgb) if path[-1] == "beta"]
     if not found:
         raise ValueError(f"the {lora_name} LoRA has no beta.")
     return np.concatenate([b.reshape(-1, b.shape[-1]) for b in found])
