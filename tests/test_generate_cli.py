@@ -202,13 +202,13 @@ def test_bad_input_is_a_clear_error(case, checkpoint, embeds_file, tmp_path, cap
 
 def test_load_vae_reads_our_checkpoint(checkpoint, tiny_pipeline_dir):  # noqa: F811
     from customshift_jax.io.loading import load_vae
-    from customshift_jax.models.mmdit.mapping import _flat_paths
+    from customshift_jax.tree_paths import named_leaves
 
     config_a, params_a = load_vae(checkpoint)
     config_b, params_b = load_vae(tiny_pipeline_dir)
     assert config_a == config_b
-    flat_b = dict(_flat_paths(params_b))
-    for path, value in _flat_paths(params_a):
+    flat_b = dict(named_leaves(params_b))
+    for path, value in named_leaves(params_a):
         np.testing.assert_array_equal(np.asarray(value), np.asarray(flat_b[path]))
 
 
