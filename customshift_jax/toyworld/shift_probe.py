@@ -30,7 +30,9 @@ class AlphaProbe(CustomShiftAttnProcessor):
     def __call__(self, attn, q, k, v, *, n_img, per_layer, shared):
         out = super().__call__(attn, q, k, v, n_img=n_img, per_layer=per_layer, shared=shared)
         if per_layer is not None:
-            lam = shift_logit(self.beta(attn), 1.0 if shared is None else shared, self.shift)
+            beta = (attn.get_variable("lora", "beta") if attn.has_variable("lora", "beta")
+                    else jnp.zeros((attn.heads,), jnp.float32))  # read again: `beta()` would create it twice
+            lam = shift_logit(beta, 1.0 if shared is None else shared, self.shift)
             k_ref, v_ref = (jnp.broadcast_to(a, (q.shape[0],) + a.shape[1:]) for a in per_layer)
             _, lse_base = attention(q, k, v, return_lse=True)
             _, lse_ref = attention(q[:, :n_img], k_ref, v_ref, return_lse=True)
