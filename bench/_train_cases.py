@@ -116,7 +116,6 @@ def base_step_case(pair: MMDiTPair, *, batch: int, size: int, text_len: int) -> 
     """One full-parameter step of `pair` (every weight trains; clip 1, AdamW without weight decay, EMA), the
     subject world's base training."""
     import jax
-    import jax.numpy as jnp
     import torch
 
     from customshift_jax.models.mmdit.mapping import params_from_state_dict

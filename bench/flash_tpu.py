@@ -120,8 +120,8 @@ def main() -> None:
     mesh, kind = _mesh(jax, np, args.topology)
     print(f"{args.topology} ({kind}), one chip; batch {BATCH}, bf16, {HEADS} heads x {HEAD_DIM}; queries "
           f"{N_IMG}+{N_TXT}, reference {N_IMG}+{N_SUBJECT}; GiB per chip from memory_analysis()")
-    print(f"| workload | backend | form | pass | arguments | outputs | temporaries | total | compile s |")
-    print(f"|---|---|---|---|---:|---:|---:|---:|---:|")
+    print("| workload | backend | form | pass | arguments | outputs | temporaries | total | compile s |")
+    print("|---|---|---|---|---:|---:|---:|---:|---:|")
     cases = {"op": op_cases, "cgb": cgb_cases}
     for workload in args.workloads:
         for backend, form, phase, fn, fn_args in cases[workload](jax, jnp, mesh):

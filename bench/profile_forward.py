@@ -102,7 +102,7 @@ def jax_profile(compiled, args, runs: int, top: int) -> None:
         by_kind[op_kind(name, instrs, comps)] += d
     for kind, d in by_kind.most_common():
         print(f"  {kind:20s} {d / 1e3:9.1f} ms  {100 * d / total:5.1f}%")
-    print(f"  op time by thread: " + ", ".join(f"{t} {d / 1e3:.0f} ms" for t, d in op_threads.most_common()))
+    print("  op time by thread: " + ", ".join(f"{t} {d / 1e3:.0f} ms" for t, d in op_threads.most_common()))
     print(f"\n  {'ms/run':>8s} {'%':>5s} {'calls':>5s}  {'op':28s} {'kind':18s} shapes")
     for name, d in dur.most_common(top):
         kind = op_kind(name, instrs, comps)

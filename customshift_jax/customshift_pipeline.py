@@ -19,6 +19,7 @@ import numpy as np
 
 import customshift_jax.pipeline as stages  # looked up at call time: `stages.load_components` can be replaced
 from customshift_jax.io.images import ImageLimits, load_reference_image, reference_pixels, to_rgb
+from customshift_jax.io.lora_files import LoRAFiles, fit_lora, read_lora_files
 from customshift_jax.io.text_settings import (
     Recorded,
     checkpoint_text_settings,
@@ -35,40 +36,6 @@ OUTPUT_TYPES = ("pil", "np", "latent")
 SHIFTS = ("cads", "concat")
 # jax.random.key keeps only the low 32 bits without jax_enable_x64: a larger seed would repeat another's image.
 SEED_MAX = 2**32 - 1
-
-
-@dataclasses.dataclass(frozen=True)
-class LoRAFiles:
-    """A CustomShift LoRA as read from its folder (customshift_{rab,cgb,beta}.safetensors): the PEFT-named state
-    dict and its `LoRAConfig` (rank, alpha, targets), checked (intact files, finite values)."""
-
-    state_dict: dict
-    config: Any
-    folder: Path
-
-
-def read_lora_files(folder: str | Path, *, verify: bool = True, what: str = "lora") -> LoRAFiles:
-    """`LoRAFiles` of `folder` (or of the folder of one of its files); errors start with `what` (the argument)."""
-    from customshift_jax.io.lora_files import load_lora_files
-
-    try:
-        state_dict, config = load_lora_files(folder, verify=verify)
-    except FileNotFoundError as e:  # the messages name the folder or file already
-        raise FileNotFoundError(f"{what}: {e}") from None
-    except ValueError as e:
-        raise ValueError(f"{what}: {e}") from None
-    return LoRAFiles(state_dict, config, Path(folder))
-
-
-def fit_lora(lora: LoRAFiles | None, config: MMDiTConfig) -> tuple[Any, Any, Any]:
-    """(LoRAConfig, RAB LoRA tree, CGB LoRA tree with beta) for `config`, or (None, None, None) without a LoRA. A
-    LoRA of another model fails here, naming the keys that do not fit."""
-    if lora is None:
-        return None, None, None
-    from customshift_jax.io.lora_files import from_state_dict
-
-    rab, cgb = from_state_dict(config, lora.config, lora.state_dict)
-    return lora.config, rab, cgb
 
 
 def check_widths(config: MMDiTConfig, embeds: Any, subject: Any, source: Any) -> None:

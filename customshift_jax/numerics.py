@@ -1,7 +1,24 @@
-"""The project's parity measure (DESIGN section 7), shared by tests, benchmarks and `crosscheck`."""
+"""The project's numbers: the parity measure (DESIGN section 7), shared by tests, benchmarks and `crosscheck`, and
+the float dtypes every flag, config and builder names."""
 from __future__ import annotations
 
+import ml_dtypes
 import numpy as np
+
+# The one table of dtype names: each flag and config key takes either spelling.
+FLOAT_DTYPES: dict[str, np.dtype] = {
+    "fp32": np.dtype(np.float32), "float32": np.dtype(np.float32),
+    "bf16": np.dtype(ml_dtypes.bfloat16), "bfloat16": np.dtype(ml_dtypes.bfloat16),
+}
+
+
+def float_dtype(name: str, what: str = "dtype") -> np.dtype:
+    """The numpy dtype a name stands for ("fp32" / "float32", "bf16" / "bfloat16"); another name is an error
+    naming `what` (the flag or argument the user typed)."""
+    try:
+        return FLOAT_DTYPES[name]
+    except (KeyError, TypeError):
+        raise ValueError(f"unknown {what} {name!r}; expected one of {sorted(FLOAT_DTYPES)}.") from None
 
 
 def relative_error(actual, expected) -> float:

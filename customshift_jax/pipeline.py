@@ -23,7 +23,7 @@ from customshift_jax.customshift.branches import make_prefill
 from customshift_jax.customshift.cads import CustomShiftAttnProcessor
 from customshift_jax.customshift.sampling import make_customshift_sampler, make_sharded_customshift_sampler
 from customshift_jax.customshift.sharded import make_sharded_prefill
-from customshift_jax.io.checkpoint import is_checkpoint, load_checkpoint
+from customshift_jax.io.checkpoint import is_checkpoint, load_checkpoint_config
 from customshift_jax.io.loading import load_transformer, load_vae
 from customshift_jax.io.safe_files import read_npz, read_regular_file, save_image
 from customshift_jax.models.mmdit.attention import BACKENDS
@@ -54,19 +54,15 @@ def load_components(path: str | Path, *, text_encoders: str | Path | None = None
     if not path.exists():
         raise FileNotFoundError(f"checkpoint {path}: no such file or folder; give a checkpoint written by "
                                 "`customshift convert` or a diffusers SD3 pipeline folder.")
-    if is_checkpoint(path):
-        parts = load_checkpoint(path, ["transformer", "vae"], verify=verify)
-        (config, params), (vae_config, vae_params) = parts["transformer"], parts["vae"]
-        scheduler: dict | str = {"shift": 3.0}  # SD3's scheduler; the checkpoint stores none
-        if (path / "scheduler").is_dir():
-            scheduler = str(path / "scheduler")
-    else:
-        if not (path / "model_index.json").exists():
-            raise ValueError(f"{path}: neither a customshift checkpoint nor a diffusers pipeline folder "
-                             "(no customshift_checkpoint.json, no model_index.json).")
-        config, params = load_transformer(path)
-        vae_config, vae_params = load_vae(path)
-        scheduler = str(path / "scheduler") if (path / "scheduler").is_dir() else {"shift": 3.0}
+    ours = is_checkpoint(path)
+    if not ours and not (path / "model_index.json").exists():
+        raise ValueError(f"{path}: neither a customshift checkpoint nor a diffusers pipeline folder "
+                         "(no customshift_checkpoint.json, no model_index.json).")
+    # our checkpoint's params as stored; a diffusers folder's in float32
+    config, params = load_transformer(path, dtype=None if ours else jnp.float32, verify=verify)
+    vae_config, vae_params = load_vae(path, verify=verify)
+    # SD3's scheduler unless the folder holds one
+    scheduler: dict | str = str(path / "scheduler") if (path / "scheduler").is_dir() else {"shift": 3.0}
     text_folder = Path(text_encoders) if text_encoders else None
     if text_folder is None and (path / "text_encoder").is_dir():
         text_folder = path
@@ -78,8 +74,6 @@ def load_components(path: str | Path, *, text_encoders: str | Path | None = None
 def read_transformer_config(path: str | Path) -> MMDiTConfig | None:
     """The MMDiT config of a checkpoint or pipeline folder, read without any weights (None when there is none to
     read: the loaders then say what is wrong). For checks that should fail before anything heavy loads."""
-    from customshift_jax.io.checkpoint import is_checkpoint, load_checkpoint_config
-
     path = Path(path)
     try:
         if is_checkpoint(path):

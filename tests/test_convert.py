@@ -146,7 +146,7 @@ def test_vae_config_inference_on_sd3_shapes():
 
 
 def test_vae_expected_shapes_follow_the_vae_mapping():
-    # Our key/shape rule for the VAE must agree with customshift_jax.vae's own mapping.
+    # Our key/shape rule for the VAE must agree with customshift_jax.models.vae.mapping.
     from customshift_jax.io.single_file import vae_state_dict_shapes
     from customshift_jax.models.vae import VAEConfig, init_vae, vae_state_dict_from_params
 

@@ -1,4 +1,4 @@
-"""The PyTorch reference of CustomShift (convert/torch_customshift.py) against the JAX branches, and the LoRA format.
+"""The PyTorch reference of CustomShift (reference/torch_customshift.py) against the JAX branches, and the LoRA format.
 
 fp32, highest matmul precision; random non-zero LoRA (A and B ~ N(0, 0.05)) and beta ~ N(0, 0.5), identical on
 both sides through customshift_jax.io.lora_files. Tolerances are DESIGN section 7's: 1e-5 for a forward, 1e-4 per gradient leaf.

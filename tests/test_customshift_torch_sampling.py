@@ -1,6 +1,6 @@
 """An 8-step CustomShift sample with guidance: JAX sampler vs the PyTorch reference in a diffusers scheduler loop.
 
-The torch side is `convert.torch_customshift.TorchCustomShift` (prefill once, CGB forward per step) driven by
+The torch side is `reference.torch_customshift.TorchCustomShift` (prefill once, CGB forward per step) driven by
 diffusers' `FlowMatchEulerDiscreteScheduler` with CFG as `StableDiffusion3Pipeline` does it. DESIGN section 7:
 relative error <= 1e-4 for a full sampling loop.
 """

@@ -199,15 +199,13 @@ def test_bad_input_is_a_clear_error(case, checkpoint, embeds_file, tmp_path, cap
 
 
 def test_load_vae_reads_our_checkpoint(checkpoint, tiny_pipeline_dir):
-    import jax
-
     from customshift_jax.io.loading import load_vae
+    from customshift_jax.tree_paths import named_leaves
 
     config_a, params_a = load_vae(checkpoint)
     config_b, params_b = load_vae(tiny_pipeline_dir)
     assert config_a == config_b
-    flat_a, flat_b = ({jax.tree_util.keystr(k): v for k, v in jax.tree_util.tree_leaves_with_path(params)}
-                      for params in (params_a, params_b))
+    flat_a, flat_b = dict(named_leaves(params_a)), dict(named_leaves(params_b))
     assert sorted(flat_a) == sorted(flat_b) and flat_a
     for path, value in flat_a.items():
         np.testing.assert_array_equal(np.asarray(value), np.asarray(flat_b[path]), err_msg=path)

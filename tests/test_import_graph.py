@@ -10,8 +10,8 @@ PACKAGE = Path(__file__).resolve().parents[1] / "customshift_jax"
 # Lowest first. A module may import its own layer or lower ones, never a higher one. Longest prefix wins.
 LAYERS: dict[str, int] = {
     "customshift_jax.numerics": 0, "customshift_jax.io.safetensors": 0, "customshift_jax.io.images": 0,
-    "customshift_jax.io.safe_files": 0, "customshift_jax.kernels": 0,
-    "customshift_jax.models": 1, "customshift_jax.lora": 1,
+    "customshift_jax.io.safe_files": 0, "customshift_jax.kernels": 0, "customshift_jax.tree_paths": 0,
+    "customshift_jax.models": 1,
     "customshift_jax.parallel": 2, "customshift_jax.io.checkpoint": 2, "customshift_jax.io.config_check": 2,
     "customshift_jax.io.integrity": 2, "customshift_jax.io.leftovers": 2,
     "customshift_jax.sampling": 3, "customshift_jax.text": 3,

@@ -50,15 +50,15 @@ def test_every_number_has_a_range_and_out_of_range_names_the_key():
 
 def test_words_are_checked_and_in_step_with_the_code_that_takes_them():
     from customshift_jax.customshift.cads import FORMS, SHIFTS
-    from customshift_jax.models.mmdit import api
     from customshift_jax.models.mmdit.attention import BACKENDS
     from customshift_jax.models.mmdit.options import REMATS
+    from customshift_jax.numerics import FLOAT_DTYPES
     from customshift_jax.parallel.sharding import RULE_SETS
     from customshift_jax.train.config import DTYPES
 
     assert set(CHOICES["train.shift"]) == set(SHIFTS) and set(CHOICES["train.form"]) == set(FORMS)
     assert set(CHOICES["train.remat"]) == set(REMATS) and set(CHOICES["mesh.rules"]) == set(RULE_SETS)
-    assert set(DTYPES) == set(api._DTYPES) and set(CHOICES["model.attention"]) <= set(BACKENDS)
+    assert set(DTYPES) == set(FLOAT_DTYPES) and set(CHOICES["model.attention"]) <= set(BACKENDS)
     for key in CHOICES:
         with pytest.raises(ValueError, match=rf"config key {key}='nope': expected one of"):
             load_config(TINY, [*REQUIRED, f"{key}=nope"])
@@ -104,6 +104,15 @@ def test_a_saved_config_of_before_with_the_unset_test_hook_still_loads(tmp_path)
     with pytest.raises(ValueError, match="CUSTOMSHIFT_TEST_SLEEP_PER_STEP"):
         load_config(old, REQUIRED)
 
+
+def test_the_schedule_shift_old_key_still_loads(tmp_path):
+    """`sample.shift` (the scheduler's shift) is `sample.schedule_shift` now, apart from train.shift (cads / concat);
+    a config or a run's saved config.yaml with the old key loads as the new one, from the file and an override."""
+    old = tmp_path / "config.yaml"
+    old.write_text(TINY.read_text() + "sample: {shift: 1.5}\n")
+    assert load_config(old, REQUIRED)["sample"]["schedule_shift"] == 1.5
+    assert load_config(TINY, [*REQUIRED, "sample.shift=2.0"])["sample"]["schedule_shift"] == 2.0
+    assert "shift" not in load_config(TINY, REQUIRED)["sample"]
 
 def test_a_flash_training_step_equals_the_xla_one(tmp_path):
     """model.attention=flash trains through the Pallas kernels (interpret mode on CPU): one step's loss, gradient

@@ -83,7 +83,8 @@ def run(args: argparse.Namespace) -> int:
 
     import jax
 
-    from customshift_jax.customshift_pipeline import CustomShiftPipeline, read_lora_files
+    from customshift_jax.customshift_pipeline import CustomShiftPipeline
+    from customshift_jax.io.lora_files import read_lora_files
     from customshift_jax.eval.generate import SampleSettings, generate_plan
     from customshift_jax.io.text_settings import stderr_note
     from customshift_jax.pipeline import check_size

@@ -4,7 +4,7 @@ With no --torch, each tiny preset is built in diffusers with random weights, map
 run (fp32, highest matmul precision). With --torch DIR, the same for a diffusers transformer folder
 or pipeline folder on disk. Exit status 0 only when every row passes (relative error <= 1e-5).
 
-With --customshift, CustomShift itself against its PyTorch reference (convert/torch_customshift.py), with
+With --customshift, CustomShift itself against its PyTorch reference (reference/torch_customshift.py), with
 random non-zero LoRAs and beta (or --lora DIR): the RAB prefill's K/V per layer and the CGB forward
 ("cads" at each --gammas, "concat") within 1e-5, an N-step guided sample in diffusers'
 FlowMatchEulerDiscreteScheduler loop within 1e-4, and with --grads the gradients of a rectified-flow loss
@@ -167,12 +167,12 @@ def _run_base(args: argparse.Namespace, jobs) -> list[Row]:
 
 
 def _read_lora(args: argparse.Namespace):
-    """The --lora folder's (state dict, LoRAConfig), checked, or None for random LoRAs."""
+    """The --lora folder's `LoRAFiles`, checked, or None for random LoRAs."""
     if args.lora is None:
         return None
-    from customshift_jax.crosscheck.customshift import read_lora_folder
+    from customshift_jax.io.lora_files import read_lora_files
 
-    return read_lora_folder(args.lora, verify=not args.no_verify)
+    return read_lora_files(args.lora, verify=not args.no_verify, what="--lora")
 
 
 def _run_customshift(args: argparse.Namespace, jobs, lora_files) -> list[Row]:

@@ -132,7 +132,8 @@ def run(args: argparse.Namespace) -> int:
     check_numbers(args)  # before jax is imported: a bad number fails at once
     args.out = str(output_folder(args.out))  # before anything loads: a bad --out fails at once
 
-    from customshift_jax.customshift_pipeline import CustomShiftPipeline, check_widths, read_lora_files
+    from customshift_jax.customshift_pipeline import CustomShiftPipeline, check_widths
+    from customshift_jax.io.lora_files import read_lora_files
     from customshift_jax.io.text_settings import stderr_note
     from customshift_jax.pipeline import (check_batch_memory, check_init_latents, check_size, load_embeds_file,
                                          read_prompts)

@@ -32,7 +32,6 @@ from pathlib import Path
 from typing import Any
 
 HELP = "compile the real train / sample steps for a TPU pod (libtpu, no TPU) and report memory, FLOPs, collectives"
-DTYPES = {"bf16": "bfloat16", "fp32": "float32", "bfloat16": "bfloat16", "float32": "float32"}
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -145,13 +144,14 @@ def run(args: argparse.Namespace) -> int:
     config, name = model_config(args.model)
     from customshift_jax.plan.planner import knob_hint, plan, summary
     from customshift_jax.plan.pod import load_pod
+    from customshift_jax.numerics import float_dtype
     from customshift_jax.plan.tasks import Workload
 
     pod = load_pod(args.topology, args.num_slices)
     batch = args.batch or len(pod.devices)
     reports = []
     for cand in _candidates(args, config, len(pod.devices), args.num_slices):
-        work = Workload(config, args.task, args.resolution, batch, dtype=DTYPES[args.dtype],
+        work = Workload(config, args.task, args.resolution, batch, dtype=float_dtype(args.dtype).name,
                         attention=cand["attention"], remat=cand["remat"], lora_rank=args.lora_rank,
                         text_length=args.text_length, steps=args.steps, guidance=not args.no_cfg)
         try:
@@ -173,7 +173,7 @@ def run(args: argparse.Namespace) -> int:
                   f"{cand['remat']}: " + ("error" if "error" in report else f"{report['compile_seconds']:.0f} s"),
                   file=sys.stderr)
     if args.sweep:
-        print(f"{args.task} of {name} at {args.resolution} px, global batch {batch}, {DTYPES[args.dtype]} on "
+        print(f"{args.task} of {name} at {args.resolution} px, global batch {batch}, {float_dtype(args.dtype).name} on "
               f"{pod.topology} x {pod.num_slices} ({pod.chips} chips, {pod.hosts} hosts); * = fastest bound that fits")
         print(sweep_table(reports))
     if args.json:

@@ -1,4 +1,4 @@
-"""Run our CustomShift branches and the PyTorch reference (convert/torch_customshift.py) on the same weights,
+"""Run our CustomShift branches and the PyTorch reference (reference/torch_customshift.py) on the same weights,
 LoRAs, beta and inputs, and measure how far apart they are: `customshift crosscheck --customshift`.
 
 Rows (DESIGN section 7 bounds): the RAB prefill's K and V per layer and the CGB forward ("cads" at each gamma,
@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from pathlib import Path
 from typing import Any, Sequence
 
 import jax
@@ -29,9 +28,9 @@ from customshift_jax.customshift.sampling import make_customshift_sampler
 from customshift_jax.io.lora_files import (
     BETA_NAME,
     RAB_PREFIX,
+    LoRAFiles,
     expected_lora_shapes,
-    from_state_dict,
-    load_lora_files,
+    fit_lora,
     to_state_dict,
 )
 from customshift_jax.models.mmdit.api import Params, skip_mask
@@ -39,6 +38,7 @@ from customshift_jax.models.mmdit.config import MMDiTConfig
 from customshift_jax.models.mmdit.lora import LoRAConfig
 from customshift_jax.models.mmdit.mapping import params_from_state_dict
 from customshift_jax.sampling import Conditioning, make_schedule
+from customshift_jax.tree_paths import key_names
 
 SAMPLE_TOLERANCE = 1e-4  # a full sampling loop (DESIGN section 7)
 GRAD_TOLERANCE = 1e-4  # one gradient leaf, as tests/test_customshift_torch.py holds it
@@ -50,36 +50,13 @@ LORA_STD, BETA_STD = 0.05, 0.5  # random LoRA factors (A and B) and beta: every 
 
 # ---- LoRAs and inputs ----
 
-def random_lora(config: MMDiTConfig, lora: LoRAConfig, branch: str, rng: np.random.Generator) -> Params:
+def random_lora(config: MMDiTConfig, lora_config: LoRAConfig, branch: str, rng: np.random.Generator) -> Params:
     """One branch's LoRA tree with every leaf random (B too: a zero B would hide a bug), numpy float32."""
     def leaf(path, spec):
-        std = BETA_STD if getattr(path[-1], "key", None) == "beta" else LORA_STD
+        std = BETA_STD if key_names(path)[-1] == "beta" else LORA_STD
         return rng.normal(0.0, std, spec.shape).astype(np.float32)
 
-    return jax.tree_util.tree_map_with_path(leaf, expected_lora_shapes(config, lora, branch))
-
-
-def read_lora_folder(folder: str | Path, verify: bool = True) -> tuple[dict[str, np.ndarray], LoRAConfig]:
-    """(state dict, LoRAConfig) of a folder of customshift_{cgb,rab,beta}.safetensors, every file checked (its
-    content hash too, unless `verify` is off)."""
-    try:
-        return load_lora_files(folder, verify=verify)
-    except FileNotFoundError as e:
-        raise FileNotFoundError(f"--lora: {e}") from None
-    except ValueError as e:
-        raise ValueError(f"--lora: {e}") from None
-
-
-def fit_lora(config: MMDiTConfig, files: tuple[dict[str, np.ndarray], LoRAConfig],
-             name: str) -> tuple[LoRAConfig, Params, Params]:
-    """(LoRAConfig, RAB tree, CGB tree with beta) of `read_lora_folder`'s result on the model `name`; a LoRA of
-    another model or rank is refused in one line."""
-    state_dict, lora = files
-    try:
-        rab, cgb = from_state_dict(config, lora, state_dict)
-    except ValueError as e:
-        raise ValueError(f"--lora does not fit {name}: {' '.join(str(e).split())}") from None
-    return lora, rab, cgb
+    return jax.tree_util.tree_map_with_path(leaf, expected_lora_shapes(config, lora_config, branch))
 
 
 @dataclasses.dataclass
@@ -127,18 +104,18 @@ class CustomShiftCase:
 
     name: str
     config: MMDiTConfig
-    lora: LoRAConfig  # rank, alpha, targets (with_beta False: the RAB's; `cgb_lora` adds beta)
+    lora_config: LoRAConfig  # rank, alpha, targets (with_beta False: the RAB's; `cgb_lora_config` adds beta)
     params: Params
     rab: Params
     cgb: Params  # includes beta (L, H) per group
-    reference: Any  # convert.torch_customshift.TorchCustomShift, hooks installed on the torch transformer
+    reference: Any  # reference.torch_customshift.TorchCustomShift, hooks installed on the torch transformer
     inputs: CustomShiftInputs
     skip_layers: tuple[int, ...] = ()
 
     @property
-    def cgb_lora(self) -> LoRAConfig:
+    def cgb_lora_config(self) -> LoRAConfig:
         """The CGB's LoRAConfig: the same rank, alpha and targets, with beta."""
-        return dataclasses.replace(self.lora, with_beta=True)
+        return dataclasses.replace(self.lora_config, with_beta=True)
 
     def close(self) -> None:
         """Take the reference's hooks off the torch transformer (plain diffusers again)."""
@@ -146,11 +123,11 @@ class CustomShiftCase:
 
 
 def build_case(name: str, config: MMDiTConfig, torch_model, *, params: Params | None = None,
-               lora_files: tuple[dict[str, np.ndarray], LoRAConfig] | None = None, rank: int = 4,
+               lora_files: LoRAFiles | None = None, rank: int = 4,
                alpha: float = 8.0, batch: int = 2, height: int = 8, width: int = 12, seed: int = 0,
                skip_layers: Sequence[int] = ()) -> CustomShiftCase:
     """Map `torch_model` (unless `params` given), draw both LoRAs and beta (or take `lora_files`, from
-    `read_lora_folder`), and put the same ones on the PyTorch reference."""
+    `read_lora_files`), and put the same ones on the PyTorch reference."""
     from customshift_jax.reference.torch_customshift import TorchCustomShift
 
     skip_mask(config, skip_layers)  # an index outside the model is an error, before anything runs
@@ -158,36 +135,39 @@ def build_case(name: str, config: MMDiTConfig, torch_model, *, params: Params | 
         params = params_from_state_dict(config, torch_model.state_dict())
     params = jax.tree_util.tree_map(jnp.asarray, params)
     if lora_files is not None:
-        lora, rab, cgb = fit_lora(config, lora_files, name)
+        try:
+            lora_config, rab, cgb = fit_lora(lora_files, config)
+        except ValueError as e:
+            raise ValueError(f"--lora does not fit {name}: {' '.join(str(e).split())}") from None
     else:
-        lora = LoRAConfig(rank=rank, alpha=alpha)
+        lora_config = LoRAConfig(rank=rank, alpha=alpha)
         rng = np.random.default_rng(seed + 1)
-        rab, cgb = random_lora(config, lora, "rab", rng), random_lora(config, lora, "cgb", rng)
-    lora = dataclasses.replace(lora, with_beta=False)
-    reference = TorchCustomShift(torch_model, lora.rank, lora.alpha, lora.targets)
+        rab, cgb = random_lora(config, lora_config, "rab", rng), random_lora(config, lora_config, "cgb", rng)
+    lora_config = dataclasses.replace(lora_config, with_beta=False)
+    reference = TorchCustomShift(torch_model, lora_config.rank, lora_config.alpha, lora_config.targets)
     try:
         reference.load_lora_from_jax(rab, cgb)
     except BaseException:
         reference.remove()
         raise
     inputs = CustomShiftInputs.random(config, batch=batch, height=height, width=width, seed=seed)
-    return CustomShiftCase(name, config, lora, params, rab, cgb, reference, inputs, tuple(skip_layers))
+    return CustomShiftCase(name, config, lora_config, params, rab, cgb, reference, inputs, tuple(skip_layers))
 
 
 # ---- jitted JAX functions, cached so that repeated checks compile once ----
 
 @functools.lru_cache(maxsize=16)
-def _jax_prefill(config: MMDiTConfig, lora: LoRAConfig):
+def _jax_prefill(config: MMDiTConfig, lora_config: LoRAConfig):
     """jit of f(params, rab, ref, subject, subject_pooled) -> {group: (K, V)}."""
-    return jax.jit(make_prefill(config, lora))
+    return jax.jit(make_prefill(config, lora_config))
 
 
 @functools.lru_cache(maxsize=16)
-def _jax_forward(config: MMDiTConfig, lora: LoRAConfig, shift: str, per_block: bool):
+def _jax_forward(config: MMDiTConfig, lora_config: LoRAConfig, shift: str, per_block: bool):
     """f(params, cgb, x, t, ehs, pooled, skip, ref_kv, gamma) -> sample, or (sample, per-group blocks)."""
     if not per_block:
-        return jax.jit(make_customshift_forward(config, lora, shift=shift))
-    model = lora_model(config, lora, shift=shift, returns="sample_and_blocks")
+        return jax.jit(make_customshift_forward(config, lora_config, shift=shift))
+    model = lora_model(config, lora_config, shift=shift, returns="sample_and_blocks")
 
     def forward(params, cgb, x, t, ehs, pooled, skip, ref_kv, gamma):
         return model.apply({"params": params, "lora": cgb}, x, t, ehs, pooled, skip, ref_kv,
@@ -197,16 +177,16 @@ def _jax_forward(config: MMDiTConfig, lora: LoRAConfig, shift: str, per_block: b
 
 
 @functools.lru_cache(maxsize=16)
-def _jax_sampler(config: MMDiTConfig, lora: LoRAConfig):
+def _jax_sampler(config: MMDiTConfig, lora_config: LoRAConfig):
     """Our jitted CustomShift sampler (cache as an input, CFG)."""
-    return make_customshift_sampler(config, lora)
+    return make_customshift_sampler(config, lora_config)
 
 
 @functools.lru_cache(maxsize=16)
-def _jax_loss_grad(config: MMDiTConfig, rab_lora: LoRAConfig, cgb_lora: LoRAConfig):
+def _jax_loss_grad(config: MMDiTConfig, rab_lora_config: LoRAConfig, cgb_lora_config: LoRAConfig):
     """jit(grad) of the rectified-flow loss w.r.t. (RAB LoRA, CGB LoRA with beta); the prefill runs inside."""
-    prefill_fn = make_prefill(config, rab_lora)
-    forward = make_customshift_forward(config, cgb_lora)
+    prefill_fn = make_prefill(config, rab_lora_config)
+    forward = make_customshift_forward(config, cgb_lora_config)
 
     def loss(rab, cgb, params, ref, subject, subject_pooled, x_t, t, ehs, pooled, target, skip, gamma):
         kv = prefill_fn(params, rab, ref, subject, subject_pooled)
@@ -235,7 +215,7 @@ def _layers(config: MMDiTConfig, kv: dict) -> list[tuple[np.ndarray, np.ndarray]
 def _jax_kv(case: CustomShiftCase) -> dict:
     """Our RAB prefill of the case's reference: {group: (K, V)}, each (L_g, 1, R+S, H, D)."""
     i = case.inputs
-    return _jax_prefill(case.config, case.lora)(case.params, case.rab, i.ref, i.subject, i.subject_pooled)
+    return _jax_prefill(case.config, case.lora_config)(case.params, case.rab, i.ref, i.subject, i.subject_pooled)
 
 
 def _torch_kv(case: CustomShiftCase):
@@ -273,7 +253,7 @@ def check_forward(case: CustomShiftCase, shift: str, gamma: float = 1.0, per_blo
     import torch
 
     i = case.inputs
-    fn = _jax_forward(case.config, case.cgb_lora, shift, per_block)
+    fn = _jax_forward(case.config, case.cgb_lora_config, shift, per_block)
     out = fn(case.params, case.cgb, i.x, i.t, i.prompt, i.pooled, skip_mask(case.config, case.skip_layers),
              _jax_kv(case), gamma)
     ours, jax_blocks = (out[0], flatten_block_outputs(out[1])) if per_block else (out, [])
@@ -304,7 +284,7 @@ def check_sample(case: CustomShiftCase, steps: int = 4, guidance: float = 5.0, g
     """An N-step CFG sample from x_T = inputs.x: our jitted sampler against the reference (prefill once, CGB per
     step) in diffusers' FlowMatchEulerDiscreteScheduler loop, as StableDiffusion3Pipeline runs it."""
     i = case.inputs
-    ours = _jax_sampler(case.config, case.cgb_lora)(
+    ours = _jax_sampler(case.config, case.cgb_lora_config)(
         {"base": case.params, "cgb": case.cgb}, i.x, Conditioning(i.prompt, i.pooled, i.negative,
                                                                        i.negative_pooled),
         make_schedule({"shift": SCHEDULER_SHIFT}, steps), guidance_scale=guidance,
@@ -371,7 +351,7 @@ def _jax_grads(case: CustomShiftCase, gamma: float) -> dict[str, np.ndarray]:
     """jax.grad of the loss, in the export naming (customshift_jax.io.lora_files)."""
     i = case.inputs
     x_t, t, target = i.flow_batch()
-    grad = _jax_loss_grad(case.config, case.lora, case.cgb_lora)
+    grad = _jax_loss_grad(case.config, case.lora_config, case.cgb_lora_config)
     g_rab, g_cgb = grad(case.rab, case.cgb, case.params, i.ref, i.subject, i.subject_pooled, x_t, t, i.prompt,
                         i.pooled, target, skip_mask(case.config, case.skip_layers), jnp.float32(gamma))
     return {k: np.asarray(v) for k, v in to_state_dict(jax.device_get(g_rab), jax.device_get(g_cgb)).items()}
@@ -411,5 +391,5 @@ def crosscheck_customshift(case: CustomShiftCase, *, gammas: Sequence[float] = (
 
 
 __all__ = ["CustomShiftCase", "CustomShiftInputs", "build_case", "check_forward", "check_grads", "check_prefill",
-           "check_sample", "crosscheck_customshift", "fit_lora", "random_lora", "read_lora_folder",
+           "check_sample", "crosscheck_customshift", "random_lora",
            "GRAD_TOLERANCE", "SAMPLE_TOLERANCE"]

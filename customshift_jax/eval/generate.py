@@ -18,7 +18,7 @@ import numpy as np
 from customshift_jax.customshift_pipeline import CustomShiftPipeline
 from customshift_jax.eval.plan import PlanItem
 from customshift_jax.pipeline import save_png
-from customshift_jax.sampling.sampler import initial_latents
+from customshift_jax.sampling.sampler import noise_for
 from customshift_jax.text import PromptEmbeds
 
 
@@ -51,10 +51,9 @@ def save_png_atomic(image: np.ndarray, path: Path, metadata: dict[str, Any]) -> 
     save_png(image, path, metadata)
 
 
-def noise_for(seeds: Sequence[int], shape: tuple[int, int, int]) -> np.ndarray:
-    """(B, C, h, w) noise: image b from `jax.random.key(seeds[b])` as `customshift generate --seed` draws it."""
-    return np.concatenate([np.asarray(initial_latents(jax.random.fold_in(jax.random.key(s), 0), (1, *shape)))
-                           for s in seeds])
+def _seed_keys(batch: Sequence[PlanItem]) -> list[jax.Array]:
+    """Image b's noise key: `customshift generate --seed` (prompt 0) draws from fold_in(key(seed), 0)."""
+    return [jax.random.fold_in(jax.random.key(it.seed), 0) for it in batch]
 
 
 def _row(embeds: PromptEmbeds, i: int) -> PromptEmbeds:
@@ -101,7 +100,7 @@ def generate_plan(items: Sequence[PlanItem], out: Path, *, pipe: CustomShiftPipe
             result = next(pipe.each_prompt(
                 reference=reference, subject=batch[0].class_word, num_images_per_prompt=len(batch),
                 num_inference_steps=s.steps, guidance_scale=s.guidance, gamma=s.gamma, height=s.height,
-                width=s.width, prompt_embeds=_row(embeds, i), latents=noise_for([it.seed for it in batch], shape),
+                width=s.width, prompt_embeds=_row(embeds, i), latents=noise_for(_seed_keys(batch), shape),
                 max_sequence_length=s.max_sequence_length))
             for it, image in zip(batch, result.images, strict=True):
                 path = out / it.image

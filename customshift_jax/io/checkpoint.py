@@ -42,6 +42,7 @@ from customshift_jax.io.integrity import (
 from customshift_jax.io.leftovers import OWNER_FILE, atomic_directory, name_some
 from customshift_jax.models.mmdit.config import MMDiTConfig
 from customshift_jax.models.vae.config import VAEConfig
+from customshift_jax.tree_paths import named_leaves
 
 FORMAT = "customshift-jax-checkpoint"
 VERSION = 3  # 3: the marker's own hash and each config.json's; a version-3 marker without them is refused
@@ -141,8 +142,8 @@ def _checkpointer(restore_concurrent_gb: int = 2):
 
 def iter_leaves(params: Params) -> Iterator[Leaf]:
     """(path, numpy array) of every leaf of a nested dict of params, in jax's flattening order."""
-    for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
-        yield tuple(str(k.key) for k in path), np.asarray(leaf)
+    for path, leaf in named_leaves(params):
+        yield path, np.asarray(leaf)
 
 
 def nest_leaves(leaves: Iterable[Leaf], into: Params | None = None) -> Params:

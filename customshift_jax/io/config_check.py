@@ -7,13 +7,12 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import jax
-
 from customshift_jax.io.safetensors import SafetensorsFile
 from customshift_jax.models.mmdit.api import param_shapes
 from customshift_jax.models.mmdit.config import MMDiTConfig
 from customshift_jax.models.vae.config import VAEConfig
 from customshift_jax.models.vae.model import param_shapes as vae_param_shapes
+from customshift_jax.tree_paths import named_leaves
 
 FIX = "config.json does not fit the stored weights: restore the config.json it was converted with, or re-run " \
       "`customshift convert`"
@@ -96,8 +95,7 @@ def _transformer_misfits(c: MMDiTConfig, tree: Mapping) -> list[str]:
 
 
 def _flat_shapes(tree: Mapping) -> dict[tuple[str, ...], tuple[int, ...]]:
-    return {tuple(str(k.key) for k in path): tuple(leaf.shape)
-            for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+    return {path: tuple(leaf.shape) for path, leaf in named_leaves(tree)}
 
 
 def _tree_misfits(expected: Mapping[tuple[str, ...], tuple], got: Mapping[tuple[str, ...], tuple], limit: int = 3

@@ -16,7 +16,6 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
-import ml_dtypes
 import numpy as np
 
 from customshift_jax.io import single_file as sf
@@ -43,9 +42,9 @@ from customshift_jax.models.mmdit.mapping import (
     state_dict_views,
 )
 from customshift_jax.models.vae import vae_params_from_state_dict, vae_state_dict_from_params
+from customshift_jax.numerics import FLOAT_DTYPES as DTYPES
+from customshift_jax.numerics import float_dtype
 
-DTYPES = {"fp32": np.dtype(np.float32), "float32": np.dtype(np.float32),
-          "bf16": np.dtype(ml_dtypes.bfloat16), "bfloat16": np.dtype(ml_dtypes.bfloat16)}
 Params = dict[str, Any]
 
 
@@ -431,9 +430,7 @@ def convert(src: str | Path, dst: str | Path, *, dtype: str = "fp32", components
     out).
     """
     log = log or (lambda msg: print(msg, file=sys.stderr))
-    if dtype not in DTYPES:
-        raise ValueError(f"unknown --dtype {dtype!r}; choose fp32 or bf16.")
-    target = DTYPES[dtype]
+    target = float_dtype(dtype, "--dtype")
     dst = Path(dst).absolute()
     src_abs = Path(src).absolute()
     if dst == src_abs or src_abs in dst.parents:

@@ -8,10 +8,9 @@ from typing import Iterator
 
 import numpy as np
 
-from customshift_jax.io.safetensors import SafetensorsFile
+from customshift_jax.io.safetensors import SafetensorsFile, safetensors_files
 
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
-INDEX_NAME = WEIGHTS_NAME + ".index.json"
 
 
 class LazyStateDict(Mapping):
@@ -71,21 +70,7 @@ def read_json(path: Path) -> dict:
 
 def weight_files(folder: Path) -> list[Path]:
     """The safetensors files of a diffusers component folder (single or sharded with an index)."""
-    if (folder / INDEX_NAME).exists():
-        index = read_json(folder / INDEX_NAME)
-        names = sorted(set(index.get("weight_map", {}).values()))
-        if not names:
-            raise ValueError(f"{folder / INDEX_NAME}: no weight_map; expected a sharded safetensors index.")
-        files = [folder / n for n in names]
-        absent = [str(f) for f in files if not f.exists()]
-        if absent:
-            raise FileNotFoundError(f"{folder}: shards named in {INDEX_NAME} are missing: {', '.join(absent)}.")
-        return files
-    if (folder / WEIGHTS_NAME).exists():
-        return [folder / WEIGHTS_NAME]
-    others = sorted(p.name for p in folder.glob("*.bin")) + sorted(p.name for p in folder.glob("*.safetensors"))
-    hint = f" (found {', '.join(others)}; re-save it with safe_serialization=True)" if others else ""
-    raise FileNotFoundError(f"{folder}: no {WEIGHTS_NAME} or {INDEX_NAME}{hint}.")
+    return safetensors_files(folder, WEIGHTS_NAME)
 
 
 def load_component(path: str | Path, component: str) -> tuple[dict, LazyStateDict, Path]:

@@ -13,6 +13,7 @@ import numpy as np
 from customshift_jax.io.checkpoint import is_checkpoint, load_checkpoint
 from customshift_jax.io.convert import load_single_file
 from customshift_jax.io.diffusers_folder import load_component
+from customshift_jax.io.safetensors import safetensors_files
 from customshift_jax.models.mmdit.api import Params, as_dtype
 from customshift_jax.models.mmdit.config import MMDiTConfig
 from customshift_jax.models.mmdit.mapping import params_from_state_dict
@@ -62,29 +63,6 @@ def _vae_folder(path: Path) -> Path:
     raise FileNotFoundError(f"{path} has no {CONFIG_NAME} and no vae/ subfolder; {expected}")
 
 
-def _weight_files(folder: Path, variant: str | None) -> list[Path]:
-    """The safetensors file (or the shards its index names) holding the VAE weights."""
-    name = WEIGHTS_NAME if variant is None else WEIGHTS_NAME.replace(".safetensors", f".{variant}.safetensors")
-    if (folder / name).is_file():
-        return [folder / name]
-    index = folder / f"{name}.index.json"
-    if index.is_file():
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (ValueError, KeyError) as e:
-            raise ValueError(f"{index} is not a safetensors index (JSON with a 'weight_map'): {e}") from e
-        files = [folder / f for f in sorted(set(weight_map.values()))]
-        absent = [str(f) for f in files if not f.is_file()]
-        if absent:
-            raise FileNotFoundError(f"{index} names shard(s) that do not exist: {absent}")
-        return files
-    present = sorted(p.name for p in folder.iterdir() if p.suffix in (".safetensors", ".bin", ".json"))
-    hint = (" (only PyTorch .bin weights: re-save with diffusers' save_pretrained(safe_serialization=True))"
-            if any(p.endswith(".bin") for p in present) else "")
-    raise FileNotFoundError(f"no VAE weights in {folder}: expected {name} (or {name}.index.json); "
-                            f"found {present}{hint}")
-
-
 def load_vae(path: str | Path, *, variant: str | None = None, dtype: Any = None,
              verify: bool = True) -> tuple[VAEConfig, Params]:
     """Read a diffusers `vae/` folder (or a pipeline folder's `vae/`) -> (config, params).
@@ -109,7 +87,8 @@ def load_vae(path: str | Path, *, variant: str | None = None, dtype: Any = None,
     from safetensors.numpy import load_file  # lazy: the core package imports without safetensors/torch
 
     state_dict: dict[str, Any] = {}
-    for f in _weight_files(folder, variant):
+    name = WEIGHTS_NAME if variant is None else WEIGHTS_NAME.replace(".safetensors", f".{variant}.safetensors")
+    for f in safetensors_files(folder, name):
         state_dict.update(load_file(str(f)))
     try:
         params = vae_params_from_state_dict(config, state_dict)

@@ -28,7 +28,8 @@ refused like a damaged tensor.
 """
 from __future__ import annotations
 
-import functools
+import dataclasses
+import hashlib
 import json
 import sys
 from pathlib import Path
@@ -36,7 +37,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from customshift_jax.customshift.branches import init_lora
+from customshift_jax.customshift.branches import lora_shapes as expected_lora_shapes  # the shapes a file must hold
 from customshift_jax.io.integrity import check_hash, tensors_hash, warn_unverified
 from customshift_jax.io.safe_files import atomic_write, make_dir
 from customshift_jax.models.mmdit.config import MMDiTConfig
@@ -54,7 +55,6 @@ CUSTOMSHIFT_METADATA_KEY = "customshift_lora"
 CONTENT_HASH_KEY = "content_hash"  # in the customshift_lora metadata: the tensors' hash (integrity.tensors_hash)
 FILE_HASH_KEY = "file_hash"  # in the customshift_lora metadata: the tensors' and all the metadata's (`lora_file_hash`)
 TEXT_SETTINGS_KEY = "text_settings"  # in the customshift_lora metadata (and our checkpoint's marker): io.text_settings
-BRANCHES = ("rab", "cgb")
 
 LoRATree = dict[str, Any]
 
@@ -136,55 +136,44 @@ def lora_tree_to_state_dict(tree: LoRATree, *, prefix: str = "") -> dict[str, np
     return out
 
 
-@functools.lru_cache(maxsize=32)
-def expected_lora_shapes(config: MMDiTConfig, lora: LoRAConfig, branch: str) -> LoRATree:
-    """Shapes of one branch's JAX LoRA tree (`jax.ShapeDtypeStruct` leaves; nothing allocated). Do not mutate."""
-    import jax
-
-
-    if branch not in BRANCHES:
-        raise ValueError(f"branch must be one of {BRANCHES}, got {branch!r}.")
-    return jax.eval_shape(lambda key: init_lora(config, lora, key, branch=branch), jax.random.key(0))
-
-
-def expected_state_dict_shapes(config: MMDiTConfig, lora: LoRAConfig, branch: str, *,
+def expected_state_dict_shapes(config: MMDiTConfig, lora_config: LoRAConfig, branch: str, *,
                                prefix: str = "") -> dict[str, tuple[int, ...]]:
     """Every key of one branch's state dict and its (torch) shape, in tree order."""
     out = {}
-    for path, spec in _flat(expected_lora_shapes(config, lora, branch)):
+    for path, spec in _flat(expected_lora_shapes(config, lora_config, branch)):
         for key in keys_for_path(path):
             out[prefix + key] = _torch_shape(path[-1], tuple(spec.shape[1:]))
     return out
 
 
-def _rank_hint(state_dict: Mapping[str, Any], keys: list[str], lora: LoRAConfig) -> str:
+def _rank_hint(state_dict: Mapping[str, Any], keys: list[str], lora_config: LoRAConfig) -> str:
     ranks = sorted({tuple(state_dict[k].shape)[0] for k in keys if k.endswith(".lora_A.weight")})
-    if ranks and ranks != [lora.rank]:
-        return f" (LoRA rank {lora.rank} expected, the state dict has rank {', '.join(map(str, ranks))})"
+    if ranks and ranks != [lora_config.rank]:
+        return f" (LoRA rank {lora_config.rank} expected, the state dict has rank {', '.join(map(str, ranks))})"
     return ""
 
 
-def check_lora_state_dict(config: MMDiTConfig, lora: LoRAConfig, state_dict: Mapping[str, Any], *,
+def check_lora_state_dict(config: MMDiTConfig, lora_config: LoRAConfig, state_dict: Mapping[str, Any], *,
                           branch: str, prefix: str = "") -> None:
     """Raise `LoRAStateDictMismatch` naming every missing, unexpected or mis-shaped key of one branch."""
-    expected = expected_state_dict_shapes(config, lora, branch, prefix=prefix)
+    expected = expected_state_dict_shapes(config, lora_config, branch, prefix=prefix)
     missing = [k for k in expected if k not in state_dict]
     misshaped = [f"{k} {tuple(state_dict[k].shape)} (expected {want})" for k, want in expected.items()
                  if k in state_dict and tuple(state_dict[k].shape) != want]
     unexpected = sorted(set(state_dict) - set(expected))
     if missing or unexpected or misshaped:
-        hint = _rank_hint(state_dict, [k for k in expected if k in state_dict], lora)
+        hint = _rank_hint(state_dict, [k for k in expected if k in state_dict], lora_config)
         raise LoRAStateDictMismatch(
-            f"the {branch.upper()} LoRA state dict{hint} (expected rank {lora.rank} on {describe(config)})",
+            f"the {branch.upper()} LoRA state dict{hint} (expected rank {lora_config.rank} on {describe(config)})",
             missing, unexpected, misshaped)
 
 
-def state_dict_to_lora_tree(config: MMDiTConfig, lora: LoRAConfig, state_dict: Mapping[str, Any], *,
+def state_dict_to_lora_tree(config: MMDiTConfig, lora_config: LoRAConfig, state_dict: Mapping[str, Any], *,
                             branch: str, prefix: str = "") -> LoRATree:
     """One branch's state dict (keys under `prefix`, all of them) -> its JAX LoRA tree (numpy, exact)."""
-    check_lora_state_dict(config, lora, state_dict, branch=branch, prefix=prefix)
+    check_lora_state_dict(config, lora_config, state_dict, branch=branch, prefix=prefix)
     tree: LoRATree = {}
-    for path, spec in _flat(expected_lora_shapes(config, lora, branch)):
+    for path, spec in _flat(expected_lora_shapes(config, lora_config, branch)):
         layers = [to_numpy(state_dict[prefix + key]) for key in keys_for_path(path)]
         dtype = np.result_type(*layers)
         out = np.empty(spec.shape, dtype)
@@ -217,13 +206,13 @@ def split_state_dict(state_dict: Mapping[str, Any]) -> dict[str, dict[str, Any]]
     return parts
 
 
-def from_state_dict(config: MMDiTConfig, lora: LoRAConfig,
+def from_state_dict(config: MMDiTConfig, lora_config: LoRAConfig,
                     state_dict: Mapping[str, Any]) -> tuple[LoRATree, LoRATree]:
     """The combined state dict -> (rab_lora, cgb_lora) JAX trees (numpy), every key checked."""
     rab_sd = {k: v for k, v in state_dict.items() if k.startswith(RAB_PREFIX)}
     cgb_sd = {k: v for k, v in state_dict.items() if not k.startswith(RAB_PREFIX)}
-    return (state_dict_to_lora_tree(config, lora, rab_sd, branch="rab", prefix=RAB_PREFIX),
-            state_dict_to_lora_tree(config, lora, cgb_sd, branch="cgb"))
+    return (state_dict_to_lora_tree(config, lora_config, rab_sd, branch="rab", prefix=RAB_PREFIX),
+            state_dict_to_lora_tree(config, lora_config, cgb_sd, branch="cgb"))
 
 
 def module_names(state_dict: Mapping[str, Any]) -> list[str]:
@@ -231,16 +220,16 @@ def module_names(state_dict: Mapping[str, Any]) -> list[str]:
     return sorted({k.rsplit(".lora_", 1)[0] for k in state_dict if ".lora_A." in k})
 
 
-def diffusers_lora_metadata(lora: LoRAConfig, modules: list[str]) -> dict[str, Any]:
+def diffusers_lora_metadata(lora_config: LoRAConfig, modules: list[str]) -> dict[str, Any]:
     """diffusers' `lora_adapter_metadata` for the transformer: the `peft.LoraConfig` fields, "transformer."-keyed.
 
     `target_modules` lists full module names, so PEFT adapts exactly these linears and no look-alike.
     """
-    return {f"{DIFFUSERS_PREFIX}r": lora.rank, f"{DIFFUSERS_PREFIX}lora_alpha": lora.alpha,
+    return {f"{DIFFUSERS_PREFIX}r": lora_config.rank, f"{DIFFUSERS_PREFIX}lora_alpha": lora_config.alpha,
             f"{DIFFUSERS_PREFIX}target_modules": list(modules)}
 
 
-def save_lora_files(directory: str | Path, state_dict: Mapping[str, Any], lora: LoRAConfig, *,
+def save_lora_files(directory: str | Path, state_dict: Mapping[str, Any], lora_config: LoRAConfig, *,
                     text_settings: Mapping[str, Any] | None = None) -> list[Path]:
     """Write the combined state dict as the three files of the module docstring (each atomically, never through a
     link, mode 0644); returns their paths. `text_settings` (`io.text_settings.TextSettings.to_json()`: how the
@@ -249,7 +238,7 @@ def save_lora_files(directory: str | Path, state_dict: Mapping[str, Any], lora: 
 
     directory = make_dir(directory, "LoRA folder")
     parts = split_state_dict({k: to_numpy(v) for k, v in state_dict.items()})
-    ours = {"rank": lora.rank, "alpha": lora.alpha, "targets": list(lora.targets)}
+    ours = {"rank": lora_config.rank, "alpha": lora_config.alpha, "targets": list(lora_config.targets)}
     if text_settings is not None:
         ours[TEXT_SETTINGS_KEY] = dict(text_settings)
     written = []
@@ -264,7 +253,8 @@ def save_lora_files(directory: str | Path, state_dict: Mapping[str, Any], lora: 
         ours_here = {"branch": branch, **ours, CONTENT_HASH_KEY: content}
         metadata = {"format": "pt"}
         if branch != "beta":
-            metadata[LORA_ADAPTER_METADATA_KEY] = json.dumps(diffusers_lora_metadata(lora, modules), sort_keys=True)
+            metadata[LORA_ADAPTER_METADATA_KEY] = json.dumps(diffusers_lora_metadata(lora_config, modules),
+                                                             sort_keys=True)
         ours_here[FILE_HASH_KEY] = lora_file_hash(content, metadata, ours_here)
         metadata[CUSTOMSHIFT_METADATA_KEY] = json.dumps(ours_here)
         path = directory / name
@@ -343,8 +333,6 @@ def _read_lora_file(path: Path, branch: str, verify: bool = True) -> tuple[dict,
 def lora_file_hash(tensors_digest: str, metadata: Mapping[str, str], ours: Mapping[str, Any]) -> str:
     """"sha256:<hex>" of a LoRA file: its tensors' hash, its other metadata strings as stored, and our metadata
     (rank, alpha, targets, branch, ...) but this hash itself, in canonical JSON."""
-    import hashlib
-
     fields = {"tensors": tensors_digest,
               "metadata": {k: v for k, v in metadata.items() if k != CUSTOMSHIFT_METADATA_KEY},
               "ours": {k: v for k, v in ours.items() if k != FILE_HASH_KEY}}
@@ -386,8 +374,39 @@ def load_lora_files(directory: str | Path, *, verify: bool = True) -> tuple[dict
     return out, LoRAConfig(rank=rank, alpha=alpha, targets=targets)
 
 
+@dataclasses.dataclass(frozen=True)
+class LoRAFiles:
+    """A CustomShift LoRA as read from its folder (customshift_{rab,cgb,beta}.safetensors): the PEFT-named state
+    dict and its `LoRAConfig` (rank, alpha, targets), checked (intact files, finite values)."""
+
+    state_dict: dict
+    config: LoRAConfig
+    folder: Path
+
+
+def read_lora_files(folder: str | Path, *, verify: bool = True, what: str = "lora") -> LoRAFiles:
+    """`LoRAFiles` of `folder` (or of the folder of one of its files); errors start with `what` (the flag or
+    argument the user typed)."""
+    try:
+        state_dict, config = load_lora_files(folder, verify=verify)
+    except FileNotFoundError as e:  # the messages name the folder or file already
+        raise FileNotFoundError(f"{what}: {e}") from None
+    except ValueError as e:
+        raise ValueError(f"{what}: {e}") from None
+    return LoRAFiles(state_dict, config, Path(folder))
+
+
+def fit_lora(lora_files: LoRAFiles | None, config: MMDiTConfig) -> tuple[Any, Any, Any]:
+    """(LoRAConfig, RAB LoRA tree, CGB LoRA tree with beta) for `config`, or (None, None, None) without a LoRA. A
+    LoRA of another model fails here, naming the keys that do not fit."""
+    if lora_files is None:
+        return None, None, None
+    rab, cgb = from_state_dict(config, lora_files.config, lora_files.state_dict)
+    return lora_files.config, rab, cgb
+
+
 __all__ = ["RAB_PREFIX", "BETA_NAME", "CGB_FILE", "RAB_FILE", "BETA_FILE", "LoRAStateDictMismatch",
            "keys_for_path", "lora_tree_to_state_dict", "state_dict_to_lora_tree", "expected_lora_shapes",
            "expected_state_dict_shapes", "check_lora_state_dict", "to_state_dict", "from_state_dict",
            "split_state_dict", "diffusers_lora_metadata", "save_lora_files", "load_lora_files",
-           "check_finite_tensor"]
+           "check_finite_tensor", "LoRAFiles", "read_lora_files", "fit_lora"]

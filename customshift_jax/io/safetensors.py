@@ -106,3 +106,28 @@ def write_safetensors(path: str | Path, tensors: dict[str, np.ndarray], metadata
         f.write(blob)
         for arr in tensors.values():
             f.write(np.ascontiguousarray(arr).tobytes())
+
+
+def safetensors_files(folder: str | Path, name: str) -> list[Path]:
+    """The files holding a folder's weights: the shards `name`.index.json names, else `name` itself (as diffusers
+    and transformers save them). A missing shard, a broken index or only PyTorch `.bin` files are errors naming
+    the folder and what to do."""
+    folder = Path(folder)
+    index = folder / f"{name}.index.json"
+    if index.is_file():
+        try:
+            names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+            raise ValueError(f"{index} is not a safetensors index (JSON with a 'weight_map'): {e}; "
+                             "re-save the model") from e
+        if not names:
+            raise ValueError(f"{index}: an empty weight_map; expected a sharded safetensors index.")
+        absent = [n for n in names if not (folder / n).is_file()]
+        if absent:
+            raise FileNotFoundError(f"{folder}: shards {absent} named in {index.name} are missing")
+        return [folder / n for n in names]
+    if (folder / name).is_file():
+        return [folder / name]
+    found = sorted(p.name for p in folder.glob("*.bin")) + sorted(p.name for p in folder.glob("*.safetensors"))
+    hint = f" (found {found}: re-save it with safe_serialization=True)" if found else ""
+    raise FileNotFoundError(f"{folder}: no {name} or {index.name}{hint}")

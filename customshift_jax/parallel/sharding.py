@@ -23,6 +23,7 @@ from jax.sharding import AbstractMesh, AxisType, Mesh, NamedSharding, PartitionS
 from customshift_jax.models.mmdit.api import build_model
 from customshift_jax.models.mmdit.axes import logical_axes
 from customshift_jax.models.mmdit.config import MMDiTConfig
+from customshift_jax.tree_paths import key_names
 
 MESH_AXES = ("data", "fsdp", "tensor", "context")
 LOGICAL_AXES = ("batch", "length", "embed", "heads", "mlp", "lora", "layers")
@@ -218,20 +219,16 @@ def logical_sharding(logical: Sequence[str | None], shape: Sequence[int], mesh: 
     return NamedSharding(mesh, logical_spec(logical, shape, mesh, rules))
 
 
-def _key_path(path) -> tuple[str, ...]:
-    return tuple(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
-
-
 def param_layouts(tree: Any, mesh: AnyMesh | Mapping[str, int], rules: RulesLike) -> Any:
     """A `Layout` per leaf of a params or LoRA tree (arrays or ShapeDtypeStructs)."""
     return jax.tree_util.tree_map_with_path(
-        lambda p, x: resolve(logical_axes(_key_path(p), np.shape(x)), np.shape(x), mesh, rules), tree)
+        lambda p, x: resolve(logical_axes(key_names(p), np.shape(x)), np.shape(x), mesh, rules), tree)
 
 
 def param_shardings(tree: Any, mesh: AnyMesh, rules: RulesLike) -> Any:
     """NamedSharding per leaf of a params or LoRA tree: the `in_shardings` entry for it."""
     return jax.tree_util.tree_map_with_path(
-        lambda p, x: NamedSharding(mesh, resolve(logical_axes(_key_path(p), np.shape(x)), np.shape(x), mesh,
+        lambda p, x: NamedSharding(mesh, resolve(logical_axes(key_names(p), np.shape(x)), np.shape(x), mesh,
                                                  rules).spec), tree)
 
 
@@ -293,7 +290,7 @@ def layout_table(tree: Any, mesh: AnyMesh | Mapping[str, int], rules: RulesLike)
     flat = jax.tree_util.tree_flatten_with_path(tree)[0]
     total = total_full = 0
     for path, x in flat:
-        keys = _key_path(path)
+        keys = key_names(path)
         shape = tuple(np.shape(x))
         layout = resolve(logical_axes(keys, shape), shape, mesh, rules)
         nbytes = math.prod(layout.shard_shape) * _itemsize(x)

@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from customshift_jax.customshift.branches import init_lora
+from customshift_jax.customshift.branches import lora_shapes as branch_lora_shapes
 from customshift_jax.customshift.sampling import make_sharded_customshift_sampler
 from customshift_jax.customshift.sharded import make_sharded_customshift_forward, make_sharded_prefill
 from customshift_jax.models.mmdit.api import as_dtype, param_shapes
@@ -95,8 +95,9 @@ def _abstract(tree: Any) -> Any:
     return jax.tree_util.tree_map(lambda x: _sds(np.shape(x), x.dtype), tree)
 
 
-def lora_shapes(config: MMDiTConfig, lora: LoRAConfig, branch: str) -> Any:
-    return _abstract(jax.eval_shape(lambda: init_lora(config, lora, jax.random.key(0), branch=branch)))
+def lora_shapes(config: MMDiTConfig, lora_config: LoRAConfig, branch: str) -> Any:
+    """One branch's LoRA tree as plain `ShapeDtypeStruct`s, the abstract argument of a compiled task."""
+    return _abstract(branch_lora_shapes(config, lora_config, branch))
 
 
 def ref_kv_shapes(config: MMDiTConfig, w: Workload, batch: int, dtype: Any) -> dict:

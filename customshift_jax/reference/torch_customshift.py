@@ -5,7 +5,7 @@ own weights or state dict:
   * two hand-written LoRA sets, "rab" (Reference-Alignment Branch) and "cgb" (Cross-Guidance Branch), as
     forward hooks on the targeted `nn.Linear`s of `transformer_blocks` (y = x W^T + b + s (x A^T) B^T,
     s = alpha / rank; A (r, in), B (out, r), PEFT's layout). Targets are matched exactly as
-    `customshift_jax.lora.LoRAConfig.targets_path` matches them (dotted suffixes, attn2 included);
+    `customshift_jax.models.mmdit.lora.LoRAConfig.targets_path` matches them (dotted suffixes, attn2 included);
   * `beta` (num_layers, heads), the learned CADS shift of the CGB;
   * `CustomShiftAttnProcessor` on every block's joint `attn` (a `JointAttnProcessor2_0` subclass); `attn2`
     keeps diffusers' own processor: it never reads the reference.

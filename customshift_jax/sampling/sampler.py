@@ -97,6 +97,11 @@ def initial_latents(key: Array, shape: Sequence[int]) -> Array:
     return jax.random.normal(key, (int(np.prod(shape)),), jnp.float32).reshape(shape)
 
 
+def noise_for(keys: Sequence[Array], shape: Sequence[int]) -> np.ndarray:
+    """(B, *shape) noise x_T, image b drawn from keys[b] alone: an image's noise does not depend on its batch."""
+    return np.concatenate([np.asarray(initial_latents(k, (1, *shape))) for k in keys])
+
+
 def latent_shape(config: MMDiTConfig, batch: int, height: int, width: int, vae_scale_factor: int = 8) -> tuple:
     """(B, C, height / f, width / f) for an image of height x width pixels; refuses sizes the pipeline refuses."""
     multiple = vae_scale_factor * config.patch_size
@@ -230,7 +235,7 @@ def _sampler_parts(config: MMDiTConfig, *, dtype: Any, backend: str, remat: str,
     if forward is None:
         forward = make_forward(config, dtype=as_dtype(dtype), backend=backend, remat=remat)
     if decode and vae_config is None:
-        raise ValueError("make_sampler(decode=True) needs vae_config (e.g. from customshift_jax.vae.load_vae).")
+        raise ValueError("make_sampler(decode=True) needs vae_config (e.g. from customshift_jax.io.loading.load_vae).")
 
     def pure(params, latents, cond, schedule, guidance_scale, slg, extra, vae_params, *, cfg):
         z = sample(forward, params, latents, cond, schedule, guidance_scale=guidance_scale,
@@ -325,7 +330,6 @@ def _sharded(config: MMDiTConfig, mesh: Any, rules: Any, extra_axes: Any, *, for
              dtype: Any, backend: str, remat: str, **parts_kw) -> Callable:
     """`make_sampler`'s `run` with the sampler as two `ShardedFunction`s (CFG off / on) on `mesh`."""
     import functools
-
 
     if forward is None:
         forward = shd.constrained_forward(config, mesh, rules, dtype=dtype, backend=backend, remat=remat)

@@ -17,7 +17,6 @@ def run_demo(out: Path, *, seed: int = 0, n_subjects: int = 6, gammas: Sequence[
     """Generate, judge and write everything under `out`; returns the table as Markdown."""
     from PIL import Image
 
-
     weights = Path(weights) if weights else WEIGHTS
     cases = E.draw_cases(seed, n_subjects, 1)
     model = WorldModel.load(weights)

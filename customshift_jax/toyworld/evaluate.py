@@ -10,12 +10,14 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+import jax
 import numpy as np
 
 from customshift_jax.io.safe_files import write_text
+from customshift_jax.sampling.sampler import noise_for
 from customshift_jax.toyworld import judge as J
 from customshift_jax.toyworld import world
-from customshift_jax.toyworld.methods import noise_for
+from customshift_jax.toyworld.tiny_sd3 import LATENT_SHAPE
 from customshift_jax.toyworld.vae_train import reconstruct
 
 GAMMAS: tuple[float, ...] = (0.25, 0.5, 1.0, 2.0, 4.0)
@@ -80,9 +82,6 @@ def targets(cases: Sequence[Case]) -> np.ndarray:
 def generate_all(model, generator, cases: Sequence[Case], columns, *, batch: int = 64,
                  progress: Callable | None = None) -> tuple[dict[str, np.ndarray], dict[str, float]]:
     """{label: images (N, 32, 32, 3)} for every column, and seconds per image of each (compile excluded)."""
-    import jax
-
-
     refs = references(cases)
     images: dict[str, list] = {label: [] for label, _, _ in columns}
     seconds = {label: 0.0 for label, _, _ in columns}
@@ -94,7 +93,7 @@ def generate_all(model, generator, cases: Sequence[Case], columns, *, batch: int
         prompt = tuple(pad(a) for a in model.encode_text([c.prompt for c in chunk]))
         subject = tuple(pad(a) for a in model.encode_text([c.subject.name for c in chunk]))
         ref = model.encode_images(pad(refs[i:i + n]))
-        noise = jax.numpy.asarray(pad(np.concatenate([np.asarray(noise_for(c.seed, 1)) for c in chunk])))
+        noise = jax.numpy.asarray(pad(noise_for([jax.random.key(c.seed) for c in chunk], LATENT_SHAPE)))
         for label, method, gamma in columns:
             if method not in warm:  # compile outside the timing
                 generator.run(method, noise, prompt, reference=ref, subject=subject, gamma=gamma or 1.0)

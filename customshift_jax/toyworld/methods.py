@@ -15,10 +15,9 @@ from customshift_jax.customshift_pipeline import sample_from_embeds, text_condit
 from customshift_jax.io.lora_files import from_state_dict, load_lora_files
 from customshift_jax.io.text_settings import checkpoint_text_settings, lora_text_settings, stderr_note
 from customshift_jax.pipeline import Pipeline, load_components
-from customshift_jax.sampling.sampler import initial_latents
 from customshift_jax.sampling.schedule import make_schedule
 from customshift_jax.text import TextEncoders
-from customshift_jax.toyworld.tiny_sd3 import IMAGE_SIZE, T5_MAX_LENGTH
+from customshift_jax.toyworld.tiny_sd3 import T5_MAX_LENGTH
 from customshift_jax.toyworld.vae_train import to_model_images, to_uint8
 
 WEIGHTS = Path(__file__).resolve().parent / "weights"
@@ -115,7 +114,3 @@ class Generator:
                                            guidance=self.guidance, latents=noise, vae_params=m.vae_params, rab=rab,
                                            cgb=cgb, reference=reference, subject=subject, gamma=gamma))
 
-
-def noise_for(seed: int, n: int) -> jax.Array:
-    """x_T for `n` images from `seed`: the same noise for every method, so columns differ only by method."""
-    return initial_latents(jax.random.key(seed), (n, 4, IMAGE_SIZE // 2, IMAGE_SIZE // 2))

@@ -17,7 +17,10 @@ from customshift_jax.customshift.cads import CustomShiftAttnProcessor, shift_log
 from customshift_jax.models.mmdit.api import skip_mask
 from customshift_jax.models.mmdit.attention import attention
 from customshift_jax.toyworld import evaluate as E
-from customshift_jax.toyworld.methods import METHODS, WEIGHTS, Generator, WorldModel, noise_for
+from customshift_jax.sampling.sampler import noise_for
+from customshift_jax.toyworld.methods import METHODS, WEIGHTS, Generator, WorldModel
+from customshift_jax.toyworld.tiny_sd3 import LATENT_SHAPE
+from customshift_jax.tree_paths import named_leaves
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,8 +45,7 @@ class AlphaProbe(CustomShiftAttnProcessor):
 def beta_table(model: WorldModel, lora_name: str = "customshift") -> np.ndarray:
     """beta (layers, heads) of a trained CGB tree."""
     _, _, cgb = model.loras[lora_name]
-    found = [np.asarray(leaf) for path, leaf in jax.tree_util.tree_leaves_with_path(cgb)
-             if str(getattr(path[-1], "key", "")) == "beta"]
+    found = [np.asarray(leaf) for path, leaf in named_leaves(cgb) if path[-1] == "beta"]
     if not found:
         raise ValueError(f"the {lora_name} LoRA has no beta.")
     return np.concatenate([b.reshape(-1, b.shape[-1]) for b in found])
@@ -54,15 +56,15 @@ def alpha_per_layer(model: WorldModel, method: str, cases: Sequence[E.Case], ts:
     """Mean alpha (len(ts), layers, heads) of `method` on `cases`: targets noised to each t (x_t = (1 - t) x_0 +
     t eps), the prompt's text, the case's reference through the RAB."""
     lora_name, shift, _ = METHODS[method]
-    lora, rab, cgb = model.loras[lora_name]
+    lora_config, rab, cgb = model.loras[lora_name]
     generator = Generator(model)
     pipe = generator.pipes[lora_name]
     refs = model.encode_images(E.references(cases))
     kv = pipe.reference_cache(model.params, rab, refs, *model.encode_text([c.subject.name for c in cases]))
     embeds, pooled = model.encode_text([c.prompt for c in cases])
     x0 = model.encode_images(E.targets(cases))
-    noise = jnp.concatenate([noise_for(c.seed, 1) for c in cases])
-    net = lora_model(model.config, lora).clone(options=lora_model(model.config, lora).options.replace(
+    noise = jnp.asarray(noise_for([jax.random.key(c.seed) for c in cases], LATENT_SHAPE))
+    net = lora_model(model.config, lora_config).clone(options=lora_model(model.config, lora_config).options.replace(
         processor=AlphaProbe(shift)))
     skip = jnp.asarray(skip_mask(model.config, None))
 

@@ -15,6 +15,7 @@ from customshift_jax.testing.tiny_pipeline import DEFAULT_TRANSFORMER_CONFIG, DE
 from customshift_jax.toyworld import world
 
 IMAGE_SIZE = 32
+LATENT_SHAPE = (4, IMAGE_SIZE // 2, IMAGE_SIZE // 2)  # (C, h, w) of the world VAE's latents
 CLIP_MAX_LENGTH = 16
 T5_MAX_LENGTH = 20
 

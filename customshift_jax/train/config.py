@@ -8,6 +8,8 @@ import re
 from pathlib import Path
 from typing import Any
 
+from customshift_jax.numerics import FLOAT_DTYPES
+
 DEFAULTS: dict[str, dict[str, Any]] = {
     "model": {
         "checkpoint": None,      # our checkpoint dir, a diffusers pipeline/transformer folder or a single file
@@ -25,6 +27,7 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         "steps": 1000, "seed": 0, "lr": 1e-4, "warmup_steps": 0, "schedule": "constant", "weight_decay": 1e-2,
         "clip_norm": 1.0, "accum_steps": 1, "dtype": "fp32", "remat": "none", "shift": "cads",
         "form": "two_pass", "text_dropout": 0.1, "ref_dropout": 0.05,
+        # shift: how the reference enters the CGB's attention, "cads" (CustomShift) or "concat" (the baseline)
         # "customshift": train the two LoRAs and beta on a frozen base. "base": train every param of the base
         # MMDiT (initialised from model.checkpoint / model.preset) as a text-to-image model; it is written to
         # OUTPUT_DIR/model/ (our checkpoint, other components of model.checkpoint copied) instead of the LoRA.
@@ -43,7 +46,7 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         "reference": 0,      # record index of the prepared data, or an image path (needs `vae`)
         "subject": None,     # record index whose subject-name embeddings are used (default: the reference's)
         "steps": 8, "guidance": 1.0, "gamma": 1.0, "seed": 0,
-        "shift": 3.0,        # the flow-match scheduler's shift (SD3: 3.0)
+        "schedule_shift": 3.0,  # the flow-match scheduler's shift (SD3: 3.0); not train.shift (cads or concat)
         "vae": None,         # checkpoint or pipeline folder: decode to images (else a latent preview PNG)
     },
     "output_dir": None,
@@ -150,9 +153,9 @@ RANGES: dict[str, Range] = {
     "sample.guidance": Range(0.0),
     "sample.gamma": Range(0.0),
     "sample.seed": _SEED,
-    "sample.shift": Range(0.0, open_low=True),
+    "sample.schedule_shift": Range(0.0, open_low=True),
 }
-DTYPES = ("fp32", "bf16", "float32", "bfloat16")
+DTYPES = tuple(FLOAT_DTYPES)
 # Keys of a fixed set of words -> the words (tests/test_train_config.py keeps them in step with the code taking them).
 CHOICES: dict[str, tuple[str, ...]] = {
     "model.base_dtype": DTYPES,
@@ -200,8 +203,13 @@ def _check_prompts(value: Any) -> None:
         raise ValueError(f"config key sample.prompts={value!r}: expected a list of record indices >= 0, or null.")
 
 
+# Old key -> its name now: configs (and runs' saved config.yaml) written before the rename still load.
+RENAMED_KEYS = {"sample.shift": "sample.schedule_shift"}
+
+
 def _merge(base: dict, new: dict, where: str) -> None:
     for k, v in new.items():
+        k = RENAMED_KEYS.get(f"{where}{k}", f"{where}{k}")[len(where):]
         if k not in base:
             raise ValueError(f"unknown config key {where}{k}; known keys here: {', '.join(map(str, base))}.")
         if isinstance(base[k], dict):

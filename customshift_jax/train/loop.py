@@ -96,7 +96,6 @@ def load_base(mcfg: dict) -> tuple[Any, Any]:
     """(MMDiTConfig, frozen base params) from `model.checkpoint`, or random ones of `model.preset`."""
     import jax
 
-
     dtype = as_dtype(mcfg["base_dtype"])
     if mcfg["checkpoint"] is not None:
         return load_transformer(mcfg["checkpoint"], dtype=dtype, verify=mcfg["verify"])
@@ -176,7 +175,6 @@ class TrainParts:
 def build(cfg: dict) -> TrainParts:
     """Everything the loop needs, from the resolved config (no side effects on disk)."""
     import jax
-
 
     t, d = cfg["train"], cfg["data"]
     # train.mode=base trains the loaded params themselves: fp32 masters, whatever model.base_dtype says.
@@ -391,7 +389,7 @@ def _train(cfg: dict, out: Path, resume: bool, log) -> int:
     last_saved = start if start else None
     code = 0
     t_last, n_last = time.perf_counter(), start
-    ctx = jax.set_mesh(parts.mesh) if parts.mesh is not None else _null()
+    ctx = jax.set_mesh(parts.mesh) if parts.mesh is not None else contextlib.nullcontext()
     try:
         with ctx:
             step = start
@@ -454,7 +452,6 @@ def _export_base(cfg: dict, dst: Path, state, config, steps: int, log) -> None:
     """train.mode=base: gather the trained weights (EMA if kept) on every process; process 0 writes them."""
     import jax
 
-
     weights = gather(model_params(state))  # a collective: every process takes part
     if jax.process_index() != 0:
         return
@@ -465,14 +462,6 @@ def _export_base(cfg: dict, dst: Path, state, config, steps: int, log) -> None:
     names = export_model(dst, weights, config, cfg["model"]["checkpoint"], meta)
     log(f"wrote the trained transformer{' (EMA weights)' if ema > 0 else ''} to {dst} "
         f"(components: {', '.join(names)}); use it with model.checkpoint={dst}")
-
-
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *a):
-        return False
 
 
 def final_trainable(output_dir: str | Path) -> dict[str, np.ndarray]:

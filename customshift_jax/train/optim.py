@@ -4,7 +4,7 @@ from __future__ import annotations
 import optax
 
 
-def make_schedule(lr: float, warmup_steps: int = 0, schedule: str = "constant", total_steps: int = 0,
+def make_lr_schedule(lr: float, warmup_steps: int = 0, schedule: str = "constant", total_steps: int = 0,
                   final_lr_fraction: float = 0.0) -> optax.Schedule:
     """Linear warm-up from 0 to `lr` over `warmup_steps` optimizer updates, then "constant" or "cosine" decay."""
     if schedule not in ("constant", "cosine"):
@@ -28,7 +28,7 @@ def make_optimizer(lr: float = 1e-4, *, warmup_steps: int = 0, schedule: str = "
     (optax.MultiSteps: gradients are averaged, params unchanged in between); schedule counts updates."""
     if accum_steps < 1:
         raise ValueError(f"accum_steps must be >= 1, got {accum_steps}.")
-    sched = make_schedule(lr, warmup_steps, schedule, total_steps)
+    sched = make_lr_schedule(lr, warmup_steps, schedule, total_steps)
     parts = [optax.clip_by_global_norm(clip_norm)] if clip_norm else []
     parts.append(optax.adamw(sched, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay))
     opt = optax.chain(*parts)

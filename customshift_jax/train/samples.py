@@ -120,7 +120,6 @@ def encode_reference(path: str, vae: tuple, latent_shape: list[int]) -> np.ndarr
     """(1, C, h, w) scaled VAE latents of the image at `path`, at the prepared data's latent size."""
     import jax
 
-
     vae_config, vae_params = vae
     size = latent_shape[-1] * vae_config.downsample_factor
     pixels = load_reference_image(path, size, size)
@@ -144,7 +143,6 @@ class TrainingSampler:
     def __init__(self, cfg: dict, config: Any, lora: Any, dataset: ShardDataset, out: Path):
         import jax
 
-
         scfg = cfg["sample"]
         self.scfg, self.out = scfg, Path(out)
         self.vae = None
@@ -156,7 +154,7 @@ class TrainingSampler:
         self.guidance = float(scfg["guidance"])
         self.cond = text_conditioning(self.inputs.prompt_embeds, self.inputs.pooled, self.inputs.negative_embeds,
                                       self.inputs.negative_pooled, guidance=self.guidance)
-        self.schedule = make_schedule({"shift": float(scfg["shift"])}, int(scfg["steps"]),
+        self.schedule = make_schedule({"shift": float(scfg["schedule_shift"])}, int(scfg["steps"]),
                                       image_seq_len=(shape[2] // config.patch_size) * (shape[3] // config.patch_size))
         self.noise = np.asarray(initial_latents(jax.random.key(int(scfg["seed"])), shape))
         self.meta = dict(seed=scfg["seed"], steps=scfg["steps"], guidance=self.guidance, gamma=scfg["gamma"],
@@ -183,7 +181,6 @@ class TrainingSampler:
     def __call__(self, trainable: Any, base_params: Any, step: int, metrics: Any = None) -> np.ndarray:
         """Sample with the current weights; process 0 writes the PNGs (and logs them when `metrics` is given)."""
         import jax
-
 
         got = gather(self._sample(trainable, base_params))
         images = got if self.vae is not None else np.stack([latent_preview(z) for z in got])

@@ -11,19 +11,14 @@ import numpy as np
 from customshift_jax.models.mmdit.config import MMDiTConfig
 from customshift_jax.models.mmdit.model import SD3Transformer
 from customshift_jax.models.mmdit.options import RunOptions
+from customshift_jax.numerics import float_dtype
 
 Params = dict[str, Any]
-_DTYPES = {"float32": jnp.float32, "fp32": jnp.float32, "bfloat16": jnp.bfloat16, "bf16": jnp.bfloat16}
 
 
 def as_dtype(dtype: Any) -> Any:
     """jnp dtype from a name ("fp32", "bf16", ...) or a dtype."""
-    if isinstance(dtype, str):
-        try:
-            return _DTYPES[dtype]
-        except KeyError:
-            raise ValueError(f"unknown dtype {dtype!r}; expected one of {sorted(_DTYPES)}.") from None
-    return dtype
+    return getattr(jnp, float_dtype(dtype).name) if isinstance(dtype, str) else dtype
 
 
 def build_model(config: MMDiTConfig, options: RunOptions | None = None, **fields: Any) -> SD3Transformer:

@@ -7,7 +7,6 @@ branch has its own LoRA tree. Kernels are (in, r) and (r, out); PEFT's are their
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -65,8 +64,3 @@ def merge_lora(params: dict, lora: dict, config: LoRAConfig) -> dict:
         return out
 
     return merge(params, lora)
-
-
-def lora_param_count(lora: Any) -> int:
-    """Number of trainable scalars in a LoRA tree."""
-    return sum(int(x.size) for x in jax.tree_util.tree_leaves(lora))

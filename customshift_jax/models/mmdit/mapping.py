@@ -8,11 +8,11 @@ from __future__ import annotations
 
 from typing import Any, Callable, Iterable, Iterator, Mapping
 
-import jax
 import numpy as np
 
 from customshift_jax.models.mmdit.api import param_shapes
 from customshift_jax.models.mmdit.config import MMDiTConfig
+from customshift_jax.tree_paths import named_leaves
 
 Params = dict[str, Any]
 LIST_LIMIT = 20
@@ -90,11 +90,6 @@ def torch_keys_for_path(path: tuple[str, ...]) -> list[str]:
     return [".".join(path[:-1] + (leaf,))]
 
 
-def _flat_paths(tree: Mapping) -> list[tuple[tuple[str, ...], Any]]:
-    flat = jax.tree_util.tree_flatten_with_path(tree)[0]
-    return [(tuple(k.key for k in path), leaf) for path, leaf in flat]
-
-
 def _set(tree: dict, path: tuple[str, ...], value) -> None:
     for p in path[:-1]:
         tree = tree.setdefault(p, {})
@@ -104,7 +99,7 @@ def _set(tree: dict, path: tuple[str, ...], value) -> None:
 def state_dict_shapes(config: MMDiTConfig) -> dict[str, tuple[int, ...]]:
     """Every diffusers key `config` expects and its torch shape, in order; nothing is allocated."""
     out: dict[str, tuple[int, ...]] = {}
-    for path, spec in _flat_paths(param_shapes(config)):
+    for path, spec in named_leaves(param_shapes(config)):
         layer_shape = spec.shape[1:] if path[0] == "transformer_blocks" else spec.shape
         for key in torch_keys_for_path(path):
             out[key] = _torch_shape(path[-1], layer_shape)
@@ -175,7 +170,7 @@ def iter_params(config: MMDiTConfig, state_dict: Mapping[str, Any], dtype: Any =
     """`params_from_state_dict` one param at a time, as (path, array), for streaming writers: each is
     filled from its per-layer source tensors and dropped here once yielded. Run `check_state_dict` first."""
     cast = cast or (lambda a, dt: np.asarray(a, dtype=dt))
-    for path, spec in _flat_paths(param_shapes(config)):
+    for path, spec in named_leaves(param_shapes(config)):
         scanned = path[0] == "transformer_blocks"
         out = np.empty(spec.shape, dtype)
         for j, key in enumerate(torch_keys_for_path(path)):
@@ -194,7 +189,7 @@ def state_dict_views(config: MMDiTConfig, params: Params) -> dict[str, np.ndarra
     For streaming writers; `state_dict_from_params` is the same with contiguous copies.
     """
     out: dict[str, np.ndarray] = {}
-    for path, leaf in _flat_paths(params):
+    for path, leaf in named_leaves(params):
         array = np.asarray(leaf)
         keys = torch_keys_for_path(path)
         layers = array if path[0] == "transformer_blocks" else [array]
@@ -225,5 +220,5 @@ def describe(config: MMDiTConfig) -> str:
 
 def iter_torch_keys(config: MMDiTConfig) -> Iterable[str]:
     """All diffusers keys the config expects, in order."""
-    for path, _ in _flat_paths(param_shapes(config)):
+    for path, _ in named_leaves(param_shapes(config)):
         yield from torch_keys_for_path(path)

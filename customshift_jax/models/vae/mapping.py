@@ -11,12 +11,12 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 
 from customshift_jax.models.vae.config import VAEConfig
 from customshift_jax.models.vae.model import param_shapes
+from customshift_jax.tree_paths import named_leaves
 
 Params = dict[str, Any]
 _SHOW = 20  # keys listed per category in an error, before "... and N more"
@@ -116,7 +116,7 @@ def vae_state_dict_from_params(config: VAEConfig, params: Params) -> dict[str, n
     if set(params) == {"params"}:  # tolerate flax's {'params': ...} variables wrapper
         params = params["params"]
     shapes = param_shapes(config)
-    flat = {tuple(k.key for k in path): leaf for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]}
+    flat = dict(named_leaves(params))
     expected = {"/".join(p): s for p, s in shapes.items()}
     _check("params tree", expected, {"/".join(p): tuple(np.shape(v)) for p, v in flat.items()})
     return {_torch_key(p): np.ascontiguousarray(_to_torch_layout(np.asarray(flat[p]))) for p in shapes}

@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 
 from customshift_jax.models.vae.config import VAEConfig
+from customshift_jax.tree_paths import named_leaves
 
 Dtype = Any
 Array = jax.Array
@@ -292,5 +293,4 @@ def param_shapes(config: VAEConfig) -> dict[tuple[str, ...], tuple[int, ...]]:
     f = config.downsample_factor
     x = jax.ShapeDtypeStruct((1, f, f, config.in_channels), jnp.float32)
     abstract = jax.eval_shape(lambda x: AutoencoderKL(config).init(jax.random.key(0), x), x)["params"]
-    flat = jax.tree_util.tree_flatten_with_path(abstract)[0]
-    return {tuple(k.key for k in path): tuple(leaf.shape) for path, leaf in flat}
+    return {path: tuple(leaf.shape) for path, leaf in named_leaves(abstract)}

@@ -12,7 +12,8 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding
 
-from customshift_jax.parallel.sharding import RulesLike, put, resolve
+from customshift_jax.parallel.sharding import RulesLike, resolve
+from customshift_jax.tree_paths import key_names
 
 _KERNELS: dict[str, tuple[str | None, str | None]] = {
     **dict.fromkeys(("q_proj", "k_proj", "v_proj", "q", "k", "v"), ("embed", "heads")),
@@ -41,19 +42,10 @@ def text_logical_axes(path: Sequence[str], shape: Sequence[int]) -> tuple[str | 
     return lead + axes
 
 
-def _keys(path) -> tuple[str, ...]:
-    return tuple(str(getattr(k, "key", getattr(k, "name", k))) for k in path)
-
-
 def text_param_shardings(params: Any, mesh: Mesh, rules: RulesLike) -> Any:
     """NamedSharding per leaf of a text encoder's params (arrays or ShapeDtypeStructs) under `rules`."""
     def one(path, x):
         shape = np.shape(x)
-        return NamedSharding(mesh, resolve(text_logical_axes(_keys(path), shape), shape, mesh, rules).spec)
+        return NamedSharding(mesh, resolve(text_logical_axes(key_names(path), shape), shape, mesh, rules).spec)
 
     return jax.tree_util.tree_map_with_path(one, params)
-
-
-def shard_text_params(params: Any, mesh: Mesh, rules: RulesLike) -> Any:
-    """The params placed on `mesh` by `rules`."""
-    return jax.tree_util.tree_map(put, params, text_param_shardings(params, mesh, rules))

@@ -10,10 +10,18 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from customshift_jax.text.jax.layers import ACTIVATIONS, LayerNorm32, Part, Stage, attention, constrain, dense
+from customshift_jax.text.jax.layers import (
+    ACTIVATIONS,
+    EncoderModule,
+    EncoderModuleWithSharding,
+    LayerNorm32,
+    attention,
+    constrain,
+    dense,
+)
 
 
-class CLIPAttention(Part):
+class CLIPAttention(EncoderModule):
     """Causal multi-head self-attention with biases (q_proj, k_proj, v_proj, out_proj)."""
 
     @nn.compact
@@ -25,7 +33,7 @@ class CLIPAttention(Part):
         return dense(c.hidden_size, "out_proj", self.dtype)(out)
 
 
-class CLIPMLP(Part):
+class CLIPMLP(EncoderModule):
     """fc1, the config's activation (in fp32), fc2."""
 
     @nn.compact
@@ -36,7 +44,7 @@ class CLIPMLP(Part):
         return dense(c.hidden_size, "fc2", self.dtype)(h)
 
 
-class CLIPEncoderLayer(Stage):
+class CLIPEncoderLayer(EncoderModuleWithSharding):
     """Pre-LN block; written as a scan body: carry x (B, T, D) fp32, output the layer's hidden state."""
 
     @nn.compact
@@ -50,7 +58,7 @@ class CLIPEncoderLayer(Stage):
         return x, x
 
 
-class CLIPTextEmbeddings(Part):
+class CLIPTextEmbeddings(EncoderModule):
     """token_embedding + position_embedding (positions 0..T-1), in fp32."""
 
     @nn.compact
@@ -65,7 +73,7 @@ class CLIPTextEmbeddings(Part):
         return tok(input_ids).astype(jnp.float32) + pos(positions)[None].astype(jnp.float32)  # (B, T, D)
 
 
-class CLIPEncoder(Stage):
+class CLIPEncoder(EncoderModuleWithSharding):
     """transformers' `CLIPEncoder`: the scanned `layers`; returns the last output and every layer's (L, B, T, D)."""
 
     @nn.compact
@@ -75,7 +83,7 @@ class CLIPEncoder(Stage):
         return layers(self.config, self.dtype, self.activation_sharding, name="layers")(x, None)
 
 
-class CLIPTextTransformer(Stage):
+class CLIPTextTransformer(EncoderModuleWithSharding):
     """Embeddings, the encoder, the final layer norm and the EOS-token pooling of transformers."""
 
     @nn.compact
@@ -93,7 +101,7 @@ class CLIPTextTransformer(Stage):
         return {"hidden_states": hidden_states, "last_hidden_state": last, "pooler_output": pooled}
 
 
-class CLIPTextModelWithProjection(Stage):
+class CLIPTextModelWithProjection(EncoderModuleWithSharding):
     """`text_model` plus `text_projection` (no bias) of the pooled output: SD3's pooled CLIP embedding.
 
     Returns {"hidden_states" (L + 1, B, T, D): the embeddings then each layer's output (before the final norm),

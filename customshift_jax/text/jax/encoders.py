@@ -27,6 +27,7 @@ from customshift_jax.io.checkpoint import (
     load_checkpoint_config,
     read_marker,
 )
+from customshift_jax.numerics import float_dtype
 from customshift_jax.parallel.sharding import RulesLike, activation_hook, as_rules, logical_sharding, put
 from customshift_jax.text.encode import (
     PromptEmbeds,
@@ -42,7 +43,6 @@ from customshift_jax.text.jax.loading import EncoderConfig, abstract_encoder_par
 
 ENCODERS = ("text_encoder", "text_encoder_2", "text_encoder_3")
 DEFAULT_BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
-_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
 def make_encode_fn(configs: dict[str, EncoderConfig], *, dtype: Any = jnp.float32, clip_skip: int | None = None,
@@ -105,8 +105,7 @@ class JaxTextEncoders:
                  joint_attention_dim: int | None = None, identity: str = "", dtype: str = "float32",
                  mesh: Mesh | None = None, rules: RulesLike = "fsdp",
                  batch_buckets: Sequence[int] = DEFAULT_BATCH_BUCKETS) -> None:
-        if dtype not in _DTYPES:
-            raise ValueError(f"dtype must be one of {tuple(_DTYPES)}, got {dtype!r}")
+        float_dtype(dtype)
         if "text_encoder_3" not in configs and joint_attention_dim is None:
             raise ValueError("without T5 (text_encoder_3) the T5 slot is zeros of width joint_attention_dim: pass "
                              "joint_attention_dim (the transformer's config value)")
@@ -129,13 +128,12 @@ class JaxTextEncoders:
                 checkpoint_components(pipeline_folder)):  # else: transformers folders kept beside our components
             return cls.from_checkpoint(pipeline_folder, dtype=dtype, joint_attention_dim=joint_attention_dim,
                                        mesh=mesh, rules=rules, batch_buckets=batch_buckets)
-        if dtype not in _DTYPES:
-            raise ValueError(f"dtype must be one of {tuple(_DTYPES)} for the JAX text encoders, got {dtype!r}")
+        float_dtype(dtype)
         folder, have, joint_attention_dim = resolve_text_folder(pipeline_folder, joint_attention_dim)
         configs, params = {}, {}
         for name in ENCODERS:
             if have[name]:
-                configs[name], params[name] = load_encoder_params(folder / name, dtype=_DTYPES[dtype])
+                configs[name], params[name] = load_encoder_params(folder / name, dtype=float_dtype(dtype))
         identity = text_folder_identity(folder, have, joint_attention_dim, dtype=dtype, backend="jax")
         return cls(configs=configs, params=params, tokenizers=load_tokenizers(folder, have),
                    joint_attention_dim=joint_attention_dim, identity=identity, dtype=dtype, mesh=mesh, rules=rules,
@@ -147,8 +145,7 @@ class JaxTextEncoders:
                         batch_buckets: Sequence[int] = DEFAULT_BATCH_BUCKETS, verify: bool = True) -> JaxTextEncoders:
         """The encoders and tokenizers stored in our checkpoint by `customshift convert --components text_encoders`,
         each piece and tokenizer file checked against its hash (`verify`), the params against their config.json."""
-        if dtype not in _DTYPES:
-            raise ValueError(f"dtype must be one of {tuple(_DTYPES)} for the JAX text encoders, got {dtype!r}")
+        float_dtype(dtype)
         path = Path(path)
         present = checkpoint_components(path)
         names = [n for n in ENCODERS if n in present]
@@ -167,7 +164,7 @@ class JaxTextEncoders:
         configs, params = {}, {}
         for name, (_, stored) in load_checkpoint(path, names, verify=verify).items():
             configs[name] = read_config(path / name / "config.json")
-            params[name] = _fitted(configs[name], stored, _DTYPES[dtype], path / name / "config.json")
+            params[name] = _fitted(configs[name], stored, float_dtype(dtype), path / name / "config.json")
         marker = read_marker(path)
         identity = hashlib.sha256(json.dumps({
             "components": {n: marker["components"][n].get("hashes") for n in names},
@@ -200,7 +197,7 @@ class JaxTextEncoders:
         key = (tuple((k, v.shape) for k, v in sorted(ids.items())), clip_skip)
         if key not in self._jitted:
             hook = None if self.mesh is None else activation_hook(self.mesh, self.rules)
-            fn = make_encode_fn(self.configs, dtype=_DTYPES[self.dtype], clip_skip=clip_skip,
+            fn = make_encode_fn(self.configs, dtype=float_dtype(self.dtype), clip_skip=clip_skip,
                                 joint_attention_dim=self.joint_attention_dim, activation_sharding=hook)
             if self.mesh is None:
                 self._jitted[key] = jax.jit(fn)

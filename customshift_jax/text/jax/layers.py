@@ -19,14 +19,14 @@ ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
 }
 
 
-class Part(nn.Module):
+class EncoderModule(nn.Module):
     """A piece of an encoder: its config (CLIPTextConfig or T5Config) and the matmuls' dtype."""
 
     config: Any
     dtype: Any = jnp.float32
 
 
-class Stage(Part):
+class EncoderModuleWithSharding(EncoderModule):
     """A piece that also constrains its output's sharding (the MMDiT's `activation_sharding` hook)."""
 
     activation_sharding: ActivationSharding = None

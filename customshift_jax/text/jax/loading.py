@@ -5,7 +5,6 @@ mis-shaped tensor is refused by its transformers name, a truncated shard by its 
 """
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -16,13 +15,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from customshift_jax.io.safetensors import SafetensorsFile
+from customshift_jax.io.safetensors import SafetensorsFile, safetensors_files
 from customshift_jax.text.jax.clip import CLIPTextModelWithProjection
 from customshift_jax.text.jax.config import CLIPTextConfig, T5Config, read_config
 from customshift_jax.text.jax.t5 import T5EncoderModel
+from customshift_jax.tree_paths import key_names
 
 WEIGHTS_NAME = "model.safetensors"
-INDEX_NAME = WEIGHTS_NAME + ".index.json"
 T5_BIAS_KEY = "encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight"
 # Tensors a transformers file may hold that the encoder does not read: the tied copy of T5's `shared`, CLIP's
 # position-id buffer (older files).
@@ -62,21 +61,7 @@ def torch_key(path: tuple[str, ...]) -> tuple[str, bool]:
 
 def weight_files(folder: Path) -> list[Path]:
     """The safetensors files of a transformers folder: one `model.safetensors` or the shards of its index."""
-    index = folder / INDEX_NAME
-    if index.is_file():
-        try:
-            names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        except (OSError, json.JSONDecodeError, KeyError, AttributeError) as e:
-            raise ValueError(f"{index} is not a safetensors index with a weight_map ({e}); re-save the encoder") from e
-        absent = [n for n in names if not (folder / n).is_file()]
-        if absent:
-            raise FileNotFoundError(f"{folder}: shards {absent} named in {INDEX_NAME} are missing")
-        return [folder / n for n in names]
-    if (folder / WEIGHTS_NAME).is_file():
-        return [folder / WEIGHTS_NAME]
-    found = sorted(p.name for p in folder.glob("*.bin"))
-    hint = f" (found {found}: re-save it with safe_serialization=True)" if found else ""
-    raise FileNotFoundError(f"{folder}: no {WEIGHTS_NAME} or {INDEX_NAME}{hint}")
+    return safetensors_files(folder, WEIGHTS_NAME)
 
 
 def _open(folder: Path) -> dict[str, SafetensorsFile]:
@@ -102,7 +87,7 @@ def encoder_leaves(folder: str | Path, *, dtype: Any = np.float32,
     flat = jax.tree_util.tree_flatten_with_path(abstract_encoder_params(config))[0]
     plan, missing, wrong = [], [], []
     for path, leaf in flat:
-        keys = tuple(str(getattr(k, "key", k)) for k in path)
+        keys = key_names(path)
         template, stacked = torch_key(keys)
         transpose = keys[-1] == "kernel"
         shape = tuple(leaf.shape[1:] if stacked else leaf.shape)

@@ -14,7 +14,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from customshift_jax.text.jax.layers import ACTIVATIONS, Part, Stage, T5LayerNorm, attention, constrain, dense
+from customshift_jax.text.jax.layers import (
+    ACTIVATIONS,
+    EncoderModule,
+    EncoderModuleWithSharding,
+    T5LayerNorm,
+    attention,
+    constrain,
+    dense,
+)
 
 
 def relative_position_buckets(length: int, num_buckets: int, max_distance: int) -> np.ndarray:
@@ -32,7 +40,7 @@ def relative_position_buckets(length: int, num_buckets: int, max_distance: int) 
     return buckets + np.where(distance < max_exact, distance, large)
 
 
-class T5Attention(Part):
+class T5Attention(EncoderModule):
     """q, k, v, o without biases; no 1/sqrt(d) scaling (folded into T5's initialisation); additive position bias."""
 
     @nn.compact
@@ -43,7 +51,7 @@ class T5Attention(Part):
         return dense(c.d_model, "o", self.dtype, bias=False)(attention(q, k, v, scale=1.0, bias=position_bias))
 
 
-class T5LayerSelfAttention(Part):
+class T5LayerSelfAttention(EncoderModule):
     """layer_norm, SelfAttention, residual."""
 
     @nn.compact
@@ -52,7 +60,7 @@ class T5LayerSelfAttention(Part):
         return x + T5Attention(self.config, self.dtype, name="SelfAttention")(h, position_bias).astype(jnp.float32)
 
 
-class T5DenseGatedActDense(Part):
+class T5DenseGatedActDense(EncoderModule):
     """wo(gelu_new(wi_0 x) * wi_1 x), the gate in fp32."""
 
     @nn.compact
@@ -63,7 +71,7 @@ class T5DenseGatedActDense(Part):
         return dense(c.d_model, "wo", self.dtype, bias=False)(h)  # (B, T, D)
 
 
-class T5LayerFF(Part):
+class T5LayerFF(EncoderModule):
     """layer_norm, DenseReluDense, residual."""
 
     @nn.compact
@@ -72,7 +80,7 @@ class T5LayerFF(Part):
         return x + T5DenseGatedActDense(self.config, self.dtype, name="DenseReluDense")(h).astype(jnp.float32)
 
 
-class T5Block(Stage):
+class T5Block(EncoderModuleWithSharding):
     """transformers' `T5Block` (encoder): `layer` = [self-attention, feed-forward]; a scan body over x (B, T, D)."""
 
     def setup(self) -> None:
@@ -83,7 +91,7 @@ class T5Block(Stage):
         return constrain(self.activation_sharding, x), None
 
 
-class T5Stack(Stage):
+class T5Stack(EncoderModuleWithSharding):
     """transformers' encoder `T5Stack`: the scanned `block`, the shared position bias and `final_layer_norm`."""
 
     @nn.compact
@@ -100,7 +108,7 @@ class T5Stack(Stage):
         return T5LayerNorm(c.layer_norm_epsilon, jnp.float32, name="final_layer_norm")(x)
 
 
-class T5EncoderModel(Stage):
+class T5EncoderModel(EncoderModuleWithSharding):
     """`shared` token embedding then the encoder; input_ids (B, T) -> last_hidden_state (B, T, d_model) fp32.
 
     As SD3 calls it: no attention mask (padding tokens are attended to).
