@@ -127,18 +127,13 @@ class CustomShiftCase:
 
     name: str
     config: MMDiTConfig
-    lora: LoRAConfig  # rank, alpha, targets (with_beta False: the RAB's; `cgb_lora` adds beta)
+    lora: LoRAConfig  # rank, alpha, targets of both LoRAs (the CGB's beta comes with its tree)
     params: Params
     rab: Params
     cgb: Params  # includes beta (L, H) per group
     reference: Any  # convert.torch_customshift.TorchCustomShift, hooks installed on the torch transformer
     inputs: CustomShiftInputs
     skip_layers: tuple[int, ...] = ()
-
-    @property
-    def cgb_lora(self) -> LoRAConfig:
-        """The CGB's LoRAConfig: the same rank, alpha and targets, with beta."""
-        return dataclasses.replace(self.lora, with_beta=True)
 
     def close(self) -> None:
         """Take the reference's hooks off the torch transformer (plain diffusers again)."""
@@ -163,7 +158,6 @@ def build_case(name: str, config: MMDiTConfig, torch_model, *, params: Params | 
         lora = LoRAConfig(rank=rank, alpha=alpha)
         rng = np.random.default_rng(seed + 1)
         rab, cgb = random_lora(config, lora, "rab", rng), random_lora(config, lora, "cgb", rng)
-    lora = dataclasses.replace(lora, with_beta=False)
     reference = TorchCustomShift(torch_model, lora.rank, lora.alpha, lora.targets)
     try:
         reference.load_lora_from_jax(rab, cgb)
@@ -273,7 +267,7 @@ def check_forward(case: CustomShiftCase, shift: str, gamma: float = 1.0, per_blo
     import torch
 
     i = case.inputs
-    fn = _jax_forward(case.config, case.cgb_lora, shift, per_block)
+    fn = _jax_forward(case.config, case.lora, shift, per_block)
     out = fn(case.params, case.cgb, i.x, i.t, i.prompt, i.pooled, skip_mask(case.config, case.skip_layers),
              _jax_kv(case), gamma)
     ours, jax_blocks = (out[0], flatten_block_outputs(out[1])) if per_block else (out, [])
@@ -304,7 +298,7 @@ def check_sample(case: CustomShiftCase, steps: int = 4, guidance: float = 5.0, g
     """An N-step CFG sample from x_T = inputs.x: our jitted sampler against the reference (prefill once, CGB per
     step) in diffusers' FlowMatchEulerDiscreteScheduler loop, as StableDiffusion3Pipeline runs it."""
     i = case.inputs
-    ours = _jax_sampler(case.config, case.cgb_lora)(
+    ours = _jax_sampler(case.config, case.lora)(
         {"base": case.params, "cgb": case.cgb}, i.x, Conditioning(i.prompt, i.pooled, i.negative,
                                                                        i.negative_pooled),
         make_schedule({"shift": SCHEDULER_SHIFT}, steps), guidance_scale=guidance,
@@ -371,7 +365,7 @@ def _jax_grads(case: CustomShiftCase, gamma: float) -> dict[str, np.ndarray]:
     """jax.grad of the loss, in the export naming (customshift_jax.io.lora_files)."""
     i = case.inputs
     x_t, t, target = i.flow_batch()
-    grad = _jax_loss_grad(case.config, case.lora, case.cgb_lora)
+    grad = _jax_loss_grad(case.config, case.lora, case.lora)
     g_rab, g_cgb = grad(case.rab, case.cgb, case.params, i.ref, i.subject, i.subject_pooled, x_t, t, i.prompt,
                         i.pooled, target, skip_mask(case.config, case.skip_layers), jnp.float32(gamma))
     return {k: np.asarray(v) for k, v in to_state_dict(jax.device_get(g_rab), jax.device_get(g_cgb)).items()}

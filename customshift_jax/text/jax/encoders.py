@@ -27,7 +27,14 @@ from customshift_jax.io.checkpoint import (
     load_checkpoint_config,
     read_marker,
 )
-from customshift_jax.parallel.sharding import RulesLike, activation_hook, as_rules, logical_sharding, put
+from customshift_jax.parallel.sharding import (
+    RulesLike,
+    activation_hook,
+    as_rules,
+    logical_sharding,
+    param_shardings,
+    shard_params,
+)
 from customshift_jax.text.encode import (
     PromptEmbeds,
     assemble_prompt_embeds,
@@ -36,7 +43,7 @@ from customshift_jax.text.encode import (
     text_folder_identity,
     tokenize,
 )
-from customshift_jax.text.jax.axes import text_param_shardings
+from customshift_jax.text.jax.axes import text_logical_axes
 from customshift_jax.text.jax.config import read_config
 from customshift_jax.text.jax.loading import EncoderConfig, abstract_encoder_params, build_encoder, load_encoder_params
 
@@ -186,7 +193,7 @@ class JaxTextEncoders:
     def _place(self, params: dict[str, Any]) -> dict[str, Any]:
         if self.mesh is None:
             return jax.tree_util.tree_map(jnp.asarray, params)
-        return jax.tree_util.tree_map(put, params, text_param_shardings(params, self.mesh, self.rules))
+        return shard_params(params, self.mesh, self.rules, text_logical_axes)
 
     def _batch_multiple(self) -> int:
         if self.mesh is None:
@@ -205,7 +212,8 @@ class JaxTextEncoders:
             if self.mesh is None:
                 self._jitted[key] = jax.jit(fn)
             else:
-                in_shardings = (text_param_shardings(self.params, self.mesh, self.rules), self._ids_shardings(ids))
+                in_shardings = (param_shardings(self.params, self.mesh, self.rules, text_logical_axes),
+                                self._ids_shardings(ids))
                 self._jitted[key] = jax.jit(fn, in_shardings=in_shardings)
         return self._jitted[key]
 
