@@ -27,6 +27,11 @@ from customshift_jax.io.checkpoint import (
     load_checkpoint_config,
     read_marker,
 )
+from customshift_jax.io.text_encoders import ENCODERS
+from customshift_jax.io.transformers_folder import load_encoder_params
+from customshift_jax.models.text_encoders.api import EncoderConfig, abstract_encoder_params, build_encoder
+from customshift_jax.models.text_encoders.axes import text_logical_axes
+from customshift_jax.models.text_encoders.config import read_config
 from customshift_jax.parallel.sharding import (
     RulesLike,
     activation_hook,
@@ -43,11 +48,7 @@ from customshift_jax.text.encode import (
     text_folder_identity,
     tokenize,
 )
-from customshift_jax.text.jax.axes import text_logical_axes
-from customshift_jax.text.jax.config import read_config
-from customshift_jax.text.jax.loading import EncoderConfig, abstract_encoder_params, build_encoder, load_encoder_params
 
-ENCODERS = ("text_encoder", "text_encoder_2", "text_encoder_3")
 DEFAULT_BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
