@@ -151,6 +151,29 @@ def test_folders_are_layered_and_import_one_way():
     assert not cycles(folders), cycles(folders)
 
 
+def reachable(graph: dict[str, set[str]], start: str) -> set[str]:
+    """Every module `start` imports, directly or through others."""
+    seen, todo = set(), [start]
+    while todo:
+        for d in graph.get(todo.pop(), ()):
+            if d not in seen:
+                seen.add(d)
+                todo.append(d)
+    return seen
+
+
+def test_data_preparation_apart_from_training():
+    """`customshift prepare` (encode pairs into shards) and `customshift train` share only the shard format
+    (`train.data`, `train.shard_writer`): neither side imports the other."""
+    graph = module_graph()
+    preparing = {f"{ROOT}.train.{m}" for m in ("prepare", "prepare_out", "subjects200k")}
+    training = {f"{ROOT}.train.{m}" for m in ("step", "base_step", "loop", "optim", "sharded", "samples")}
+    assert all(m in graph for m in preparing | training)
+    crossing = sorted(f"{a} reaches {b}" for src, dst in ((preparing, training), (training, preparing))
+                      for a in src for b in reachable(graph, a) & dst)
+    assert not crossing, "\n".join(crossing)
+
+
 def test_the_checkers_catch_an_upward_edge_and_a_cycle():
     """The checkers above fail on a bad graph (so they cannot pass on anything), and the walk finds real edges."""
     base, method = f"{ROOT}.models.mmdit.model", f"{ROOT}.customshift.cads"
@@ -170,3 +193,4 @@ def test_the_checkers_catch_an_upward_edge_and_a_cycle():
     graph = module_graph()
     assert f"{ROOT}.models.mmdit.model" in graph[f"{ROOT}.customshift.branches"]
     assert "models" in folder_graph(graph)["customshift"]
+    assert f"{ROOT}.train.data" in reachable(graph, f"{ROOT}.train.loop")

@@ -41,8 +41,7 @@ from customshift_jax.parallel.sharding import (
     shard_params,
 )
 from customshift_jax.text.encode import (
-    PromptEmbeds,
-    assemble_prompt_embeds,
+    PromptEncoder,
     load_tokenizers,
     resolve_text_folder,
     text_folder_identity,
@@ -101,7 +100,7 @@ def bucket_size(n: int, buckets: Sequence[int], multiple: int = 1) -> int:
     return math.ceil(size / multiple) * multiple
 
 
-class JaxTextEncoders:
+class JaxTextEncoders(PromptEncoder):
     """SD3's CLIP-L, CLIP-G and (optional) T5 in JAX with transformers' tokenizers; `encode` equals `encode_prompt`.
 
     Same interface as `TextEncoders` (`identity`, `encode_batch`, `encode`), so `CachedTextEncoder` and the
@@ -259,12 +258,3 @@ class JaxTextEncoders:
         step = self.batch_buckets[-1]
         parts = [self._run({k: v[i:i + step] for k, v in ids.items()}, clip_skip) for i in range(0, len(prompts), step)]
         return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
-
-    def encode(self, prompts: str | Sequence[str], negative_prompts: str | Sequence[str] | None = None, *,
-               max_sequence_length: int = 256, do_classifier_free_guidance: bool = True,
-               num_images_per_prompt: int = 1, clip_skip: int | None = None) -> PromptEmbeds:
-        """`StableDiffusion3Pipeline.encode_prompt(prompts, negative_prompt=negative_prompts, ...)` as numpy float32."""
-        return assemble_prompt_embeds(self.encode_batch, prompts, negative_prompts,
-                                      max_sequence_length=max_sequence_length,
-                                      do_classifier_free_guidance=do_classifier_free_guidance,
-                                      num_images_per_prompt=num_images_per_prompt, clip_skip=clip_skip)
