@@ -9,22 +9,14 @@ from jax.sharding import Mesh
 
 from customshift_jax.models.mmdit.api import build_model
 from customshift_jax.models.mmdit.config import MMDiTConfig
-from customshift_jax.parallel.sharding import (
-    BATCH_AXES,
-    LATENT_AXES,
-    REPLICATED,
-    TOKEN_AXES,
-    RulesLike,
-    ShardedFunction,
-    activation_hook,
-)
+from customshift_jax.parallel import sharding as shd
 
 
-def constrained_forward(config: MMDiTConfig, mesh: Mesh, rules: RulesLike = "fsdp", *, dtype: Any = jnp.float32,
+def constrained_forward(config: MMDiTConfig, mesh: Mesh, rules: shd.RulesLike = "fsdp", *, dtype: Any = jnp.float32,
                         backend: str = "xla", remat: str = "none") -> Callable:
     """`api.make_forward`'s pure forward with the activation constraints of `rules` at block boundaries (not jitted)."""
     model = build_model(config, dtype=dtype, backend=backend, remat=remat,
-                        activation_sharding=activation_hook(mesh, rules))
+                        activation_sharding=shd.activation_hook(mesh, rules))
 
     def forward(params, hidden_states, timestep, encoder_hidden_states, pooled_projections, skip):
         return model.apply({"params": params}, hidden_states, timestep, encoder_hidden_states,
@@ -33,9 +25,9 @@ def constrained_forward(config: MMDiTConfig, mesh: Mesh, rules: RulesLike = "fsd
     return forward
 
 
-def make_sharded_forward(config: MMDiTConfig, mesh: Mesh, rules: RulesLike = "fsdp", *, dtype: Any = jnp.float32,
-                         backend: str = "xla", remat: str = "none") -> ShardedFunction:
+def make_sharded_forward(config: MMDiTConfig, mesh: Mesh, rules: shd.RulesLike = "fsdp", *, dtype: Any = jnp.float32,
+                         backend: str = "xla", remat: str = "none") -> shd.ShardedFunction:
     """The MMDiT forward `f(params, hidden_states, timestep, ehs, pooled, skip_mask)` sharded on `mesh`."""
     forward = constrained_forward(config, mesh, rules, dtype=dtype, backend=backend, remat=remat)
-    axes = ("params", LATENT_AXES, BATCH_AXES, TOKEN_AXES, BATCH_AXES, REPLICATED)
-    return ShardedFunction(forward, mesh, rules, axes, LATENT_AXES)
+    axes = ("params", shd.LATENT_AXES, shd.BATCH_AXES, shd.TOKEN_AXES, shd.BATCH_AXES, shd.REPLICATED)
+    return shd.ShardedFunction(forward, mesh, rules, axes, shd.LATENT_AXES)
