@@ -10,7 +10,15 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from customshift_jax.models.text_encoders.layers import ACTIVATIONS, LayerNorm32, Part, Stage, attention, constrain, dense
+from customshift_jax.models.text_encoders.layers import (
+    ACTIVATIONS,
+    LayerNorm32,
+    Part,
+    Stage,
+    attention,
+    constrain,
+    dense,
+)
 
 
 class CLIPAttention(Part):

@@ -14,7 +14,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from customshift_jax.models.text_encoders.layers import ACTIVATIONS, Part, Stage, T5LayerNorm, attention, constrain, dense
+from customshift_jax.models.text_encoders.layers import (
+    ACTIVATIONS,
+    Part,
+    Stage,
+    T5LayerNorm,
+    attention,
+    constrain,
+    dense,
+)
 
 
 def relative_position_buckets(length: int, num_buckets: int, max_distance: int) -> np.ndarray:
