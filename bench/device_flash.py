@@ -9,7 +9,6 @@ Prints ratios and MFU (attention FLOPs over --peak-tflops).
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import sys
 import time
 
@@ -167,7 +166,7 @@ def torch_reference_rows(jax, jnp, np, layers: int, steps: int, guidance: float 
     for backend, form in [(b, "two_pass" if b == "xla" else "single") for b in backends]:
         kv = prefill(config, params, ref, subject, subject_pooled, lora=lora, dtype=jdtype, backend=backend,
                      rab_lora=rab).kv
-        sampler = make_customshift_sampler(config, dataclasses.replace(lora, with_beta=True), form=form,
+        sampler = make_customshift_sampler(config, lora, form=form,
                                            dtype=jdtype, backend=backend)
         run = lambda: sampler({"base": params, "cgb": cgb}, x, cond, schedule, guidance_scale=guidance,  # noqa: E731
                               extra={"ref_kv": kv, "gamma": 1.0})

@@ -24,7 +24,7 @@ def build_folder(root: Path, layers: int) -> Path:
     from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
 
     from customshift_jax.testing import build_tiny_pipeline
-    from customshift_jax.text.jax import read_config
+    from customshift_jax.models.text_encoders.config import read_config
 
     folder = build_tiny_pipeline(root / "pipe", transformer_config={"joint_attention_dim": 96})
     torch.manual_seed(0)
@@ -91,16 +91,16 @@ def t5_xxl_memory(batch: int, length: int, dtype: str) -> dict[str, int]:
     import jax.numpy as jnp
     from jax.sharding import NamedSharding, PartitionSpec
 
-    from customshift_jax.parallel.sharding import activation_hook, make_mesh
-    from customshift_jax.text.jax import T5Config
-    from customshift_jax.text.jax.axes import text_param_shardings
-    from customshift_jax.text.jax.loading import abstract_encoder_params, build_encoder
+    from customshift_jax.parallel.sharding import activation_hook, make_mesh, param_shardings
+    from customshift_jax.models.text_encoders.api import abstract_encoder_params, build_encoder
+    from customshift_jax.models.text_encoders.axes import text_logical_axes
+    from customshift_jax.models.text_encoders.config import T5Config
 
     config = T5Config(vocab_size=32128, d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64)
     mesh = make_mesh(fsdp=8)
     dt = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[dtype]
     abstract = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, dt), abstract_encoder_params(config))
-    shardings = text_param_shardings(abstract, mesh, "fsdp")
+    shardings = param_shardings(abstract, mesh, "fsdp", text_logical_axes)
     ids_sharding = NamedSharding(mesh, PartitionSpec("fsdp"))
     model = build_encoder(config, dt, activation_hook(mesh, "fsdp"))
     fn = jax.jit(lambda p, ids: model.apply({"params": p}, ids), in_shardings=(shardings, ids_sharding))

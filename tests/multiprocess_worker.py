@@ -127,13 +127,14 @@ def run_forward(cfg, mesh, params, rows, out, log) -> dict:
     """The sharded forward, an orbax save / restore of the params, the forward again: gathered results."""
     import numpy as np
 
+    from customshift_jax.models.mmdit.sharded import make_sharded_forward
     from customshift_jax.parallel import distributed
     from customshift_jax.parallel import sharding as sh
     from customshift_jax.parallel.sharding import BATCH_AXES, LATENT_AXES, TOKEN_AXES
 
     sharded_inputs = local_rows(inputs(cfg), rows, mesh, (LATENT_AXES, BATCH_AXES, TOKEN_AXES, BATCH_AXES))
     skip = np.zeros((cfg.num_layers,), bool)
-    forward = sh.make_sharded_forward(cfg, mesh, RULES)
+    forward = make_sharded_forward(cfg, mesh, RULES)
     y = forward(params, *sharded_inputs, skip)
     log(f"forward done, output sharding {y.sharding.spec}")
     path = distributed.save_sharded(out / "ckpt", params)

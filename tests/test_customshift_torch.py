@@ -77,8 +77,7 @@ def case(request) -> Case:
     rab, cgb = random_lora(config, lora, "rab", rng), random_lora(config, lora, "cgb", rng)
     ts = TorchCustomShift(model, RANK, ALPHA)
     ts.load_lora_from_jax(rab, cgb)
-    cgb_lora = LoRAConfig(RANK, ALPHA, with_beta=True)  # the CGB forward reads beta only with with_beta
-    forwards = {s: jax.jit(make_customshift_forward(config, cgb_lora, shift=s)) for s in ("cads", "concat")}
+    forwards = {s: jax.jit(make_customshift_forward(config, lora, shift=s)) for s in ("cads", "concat")}
     return Case(name, config, model, ts, params, rab, cgb, _inputs(config, rng), SKIP.get(name, ()),
                 jax.jit(make_prefill(config, lora)), forwards)
 

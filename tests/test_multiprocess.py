@@ -13,6 +13,7 @@ import jax
 import numpy as np
 import pytest
 
+from customshift_jax.models.mmdit.sharded import make_sharded_forward
 from customshift_jax.numerics import relative_error
 from customshift_jax.parallel import sharding as sh
 
@@ -89,7 +90,7 @@ def leaf_errors(result, prefix: str, expected) -> dict[str, float]:
 
 def expected_forward(cfg, mesh, params) -> np.ndarray:
     """The sharded forward on this process's 8 devices."""
-    forward = sh.make_sharded_forward(cfg, mesh, worker.RULES)
+    forward = make_sharded_forward(cfg, mesh, worker.RULES)
     return np.asarray(forward(params, *worker.inputs(cfg), np.zeros((cfg.num_layers,), bool)))
 
 

@@ -11,6 +11,7 @@ from customshift_jax.customshift.branches import init_lora, make_customshift_for
 from customshift_jax.models.mmdit.api import init_mmdit, make_forward
 from customshift_jax.models.mmdit.config import MMDiTConfig
 from customshift_jax.models.mmdit.lora import LoRAConfig
+from customshift_jax.models.mmdit.sharded import make_sharded_forward
 from customshift_jax.numerics import relative_error
 from customshift_jax.parallel import sharding as sh
 
@@ -64,7 +65,7 @@ def sharded_forward():
     def get(mesh_id):
         if mesh_id not in made:
             sizes, rules = MESHES[mesh_id]
-            made[mesh_id] = sh.make_sharded_forward(CONFIG, sh.make_mesh(**sizes), rules)
+            made[mesh_id] = make_sharded_forward(CONFIG, sh.make_mesh(**sizes), rules)
         return made[mesh_id]
 
     return get

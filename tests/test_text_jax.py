@@ -17,9 +17,10 @@ from conftest import rel_err
 from customshift_jax.io.safetensors import SafetensorsFile, write_safetensors
 from customshift_jax.parallel.sharding import make_mesh
 from customshift_jax.text import TextEncoders
-from customshift_jax.text.jax import JaxTextEncoders, load_encoder_params
-from customshift_jax.text.jax.loading import build_encoder
-from customshift_jax.text.jax.t5 import relative_position_buckets
+from customshift_jax.io.transformers_folder import load_encoder_params
+from customshift_jax.models.text_encoders.api import build_encoder
+from customshift_jax.models.text_encoders.t5 import relative_position_buckets
+from customshift_jax.text.jax import JaxTextEncoders
 
 TOL = 1e-5
 PROMPTS = ["a sks dog wearing a santa hat", "a red backpack on top of a purple rug in a forest", "a cat"]

@@ -104,18 +104,13 @@ class CustomShiftCase:
 
     name: str
     config: MMDiTConfig
-    lora_config: LoRAConfig  # rank, alpha, targets (with_beta False: the RAB's; `cgb_lora_config` adds beta)
+    lora_config: LoRAConfig  # rank, alpha, targets of both LoRAs (the CGB's beta comes with its tree)
     params: Params
     rab: Params
     cgb: Params  # includes beta (L, H) per group
     reference: Any  # reference.torch_customshift.TorchCustomShift, hooks installed on the torch transformer
     inputs: CustomShiftInputs
     skip_layers: tuple[int, ...] = ()
-
-    @property
-    def cgb_lora_config(self) -> LoRAConfig:
-        """The CGB's LoRAConfig: the same rank, alpha and targets, with beta."""
-        return dataclasses.replace(self.lora_config, with_beta=True)
 
     def close(self) -> None:
         """Take the reference's hooks off the torch transformer (plain diffusers again)."""
@@ -143,7 +138,6 @@ def build_case(name: str, config: MMDiTConfig, torch_model, *, params: Params | 
         lora_config = LoRAConfig(rank=rank, alpha=alpha)
         rng = np.random.default_rng(seed + 1)
         rab, cgb = random_lora(config, lora_config, "rab", rng), random_lora(config, lora_config, "cgb", rng)
-    lora_config = dataclasses.replace(lora_config, with_beta=False)
     reference = TorchCustomShift(torch_model, lora_config.rank, lora_config.alpha, lora_config.targets)
     try:
         reference.load_lora_from_jax(rab, cgb)
@@ -253,7 +247,7 @@ def check_forward(case: CustomShiftCase, shift: str, gamma: float = 1.0, per_blo
     import torch
 
     i = case.inputs
-    fn = _jax_forward(case.config, case.cgb_lora_config, shift, per_block)
+    fn = _jax_forward(case.config, case.lora_config, shift, per_block)
     out = fn(case.params, case.cgb, i.x, i.t, i.prompt, i.pooled, skip_mask(case.config, case.skip_layers),
              _jax_kv(case), gamma)
     ours, jax_blocks = (out[0], flatten_block_outputs(out[1])) if per_block else (out, [])
@@ -284,7 +278,7 @@ def check_sample(case: CustomShiftCase, steps: int = 4, guidance: float = 5.0, g
     """An N-step CFG sample from x_T = inputs.x: our jitted sampler against the reference (prefill once, CGB per
     step) in diffusers' FlowMatchEulerDiscreteScheduler loop, as StableDiffusion3Pipeline runs it."""
     i = case.inputs
-    ours = _jax_sampler(case.config, case.cgb_lora_config)(
+    ours = _jax_sampler(case.config, case.lora_config)(
         {"base": case.params, "cgb": case.cgb}, i.x, Conditioning(i.prompt, i.pooled, i.negative,
                                                                        i.negative_pooled),
         make_schedule({"shift": SCHEDULER_SHIFT}, steps), guidance_scale=guidance,
@@ -351,7 +345,7 @@ def _jax_grads(case: CustomShiftCase, gamma: float) -> dict[str, np.ndarray]:
     """jax.grad of the loss, in the export naming (customshift_jax.io.lora_files)."""
     i = case.inputs
     x_t, t, target = i.flow_batch()
-    grad = _jax_loss_grad(case.config, case.lora_config, case.cgb_lora_config)
+    grad = _jax_loss_grad(case.config, case.lora_config, case.lora_config)
     g_rab, g_cgb = grad(case.rab, case.cgb, case.params, i.ref, i.subject, i.subject_pooled, x_t, t, i.prompt,
                         i.pooled, target, skip_mask(case.config, case.skip_layers), jnp.float32(gamma))
     return {k: np.asarray(v) for k, v in to_state_dict(jax.device_get(g_rab), jax.device_get(g_cgb)).items()}

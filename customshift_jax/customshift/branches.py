@@ -63,10 +63,11 @@ def check_cache(config: MMDiTConfig, cache: RefCache, batch: int) -> None:
 
 
 def lora_model(config: MMDiTConfig, lora: LoRAConfig | None, *, shift: str = "cads", form: str = "two_pass",
-               **options: Any) -> SD3Transformer:
-    """The base model's module with the LoRA hooks and CustomShift's attention processor (structure only);
-    `options`: other `RunOptions` fields (dtype, backend, remat, returns, activation_sharding)."""
-    return build_model(config, lora=lora, processor=CustomShiftAttnProcessor(shift, form), **options)
+               makes_beta: bool = False, **options: Any) -> SD3Transformer:
+    """The base model's module with the LoRA hooks and CustomShift's attention processor (structure only;
+    `makes_beta`: its init also creates beta); `options`: other `RunOptions` fields (dtype, backend, remat, returns,
+    activation_sharding)."""
+    return build_model(config, lora=lora, processor=CustomShiftAttnProcessor(shift, form, makes_beta), **options)
 
 
 def init_lora(config: MMDiTConfig, lora: LoRAConfig, rng: jax.Array, *, branch: str) -> Params:
@@ -76,8 +77,7 @@ def init_lora(config: MMDiTConfig, lora: LoRAConfig, rng: jax.Array, *, branch: 
     """
     if branch not in ("rab", "cgb"):
         raise ValueError(f"branch must be 'rab' or 'cgb', got {branch!r}.")
-    lora = LoRAConfig(lora.rank, lora.alpha, lora.targets, with_beta=branch == "cgb")
-    model = lora_model(config, lora)
+    model = lora_model(config, lora, makes_beta=branch == "cgb")
     return jax.jit(lambda key: model.init(key, *_dummy_inputs(config))["lora"])(rng)
 
 

@@ -15,6 +15,7 @@ from typing import Any, Literal
 import jax
 import jax.numpy as jnp
 
+from customshift_jax.customshift.axes import BETA
 from customshift_jax.kernels import shifted_flash_attention
 from customshift_jax.models.mmdit.attention import attention
 
@@ -96,12 +97,13 @@ class CustomShiftAttnProcessor:
 
     per_layer: this layer's reference (K, V), (B or 1, R, H, D) each, or None (then the base attention: the
     RAB prefill, or the CGB without a reference); shared: gamma, a scalar or (B,) (None: 1). beta (H,), the
-    learned shift, lives in the "lora" collection at the attention's path (`.../attn/beta`): created when the
-    LoRA asks for it (`LoRAConfig.with_beta`, the CGB), read whenever the tree carries it, else 0. With
-    `RunOptions.backend="flash"`, form "single" is the fused Pallas kernel and "two_pass" two flash calls."""
+    learned shift, lives in the "lora" collection at the attention's path (`.../attn/beta`): created at init
+    when `makes_beta` (the CGB's processor, `branches.init_lora`), read whenever the tree carries it, else 0.
+    With `RunOptions.backend="flash"`, form "single" is the fused Pallas kernel and "two_pass" two flash calls."""
 
     shift: Shift = "cads"
     form: Form = "two_pass"
+    makes_beta: bool = False
 
     def __post_init__(self):
         if self.shift not in SHIFTS:
@@ -109,13 +111,11 @@ class CustomShiftAttnProcessor:
         if self.form not in FORMS:
             raise ValueError(f"unknown CADS form {self.form!r}; expected one of {FORMS}.")
 
-    @staticmethod
-    def beta(attn: Any) -> jax.Array:
+    def beta(self, attn: Any) -> jax.Array:
         """beta (H,) float32 from the calling attention module's "lora" collection; 0 if absent."""
-        lora = attn.options.lora
-        creating = attn.is_initializing() and lora is not None and lora.with_beta
-        if creating or attn.has_variable("lora", "beta"):
-            return attn.variable("lora", "beta", lambda: jnp.zeros((attn.heads,), jnp.float32)).value
+        creating = attn.is_initializing() and self.makes_beta
+        if creating or attn.has_variable("lora", BETA):
+            return attn.variable("lora", BETA, lambda: jnp.zeros((attn.heads,), jnp.float32)).value
         return jnp.zeros((attn.heads,), jnp.float32)
 
     def __call__(self, attn, q, k, v, *, n_img, per_layer, shared):

@@ -28,9 +28,9 @@ from customshift_jax.io.integrity import HASHES_KEY, file_hash
 from customshift_jax.io.leftovers import OWNER_FILE, StopSignals, name_some
 from customshift_jax.io.lora_files import load_lora_files
 from customshift_jax.io.safetensors import DTYPE_NAMES
-from customshift_jax.io.text_encoders import CLASSES_KEY, DEFAULT_CLASSES, TEXT_ENCODERS, TOKENIZERS, text_state_dict
-from customshift_jax.text.jax.encoders import ENCODERS
-from customshift_jax.text.jax.loading import WEIGHTS_NAME as TEXT_WEIGHTS_NAME
+from customshift_jax.io.text_encoders import CLASSES_KEY, DEFAULT_CLASSES, ENCODERS, TEXT_ENCODERS, TOKENIZERS
+from customshift_jax.io.transformers_folder import WEIGHTS_NAME as TEXT_WEIGHTS_NAME
+from customshift_jax.models.text_encoders.mapping import text_state_dict
 
 EXPORT_MARKER = "customshift_export.json"
 

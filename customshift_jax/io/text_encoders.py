@@ -1,21 +1,21 @@
-"""SD3's text encoders in our checkpoint: what `customshift convert --components text_encoders` reads from a
-diffusers pipeline folder (the three encoders, validated from their headers, streamed as the params that
-customshift_jax.text.jax.loading builds, and the three tokenizer folders copied as files), and the transformers
-state dicts `customshift export` writes back from the stored params."""
+"""SD3's text encoders in our checkpoint: their component names, and what `customshift convert --components
+text_encoders` reads from a diffusers pipeline folder (the three encoders, validated from their headers, streamed
+as the params `io.transformers_folder` reads, and the three tokenizer folders copied as files). `customshift
+export` writes them back with `models.text_encoders.mapping.text_state_dict`."""
 from __future__ import annotations
 
 import dataclasses
 import json
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from customshift_jax.io.safetensors import SafetensorsFile
-from customshift_jax.text.jax.encoders import ENCODERS
-from customshift_jax.text.jax.loading import encoder_leaves, torch_key, weight_files
+from customshift_jax.io.transformers_folder import encoder_leaves, weight_files
 
+ENCODERS = ("text_encoder", "text_encoder_2", "text_encoder_3")  # their component names: CLIP-L, CLIP-G, T5
 TEXT_ENCODERS = "text_encoders"  # the --components name of all three
 TOKENIZERS = ("tokenizer", "tokenizer_2", "tokenizer_3")
 REQUIRED = ("text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2")  # T5 (text_encoder_3, tokenizer_3) optional
@@ -45,7 +45,7 @@ class TextEncoderSource:
 
 def plan_text_encoders(src: Path) -> tuple[list[TextEncoderSource], dict[str, Path], dict[str, list]]:
     """(encoders, tokenizer folders by name, model_index.json classes) of pipeline folder `src`: every key and
-    shape checked against the encoder's config.json (the refusals of text.jax.loading), no tensor data read."""
+    shape checked against the encoder's config.json (the refusals of io.transformers_folder), no tensor data read."""
     missing = [n for n in REQUIRED if not (src / n).is_dir()]
     if missing:
         raise FileNotFoundError(f"{src}: no {missing[0]}/ folder; --components {TEXT_ENCODERS} needs text_encoder/, "
@@ -69,20 +69,3 @@ def plan_text_encoders(src: Path) -> tuple[list[TextEncoderSource], dict[str, Pa
     index = json.loads((src / "model_index.json").read_text()) if (src / "model_index.json").is_file() else {}
     classes = {p: index[p] for p in (*names, *tokenizers) if isinstance(index.get(p), list) and index[p][0]}
     return sources, tokenizers, classes
-
-
-def text_state_dict(params: Mapping[str, Any]) -> dict[str, np.ndarray]:
-    """The transformers state dict (views: kernels transposed back, stacked layers split) of one encoder's params."""
-    import jax
-
-    out = {}
-    for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
-        keys = tuple(str(getattr(k, "key", k)) for k in path)
-        template, stacked = torch_key(keys)
-        leaf = np.asarray(leaf)
-        fix = (lambda a: a.T) if keys[-1] == "kernel" else (lambda a: a)
-        if stacked:
-            out.update({template.format(i=i): fix(leaf[i]) for i in range(leaf.shape[0])})
-        else:
-            out[template] = fix(leaf)
-    return dict(sorted(out.items()))

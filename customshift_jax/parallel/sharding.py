@@ -1,13 +1,14 @@
 """Meshes, logical axis names and rule sets (DESIGN section 5): one model, any mesh.
 
-Every param gets logical axes from its path by rule (`logical_axes`); activations at block boundaries
-carry ("batch", "length", "embed") through the MMDiT's `activation_sharding` hook. A rule set is data:
+Every param gets logical axes from its path by the rules its model registers (`register_param_axes`; this
+module knows no model); activations at block boundaries carry ("batch", "length", "embed") through a model's
+`activation_sharding` hook (`activation_hook`). A rule set is data:
 an ordered tuple of (logical name, mesh axes) pairs. For each dim of an array, the first rule for its
 name whose mesh axes are unused in that array and whose size divides the dim wins; otherwise the dim
 is replicated. So a new parallelism is a new rule set, e.g. `RULE_SETS["fsdp"] + (("length", "context"),)`.
 
-Run sharded functions with `jax.jit(in_shardings=, out_shardings=)` under `jax.set_mesh(mesh)`; the
-`make_sharded_*` helpers do both and pick the shardings from the argument shapes.
+Run sharded functions with `jax.jit(in_shardings=, out_shardings=)` under `jax.set_mesh(mesh)`; `ShardedFunction`
+does both and picks the shardings from the argument shapes.
 """
 from __future__ import annotations
 
@@ -20,9 +21,6 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import AbstractMesh, AxisType, Mesh, NamedSharding, PartitionSpec
 
-from customshift_jax.models.mmdit.api import build_model
-from customshift_jax.models.mmdit.axes import logical_axes
-from customshift_jax.models.mmdit.config import MMDiTConfig
 from customshift_jax.tree_paths import key_names
 
 MESH_AXES = ("data", "fsdp", "tensor", "context")
@@ -53,6 +51,33 @@ RULE_SETS: dict[str, Rules] = {
 }
 # Sequence (context) parallel: activations split along tokens, on top of fsdp_tp.
 RULE_SETS["context"] = RULE_SETS["fsdp_tp"] + (("length", "context"),)
+
+# ------------------------------------------------------------------------------------ params' logical axes
+
+# A model's rule for its params: (path keys, shape) -> logical axes, or None for a param it does not declare.
+ParamAxes = Callable[[tuple[str, ...], tuple[int, ...]], Union[tuple[Union[str, None], ...], None]]
+_PARAM_AXES: dict[str, ParamAxes] = {}
+
+
+def register_param_axes(name: str, rule: ParamAxes) -> None:
+    """Declare a package's params' logical axes (each model's `axes` module does, when imported). Rules
+    registered later are tried first, so a package built on a model extends it (CustomShift's beta on the MMDiT)."""
+    _PARAM_AXES.pop(name, None)
+    _PARAM_AXES[name] = rule
+
+
+def logical_axes(path: Sequence[str] | str, shape: Sequence[int], axes: ParamAxes | None = None
+                 ) -> tuple[str | None, ...]:
+    """A param's logical axes from its path ("/"-joined or keys) by `axes`, or else by the registered rules (the
+    last registered that declares it); a param none declares is replicated (all None)."""
+    path = tuple(path.split("/")) if isinstance(path, str) else tuple(str(p) for p in path)
+    shape = tuple(shape)
+    for rule in (axes,) if axes is not None else reversed(_PARAM_AXES.values()):
+        found = rule(path, shape)
+        if found is not None:
+            return tuple(found)
+    return (None,) * len(shape)
+
 
 
 def as_rules(rules: RulesLike) -> Rules:
@@ -219,17 +244,17 @@ def logical_sharding(logical: Sequence[str | None], shape: Sequence[int], mesh: 
     return NamedSharding(mesh, logical_spec(logical, shape, mesh, rules))
 
 
-def param_layouts(tree: Any, mesh: AnyMesh | Mapping[str, int], rules: RulesLike) -> Any:
-    """A `Layout` per leaf of a params or LoRA tree (arrays or ShapeDtypeStructs)."""
+def param_layouts(tree: Any, mesh: AnyMesh | Mapping[str, int], rules: RulesLike, axes: ParamAxes | None = None
+                  ) -> Any:
+    """A `Layout` per leaf of a params or LoRA tree (arrays or ShapeDtypeStructs); `axes`: see `logical_axes`."""
     return jax.tree_util.tree_map_with_path(
-        lambda p, x: resolve(logical_axes(key_names(p), np.shape(x)), np.shape(x), mesh, rules), tree)
+        lambda p, x: resolve(logical_axes(key_names(p), np.shape(x), axes), np.shape(x), mesh, rules), tree)
 
 
-def param_shardings(tree: Any, mesh: AnyMesh, rules: RulesLike) -> Any:
-    """NamedSharding per leaf of a params or LoRA tree: the `in_shardings` entry for it."""
-    return jax.tree_util.tree_map_with_path(
-        lambda p, x: NamedSharding(mesh, resolve(logical_axes(key_names(p), np.shape(x)), np.shape(x), mesh,
-                                                 rules).spec), tree)
+def param_shardings(tree: Any, mesh: AnyMesh, rules: RulesLike, axes: ParamAxes | None = None) -> Any:
+    """NamedSharding per leaf of a params or LoRA tree: the `in_shardings` entry for it; `axes`: see `logical_axes`."""
+    return jax.tree_util.tree_map(lambda layout: NamedSharding(mesh, layout.spec),
+                                  param_layouts(tree, mesh, rules, axes), is_leaf=lambda x: isinstance(x, Layout))
 
 
 def put(x: Any, sharding: NamedSharding) -> jax.Array:
@@ -242,15 +267,15 @@ def put(x: Any, sharding: NamedSharding) -> jax.Array:
     return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
 
 
-def shard_params(params: Any, mesh: Mesh, rules: RulesLike) -> Any:
-    """The params (or LoRA) tree placed on `mesh` by `rules`."""
-    return jax.tree_util.tree_map(put, params, param_shardings(params, mesh, rules))
+def shard_params(params: Any, mesh: Mesh, rules: RulesLike, axes: ParamAxes | None = None) -> Any:
+    """The params (or LoRA) tree placed on `mesh` by `rules`; `axes`: see `logical_axes`."""
+    return jax.tree_util.tree_map(put, params, param_shardings(params, mesh, rules, axes))
 
 
-def abstract_params(tree: Any, mesh: Mesh, rules: RulesLike) -> Any:
+def abstract_params(tree: Any, mesh: Mesh, rules: RulesLike, axes: ParamAxes | None = None) -> Any:
     """ShapeDtypeStructs with shardings: the restore target of `distributed.restore_sharded`."""
     return jax.tree_util.tree_map(lambda x, s: jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=s), tree,
-                                  param_shardings(tree, mesh, rules))
+                                  param_shardings(tree, mesh, rules, axes))
 
 
 def activation_hook(mesh: Mesh, rules: RulesLike) -> Callable[[jax.Array, tuple[str | None, ...]], jax.Array]:
@@ -270,9 +295,10 @@ def _itemsize(x: Any) -> int:
 
 
 def bytes_per_device(tree: Any, mesh: AnyMesh | Mapping[str, int], rules: RulesLike, *,
-                     dtype: Any = None) -> int:
+                     dtype: Any = None, axes: ParamAxes | None = None) -> int:
     """Bytes of a params / LoRA tree on one device under `rules` (`dtype` overrides the leaves' dtype)."""
-    layouts = jax.tree_util.tree_leaves(param_layouts(tree, mesh, rules), is_leaf=lambda x: isinstance(x, Layout))
+    layouts = jax.tree_util.tree_leaves(param_layouts(tree, mesh, rules, axes),
+                                        is_leaf=lambda x: isinstance(x, Layout))
     leaves = jax.tree_util.tree_leaves(tree)
     size = (lambda x: np.dtype(dtype).itemsize) if dtype is not None else _itemsize
     return sum(math.prod(l.shard_shape) * size(x) for l, x in zip(layouts, leaves))
@@ -284,7 +310,8 @@ def tree_bytes(tree: Any, *, dtype: Any = None) -> int:
                for x in jax.tree_util.tree_leaves(tree))
 
 
-def layout_table(tree: Any, mesh: AnyMesh | Mapping[str, int], rules: RulesLike) -> str:
+def layout_table(tree: Any, mesh: AnyMesh | Mapping[str, int], rules: RulesLike, axes: ParamAxes | None = None
+                 ) -> str:
     """A text table: each param's shape, logical axes, spec, per-device shape and bytes, and notes."""
     rows = []
     flat = jax.tree_util.tree_flatten_with_path(tree)[0]
@@ -292,7 +319,7 @@ def layout_table(tree: Any, mesh: AnyMesh | Mapping[str, int], rules: RulesLike)
     for path, x in flat:
         keys = key_names(path)
         shape = tuple(np.shape(x))
-        layout = resolve(logical_axes(keys, shape), shape, mesh, rules)
+        layout = resolve(logical_axes(keys, shape, axes), shape, mesh, rules)
         nbytes = math.prod(layout.shard_shape) * _itemsize(x)
         total += nbytes
         total_full += math.prod(shape) * _itemsize(x)
@@ -310,9 +337,10 @@ def layout_table(tree: Any, mesh: AnyMesh | Mapping[str, int], rules: RulesLike)
     return "\n".join(lines)
 
 
-def print_layout(tree: Any, mesh: AnyMesh | Mapping[str, int], rules: RulesLike) -> None:
+def print_layout(tree: Any, mesh: AnyMesh | Mapping[str, int], rules: RulesLike, axes: ParamAxes | None = None
+                 ) -> None:
     """Print `layout_table`."""
-    print(layout_table(tree, mesh, rules))
+    print(layout_table(tree, mesh, rules, axes))
 
 
 # ------------------------------------------------------------------------------ sharded entry points
@@ -428,32 +456,11 @@ class ShardedFunction:
             return self.compile(*args)(*placed)
 
 
-def constrained_forward(config: MMDiTConfig, mesh: Mesh, rules: RulesLike = "fsdp", *, dtype: Any = jnp.float32,
-                        backend: str = "xla", remat: str = "none") -> Callable:
-    """`api.make_forward`'s pure forward with the activation constraints of `rules` at block boundaries (not jitted)."""
-    model = build_model(config, dtype=dtype, backend=backend, remat=remat,
-                        activation_sharding=activation_hook(mesh, rules))
-
-    def forward(params, hidden_states, timestep, encoder_hidden_states, pooled_projections, skip):
-        return model.apply({"params": params}, hidden_states, timestep, encoder_hidden_states,
-                           pooled_projections, skip)
-
-    return forward
-
-
-def make_sharded_forward(config: MMDiTConfig, mesh: Mesh, rules: RulesLike = "fsdp", *, dtype: Any = jnp.float32,
-                         backend: str = "xla", remat: str = "none") -> ShardedFunction:
-    """The MMDiT forward `f(params, hidden_states, timestep, ehs, pooled, skip_mask)` sharded on `mesh`."""
-    forward = constrained_forward(config, mesh, rules, dtype=dtype, backend=backend, remat=remat)
-    axes = ("params", LATENT_AXES, BATCH_AXES, TOKEN_AXES, BATCH_AXES, REPLICATED)
-    return ShardedFunction(forward, mesh, rules, axes, LATENT_AXES)
-
-
 __all__ = [
     "MESH_AXES", "LOGICAL_AXES", "RULE_SETS", "Rules", "Layout", "as_rules", "extend_rules", "mesh_shape",
     "parse_mesh", "make_mesh", "abstract_mesh", "resolve", "logical_spec", "logical_sharding", "logical_axes",
+    "ParamAxes", "register_param_axes",
     "param_layouts", "param_shardings", "put", "shard_params", "abstract_params", "activation_hook",
     "bytes_per_device", "tree_bytes", "layout_table", "print_layout", "ShardedFunction", "tree_shardings",
-    "constrained_forward", "make_sharded_forward",
     "KV_AXES", "KV_AXES_FN", "LATENT_AXES", "TOKEN_AXES", "BATCH_AXES", "REPLICATED",
 ]

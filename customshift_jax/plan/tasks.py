@@ -23,10 +23,11 @@ from customshift_jax.models.mmdit.lora import LoRAConfig
 from customshift_jax.parallel import sharding as shd
 from customshift_jax.sampling.sampler import Conditioning
 from customshift_jax.sampling.schedule import Schedule
-from customshift_jax.text.jax.axes import text_param_shardings
-from customshift_jax.text.jax.config import CLIPTextConfig, T5Config
-from customshift_jax.text.jax.encoders import ENCODERS, make_encode_fn
-from customshift_jax.text.jax.loading import abstract_encoder_params
+from customshift_jax.io.text_encoders import ENCODERS
+from customshift_jax.models.text_encoders.api import abstract_encoder_params
+from customshift_jax.models.text_encoders.axes import text_logical_axes
+from customshift_jax.models.text_encoders.config import CLIPTextConfig, T5Config
+from customshift_jax.text.jax.encoders import make_encode_fn
 from customshift_jax.train.base_step import init_base_train_state
 from customshift_jax.train.optim import make_optimizer
 from customshift_jax.train.sharded import make_sharded_base_train_step, make_sharded_train_step
@@ -182,6 +183,6 @@ def _text_encoders(w: Workload, mesh: Any, rules: shd.RulesLike, dtype: Any) -> 
     ids_sh = {k: shd.logical_sharding(("batch", None), v.shape, mesh, rules) for k, v in ids.items()}
     out_sh = (shd.logical_sharding(("batch", None, None), (b, w.text_tokens, 4096), mesh, rules),
               shd.logical_sharding(("batch", None), (b, 2048), mesh, rules))
-    jitted = jax.jit(fn, in_shardings=(text_param_shardings(params, mesh, rules), ids_sh), out_shardings=out_sh,
-                     keep_unused=True)
+    param_sh = shd.param_shardings(params, mesh, rules, text_logical_axes)
+    jitted = jax.jit(fn, in_shardings=(param_sh, ids_sh), out_shardings=out_sh, keep_unused=True)
     return Compilable(lambda: jitted, (params, ids), fn, b, "prompts")

@@ -17,6 +17,7 @@ import numpy as np
 
 from customshift_jax.models.mmdit.api import as_dtype, check_inputs, make_forward
 from customshift_jax.models.mmdit.config import MMDiTConfig
+from customshift_jax.models.mmdit.sharded import constrained_forward
 from customshift_jax.models.vae import unscale_latents, vae_decode
 from customshift_jax.parallel import sharding as shd
 from customshift_jax.sampling.schedule import Schedule
@@ -332,7 +333,7 @@ def _sharded(config: MMDiTConfig, mesh: Any, rules: Any, extra_axes: Any, *, for
     import functools
 
     if forward is None:
-        forward = shd.constrained_forward(config, mesh, rules, dtype=dtype, backend=backend, remat=remat)
+        forward = constrained_forward(config, mesh, rules, dtype=dtype, backend=backend, remat=remat)
     pure, factor = _sampler_parts(config, dtype=dtype, backend=backend, remat=remat, forward=forward, **parts_kw)
     axes = ("params", shd.LATENT_AXES, _cond_axes, shd.REPLICATED, shd.REPLICATED, shd.REPLICATED,
             shd.REPLICATED if extra_axes is None else extra_axes, shd.REPLICATED)

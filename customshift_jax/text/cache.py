@@ -14,12 +14,12 @@ from typing import Any, Sequence
 import numpy as np
 
 from customshift_jax.io.safe_files import read_npz
-from customshift_jax.text.encode import PromptEmbeds, _atomic_savez, assemble_prompt_embeds
+from customshift_jax.text.encode import PromptEncoder, _atomic_savez
 
 logger = logging.getLogger(__name__)
 
 
-class CachedTextEncoder:
+class CachedTextEncoder(PromptEncoder):
     """Wraps any encoder with `identity` and `encode_batch` (e.g. `TextEncoders`); same `encode` signature.
 
     Cache misses are encoded together in one `encode_batch` call; hits never touch the encoders.
@@ -81,25 +81,4 @@ class CachedTextEncoder:
         return (
             np.stack([found[p][0] for p in prompts]).astype(np.float32, copy=False),
             np.stack([found[p][1] for p in prompts]).astype(np.float32, copy=False),
-        )
-
-    def encode(
-        self,
-        prompts: str | Sequence[str],
-        negative_prompts: str | Sequence[str] | None = None,
-        *,
-        max_sequence_length: int = 256,
-        do_classifier_free_guidance: bool = True,
-        num_images_per_prompt: int = 1,
-        clip_skip: int | None = None,
-    ) -> PromptEmbeds:
-        """`TextEncoders.encode`, through the cache."""
-        return assemble_prompt_embeds(
-            self.encode_batch,
-            prompts,
-            negative_prompts,
-            max_sequence_length=max_sequence_length,
-            do_classifier_free_guidance=do_classifier_free_guidance,
-            num_images_per_prompt=num_images_per_prompt,
-            clip_skip=clip_skip,
         )

@@ -10,7 +10,7 @@ import hashlib
 import json
 import logging
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -115,32 +115,35 @@ def normalize_prompts(
     return prompts, negative
 
 
-def assemble_prompt_embeds(
-    encode_batch: Callable[..., tuple[np.ndarray, np.ndarray]],
-    prompts: str | Sequence[str],
-    negative_prompts: str | Sequence[str] | None,
-    *,
-    max_sequence_length: int,
-    do_classifier_free_guidance: bool,
-    num_images_per_prompt: int,
-    clip_skip: int | None,
-) -> PromptEmbeds:
-    """encode_prompt's outer logic over an `encode_batch(prompts, max_sequence_length=, clip_skip=)` function.
+class PromptEncoder:
+    """A text-encoder backend (PyTorch, JAX, or the cache over either): its own `encode_batch`, and `encode`, the
+    one implementation of diffusers' `encode_prompt` outer logic over it."""
 
-    As in diffusers, `clip_skip` applies to the prompts only; the negatives always use clip_skip=None.
-    """
-    if num_images_per_prompt < 1:
-        raise ValueError(f"num_images_per_prompt must be >= 1, got {num_images_per_prompt}")
-    if not 1 <= max_sequence_length <= 512:
-        raise ValueError(f"max_sequence_length must be in [1, 512] (diffusers' limit), got {max_sequence_length}")
-    prompts, negative = normalize_prompts(prompts, negative_prompts, do_classifier_free_guidance)
-    rep = lambda x: np.repeat(x, num_images_per_prompt, axis=0)  # noqa: E731 (x.repeat(1, n, 1).view(B*n, ...))
-    embeds, pooled = encode_batch(prompts, max_sequence_length=max_sequence_length, clip_skip=clip_skip)
-    out = PromptEmbeds(rep(embeds), rep(pooled))
-    if negative is not None:
-        neg, neg_pooled = encode_batch(negative, max_sequence_length=max_sequence_length, clip_skip=None)
-        out = dataclasses.replace(out, negative_prompt_embeds=rep(neg), negative_pooled_prompt_embeds=rep(neg_pooled))
-    return out
+    def encode_batch(self, prompts: Sequence[str], *, max_sequence_length: int = 256, clip_skip: int | None = None
+                     ) -> tuple[np.ndarray, np.ndarray]:
+        """Per-prompt embeddings, no CFG/repeat: (B, 77 + max_sequence_length, D) and pooled (B, P), float32."""
+        raise NotImplementedError
+
+    def encode(self, prompts: str | Sequence[str], negative_prompts: str | Sequence[str] | None = None, *,
+               max_sequence_length: int = 256, do_classifier_free_guidance: bool = True,
+               num_images_per_prompt: int = 1, clip_skip: int | None = None) -> PromptEmbeds:
+        """`StableDiffusion3Pipeline.encode_prompt(prompts, negative_prompt=negative_prompts, ...)` as numpy float32.
+
+        As in diffusers, `clip_skip` applies to the prompts only; the negatives always use clip_skip=None.
+        """
+        if num_images_per_prompt < 1:
+            raise ValueError(f"num_images_per_prompt must be >= 1, got {num_images_per_prompt}")
+        if not 1 <= max_sequence_length <= 512:
+            raise ValueError(f"max_sequence_length must be in [1, 512] (diffusers' limit), got {max_sequence_length}")
+        prompts, negative = normalize_prompts(prompts, negative_prompts, do_classifier_free_guidance)
+        rep = lambda x: np.repeat(x, num_images_per_prompt, axis=0)  # noqa: E731 (x.repeat(1, n, 1).view(B*n, ...))
+        embeds, pooled = self.encode_batch(prompts, max_sequence_length=max_sequence_length, clip_skip=clip_skip)
+        out = PromptEmbeds(rep(embeds), rep(pooled))
+        if negative is not None:
+            neg, neg_pooled = self.encode_batch(negative, max_sequence_length=max_sequence_length, clip_skip=None)
+            out = dataclasses.replace(out, negative_prompt_embeds=rep(neg),
+                                      negative_pooled_prompt_embeds=rep(neg_pooled))
+        return out
 
 
 def _torch_dtype(dtype: str):
@@ -266,7 +269,7 @@ def tokenize(tokenizer: Any, prompts: list[str], max_length: int, what: str) -> 
     return ids
 
 
-class TextEncoders:
+class TextEncoders(PromptEncoder):
     """SD3's three text encoders and tokenizers (PyTorch, host side); `encode` equals `encode_prompt`.
 
     CLIP-L and CLIP-G are required; T5 is optional (absent: zeros of width `joint_attention_dim`, as diffusers).
@@ -403,24 +406,3 @@ class TextEncoders:
             embeds = torch.cat([clip, t5], dim=-2)
             pooled = torch.cat([pooled_l, pooled_g], dim=-1)
         return embeds.float().cpu().numpy(), pooled.float().cpu().numpy()
-
-    def encode(
-        self,
-        prompts: str | Sequence[str],
-        negative_prompts: str | Sequence[str] | None = None,
-        *,
-        max_sequence_length: int = 256,
-        do_classifier_free_guidance: bool = True,
-        num_images_per_prompt: int = 1,
-        clip_skip: int | None = None,
-    ) -> PromptEmbeds:
-        """`StableDiffusion3Pipeline.encode_prompt(prompts, negative_prompt=negative_prompts, ...)` as numpy float32."""
-        return assemble_prompt_embeds(
-            self.encode_batch,
-            prompts,
-            negative_prompts,
-            max_sequence_length=max_sequence_length,
-            do_classifier_free_guidance=do_classifier_free_guidance,
-            num_images_per_prompt=num_images_per_prompt,
-            clip_skip=clip_skip,
-        )

@@ -28,6 +28,12 @@ from customshift_jax.io.folder_lock import exclusive_folder
 from customshift_jax.io.loading import load_transformer
 from customshift_jax.io.lora_files import TEXT_SETTINGS_KEY, save_lora_files, to_state_dict
 from customshift_jax.io.safe_files import refuse_link, write_text
+from customshift_jax.io.train_state import (
+    open_train_checkpoints,
+    read_latest_train_state,
+    restore_train_state,
+    save_train_state,
+)
 from customshift_jax.models.mmdit.api import as_dtype, init_mmdit
 from customshift_jax.models.mmdit.config import get_preset
 from customshift_jax.models.mmdit.lora import LoRAConfig
@@ -104,38 +110,6 @@ def load_base(mcfg: dict) -> tuple[Any, Any]:
         config = dataclasses.replace(config, num_layers=mcfg["num_layers"])
     params = jax.jit(lambda k: init_mmdit(config, k, param_dtype=dtype))(jax.random.key(mcfg["init_seed"]))
     return config, params
-
-
-def state_path(path) -> str:
-    """A train-state leaf's parameter path, e.g. "trainable/cgb/transformer_blocks/0:2/scan/attn/beta"."""
-    return "/".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
-
-
-def _flat_state(state) -> dict:
-    """{parameter path: leaf} in the state's leaf order: how a training checkpoint stores the state."""
-    import jax
-
-    return {state_path(p): x for p, x in jax.tree_util.tree_flatten_with_path(state)[0]}
-
-
-def _nested(flat: dict) -> dict:
-    """{"a/b/c": x} -> {"a": {"b": {"c": x}}}: orbax stores the tree under its parameter paths."""
-    out: dict = {}
-    for path, x in flat.items():
-        *parents, leaf = path.split("/")
-        node = out
-        for name in parents:
-            node = node.setdefault(name, {})
-        node[leaf] = x
-    return out
-
-
-def _flatten_nested(tree: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in tree.items():
-        path = f"{prefix}{k}"
-        out.update(_flatten_nested(v, path + "/") if isinstance(v, dict) else {path: v})
-    return out
 
 
 def _step_parts(cfg: dict, config, base, lora, optimizer, schedule) -> tuple:
@@ -217,90 +191,6 @@ def build(cfg: dict) -> TrainParts:
                       jstep=jstep, put_batch=put_batch, mesh=mesh)
 
 
-def _manager(directory: Path, keep: int, async_: bool):
-    import orbax.checkpoint as ocp
-
-    options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_, create=True)
-    return ocp.CheckpointManager(directory.absolute(), options=options)
-
-
-def _save(mngr, step: int, state, it, seed: int) -> None:
-    import orbax.checkpoint as ocp
-
-    meta = {"data": it.state(), "seed": seed, "step": step}
-    mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(_nested(_flat_state(state))),
-                                            meta=ocp.args.JsonSave(meta)), force=True)
-
-
-class _SeedMismatch(ValueError):
-    """The checkpoint is sound but belongs to a run with another seed: no fallback, the user must fix the config."""
-
-
-def _restore(mngr, state, it, seed: int, log=print):
-    """(state, step) from the newest readable checkpoint: params, optimizer state, data position (RNG is
-    (seed, step)). A damaged step is set aside as `damaged-<step>` beside the others, and the next older one used."""
-    steps = sorted(mngr.all_steps(), reverse=True)
-    for step in steps:
-        try:
-            return _restore_step(mngr, state, it, seed, step)
-        except _SeedMismatch:
-            raise
-        except Exception as e:  # noqa: BLE001 - tensorstore, orbax, JSON and shape errors all mean "unreadable"
-            reason = (str(e).strip().splitlines() or [""])[0][:200]
-            aside = _set_aside(Path(mngr.directory), step)
-            mngr.reload()
-            log(f"warning: the checkpoint at step {step} cannot be read ({type(e).__name__}: {reason}); moved to "
-                f"{aside}, falling back to the previous one")
-    if steps:
-        raise ValueError(f"no checkpoint in {mngr.directory} can be read (steps {steps}, now under damaged-*); "
-                         "start again without --resume in a new output_dir.")
-    return state, 0
-
-
-def _set_aside(directory: Path, step: int) -> Path:
-    """Rename the damaged step folder to the first free `damaged-<step>[-k]` (kept for inspection, never read)."""
-    names = [f"damaged-{step}"] + [f"damaged-{step}-{k}" for k in range(2, 1000)]
-    aside = next(directory / n for n in names if not (directory / n).exists())
-    with contextlib.suppress(FileNotFoundError):  # another process of the job moved it first
-        os.rename(directory / str(step), aside)
-    return aside
-
-
-def _restore_step(mngr, state, it, seed: int, step: int):
-    """(state, step) from the checkpoint at `step`; raises whatever orbax raises for a damaged one."""
-    import jax
-    import orbax.checkpoint as ocp
-
-    flat = _flat_state(state)
-    abstract = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=getattr(v, "sharding", None))
-                for k, v in flat.items()}
-    by_index = _is_indexed(mngr, step)  # a checkpoint of before parameter paths: leaves under "00000", ...
-    target = {f"{i:05d}": a for i, a in enumerate(abstract.values())} if by_index else _nested(abstract)
-    got = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target),
-                                                     meta=ocp.args.JsonRestore()))
-    meta = got["meta"]
-    if meta["seed"] != seed:
-        raise _SeedMismatch(f"the checkpoint at step {step} was trained with seed {meta['seed']}, this config has "
-                         f"train.seed={seed}; resume with the same seed.")
-    saved = got["state"] if by_index else _flatten_nested(got["state"])
-    leaves = [saved[k] for k in sorted(saved)] if by_index else [saved[k] for k in flat]
-    it.restore(meta["data"])
-    return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(state), leaves), step
-
-
-def _is_indexed(mngr, step: int) -> bool:
-    """Whether the checkpoint at `step` keeps its leaves by index (written before parameter paths)."""
-    names = list(_stored_state(mngr, step))
-    return bool(names) and all(n.isdigit() for n in names)
-
-
-def _stored_state(mngr, step: int) -> dict:
-    """The top level of the saved state's tree (names -> metadata), read without loading arrays."""
-    meta = mngr.item_metadata(step)
-    state = meta["state"] if isinstance(meta, dict) or hasattr(meta, "__getitem__") else getattr(meta, "state")
-    return dict(getattr(state, "tree", state) or {})
-
-
 def export_lora(out: Path, state, lora, text_settings: dict | None = None) -> list[Path]:
     """Write the trained LoRAs and beta in the PEFT / diffusers-named format (`customshift_jax.io.lora_files`)."""
     trainable = gather(state.trainable)
@@ -359,10 +249,10 @@ def _train(cfg: dict, out: Path, resume: bool, log) -> int:
     state, it, jstep, put_batch = parts.state, parts.it, parts.jstep, parts.put_batch
     sampler = maybe_sampler(cfg, parts, out)
     sample_every = cfg["sample"]["every"]
-    mngr = _manager(ckpt_dir, cfg["checkpoint"]["keep"], cfg["checkpoint"]["async"])
+    mngr = open_train_checkpoints(ckpt_dir, cfg["checkpoint"]["keep"], cfg["checkpoint"]["async"])
     start = 0
     if resume:
-        state, start = _restore(mngr, state, it, seed, log)
+        state, start = restore_train_state(mngr, state, it, seed, log)
         log(f"resumed from step {start}" if start else "no checkpoint to resume from: starting at step 0")
     if jax.process_index() == 0:
         import yaml
@@ -396,7 +286,7 @@ def _train(cfg: dict, out: Path, resume: bool, log) -> int:
             while step < total:
                 if preempt.requested:
                     if last_saved != step:
-                        _save(mngr, step, state, it, seed)
+                        save_train_state(mngr, step, state, it, seed)
                     mngr.wait_until_finished()
                     log(f"{preempt.requested}: saved step {step} to {ckpt_dir}; resume with the same command and "
                         "--resume.")
@@ -428,7 +318,7 @@ def _train(cfg: dict, out: Path, resume: bool, log) -> int:
                 if sampler is not None and step % sample_every == 0:
                     sampler(model_params(state), parts.base, step, metrics)
                 if step % every == 0 or step == total:
-                    _save(mngr, step, state, it, seed)
+                    save_train_state(mngr, step, state, it, seed)
                     last_saved = step
             mngr.wait_until_finished()
             if base_mode:
@@ -465,14 +355,5 @@ def _export_base(cfg: dict, dst: Path, state, config, steps: int, log) -> None:
 
 
 def final_trainable(output_dir: str | Path) -> dict[str, np.ndarray]:
-    """The latest checkpoint as numpy, for comparisons: {"step": its step, "state/<parameter path>": array}."""
-    import orbax.checkpoint as ocp
-
-    mngr = _manager(Path(output_dir) / "checkpoints", 100, False)
-    try:
-        step = mngr.latest_step()
-        got = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(),
-                                                         meta=ocp.args.JsonRestore()))
-        return {"step": step, **{f"state/{k}": np.asarray(v) for k, v in _flatten_nested(got["state"]).items()}}
-    finally:
-        mngr.close()
+    """The latest checkpoint of a run as numpy, for comparisons: {"step": its step, "state/<parameter path>": array}."""
+    return read_latest_train_state(Path(output_dir) / "checkpoints")

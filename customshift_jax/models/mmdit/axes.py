@@ -1,8 +1,11 @@
 """The logical axes of the MMDiT's params (DESIGN section 5), declared with the model: by the end of each
-param's module path, as diffusers names the modules. `parallel.sharding` maps them onto a mesh by rule sets."""
+param's module path, as diffusers names the modules. Registered with `parallel.sharding`, which maps them onto
+a mesh by rule sets."""
 from __future__ import annotations
 
 from typing import Sequence
+
+from customshift_jax.parallel.sharding import register_param_axes
 
 _QKV = ("to_q", "to_k", "to_v", "add_q_proj", "add_k_proj", "add_v_proj")
 # (in, out) logical axes of each linear, by the end of its module path (scan / group names removed).
@@ -41,24 +44,20 @@ def _linear_axes(module: tuple[str, ...]) -> tuple[str | None, str | None] | Non
     return None
 
 
-def logical_axes(path: Sequence[str] | str, shape: Sequence[int]) -> tuple[str | None, ...]:
-    """Logical axes of a param (base or LoRA) from its path, e.g. `.../attn/to_q/kernel` -> (layers, embed, heads).
+def mmdit_param_axes(path: Sequence[str], shape: Sequence[int]) -> tuple[str | None, ...]:
+    """Logical axes of an MMDiT param (base or LoRA) from its path, e.g. `.../attn/to_q/kernel` -> (layers, embed,
+    heads). Stacked block params get a leading "layers" axis; a param no rule here knows is replicated (all None).
 
-    `path` is a tuple of keys or a "/"-joined string. Stacked block params get a leading "layers" axis.
-    Keys before "transformer_blocks" are ignored, so nested trees ({"base": ..., "cgb": ...}, a train
-    state's LoRA and Adam moments) get the same axes. A param no rule knows is replicated (all None).
+    Keys before "transformer_blocks" are ignored, so nested trees ({"base": ..., "cgb": ...}, a train state's LoRA
+    and Adam moments) get the same axes.
     """
-    path = tuple(path.split("/")) if isinstance(path, str) else tuple(str(p) for p in path)
-    path = _from_blocks(path)
+    path = _from_blocks(tuple(path))
     shape = tuple(shape)
-    stacked = bool(path) and path[0] == "transformer_blocks"
-    lead: tuple[str | None, ...] = ("layers",) if stacked else ()
+    lead = stacked_lead(path)
     rank = len(shape) - len(lead)
     leaf, module = path[-1], _module_path(path[:-1])
     if leaf == "pos_embed":  # the (1, m*m, D) position table
         axes: tuple[str | None, ...] = (None,) * (rank - 1) + ("embed",)
-    elif leaf == "beta":  # the CADS shift, per head (H, not H*D)
-        axes = ("heads",)
     elif leaf == "scale":  # RMSNorm over the head dim
         axes = (None,) * rank
     else:
@@ -78,3 +77,11 @@ def logical_axes(path: Sequence[str] | str, shape: Sequence[int]) -> tuple[str |
     if len(axes) != rank:
         axes = (None,) * rank
     return lead + axes
+
+
+def stacked_lead(path: Sequence[str]) -> tuple[str, ...]:
+    """("layers",) for a param of the stacked blocks (its path passes "transformer_blocks"), else ()."""
+    return ("layers",) if "transformer_blocks" in tuple(path) else ()
+
+
+register_param_axes("mmdit", mmdit_param_axes)

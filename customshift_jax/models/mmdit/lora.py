@@ -25,7 +25,6 @@ class LoRAConfig:
     rank: int = 16
     alpha: float = 16.0
     targets: tuple[str, ...] = DEFAULT_TARGETS
-    with_beta: bool = False  # the Cross-Guidance Branch also learns the CADS shift beta (per layer, head)
 
     def __post_init__(self):
         if self.rank < 1:
@@ -50,16 +49,15 @@ def lora_delta(lora: dict, scale: float) -> jax.Array:
 
 
 def merge_lora(params: dict, lora: dict, config: LoRAConfig) -> dict:
-    """Fold a branch's LoRA into the base kernels (for inference without the LoRA path); beta is not a kernel."""
+    """Fold a branch's LoRA into the base kernels (for inference without the LoRA path). Only A, B pairs are
+    kernel updates: other leaves of the "lora" collection (a processor's own variables) are left out."""
 
     def merge(p, l):
-        if not isinstance(l, dict):
-            return p
         out = dict(p)
         if "lora_A" in l:
             out["kernel"] = (p["kernel"].astype(jnp.float32) + lora_delta(l, config.scale)).astype(p["kernel"].dtype)
         for key, sub in l.items():
-            if key not in ("lora_A", "lora_B", "beta"):
+            if isinstance(sub, dict):
                 out[key] = merge(p[key], sub)
         return out
 

@@ -27,21 +27,28 @@ from customshift_jax.io.checkpoint import (
     load_checkpoint_config,
     read_marker,
 )
+from customshift_jax.io.text_encoders import ENCODERS
+from customshift_jax.io.transformers_folder import load_encoder_params
+from customshift_jax.models.text_encoders.api import EncoderConfig, abstract_encoder_params, build_encoder
+from customshift_jax.models.text_encoders.axes import text_logical_axes
+from customshift_jax.models.text_encoders.config import read_config
 from customshift_jax.numerics import float_dtype
-from customshift_jax.parallel.sharding import RulesLike, activation_hook, as_rules, logical_sharding, put
+from customshift_jax.parallel.sharding import (
+    RulesLike,
+    activation_hook,
+    as_rules,
+    logical_sharding,
+    param_shardings,
+    shard_params,
+)
 from customshift_jax.text.encode import (
-    PromptEmbeds,
-    assemble_prompt_embeds,
+    PromptEncoder,
     load_tokenizers,
     resolve_text_folder,
     text_folder_identity,
     tokenize,
 )
-from customshift_jax.text.jax.axes import text_param_shardings
-from customshift_jax.text.jax.config import read_config
-from customshift_jax.text.jax.loading import EncoderConfig, abstract_encoder_params, build_encoder, load_encoder_params
 
-ENCODERS = ("text_encoder", "text_encoder_2", "text_encoder_3")
 DEFAULT_BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
 
 
@@ -93,7 +100,7 @@ def bucket_size(n: int, buckets: Sequence[int], multiple: int = 1) -> int:
     return math.ceil(size / multiple) * multiple
 
 
-class JaxTextEncoders:
+class JaxTextEncoders(PromptEncoder):
     """SD3's CLIP-L, CLIP-G and (optional) T5 in JAX with transformers' tokenizers; `encode` equals `encode_prompt`.
 
     Same interface as `TextEncoders` (`identity`, `encode_batch`, `encode`), so `CachedTextEncoder` and the
@@ -183,7 +190,7 @@ class JaxTextEncoders:
     def _place(self, params: dict[str, Any]) -> dict[str, Any]:
         if self.mesh is None:
             return jax.tree_util.tree_map(jnp.asarray, params)
-        return jax.tree_util.tree_map(put, params, text_param_shardings(params, self.mesh, self.rules))
+        return shard_params(params, self.mesh, self.rules, text_logical_axes)
 
     def _batch_multiple(self) -> int:
         if self.mesh is None:
@@ -202,7 +209,8 @@ class JaxTextEncoders:
             if self.mesh is None:
                 self._jitted[key] = jax.jit(fn)
             else:
-                in_shardings = (text_param_shardings(self.params, self.mesh, self.rules), self._ids_shardings(ids))
+                in_shardings = (param_shardings(self.params, self.mesh, self.rules, text_logical_axes),
+                                self._ids_shardings(ids))
                 self._jitted[key] = jax.jit(fn, in_shardings=in_shardings)
         return self._jitted[key]
 
@@ -247,12 +255,3 @@ class JaxTextEncoders:
         step = self.batch_buckets[-1]
         parts = [self._run({k: v[i:i + step] for k, v in ids.items()}, clip_skip) for i in range(0, len(prompts), step)]
         return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
-
-    def encode(self, prompts: str | Sequence[str], negative_prompts: str | Sequence[str] | None = None, *,
-               max_sequence_length: int = 256, do_classifier_free_guidance: bool = True,
-               num_images_per_prompt: int = 1, clip_skip: int | None = None) -> PromptEmbeds:
-        """`StableDiffusion3Pipeline.encode_prompt(prompts, negative_prompt=negative_prompts, ...)` as numpy float32."""
-        return assemble_prompt_embeds(self.encode_batch, prompts, negative_prompts,
-                                      max_sequence_length=max_sequence_length,
-                                      do_classifier_free_guidance=do_classifier_free_guidance,
-                                      num_images_per_prompt=num_images_per_prompt, clip_skip=clip_skip)

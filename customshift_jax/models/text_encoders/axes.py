@@ -1,19 +1,12 @@
 """Logical axes of the Flax text encoders' params, by module name (the MMDiT's axis names, so its rule sets apply).
 
 q/k/v (embed, heads), out (heads, embed), MLP in (embed, mlp), MLP out (mlp, embed), token tables (None, embed);
-the scanned layers get a leading "layers" axis; norms and the relative-position table stay whole.
+the scanned layers get a leading "layers" axis; norms and the relative-position table stay whole. Given to
+`parallel.sharding.param_shardings(params, mesh, rules, text_logical_axes)`, the wrapper every model's params use.
 """
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
-
-import jax
-import numpy as np
-from jax.sharding import Mesh, NamedSharding
-
-from customshift_jax.parallel.sharding import RulesLike, resolve
-from customshift_jax.tree_paths import key_names
 
 _KERNELS: dict[str, tuple[str | None, str | None]] = {
     **dict.fromkeys(("q_proj", "k_proj", "v_proj", "q", "k", "v"), ("embed", "heads")),
@@ -40,12 +33,3 @@ def text_logical_axes(path: Sequence[str], shape: Sequence[int]) -> tuple[str | 
     elif module in _TABLES and leaf == "embedding" and rank == 2:
         axes = (None, "embed")
     return lead + axes
-
-
-def text_param_shardings(params: Any, mesh: Mesh, rules: RulesLike) -> Any:
-    """NamedSharding per leaf of a text encoder's params (arrays or ShapeDtypeStructs) under `rules`."""
-    def one(path, x):
-        shape = np.shape(x)
-        return NamedSharding(mesh, resolve(text_logical_axes(key_names(path), shape), shape, mesh, rules).spec)
-
-    return jax.tree_util.tree_map_with_path(one, params)

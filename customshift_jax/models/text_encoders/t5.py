@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from customshift_jax.text.jax.layers import (
+from customshift_jax.models.text_encoders.layers import (
     ACTIVATIONS,
     EncoderModule,
     EncoderModuleWithSharding,

@@ -1,62 +1,25 @@
-"""Params of the Flax text encoders from a transformers folder (config.json + safetensors, sharded or not).
-
-Read tensor by tensor through memory maps (peak memory: one stacked param); every missing, unexpected or
-mis-shaped tensor is refused by its transformers name, a truncated shard by its file.
-"""
+"""Find and read a transformers model folder (config.json + safetensors, sharded or not): the Flax text encoders'
+params, read tensor by tensor through memory maps (peak memory: one stacked param); every missing, unexpected or
+mis-shaped tensor is refused by its transformers name, a truncated shard by its file."""
 from __future__ import annotations
 
-import re
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from customshift_jax.io.safetensors import SafetensorsFile, safetensors_files
-from customshift_jax.text.jax.clip import CLIPTextModelWithProjection
-from customshift_jax.text.jax.config import CLIPTextConfig, T5Config, read_config
-from customshift_jax.text.jax.t5 import T5EncoderModel
+from customshift_jax.models.text_encoders.api import EncoderConfig, abstract_encoder_params
+from customshift_jax.models.text_encoders.config import read_config
+from customshift_jax.models.text_encoders.mapping import torch_key
 from customshift_jax.tree_paths import key_names
 
 WEIGHTS_NAME = "model.safetensors"
-T5_BIAS_KEY = "encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight"
 # Tensors a transformers file may hold that the encoder does not read: the tied copy of T5's `shared`, CLIP's
 # position-id buffer (older files).
 _IGNORED = ("encoder.embed_tokens.weight", "text_model.embeddings.position_ids")
-_LEAVES = {"kernel": "weight", "embedding": "weight", "scale": "weight", "bias": "bias"}
-
-EncoderConfig = CLIPTextConfig | T5Config
-
-
-def build_encoder(config: EncoderConfig, dtype: Any = jnp.float32, activation_sharding=None) -> nn.Module:
-    """The Flax module of a config (CLIP or T5)."""
-    cls = CLIPTextModelWithProjection if isinstance(config, CLIPTextConfig) else T5EncoderModel
-    return cls(config, dtype=dtype, activation_sharding=activation_sharding)
-
-
-def abstract_encoder_params(config: EncoderConfig) -> Any:
-    """ShapeDtypeStructs of the params tree (fp32) of the encoder of `config`."""
-    ids = jnp.zeros((1, 1), jnp.int32)
-    return jax.eval_shape(lambda: build_encoder(config).init(jax.random.key(0), ids))["params"]
-
-
-def torch_key(path: tuple[str, ...]) -> tuple[str, bool]:
-    """(transformers name with `{i}` for the layer index, whether the param is stacked) of one of our params."""
-    if path == ("encoder", "relative_attention_bias", "embedding"):
-        return T5_BIAS_KEY, False
-    parts, stacked = [], False
-    for p in path[:-1]:
-        if p in ("layers", "block"):
-            parts.append(p + ".{i}")
-            stacked = True
-        elif re.fullmatch(r"layer_\d+", p):
-            parts.append("layer." + p.split("_")[1])
-        else:
-            parts.append(p)
-    return ".".join(parts + [_LEAVES[path[-1]]]), stacked
 
 
 def weight_files(folder: Path) -> list[Path]:

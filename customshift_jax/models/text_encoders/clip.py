@@ -10,7 +10,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from customshift_jax.text.jax.layers import (
+from customshift_jax.models.text_encoders.layers import (
     ACTIVATIONS,
     EncoderModule,
     EncoderModuleWithSharding,
