@@ -31,7 +31,8 @@ def main() -> None:
     jax.config.update("jax_default_matmul_precision", "highest")
     from customshift_jax import MMDiTConfig, get_preset, make_forward
     from customshift_jax.crosscheck.mmdit import ForwardInputs, random_diffusers_transformer
-    from customshift_jax.models.mmdit.api import as_dtype, skip_mask
+    from customshift_jax.models.mmdit.api import skip_mask
+    from customshift_jax.models.mmdit.options import RunOptions, as_dtype
     from customshift_jax.models.mmdit.mapping import params_from_state_dict
     from customshift_jax.numerics import relative_error
 
@@ -42,7 +43,7 @@ def main() -> None:
     params = jax.tree_util.tree_map(lambda a: jax.numpy.asarray(a, dtype),
                                     params_from_state_dict(config, model.state_dict()))
     inputs = ForwardInputs.random(config, batch=args.batch, height=args.size, width=args.size, text_len=154)
-    fwd = jax.jit(make_forward(config, dtype=dtype, backend=args.backend))
+    fwd = jax.jit(make_forward(config, RunOptions(dtype=dtype, backend=args.backend)))
     jax_args = (params, inputs.hidden_states, inputs.timestep, inputs.encoder_hidden_states,
                 inputs.pooled_projections, skip_mask(config, None))
 

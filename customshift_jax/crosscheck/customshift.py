@@ -38,6 +38,7 @@ from customshift_jax.models.mmdit.api import Params, skip_mask
 from customshift_jax.models.mmdit.config import MMDiTConfig
 from customshift_jax.models.mmdit.lora import LoRAConfig
 from customshift_jax.models.mmdit.mapping import params_from_state_dict
+from customshift_jax.models.mmdit.options import RunOptions
 from customshift_jax.sampling import Conditioning, make_schedule
 
 SAMPLE_TOLERANCE = 1e-4  # a full sampling loop (DESIGN section 7)
@@ -187,7 +188,7 @@ def _jax_forward(config: MMDiTConfig, lora: LoRAConfig, shift: str, per_block: b
     """f(params, cgb, x, t, ehs, pooled, skip, ref_kv, gamma) -> sample, or (sample, per-group blocks)."""
     if not per_block:
         return jax.jit(make_customshift_forward(config, lora, shift=shift))
-    model = lora_model(config, lora, shift=shift, returns="sample_and_blocks")
+    model = lora_model(config, lora, RunOptions(returns="sample_and_blocks"), shift=shift)
 
     def forward(params, cgb, x, t, ehs, pooled, skip, ref_kv, gamma):
         return model.apply({"params": params, "lora": cgb}, x, t, ehs, pooled, skip, ref_kv,
