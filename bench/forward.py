@@ -32,8 +32,8 @@ def main() -> None:
     from customshift_jax import MMDiTConfig, get_preset, make_forward
     from customshift_jax.crosscheck.mmdit import ForwardInputs, random_diffusers_transformer
     from customshift_jax.models.mmdit.api import skip_mask
-    from customshift_jax.models.mmdit.options import RunOptions, as_dtype
     from customshift_jax.models.mmdit.mapping import params_from_state_dict
+    from customshift_jax.models.mmdit.options import RunOptions, as_dtype
     from customshift_jax.numerics import relative_error
 
     config = MMDiTConfig.from_diffusers_config({**get_preset(args.preset).to_diffusers_config(),

@@ -17,8 +17,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from customshift_jax.models.mmdit.api import check_inputs, make_forward
-from customshift_jax.models.mmdit.options import RunOptions, as_dtype
 from customshift_jax.models.mmdit.config import MMDiTConfig
+from customshift_jax.models.mmdit.options import RunOptions, as_dtype
 from customshift_jax.models.vae import unscale_latents, vae_decode
 from customshift_jax.parallel import sharding as shd
 from customshift_jax.sampling.schedule import Schedule

@@ -30,13 +30,13 @@ from customshift_jax.io.loading import load_transformer
 from customshift_jax.io.lora_files import TEXT_SETTINGS_KEY, save_lora_files, to_state_dict
 from customshift_jax.io.safe_files import refuse_link, write_text
 from customshift_jax.models.mmdit.api import init_mmdit
-from customshift_jax.models.mmdit.options import as_dtype
 from customshift_jax.models.mmdit.config import get_preset
 from customshift_jax.models.mmdit.lora import LoRAConfig
+from customshift_jax.models.mmdit.options import as_dtype
 from customshift_jax.parallel import sharding as shd
 from customshift_jax.parallel.distributed import gather
-from customshift_jax.train.config import run_options
 from customshift_jax.train.base_step import init_base_train_state, make_base_train_step, model_params
+from customshift_jax.train.config import run_options
 from customshift_jax.train.data import BatchIterator, ShardDataset, prepared_text_settings
 from customshift_jax.train.loss_lines import LossLines
 from customshift_jax.train.metrics import MetricsLogger
