@@ -115,11 +115,11 @@ def test_readme_tutorial_commands_run(tmp_path, monkeypatch, capsys):
 
 
 def test_what_readme_commands_write_is_git_ignored():
-    """Case 26 (part): README's commands write demo/, gen/, out/, out-N/, runs/ and dog.npz into the checkout;
+    """Case 26 (part): README's commands write demo/, demo-N/, demo-seed0/, gen/, out/, out-N/, runs/ and dog.npz into the checkout;
     git ignores them (the shipped judge.npz under the package stays tracked)."""
     import subprocess
 
-    written = ["demo/grid.png", "gen/00.png", "out/00.png", "out-2/00.png", "runs/tiny/metrics.jsonl", "dog.npz"]
+    written = ["demo/grid.png", "demo-2/grid.png", "demo-seed0/grid.png", "gen/00.png", "out/00.png", "out-2/00.png", "runs/tiny/metrics.jsonl", "dog.npz"]
     r = subprocess.run(["git", "check-ignore", "--no-index", *written], cwd=ROOT, capture_output=True, text=True)
     assert sorted(r.stdout.split()) == sorted(written), r.stdout + r.stderr
     shipped = "customshift_jax/toyworld/weights/judge.npz"

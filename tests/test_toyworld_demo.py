@@ -64,3 +64,31 @@ def test_demo_bad_flags_are_one_line_errors(tmp_path, capsys, args, message):
     err = capsys.readouterr().err.strip()
     assert err.startswith("error:") and message in err and len(err.splitlines()) == 1, err
     assert not (tmp_path / "out").exists()
+
+
+def test_demo_table_carries_standard_errors_and_a_legend(demo):
+    from customshift_jax.toyworld.evaluate import TABLE_LEGEND, markdown_table
+
+    table = json.loads((demo / "scores.json").read_text())["table"]
+    for row in table.values():
+        assert row["images"] == SUBJECTS
+        for key in ("body", "subject_all", "context_all"):  # Agresti-Coull: positive even at 0 or 1, < 0.5
+            assert 0 < row[f"{key}_se"] < 0.5, row
+    text = markdown_table(table)
+    assert "±" in text.splitlines()[2] and all(line in text for line in TABLE_LEGEND)
+    assert f"N = {SUBJECTS} images" in text
+
+
+def test_demo_out_holding_a_demo_is_refused_and_the_default_moves_on(demo, tmp_path, capsys):
+    from customshift_jax.cli.demo_cmd import output_folder
+
+    before = sorted(p.name for p in demo.rglob("*"))
+    assert main(["demo", "--subjects", "1", "--out", str(demo)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "already holds a demo" in err and len(err.splitlines()) == 1, err
+    assert sorted(p.name for p in demo.rglob("*")) == before  # nothing written into the other run's folder
+    assert output_folder(None, tmp_path) == tmp_path / "demo"
+    (tmp_path / "demo" / "images").mkdir(parents=True)
+    assert output_folder(None, tmp_path) == tmp_path / "demo-2"
+    (tmp_path / "demo-2").mkdir()  # an empty folder is used, not skipped
+    assert output_folder(None, tmp_path) == tmp_path / "demo-2"

@@ -19,6 +19,7 @@ from customshift_jax.cli import (
     train_cmd,
 )
 from customshift_jax.cli.faults import DEBUG_ENV, debug_requested, fault_message, quiet_background_noise
+from customshift_jax.cli.platforms import quiet_absent_tpu
 
 # name -> (module with `add_arguments(parser)` and `run(args) -> int`)
 SUBCOMMANDS = {
@@ -106,6 +107,7 @@ def run_guarded(fn: Callable[[], int], debug: bool = False) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    quiet_absent_tpu()  # before the parser: building it imports jax
     parser = build_parser()
     args, unknown = parser.parse_known_args(argv)
     if unknown:  # the subcommand's usage, not the top-level one

@@ -108,14 +108,26 @@ def generate_all(model, generator, cases: Sequence[Case], columns, *, batch: int
     return {k: np.concatenate(v) for k, v in images.items()}, {k: v / len(cases) for k, v in seconds.items()}
 
 
+def proportion_se(right: np.ndarray) -> float:
+    """Standard error of a proportion, Agresti-Coull (two successes and two failures added): never 0 at 0 or 1,
+    where the plain sqrt(p(1-p)/N) would claim certainty from a handful of images."""
+    n, k = len(right), float(np.sum(right))
+    p = (k + 2) / (n + 4)
+    return float(np.sqrt(p * (1 - p) / (n + 4)))
+
+
 def score_images(judge, images: np.ndarray, cases: Sequence[Case], refs: np.ndarray) -> dict[str, float]:
-    """Per-factor accuracy, all-subject-factors and all-context-factors accuracy, identity cosine to the reference."""
+    """Per-factor accuracy, all-subject-factors and all-context-factors accuracy, identity cosine to the reference;
+    each with its standard error under "<key>_se"."""
     config, params = judge
     pred = J.judge_images(config, params, images)
     ref_pred = J.judge_images(config, params, refs)
-    out = J.score(pred, [c.subject for c in cases], [c.context for c in cases])
-    out = {k: float(v) for k, v in out.items()}
-    out["identity_cosine"] = float(np.mean(J.identity_cosine(pred["embedding"], ref_pred["embedding"])))
+    right = J.correct(pred, [c.subject for c in cases], [c.context for c in cases])
+    out = {k: float(np.mean(v)) for k, v in right.items()}
+    out.update({f"{k}_se": proportion_se(v) for k, v in right.items()})
+    cos = J.identity_cosine(pred["embedding"], ref_pred["embedding"])
+    out["identity_cosine"] = float(np.mean(cos))
+    out["identity_cosine_se"] = float(np.std(cos, ddof=1) / np.sqrt(len(cos))) if len(cos) > 1 else float("nan")
     return out
 
 
@@ -133,9 +145,10 @@ def evaluate(model, generator, judge, cases: Sequence[Case], gammas: Sequence[fl
     rows = {}
     for label, method, gamma in columns:
         rows[label] = {"method": method, "gamma": gamma, **score_images(judge, images[label], cases, refs),
-                       "seconds_per_image": seconds[label]}
+                       "seconds_per_image": seconds[label], "images": len(cases)}
     rows["oracle (real renders)"] = {"method": "oracle", "gamma": None,
-                                     **score_images(judge, targets(cases), cases, refs), "seconds_per_image": 0.0}
+                                     **score_images(judge, targets(cases), cases, refs), "seconds_per_image": 0.0,
+                                     "images": len(cases)}
     return rows, images
 
 
@@ -154,15 +167,36 @@ def judge_report(judge, model, n: int = 1000, seed: int = 4321) -> dict[str, dic
     return out
 
 
-def markdown_table(rows: dict) -> str:
-    """The table as Markdown: subject factors, all-subject, identity cosine, context factors, all-context, s/img."""
+TABLE_LEGEND = (
+    "Each cell: the share of images the judge read right, ± its standard error over the N images "
+    "(Agresti-Coull for shares, the sample standard error for the cosine).",
+    "silhouette, body, accent, pattern: the subject's shape, body colour, accent colour and pattern, as the "
+    "reference shows them (subject consistency).",
+    "subject all: all four subject factors right in one image.",
+    "identity cos: cosine of the judge's identity embedding of the image and of the reference (DINO's analogue).",
+    "scene, position, size: the context the prompt asks for (prompt fidelity); prompt all: all three right.",
+    "s / img: generation seconds per image, compile excluded. oracle: the judge on true renders of the target, "
+    "the ceiling the judge allows.",
+)
+
+
+def _cell(r: dict, key: str) -> str:
+    se = r.get(f"{key}_se")
+    return f"{r[key]:.2f} ± {se:.2f}" if se is not None and np.isfinite(se) else f"{r[key]:.3f}"
+
+
+def markdown_table(rows: dict, *, legend: bool = True) -> str:
+    """The table as Markdown: subject factors, all-subject, identity cosine, context factors, all-context, s/img;
+    with `legend`, one line per column under it."""
     head = ["method", *SUBJECT_KEYS, "subject all", "identity cos", *CONTEXT_KEYS, "prompt all", "s / img"]
     lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
     for label, r in rows.items():
-        cells = [label, *(f"{r[k]:.3f}" for k in SUBJECT_KEYS), f"{r['subject_all']:.3f}",
-                 f"{r['identity_cosine']:.3f}", *(f"{r[k]:.3f}" for k in CONTEXT_KEYS), f"{r['context_all']:.3f}",
-                 f"{r['seconds_per_image']:.4f}"]
+        cells = [label, *(_cell(r, k) for k in (*SUBJECT_KEYS, "subject_all", "identity_cosine", *CONTEXT_KEYS,
+                                                "context_all")), f"{r['seconds_per_image']:.4f}"]
         lines.append("| " + " | ".join(cells) + " |")
+    if legend:
+        n = next((r.get("images") for r in rows.values() if r.get("images")), None)
+        lines += ["", *(f"- {line}" for line in TABLE_LEGEND)] + ([f"- N = {n} images per row."] if n else [])
     return "\n".join(lines)
 
 

@@ -385,18 +385,22 @@ def judge_images(config: JudgeConfig, params: dict, images: np.ndarray) -> dict:
     return {**pred, "probs": out["probs"], "embedding": out["embedding"]}
 
 
-def score(pred: dict, subjects: list[world.Subject], contexts: list[world.Context]) -> dict:
-    """Per-factor accuracy plus "subject_all" (all four subject factors right) and "context_all" (all three)."""
+def correct(pred: dict, subjects: list[world.Subject], contexts: list[world.Context]) -> dict[str, np.ndarray]:
+    """Per image, whether each factor was read right ((N,) bool each), plus "subject_all" and "context_all"."""
     n = len(pred[SUBJECT_NAMES[0]])
     if len(subjects) != n or len(contexts) != n:
         raise ValueError(f"score: {n} predictions but {len(subjects)} subjects and {len(contexts)} contexts; "
                          "pass one true Subject and Context per judged image.")
     right = {k: np.asarray(pred[k]) == np.array([getattr(s, k) for s in subjects]) for k in SUBJECT_NAMES}
     right.update({k: np.asarray(pred[k]) == np.array([getattr(c, k) for c in contexts]) for k in CONTEXT_NAMES})
-    out = {k: float(np.mean(v)) for k, v in right.items()}
-    out["subject_all"] = float(np.mean(np.all([right[k] for k in SUBJECT_NAMES], 0)))
-    out["context_all"] = float(np.mean(np.all([right[k] for k in CONTEXT_NAMES], 0)))
-    return out
+    right["subject_all"] = np.all([right[k] for k in SUBJECT_NAMES], 0)
+    right["context_all"] = np.all([right[k] for k in CONTEXT_NAMES], 0)
+    return right
+
+
+def score(pred: dict, subjects: list[world.Subject], contexts: list[world.Context]) -> dict:
+    """Per-factor accuracy plus "subject_all" (all four subject factors right) and "context_all" (all three)."""
+    return {k: float(np.mean(v)) for k, v in correct(pred, subjects, contexts).items()}
 
 
 def identity_cosine(emb_a: np.ndarray, emb_b: np.ndarray) -> np.ndarray:

@@ -186,7 +186,9 @@ class BlockGroup(nn.Module):
         block_cls = JointTransformerBlock
         if self.options.remat != "none":
             block_cls = nn.remat(block_cls, policy=REMAT_POLICIES[self.options.remat], prevent_cse=False)
-        scanned = nn.scan(block_cls, variable_axes={"params": 0, "lora": 0}, split_rngs={"params": True},
+        # "intermediates": what a processor sows (e.g. a probe's per-layer statistics) stacks on the layer axis.
+        scanned = nn.scan(block_cls, variable_axes={"params": 0, "lora": 0, "intermediates": 0},
+                          split_rngs={"params": True},
                           in_axes=(0, 0, nn.broadcast, nn.broadcast), length=self.length)
         body = scanned(config=self.config, use_dual_attention=self.use_dual_attention,
                        context_pre_only=self.context_pre_only, options=self.options, name="scan")
