@@ -37,13 +37,13 @@ def forward_case(pair: MMDiTPair, *, batch: int, size: int, text_len: int, dtype
     import numpy as np
     import torch
 
-    from customshift_jax import make_forward
+    from customshift_jax import RunOptions, make_forward
     from customshift_jax.crosscheck.mmdit import ForwardInputs
-    from customshift_jax.models.mmdit.api import as_dtype, skip_mask
+    from customshift_jax.models.mmdit.api import skip_mask
 
     config = pair.config
     inputs = ForwardInputs.random(config, batch=batch, height=size, width=size, text_len=text_len)
-    fwd = jax.jit(make_forward(config, dtype=as_dtype(dtype), backend=backend))
+    fwd = jax.jit(make_forward(config, RunOptions(dtype=dtype, backend=backend)))
     args = (pair.params, inputs.hidden_states, inputs.timestep, inputs.encoder_hidden_states,
             inputs.pooled_projections, skip_mask(config, None))
     compiled, compile_s = _compile(fwd, *args)

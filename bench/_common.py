@@ -52,7 +52,7 @@ def mmdit_pair(preset: str | None = "sd3-medium", layers: int | None = 4, dtype:
 
     from customshift_jax import MMDiTConfig, get_preset
     from customshift_jax.crosscheck.mmdit import random_diffusers_transformer
-    from customshift_jax.models.mmdit.api import as_dtype
+    from customshift_jax.models.mmdit.options import as_dtype
     from customshift_jax.models.mmdit.mapping import params_from_state_dict
 
     if diffusers_config is None:

@@ -72,6 +72,7 @@ def sampler_rows(jax, jnp, np, layers: int, steps: int):
     from customshift_jax.customshift.branches import init_lora, prefill
     from customshift_jax.customshift.sampling import make_customshift_sampler
     from customshift_jax.models.mmdit.lora import LoRAConfig
+    from customshift_jax.models.mmdit.options import RunOptions
     from customshift_jax.sampling import Conditioning, make_schedule
 
     config = MMDiTConfig.from_diffusers_config({**get_preset("sd3-medium").to_diffusers_config(), "num_layers": layers})
@@ -89,7 +90,7 @@ def sampler_rows(jax, jnp, np, layers: int, steps: int):
     times = {}
     for backend, form in (("xla", "two_pass"), ("flash", "single")):
         cache = prefill(config, params, *ref, lora=lora, dtype=jnp.bfloat16, backend=backend)
-        sampler = make_customshift_sampler(config, lora, form=form, dtype=jnp.bfloat16, backend=backend)
+        sampler = make_customshift_sampler(config, lora, RunOptions(dtype=jnp.bfloat16, backend=backend), form=form)
         times[f"{backend} {form}"] = timed(jax, lambda s, kv: s({"base": params, "cgb": cgb}, latents, cond, schedule,
                                                              extra={"ref_kv": kv, "gamma": 1.0}, guidance_scale=7.0),
                                            sampler, cache.kv, reps=2)
@@ -116,6 +117,7 @@ def torch_reference_rows(jax, jnp, np, layers: int, steps: int, guidance: float 
     from customshift_jax.customshift.sampling import make_customshift_sampler
     from customshift_jax.models.mmdit.lora import LoRAConfig
     from customshift_jax.models.mmdit.mapping import params_from_state_dict
+    from customshift_jax.models.mmdit.options import RunOptions
     from customshift_jax.numerics import relative_error
     from customshift_jax.reference.torch_customshift import TorchCustomShift
     from customshift_jax.sampling import Conditioning, make_schedule
@@ -166,8 +168,8 @@ def torch_reference_rows(jax, jnp, np, layers: int, steps: int, guidance: float 
     for backend, form in [(b, "two_pass" if b == "xla" else "single") for b in backends]:
         kv = prefill(config, params, ref, subject, subject_pooled, lora=lora, dtype=jdtype, backend=backend,
                      rab_lora=rab).kv
-        sampler = make_customshift_sampler(config, lora, form=form,
-                                           dtype=jdtype, backend=backend)
+        sampler = make_customshift_sampler(config, lora,
+                                           RunOptions(dtype=jdtype, backend=backend), form=form)
         run = lambda: sampler({"base": params, "cgb": cgb}, x, cond, schedule, guidance_scale=guidance,  # noqa: E731
                               extra={"ref_kv": kv, "gamma": 1.0})
         ours = np.asarray(jax.block_until_ready(run()), np.float32)

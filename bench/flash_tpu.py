@@ -84,6 +84,7 @@ def cgb_cases(jax, jnp, mesh):
     from customshift_jax.models.mmdit.api import param_shapes
     from customshift_jax.models.mmdit.config import get_preset
     from customshift_jax.models.mmdit.lora import LoRAConfig
+    from customshift_jax.models.mmdit.options import RunOptions
 
     config = dataclasses.replace(get_preset("sd3-medium"), num_layers=2)
     lora = LoRAConfig(rank=LORA_RANK, alpha=float(LORA_RANK))
@@ -95,11 +96,12 @@ def cgb_cases(jax, jnp, mesh):
               sds((BATCH, config.pooled_projection_dim), f32), sds((config.num_layers,), bool))
     ref = (sds((1, 16, side, side), f32), sds((1, N_SUBJECT, config.joint_attention_dim), f32),
            sds((1, config.pooled_projection_dim), f32))
-    kv = jax.eval_shape(make_prefill(config, lora, dtype=bf16), params, lora_shapes(config, lora, "rab"), *ref)
+    kv = jax.eval_shape(make_prefill(config, lora, RunOptions(dtype=bf16)), params, lora_shapes(config, lora, "rab"),
+                        *ref)
     cgb = lora_shapes(config, lora, "cgb")
     args = _abstract(jax, mesh, (params, cgb, *inputs, kv, sds((BATCH,), f32)))
     for backend, form in ROWS:
-        forward = make_customshift_forward(config, lora, form=form, dtype=bf16, backend=backend)
+        forward = make_customshift_forward(config, lora, RunOptions(dtype=bf16, backend=backend), form=form)
 
         def loss(p, lora_params, *rest, forward=forward):
             return jnp.mean(forward(p, lora_params, *rest).astype(jnp.float32) ** 2)

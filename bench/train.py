@@ -91,6 +91,7 @@ def main(argv=None) -> int:
     from customshift_jax.models.mmdit.api import init_mmdit
     from customshift_jax.models.mmdit.config import get_preset
     from customshift_jax.models.mmdit.lora import LoRAConfig
+    from customshift_jax.models.mmdit.options import RunOptions
     from customshift_jax.train.optim import make_optimizer
     from customshift_jax.train.step import init_train_state, make_train_step
 
@@ -108,14 +109,15 @@ def main(argv=None) -> int:
             jax.random.key(0))
         opt, sched = make_optimizer(1e-4)
         state = init_train_state(config, lora, opt, 0)
-        step = jax.jit(make_train_step(config, lora, opt, seed=0, schedule=sched, dtype=dtype, remat=args.remat),
+        options = RunOptions(dtype=dtype, remat=args.remat)
+        step = jax.jit(make_train_step(config, lora, opt, options, seed=0, schedule=sched),
                        donate_argnums=(0,))
         t0 = time.perf_counter()
         compiled = step.lower(state, base, batch).compile()
         compile_s = time.perf_counter() - t0
         raw_flops = _cost_flops(compiled)
         flops, flops_note = step_flops(config, lora, batch, lambda c, o: make_train_step(
-            c, lora, o, seed=0, dtype=dtype, remat=args.remat))
+            c, lora, o, options, seed=0))
         mem = compiled.memory_analysis()
         est_peak = None
         if mem is not None:

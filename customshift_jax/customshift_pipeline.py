@@ -29,6 +29,7 @@ from customshift_jax.io.text_settings import (
     resolve_max_sequence_length,
 )
 from customshift_jax.models.mmdit.config import MMDiTConfig
+from customshift_jax.models.mmdit.options import RunOptions
 from customshift_jax.text import PromptEmbeds
 
 ATTENTIONS = ("xla", "blocked", "flash")
@@ -162,8 +163,8 @@ class CustomShiftPipeline:
         self.image_limits = image_limits
         self.progress = stages.StepProgress() if progress else None
         self.steps = stages.Pipeline(self.config, components.vae_config, lora=self.lora_config, shift=shift,
-                                      dtype=_dtype(dtype), backend=attention, decode=False, mesh=mesh, rules=rules,
-                                      progress=self.progress)
+                                     options=RunOptions(dtype=_dtype(dtype), backend=attention), decode=False,
+                                     mesh=mesh, rules=rules, progress=self.progress)
         self.params = components.params
         if mesh is not None:
             from customshift_jax.parallel import sharding as shd
@@ -452,7 +453,7 @@ class _Notes:
 
 
 def _dtype(dtype: Any) -> Any:
-    from customshift_jax.models.mmdit.api import as_dtype
+    from customshift_jax.models.mmdit.options import as_dtype
 
     try:
         return as_dtype(dtype)

@@ -19,17 +19,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from customshift_jax.customshift.branches import make_prefill
+from customshift_jax.customshift.branches import PREFILL_AXES, make_prefill
 from customshift_jax.customshift.cads import CustomShiftAttnProcessor
-from customshift_jax.customshift.sampling import make_customshift_sampler, make_sharded_customshift_sampler
-from customshift_jax.customshift.sharded import make_sharded_prefill
+from customshift_jax.customshift.sampling import make_customshift_sampler
 from customshift_jax.io.checkpoint import is_checkpoint, load_checkpoint_config
 from customshift_jax.io.loading import load_transformer, load_vae
 from customshift_jax.io.safe_files import read_npz, read_regular_file, save_image
-from customshift_jax.models.mmdit.attention import BACKENDS
 from customshift_jax.models.mmdit.config import MMDiTConfig
+from customshift_jax.models.mmdit.options import RunOptions
 from customshift_jax.models.vae import scale_latents, unscale_latents, vae_decode, vae_encode
-from customshift_jax.sampling import make_sampler, make_sharded_sampler
+from customshift_jax.parallel import sharding as shd
+from customshift_jax.sampling import make_sampler
 from customshift_jax.text import PromptEmbeds
 
 SUBJECT_ARRAYS = ("subject_embeds", "subject_pooled_embeds")
@@ -280,20 +280,19 @@ class Pipeline:
 
     The compiled functions are built once (on first use); the weights are call arguments, named as everywhere:
     the base params, and the CustomShift LoRAs `rab` and `cgb` (the CGB's with beta). `lora` is their
-    `LoRAConfig` (None: no reference path). `backend` is the attention kernel (`RunOptions.backend`: "xla",
-    "blocked", "flash", ...). With `mesh`, every function runs sharded under `rules`.
+    `LoRAConfig` (None: no reference path). `options` says how every function runs (`RunOptions`: dtype, the
+    attention backend "xla", "blocked", "flash", ...). With `mesh`, every function runs sharded under `rules`.
     """
 
     def __init__(self, config: MMDiTConfig, vae_config: Any = None, *, lora: Any = None, shift: str = "cads",
-                 form: str = "two_pass", dtype: Any = jnp.float32, backend: str = "xla", decode: bool = True,
+                 form: str = "two_pass", options: RunOptions | None = None, decode: bool = True,
                  mesh: Any = None, rules: Any = "fsdp", progress: Any = None):
         CustomShiftAttnProcessor(shift, form)  # a bad shift or form fails here, before anything compiles
-        if backend not in BACKENDS:
-            raise ValueError(f"attention backend {backend!r}: expected one of {', '.join(BACKENDS)}.")
         if decode and vae_config is None:
             raise ValueError("Pipeline(decode=True) needs the vae_config.")
         self.config, self.vae_config, self.lora = config, vae_config, lora
-        self.shift, self.form, self.dtype, self.backend, self.decode = shift, form, dtype, backend, decode
+        self.shift, self.form, self.decode = shift, form, decode
+        self.options = shd.on_mesh(options or RunOptions(), mesh, rules)
         self.mesh, self.rules, self.progress = mesh, rules, progress
         self._built: dict[str, Any] = {}
 
@@ -303,23 +302,17 @@ class Pipeline:
         return self._built[name]
 
     def _sampler_kw(self) -> dict[str, Any]:
-        return dict(dtype=self.dtype, backend=self.backend, decode=self.decode, vae_config=self.vae_config,
-                    progress=self.progress)
+        return dict(decode=self.decode, vae_config=self.vae_config, progress=self.progress, mesh=self.mesh,
+                    rules=self.rules)
 
     def plain_sampler(self):
         """The SD3 sampler without a reference (`sampling.make_sampler`, sharded on the mesh if any)."""
-        if self.mesh is None:
-            return self._get("plain", lambda: make_sampler(self.config, **self._sampler_kw()))
-        return self._get("plain", lambda: make_sharded_sampler(self.config, self.mesh, self.rules,
-                                                               **self._sampler_kw()))
+        return self._get("plain", lambda: make_sampler(self.config, self.options, **self._sampler_kw()))
 
     def customshift_sampler(self):
         """The sampler whose forward is the Cross-Guidance Branch reading the reference cache."""
-        kw = dict(shift=self.shift, form=self.form, **self._sampler_kw())
-        if self.mesh is None:
-            return self._get("customshift", lambda: make_customshift_sampler(self.config, self.lora, **kw))
-        return self._get("customshift", lambda: make_sharded_customshift_sampler(
-            self.config, self.mesh, self.rules, self.lora, **kw))
+        return self._get("customshift", lambda: make_customshift_sampler(
+            self.config, self.lora, self.options, shift=self.shift, form=self.form, **self._sampler_kw()))
 
     def encode_reference(self, vae_params: Any, images: Any) -> jax.Array:
         """Reference images (B, 3, H, W) in [-1, 1] -> scaled VAE latents (B, C, H/f, W/f): what the RAB reads."""
@@ -329,11 +322,13 @@ class Pipeline:
 
     def prefill_function(self):
         """The compiled Reference-Alignment Branch `f(params, rab, ref_latents, subject_embeds, subject_pooled)`."""
-        if self.mesh is None:
-            return self._get("prefill", lambda: jax.jit(make_prefill(self.config, self.lora, dtype=self.dtype,
-                                                                     backend=self.backend)))
-        return self._get("prefill", lambda: make_sharded_prefill(self.config, self.mesh, self.rules, self.lora,
-                                                                 dtype=self.dtype, backend=self.backend))
+        def build():
+            prefill = make_prefill(self.config, self.lora, self.options)
+            if self.mesh is None:
+                return jax.jit(prefill)
+            return shd.ShardedFunction(prefill, self.mesh, self.rules, *PREFILL_AXES)
+
+        return self._get("prefill", build)
 
     def reference_cache(self, params: Any, rab: Any, ref_latents: Any, subject_embeds: Any,
                         subject_pooled: Any) -> Any:

@@ -93,9 +93,12 @@ def init_state(cfg, opt):
 
 def train_step(cfg, mesh, opt, schedule):
     """The sharded LoRA training step on `mesh`."""
-    from customshift_jax.train.sharded import make_sharded_train_step
+    from customshift_jax.models.mmdit.options import RunOptions
+    from customshift_jax.parallel import sharding as sh
+    from customshift_jax.train.step import TRAIN_STEP_AXES, make_train_step
 
-    return make_sharded_train_step(cfg, lora(), opt, mesh, RULES, schedule=schedule, **STEP_KW)
+    step = make_train_step(cfg, lora(), opt, sh.on_mesh(RunOptions(), mesh, RULES), schedule=schedule, **STEP_KW)
+    return sh.ShardedFunction(step, mesh, RULES, *TRAIN_STEP_AXES)
 
 
 def flatten(tree, prefix: str) -> dict:
@@ -127,14 +130,16 @@ def run_forward(cfg, mesh, params, rows, out, log) -> dict:
     """The sharded forward, an orbax save / restore of the params, the forward again: gathered results."""
     import numpy as np
 
-    from customshift_jax.models.mmdit.sharded import make_sharded_forward
+    from customshift_jax.models.mmdit.api import make_forward
+    from customshift_jax.models.mmdit.options import RunOptions
     from customshift_jax.parallel import distributed
     from customshift_jax.parallel import sharding as sh
     from customshift_jax.parallel.sharding import BATCH_AXES, LATENT_AXES, TOKEN_AXES
 
     sharded_inputs = local_rows(inputs(cfg), rows, mesh, (LATENT_AXES, BATCH_AXES, TOKEN_AXES, BATCH_AXES))
     skip = np.zeros((cfg.num_layers,), bool)
-    forward = make_sharded_forward(cfg, mesh, RULES)
+    forward = sh.ShardedFunction(make_forward(cfg, sh.on_mesh(RunOptions(), mesh, RULES)), mesh, RULES,
+                                 *sh.FORWARD_AXES)
     y = forward(params, *sharded_inputs, skip)
     log(f"forward done, output sharding {y.sharding.spec}")
     path = distributed.save_sharded(out / "ckpt", params)

@@ -14,6 +14,7 @@ from customshift_jax.customshift.cads import cads_attention
 from customshift_jax.models.mmdit import attention as attn
 from customshift_jax.models.mmdit.api import init_mmdit, make_forward, skip_mask
 from customshift_jax.models.mmdit.config import get_preset
+from customshift_jax.models.mmdit.options import RunOptions
 
 
 def _qkv(b=2, nq=37, nk=29, h=3, d=8, seed=0):
@@ -67,7 +68,7 @@ def test_mmdit_forward_on_blocked_backend(small_block):
                                                       jnp.float32),
             jnp.asarray(rng.standard_normal((2, config.pooled_projection_dim)), jnp.float32), skip_mask(config, None))
     want = jax.jit(make_forward(config))(*args)
-    got = jax.jit(make_forward(config, backend="blocked"))(*args)
+    got = jax.jit(make_forward(config, RunOptions(backend="blocked")))(*args)
     assert rel_err(got, want) <= 1e-6
 
 
@@ -81,7 +82,7 @@ def test_blocked_backend_matches_diffusers(small_block):
     params = params_from_state_dict(config, model.state_dict())
     inputs = ForwardInputs.random(config, batch=2, height=12, width=8, seed=1)  # 24 image + 7 text: 4 blocks
     expected, _ = torch_forward(model, inputs)
-    got = jax.jit(make_forward(config, backend="blocked"))(
+    got = jax.jit(make_forward(config, RunOptions(backend="blocked")))(
         params, inputs.hidden_states, inputs.timestep, inputs.encoder_hidden_states, inputs.pooled_projections,
         skip_mask(config, None))
     assert rel_err(got, expected) <= 1e-5

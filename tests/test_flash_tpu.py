@@ -28,6 +28,7 @@ from customshift_jax.models.mmdit.api import make_forward, param_shapes  # noqa:
 from customshift_jax.models.mmdit.attention import attention  # noqa: E402
 from customshift_jax.models.mmdit.config import get_preset  # noqa: E402
 from customshift_jax.models.mmdit.lora import LoRAConfig  # noqa: E402
+from customshift_jax.models.mmdit.options import RunOptions  # noqa: E402
 from customshift_jax.train.step import make_loss_fn  # noqa: E402
 
 GENERATIONS = {"v4": "v4:2x2x1", "v5e": "v5e:2x2", "v5p": "v5p:2x2x1", "v6e": "v6e:2x2"}
@@ -142,7 +143,7 @@ def _check_memory(compiled, args, mib: float):
 def test_mmdit_forward_on_flash_compiles():
     mesh = _mesh(GENERATIONS["v5e"])
     params, inputs = _model_inputs(mesh)
-    compiled = _compile(mesh, make_forward(CONFIG, dtype=jnp.bfloat16, backend="flash"), params, *inputs)
+    compiled = _compile(mesh, make_forward(CONFIG, RunOptions(dtype=jnp.bfloat16, backend="flash")), params, *inputs)
     assert MOSAIC in compiled.as_text()
     _check_memory(compiled, (params, inputs), 16)
 
@@ -156,17 +157,18 @@ def test_customshift_cgb_forward_on_flash_compiles(form):
     ref = (_abstract(mesh, (1, 16, LATENT, LATENT), jnp.float32), _abstract(mesh, (1, 5, CONFIG.joint_attention_dim),
            jnp.float32), _abstract(mesh, (1, CONFIG.pooled_projection_dim), jnp.float32))
     with jax.set_mesh(mesh):
-        kv = jax.eval_shape(make_prefill(CONFIG, LORA, dtype=jnp.bfloat16, backend="flash"), params, rab, *ref)
+        options = RunOptions(dtype=jnp.bfloat16, backend="flash")
+        kv = jax.eval_shape(make_prefill(CONFIG, LORA, options), params, rab, *ref)
     kv = jax.tree.map(lambda s: _abstract(mesh, s.shape, s.dtype), kv)
     gamma = _abstract(mesh, (B,), jnp.float32, P("fsdp"))
-    forward = make_customshift_forward(CONFIG, LORA, form=form, dtype=jnp.bfloat16, backend="flash")
+    forward = make_customshift_forward(CONFIG, LORA, RunOptions(dtype=jnp.bfloat16, backend="flash"), form=form)
     compiled = _compile(mesh, forward, params, cgb, *inputs, kv, gamma)
     assert compiled.as_text().count(MOSAIC) >= (1 if form == "single" else 2)
     _check_memory(compiled, (params, cgb, inputs, kv), 16)
 
 
 def test_lora_training_loss_on_flash_differentiates_for_tpu():
-    """`make_loss_fn(backend="flash")`: the gradient of the RAB prefill + CGB loss compiles (Mosaic backward)."""
+    """`make_loss_fn` on backend "flash": the gradient of the RAB prefill + CGB loss compiles (Mosaic backward)."""
     mesh = _mesh(GENERATIONS["v5e"])
     params, _ = _model_inputs(mesh)
     trainable = {br: jax.tree.map(lambda s: _abstract(mesh, s.shape, s.dtype), lora_shapes(CONFIG, LORA, br))
@@ -176,7 +178,7 @@ def test_lora_training_loss_on_flash_differentiates_for_tpu():
         "prompt_embeds": (TEXT, CONFIG.joint_attention_dim), "pooled": (CONFIG.pooled_projection_dim,),
         "subject_embeds": (5, CONFIG.joint_attention_dim), "subject_pooled": (CONFIG.pooled_projection_dim,)}.items()}
     key = jax.random.key(0)
-    loss = make_loss_fn(CONFIG, LORA, dtype=jnp.bfloat16, backend="flash")
+    loss = make_loss_fn(CONFIG, LORA, RunOptions(dtype=jnp.bfloat16, backend="flash"))
     grad = jax.grad(lambda tr, p, bt: loss(tr, p, bt, key)[0])
     compiled = _compile(mesh, grad, trainable, params, batch)
     assert compiled.as_text().count(MOSAIC) >= 3  # forward and backward kernels

@@ -21,6 +21,7 @@ from customshift_jax.models.mmdit.api import init_mmdit
 from customshift_jax.models.mmdit.attention import attention
 from customshift_jax.models.mmdit.config import get_preset
 from customshift_jax.models.mmdit.lora import LoRAConfig
+from customshift_jax.models.mmdit.options import RunOptions
 from customshift_jax.train.base_step import make_base_loss_fn
 from customshift_jax.train.step import make_loss_fn
 
@@ -42,11 +43,11 @@ def _batch(b=2, seed=0):
 
 
 def test_lora_loss_gradients_on_flash_equal_xla():
-    """`make_loss_fn(backend=...)`: RAB prefill and CGB forward (the two-pass shift) on the flash kernels."""
+    """`make_loss_fn` with `RunOptions.backend`: RAB prefill and CGB forward (the two-pass shift) on the flash kernels."""
     base = init_mmdit(CONFIG, jax.random.key(0))
     trainable = {br: jax.tree.map(lambda x: x + 0.05, init_lora(CONFIG, LORA, jax.random.key(i), branch=br))
                  for i, br in enumerate(("rab", "cgb"))}  # non-zero B and beta: every factor gets a gradient
-    grads = {b: jax.jit(jax.grad(make_loss_fn(CONFIG, LORA, backend=b, ref_dropout=0.0), has_aux=True))(
+    grads = {b: jax.jit(jax.grad(make_loss_fn(CONFIG, LORA, RunOptions(backend=b), ref_dropout=0.0), has_aux=True))(
         trainable, base, _batch(), jax.random.key(1)) for b in ("flash", "xla")}
     assert max(float(jnp.max(jnp.abs(g))) for g in jax.tree.leaves(grads["xla"][0]["rab"])) > 0
     _assert_close(grads["flash"], grads["xla"])
@@ -54,7 +55,7 @@ def test_lora_loss_gradients_on_flash_equal_xla():
 
 def test_base_loss_gradients_on_flash_equal_xla():
     params = init_mmdit(CONFIG, jax.random.key(0))
-    grads = {b: jax.jit(jax.grad(make_base_loss_fn(CONFIG, backend=b), has_aux=True))(
+    grads = {b: jax.jit(jax.grad(make_base_loss_fn(CONFIG, RunOptions(backend=b)), has_aux=True))(
         params, {}, _batch(), jax.random.key(1)) for b in ("flash", "xla")}
     _assert_close(grads["flash"], grads["xla"])
 
@@ -103,18 +104,18 @@ def test_kernels_on_a_mesh_run_per_sample_and_head_and_equal_the_unsharded():
 
 def test_a_given_layout_moves_nothing_at_the_kernel():
     """q laid out with the batch over ("fsdp", "data"): the default layout ("data", "fsdp") costs collective
-    permutes around the kernel; `use_layout` with the rules' order costs none."""
+    permutes around the kernel; a given layout (`RunOptions.kernel_layout`) with the rules' order costs none."""
     mesh = Mesh(np.array(jax.devices()[:4]).reshape(2, 2), ("data", "fsdp"))
     q = jax.ShapeDtypeStruct((B, 64, H, D), jnp.float32, sharding=NamedSharding(mesh, P(("fsdp", "data"))))
 
-    def permutes():  # a new jit each time: jax's trace cache does not key on the given layout
-        fn = jax.jit(lambda *a: flash_attention(*a)[0], out_shardings=NamedSharding(mesh, P(("fsdp", "data"))))
+    def permutes(layout=None):
+        fn = jax.jit(lambda *a: flash_attention(*a, layout=layout)[0],
+                     out_shardings=NamedSharding(mesh, P(("fsdp", "data"))))
         with jax.set_mesh(mesh):
             return fn.lower(q, q, q).compile().as_text().count("collective-permute")
 
     assert permutes() > 0
-    with partition.use_layout(("fsdp", "data")):
-        assert permutes() == 0
+    assert permutes((("fsdp", "data"), ())) == 0
 
 
 def test_kernels_inside_a_shard_map_split_the_axes_left():

@@ -13,7 +13,8 @@ import jax
 import numpy as np
 import pytest
 
-from customshift_jax.models.mmdit.sharded import make_sharded_forward
+from customshift_jax.models.mmdit.api import make_forward
+from customshift_jax.models.mmdit.options import RunOptions
 from customshift_jax.numerics import relative_error
 from customshift_jax.parallel import sharding as sh
 
@@ -90,7 +91,8 @@ def leaf_errors(result, prefix: str, expected) -> dict[str, float]:
 
 def expected_forward(cfg, mesh, params) -> np.ndarray:
     """The sharded forward on this process's 8 devices."""
-    forward = make_sharded_forward(cfg, mesh, worker.RULES)
+    options = sh.on_mesh(RunOptions(), mesh, worker.RULES)
+    forward = sh.ShardedFunction(make_forward(cfg, options), mesh, worker.RULES, *sh.FORWARD_AXES)
     return np.asarray(forward(params, *worker.inputs(cfg), np.zeros((cfg.num_layers,), bool)))
 
 

@@ -6,12 +6,17 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec
 
-from customshift_jax.customshift import sharded as cs_sharded
-from customshift_jax.customshift.branches import init_lora, make_customshift_forward, make_prefill
+from customshift_jax.customshift.branches import (
+    CUSTOMSHIFT_FORWARD_AXES,
+    PREFILL_AXES,
+    init_lora,
+    make_customshift_forward,
+    make_prefill,
+)
 from customshift_jax.models.mmdit.api import init_mmdit, make_forward
 from customshift_jax.models.mmdit.config import MMDiTConfig
 from customshift_jax.models.mmdit.lora import LoRAConfig
-from customshift_jax.models.mmdit.sharded import make_sharded_forward
+from customshift_jax.models.mmdit.options import RunOptions
 from customshift_jax.numerics import relative_error
 from customshift_jax.parallel import sharding as sh
 
@@ -65,7 +70,9 @@ def sharded_forward():
     def get(mesh_id):
         if mesh_id not in made:
             sizes, rules = MESHES[mesh_id]
-            made[mesh_id] = make_sharded_forward(CONFIG, sh.make_mesh(**sizes), rules)
+            mesh = sh.make_mesh(**sizes)
+            forward = make_forward(CONFIG, sh.on_mesh(RunOptions(), mesh, rules))
+            made[mesh_id] = sh.ShardedFunction(forward, mesh, rules, *sh.FORWARD_AXES)
         return made[mesh_id]
 
     return get
@@ -77,8 +84,10 @@ def test_sharded_equals_unsharded(setup, sharded_forward, mesh_id):
     s = setup
     forward = sharded_forward(mesh_id)
     mesh = forward.mesh
-    prefill = cs_sharded.make_sharded_prefill(CONFIG, mesh, rules, LORA)
-    cgb_forward = cs_sharded.make_sharded_customshift_forward(CONFIG, mesh, rules, LORA)
+    options = sh.on_mesh(RunOptions(), mesh, rules)
+    prefill = sh.ShardedFunction(make_prefill(CONFIG, LORA, options), mesh, rules, *PREFILL_AXES)
+    cgb_forward = sh.ShardedFunction(make_customshift_forward(CONFIG, LORA, options), mesh, rules,
+                                     *CUSTOMSHIFT_FORWARD_AXES)
     params = sh.shard_params(s["params"], mesh, rules)
 
     base = forward(params, *s["inputs"], s["skip"])

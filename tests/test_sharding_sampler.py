@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from customshift_jax.customshift.branches import init_lora, prefill
-from customshift_jax.customshift.sampling import make_customshift_sampler, make_sharded_customshift_sampler
+from customshift_jax.customshift.sampling import make_customshift_sampler
 from customshift_jax.models.mmdit.api import init_mmdit
 from customshift_jax.models.mmdit.config import MMDiTConfig
 from customshift_jax.models.mmdit.lora import LoRAConfig
@@ -15,7 +15,6 @@ from customshift_jax.sampling import (
     Conditioning,
     make_sampler,
     make_schedule,
-    make_sharded_sampler,
     skip_layer_guidance,
 )
 
@@ -77,7 +76,7 @@ def test_sharded_customshift_sampler_equals_unsharded(setup, mesh_id):
     s = setup
     mesh = sh.make_mesh(**sizes)
     params = sh.shard_params(s["params"], mesh, rules)
-    run = make_sharded_customshift_sampler(CONFIG, mesh, rules, LORA)
+    run = make_customshift_sampler(CONFIG, LORA, mesh=mesh, rules=rules)
     shifted = run({"base": params, "cgb": s["cgb"]}, s["latents"], s["cond"], s["schedule"],
                   guidance_scale=GUIDANCE, extra={"ref_kv": s["kv"], "gamma": GAMMA})
     error = relative_error(shifted, s["shifted"])
@@ -100,8 +99,9 @@ def test_sharded_sd3_sampler_with_slg_equals_unsharded(setup, mesh_id):
     sizes, rules = MESHES[mesh_id]
     s = setup
     mesh = sh.make_mesh(**sizes)
-    base = make_sharded_sampler(CONFIG, mesh, rules)(sh.shard_params(s["params"], mesh, rules), s["latents"],
-                                                     s["cond"], s["schedule"], guidance_scale=GUIDANCE, slg=s["slg"])
+    base = make_sampler(CONFIG, mesh=mesh, rules=rules)(sh.shard_params(s["params"], mesh, rules), s["latents"],
+                                                        s["cond"], s["schedule"], guidance_scale=GUIDANCE,
+                                                        slg=s["slg"])
     error = relative_error(base, s["base"])
     print(mesh_id, f"sd3 sampler {error:.1e}")
     assert error <= TOL, (mesh_id, error)

@@ -11,11 +11,11 @@ import pytest
 from customshift_jax.models.mmdit.api import init_mmdit
 from customshift_jax.models.mmdit.config import MMDiTConfig
 from customshift_jax.models.mmdit.lora import LoRAConfig
+from customshift_jax.models.mmdit.options import RunOptions
 from customshift_jax.numerics import relative_error
 from customshift_jax.parallel import sharding as sh
 from customshift_jax.train.optim import make_optimizer
-from customshift_jax.train.sharded import make_sharded_train_step
-from customshift_jax.train.step import init_train_state, make_train_step
+from customshift_jax.train.step import TRAIN_STEP_AXES, init_train_state, make_train_step
 
 TOL = 1e-5
 # 4 heads x 8 = width 32: divides every mesh axis below; batch 8 divides dp=8.
@@ -76,7 +76,9 @@ def test_sharded_train_steps_equal_unsharded(setup, mesh_id):
     sizes, rules = MESHES[mesh_id]
     s = setup
     mesh = sh.make_mesh(**sizes)
-    step = make_sharded_train_step(CONFIG, LORA, s["optimizer"], mesh, rules, schedule=s["schedule"], **STEP_KW)
+    fn = make_train_step(CONFIG, LORA, s["optimizer"], sh.on_mesh(RunOptions(), mesh, rules), schedule=s["schedule"],
+                         **STEP_KW)
+    step = sh.ShardedFunction(fn, mesh, rules, *TRAIN_STEP_AXES)
     state, base = s["state"], sh.shard_params(s["base"], mesh, rules)
     metrics = []
     for batch in s["batches"]:

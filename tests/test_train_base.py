@@ -16,6 +16,7 @@ from customshift_jax.io.checkpoint import save_checkpoint
 from customshift_jax.io.loading import load_transformer, load_vae
 from customshift_jax.models.mmdit.api import init_mmdit
 from customshift_jax.models.mmdit.config import MMDiTConfig
+from customshift_jax.models.mmdit.options import RunOptions
 from customshift_jax.models.vae import init_vae
 from customshift_jax.models.vae.config import VAEConfig
 from customshift_jax.numerics import relative_error
@@ -23,7 +24,7 @@ from customshift_jax.parallel import sharding as sh
 from customshift_jax.train.base_step import init_base_train_state, make_base_train_step
 from customshift_jax.train.loop import final_trainable, load_base
 from customshift_jax.train.optim import make_optimizer
-from customshift_jax.train.sharded import make_sharded_base_train_step
+from customshift_jax.train.step import TRAIN_STEP_AXES
 
 CONFIG_YAML = ROOT / "train" / "configs" / "tiny.yaml"
 TINY = {"checkpoint": None, "preset": "tiny-sd3-medium", "num_layers": 2, "init_seed": 0, "base_dtype": "fp32"}
@@ -133,7 +134,8 @@ def test_ema_follows_optimizer_updates_and_mesh_step_equals_plain():
     assert any(not np.array_equal(a, b) for a, b in zip(_leaves(s2.trainable), _leaves(params)))
 
     mesh = sh.make_mesh(data=2, fsdp=2, tensor=2)
-    step = make_sharded_base_train_step(SMALL, optimizer, mesh, "fsdp_tp", **kw)
+    fn = make_base_train_step(SMALL, optimizer, sh.on_mesh(RunOptions(), mesh, "fsdp_tp"), **kw)
+    step = sh.ShardedFunction(fn, mesh, "fsdp_tp", *TRAIN_STEP_AXES)
     state = state0
     for seed in (0, 1):
         state, m = step(state, {}, _batch(seed))

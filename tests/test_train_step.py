@@ -14,6 +14,7 @@ from train_fixtures import ROOT, trainer_cmd, trainer_env, write_synthetic_datas
 from customshift_jax.models.mmdit.api import init_mmdit
 from customshift_jax.models.mmdit.config import get_preset
 from customshift_jax.models.mmdit.lora import LoRAConfig
+from customshift_jax.models.mmdit.options import RunOptions
 from customshift_jax.train.optim import make_optimizer
 from customshift_jax.train.step import init_train_state, make_loss_fn, make_train_step
 
@@ -76,8 +77,8 @@ def test_sharded_step_matches_plain():
     base_sh = shd.param_shardings(base, mesh, "dp")
     batch_sh = {k: shd.logical_sharding(("batch",) + (None,) * (v.ndim - 1), v.shape, mesh, "dp")
                 for k, v in batch.items()}
-    fn = make_train_step(CONFIG, LORA, opt, seed=0, schedule=sched,
-                         activation_sharding=shd.activation_hook(mesh, "dp"))
+    fn = make_train_step(CONFIG, LORA, opt, RunOptions(activation_sharding=shd.activation_hook(mesh, "dp")), seed=0,
+                         schedule=sched)
     with jax.set_mesh(mesh):
         sharded = jax.jit(fn, in_shardings=(state_sh, base_sh, batch_sh), out_shardings=(state_sh, rep))
         s2, m2 = sharded(state, base, batch)

@@ -37,6 +37,7 @@ from customshift_jax.models.mmdit.api import Params, skip_mask
 from customshift_jax.models.mmdit.config import MMDiTConfig
 from customshift_jax.models.mmdit.lora import LoRAConfig
 from customshift_jax.models.mmdit.mapping import params_from_state_dict
+from customshift_jax.models.mmdit.options import RunOptions
 from customshift_jax.sampling import Conditioning, make_schedule
 from customshift_jax.tree_paths import key_names
 
@@ -161,7 +162,7 @@ def _jax_forward(config: MMDiTConfig, lora_config: LoRAConfig, shift: str, per_b
     """f(params, cgb, x, t, ehs, pooled, skip, ref_kv, gamma) -> sample, or (sample, per-group blocks)."""
     if not per_block:
         return jax.jit(make_customshift_forward(config, lora_config, shift=shift))
-    model = lora_model(config, lora_config, shift=shift, returns="sample_and_blocks")
+    model = lora_model(config, lora_config, RunOptions(returns="sample_and_blocks"), shift=shift)
 
     def forward(params, cgb, x, t, ehs, pooled, skip, ref_kv, gamma):
         return model.apply({"params": params, "lora": cgb}, x, t, ehs, pooled, skip, ref_kv,

@@ -14,9 +14,10 @@ import jax
 import numpy as np
 
 from customshift_jax.io.safe_files import write_text
-from customshift_jax.models.mmdit.api import as_dtype, mmdit_apply
+from customshift_jax.models.mmdit.api import mmdit_apply
 from customshift_jax.models.mmdit.config import MMDiTConfig
 from customshift_jax.models.mmdit.mapping import params_from_state_dict
+from customshift_jax.models.mmdit.options import as_dtype
 from customshift_jax.numerics import max_abs_error, relative_error
 
 FORWARD_TOLERANCE = 1e-5  # DESIGN section 7

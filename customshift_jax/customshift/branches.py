@@ -17,10 +17,24 @@ import jax.numpy as jnp
 import numpy as np
 
 from customshift_jax.customshift.cads import CustomShiftAttnProcessor
-from customshift_jax.models.mmdit.api import Params, _dummy_inputs, as_dtype, build_model, check_inputs, skip_mask
+from customshift_jax.models.mmdit.api import Params, _dummy_inputs, build_model, check_inputs, jitted, skip_mask
 from customshift_jax.models.mmdit.config import MMDiTConfig
 from customshift_jax.models.mmdit.lora import LoRAConfig
 from customshift_jax.models.mmdit.model import SD3Transformer
+from customshift_jax.models.mmdit.options import RunOptions
+from customshift_jax.parallel.sharding import (
+    BATCH_AXES,
+    KV_AXES_FN,
+    LATENT_AXES,
+    REPLICATED,
+    TOKEN_AXES,
+    EntryAxes,
+)
+
+# The sharded forms are `ShardedFunction(fn, mesh, rules, *AXES)`; the cache is (layers, batch, length, heads, -).
+PREFILL_AXES = EntryAxes(("params", "params", LATENT_AXES, TOKEN_AXES, BATCH_AXES), KV_AXES_FN)
+CUSTOMSHIFT_FORWARD_AXES = EntryAxes(("params", "params", LATENT_AXES, BATCH_AXES, TOKEN_AXES, BATCH_AXES, REPLICATED,
+                                      KV_AXES_FN, REPLICATED), LATENT_AXES)
 
 
 def config_fingerprint(config: MMDiTConfig) -> str:
@@ -62,12 +76,12 @@ def check_cache(config: MMDiTConfig, cache: RefCache, batch: int) -> None:
                          "reference for the whole batch, or one per sample.")
 
 
-def lora_model(config: MMDiTConfig, lora: LoRAConfig | None, *, shift: str = "cads", form: str = "two_pass",
-               makes_beta: bool = False, **options: Any) -> SD3Transformer:
+def lora_model(config: MMDiTConfig, lora: LoRAConfig | None, options: RunOptions | None = None, *,
+               shift: str = "cads", form: str = "two_pass", makes_beta: bool = False) -> SD3Transformer:
     """The base model's module with the LoRA hooks and CustomShift's attention processor (structure only;
-    `makes_beta`: its init also creates beta); `options`: other `RunOptions` fields (dtype, backend, remat, returns,
-    activation_sharding)."""
-    return build_model(config, lora=lora, processor=CustomShiftAttnProcessor(shift, form, makes_beta), **options)
+    `makes_beta`: its init also creates beta); `options`: how it runs (dtype, backend, remat, returns,
+    activation_sharding, ...)."""
+    return build_model(config, options, lora=lora, processor=CustomShiftAttnProcessor(shift, form, makes_beta))
 
 
 def init_lora(config: MMDiTConfig, lora: LoRAConfig, rng: jax.Array, *, branch: str) -> Params:
@@ -105,16 +119,14 @@ def _variables(params: Params, lora_params: Params | None) -> dict:
     return {"params": params} if lora_params is None else {"params": params, "lora": lora_params}
 
 
-def make_prefill(config: MMDiTConfig, lora: LoRAConfig | None = None, *, dtype: Any = jnp.float32,
-                 backend: str = "xla", remat: str = "none", activation_sharding: Callable | None = None) -> Callable:
+def make_prefill(config: MMDiTConfig, lora: LoRAConfig | None = None, options: RunOptions | None = None) -> Callable:
     """Pure RAB prefill `f(params, rab_lora, ref_latents, subject_embeds, subject_pooled) -> {group: (K, V)}`.
 
-    Timestep 0 (the reference is clean), no skip layers; jax.jit takes it as it is. `remat` matters inside the
-    training loss, where the RAB's activations are kept for its LoRA's gradient. `activation_sharding`: the
-    block-boundary hook of `customshift_jax.parallel.sharding` (None: no constraint).
+    Timestep 0 (the reference is clean), no skip layers; jax.jit takes it as it is (sharded: `PREFILL_AXES`).
+    `options.remat` matters inside the training loss, where the RAB's activations are kept for its LoRA's
+    gradient; `options.returns` is set to "kv".
     """
-    model = lora_model(config, lora, dtype=dtype, backend=backend, remat=remat, returns="kv",
-                       activation_sharding=activation_sharding)
+    model = lora_model(config, lora, (options or RunOptions()).replace(returns="kv"))
 
     def prefill_fn(params, rab_lora, ref_latents, subject_embeds, subject_pooled):
         t0 = jnp.zeros((ref_latents.shape[0],), jnp.float32)
@@ -124,17 +136,15 @@ def make_prefill(config: MMDiTConfig, lora: LoRAConfig | None = None, *, dtype: 
     return prefill_fn
 
 
-def make_customshift_forward(config: MMDiTConfig, lora: LoRAConfig | None = None, *, shift: str = "cads",
-                             form: str = "two_pass", dtype: Any = jnp.float32, backend: str = "xla",
-                             remat: str = "none", activation_sharding: Callable | None = None) -> Callable:
+def make_customshift_forward(config: MMDiTConfig, lora: LoRAConfig | None = None, options: RunOptions | None = None,
+                             *, shift: str = "cads", form: str = "two_pass") -> Callable:
     """Pure CGB forward `f(params, cgb_lora, x, t, ehs, pooled, skip_mask, ref_kv, gamma) -> sample`.
 
     `ref_kv` is `RefCache.kv` (or None: exactly the base forward); `gamma` a scalar, or one value per sample
     (B,) (e.g. per-sample reference dropout: 0 removes that sample's reference path); traced, no recompile.
-    `activation_sharding`: the block-boundary hook of `customshift_jax.parallel.sharding` (None: no constraint).
+    Sharded: `CUSTOMSHIFT_FORWARD_AXES`.
     """
-    model = lora_model(config, lora, shift=shift, form=form, dtype=dtype, backend=backend, remat=remat,
-                       activation_sharding=activation_sharding)
+    model = lora_model(config, lora, options, shift=shift, form=form)
 
     def forward(params, cgb_lora, hidden_states, timestep, encoder_hidden_states, pooled_projections, skip,
                 ref_kv=None, gamma=1.0):
@@ -142,16 +152,6 @@ def make_customshift_forward(config: MMDiTConfig, lora: LoRAConfig | None = None
                            pooled_projections, skip, ref_kv, jnp.asarray(gamma, jnp.float32))
 
     return forward
-
-
-@functools.lru_cache(maxsize=16)
-def _jitted_prefill(config, lora, dtype, backend):
-    return jax.jit(make_prefill(config, lora, dtype=dtype, backend=backend))
-
-
-@functools.lru_cache(maxsize=16)
-def _jitted_forward(config, lora, shift, form, dtype, backend):
-    return jax.jit(make_customshift_forward(config, lora, shift=shift, form=form, dtype=dtype, backend=backend))
 
 
 def prefill(config: MMDiTConfig, params: Params, ref_latents, subject_embeds, subject_pooled, *,
@@ -165,7 +165,7 @@ def prefill(config: MMDiTConfig, params: Params, ref_latents, subject_embeds, su
         raise ValueError("rab_lora was given without its LoRAConfig (rank, alpha, targets).")
     if rab_lora is not None:
         check_lora(config, lora, rab_lora, "rab")
-    fn = _jitted_prefill(config, lora, as_dtype(dtype), backend)
+    fn = jitted(make_prefill, config, lora, RunOptions(dtype=dtype, backend=backend))
     return RefCache(fn(params, rab_lora, ref_latents, subject_embeds, subject_pooled), config_fingerprint(config))
 
 
@@ -186,10 +186,11 @@ def customshift_apply(config: MMDiTConfig, params: Params, hidden_states, timest
     if cgb_lora is not None:
         check_lora(config, lora, cgb_lora, "cgb")
     timestep = jnp.broadcast_to(jnp.asarray(timestep, jnp.float32).reshape(-1), (hidden_states.shape[0],))
-    fn = _jitted_forward(config, lora, shift, form, as_dtype(dtype), backend)
+    fn = jitted(make_customshift_forward, config, lora, RunOptions(dtype=dtype, backend=backend), shift=shift,
+                form=form)
     return fn(params, cgb_lora, hidden_states, timestep, encoder_hidden_states, pooled_projections,
               jnp.asarray(skip_mask(config, skip_layers)), None if cache is None else cache.kv, gamma)
 
 
 __all__ = ["RefCache", "init_lora", "prefill", "customshift_apply", "make_prefill", "make_customshift_forward",
-           "config_fingerprint", "build_model"]
+           "config_fingerprint", "build_model", "PREFILL_AXES", "CUSTOMSHIFT_FORWARD_AXES"]

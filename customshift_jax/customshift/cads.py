@@ -68,22 +68,25 @@ def single_form_bias(lam: jax.Array, n_img: int, nq: int, nk: int, nr: int) -> j
                             jnp.broadcast_to(ref_bias, lead + (nq, nr))], axis=-1)
 
 
-def cads_attention(q, k, v, k_ref, v_ref, lam, n_img: int, *, form: Form = "two_pass", backend: str = "xla"):
+def cads_attention(q, k, v, k_ref, v_ref, lam, n_img: int, *, form: Form = "two_pass", backend: str = "xla",
+                   kernel_layout: tuple[tuple[str, ...], tuple[str, ...]] | None = None):
     """Joint attention in which the first `n_img` queries also read (k_ref, v_ref) through the shift.
 
     q: (B, Nq, H, D) with image queries first; k, v: (B, Nk, H, D) base keys [x; c];
     k_ref, v_ref: (B or 1, R, H, D); lam: (H,) or per sample (B, H), float32. Returns (B, Nq, H, D).
+    `kernel_layout`: the flash kernels' mesh split (`RunOptions.kernel_layout`).
     """
     b = q.shape[0]
     k_ref = jnp.broadcast_to(k_ref, (b,) + k_ref.shape[1:]).astype(k.dtype)
     v_ref = jnp.broadcast_to(v_ref, (b,) + v_ref.shape[1:]).astype(v.dtype)
     if form == "two_pass":
-        o_base, lse_base = attention(q, k, v, backend=backend, return_lse=True)
-        o_ref, lse_ref = attention(q[:, :n_img], k_ref, v_ref, backend=backend, return_lse=True)
+        o_base, lse_base = attention(q, k, v, backend=backend, return_lse=True, kernel_layout=kernel_layout)
+        o_ref, lse_ref = attention(q[:, :n_img], k_ref, v_ref, backend=backend, return_lse=True,
+                                   kernel_layout=kernel_layout)
         img = merge_with_reference(o_base[:, :n_img], lse_base[..., :n_img], o_ref, lse_ref, lam)
         return jnp.concatenate([img, o_base[:, n_img:]], axis=1)
     if form == "single" and backend == "flash":  # the fused kernel: lambda per key block, no dense bias
-        return shifted_flash_attention(q, k, v, k_ref, v_ref, lam, n_img)[0]
+        return shifted_flash_attention(q, k, v, k_ref, v_ref, lam, n_img, layout=kernel_layout)[0]
     if form == "single":
         bias = single_form_bias(lam, n_img, q.shape[1], k.shape[1], k_ref.shape[1])
         return attention(q, jnp.concatenate([k, k_ref], axis=1), jnp.concatenate([v, v_ref], axis=1),
@@ -121,6 +124,7 @@ class CustomShiftAttnProcessor:
     def __call__(self, attn, q, k, v, *, n_img, per_layer, shared):
         lam = shift_logit(self.beta(attn), 1.0 if shared is None else shared, self.shift)
         if per_layer is None:
-            return attention(q, k, v, backend=attn.options.backend)
+            return attention(q, k, v, backend=attn.options.backend, kernel_layout=attn.options.kernel_layout)
         k_ref, v_ref = per_layer
-        return cads_attention(q, k, v, k_ref, v_ref, lam, n_img, form=self.form, backend=attn.options.backend)
+        return cads_attention(q, k, v, k_ref, v_ref, lam, n_img, form=self.form, backend=attn.options.backend,
+                              kernel_layout=attn.options.kernel_layout)

@@ -14,9 +14,10 @@ from customshift_jax.io.checkpoint import is_checkpoint, load_checkpoint
 from customshift_jax.io.convert import load_single_file
 from customshift_jax.io.diffusers_folder import load_component
 from customshift_jax.io.safetensors import safetensors_files
-from customshift_jax.models.mmdit.api import Params, as_dtype
+from customshift_jax.models.mmdit.api import Params
 from customshift_jax.models.mmdit.config import MMDiTConfig
 from customshift_jax.models.mmdit.mapping import params_from_state_dict
+from customshift_jax.models.mmdit.options import as_dtype
 from customshift_jax.models.vae.config import VAEConfig
 from customshift_jax.models.vae.mapping import vae_params_from_state_dict
 

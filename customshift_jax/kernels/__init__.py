@@ -2,6 +2,5 @@
 into it. Imports nothing from the models; `models.mmdit.attention` selects it as backend "flash"."""
 from customshift_jax.kernels.blocks import BlockSizes
 from customshift_jax.kernels.flash_attention import flash_attention, shifted_flash_attention
-from customshift_jax.kernels.partition import use_layout
 
-__all__ = ["BlockSizes", "flash_attention", "shifted_flash_attention", "use_layout"]
+__all__ = ["BlockSizes", "flash_attention", "shifted_flash_attention"]

@@ -24,6 +24,7 @@ from customshift_jax.kernels.blocks import (
     target_platform,
 )
 from customshift_jax.kernels.pallas_flash import KernelSpec
+from customshift_jax.kernels.partition import Layout
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
@@ -73,13 +74,14 @@ def _check_shapes(q, k, v, k_ref=None, v_ref=None):
 
 
 def _spec(q, nk: int, nr: int, block_sizes: BlockSizes | None, interpret: bool | None,
-          platform: str | None) -> KernelSpec:
+          platform: str | None, layout: Layout | None) -> KernelSpec:
     platform = target_platform(platform)
     interpret = resolve_interpret(interpret, platform)
     d = q.shape[3]
     bq, bk = choose_block_sizes(q.shape[1], nk, d, platform, block_sizes, nr=nr)
     check_supported(platform, interpret, d, bq, bk, q.dtype)
-    return KernelSpec(block_q=bq, block_k=bk, nk=nk, nr=nr, scale=d ** -0.5, interpret=interpret, platform=platform)
+    return KernelSpec(block_q=bq, block_k=bk, nk=nk, nr=nr, scale=d ** -0.5, interpret=interpret, platform=platform,
+                      layout=layout)
 
 
 def _finish(out, lse, nq: int):
@@ -88,16 +90,18 @@ def _finish(out, lse, nq: int):
 
 
 def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, block_sizes: BlockSizes | None = None,
-                    interpret: bool | None = None, platform: str | None = None) -> tuple[jax.Array, jax.Array]:
+                    interpret: bool | None = None, platform: str | None = None,
+                    layout: Layout | None = None) -> tuple[jax.Array, jax.Array]:
     """softmax(q k^T / sqrt(D)) v: out (B, Nq, H, D) in q's dtype and lse (B, H, Nq) float32.
 
     q: (B, Nq, H, D); k, v: (B, Nk, H, D). interpret None: Pallas interpret mode exactly on cpu. platform: "gpu"
     or "tpu" to lower for; None: the platform of the mesh set by `jax.set_mesh` (so a CPU host compiling for a
     TPU topology's mesh gets Mosaic), else the default backend's. On a mesh of several devices each device runs
-    its own samples and heads (`kernels.partition`).
+    its own samples and heads (`kernels.partition`), split over the mesh axes (batch axes, head axes) of
+    `layout` when given (`RunOptions.kernel_layout`), else over axes `partition.layout` chooses.
     """
     _check_shapes(q, k, v)
-    spec = _spec(q, k.shape[1], 0, block_sizes, interpret, platform)
+    spec = _spec(q, k.shape[1], 0, block_sizes, interpret, platform, layout)
     out, lse = _flash(_to_kernel_layout(q, spec.block_q), _to_kernel_layout(k, spec.block_k),
                       _to_kernel_layout(v, spec.block_k), (), spec)
     return _finish(out, lse, q.shape[1])
@@ -105,21 +109,21 @@ def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, block_sizes: Bl
 
 def shifted_flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, k_ref: jax.Array, v_ref: jax.Array,
                             lam: jax.Array, n_img: int, *, block_sizes: BlockSizes | None = None,
-                            interpret: bool | None = None, platform: str | None = None
-                            ) -> tuple[jax.Array, jax.Array]:
+                            interpret: bool | None = None, platform: str | None = None,
+                            layout: Layout | None = None) -> tuple[jax.Array, jax.Array]:
     """One softmax over [base; reference] keys with lambda added on the reference columns for the first `n_img`
     queries and the text queries kept off them: out (B, Nq, H, D), lse (B, H, Nq) over all the keys it read.
 
     q: (B, Nq, H, D) image queries first; k, v: (B, Nk, H, D); k_ref, v_ref: (B or 1, R, H, D); lam: (H,) or
     (B, H) float32 (-inf: the reference carries no mass, the output is the base attention's). block_sizes,
-    interpret, platform: as in `flash_attention`.
+    interpret, platform, layout: as in `flash_attention`.
     """
     _check_shapes(q, k, v, k_ref, v_ref)
     b, nq, h, _ = q.shape
     lam = jnp.asarray(lam, jnp.float32)
     if lam.shape not in ((h,), (b, h)):
         raise ValueError(f"lambda must be (H,) or (B, H) = {(h,)} or {(b, h)}, got {lam.shape}.")
-    spec = _spec(q, k.shape[1], k_ref.shape[1], block_sizes, interpret, platform)
+    spec = _spec(q, k.shape[1], k_ref.shape[1], block_sizes, interpret, platform, layout)
     k_ref = jnp.broadcast_to(k_ref, (b,) + k_ref.shape[1:]).astype(k.dtype)
     v_ref = jnp.broadcast_to(v_ref, (b,) + v_ref.shape[1:]).astype(v.dtype)
     nq_p = nq + (-nq % spec.block_q)

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from customshift_jax.kernels.partition import per_sample_and_head
+from customshift_jax.kernels.partition import Layout, per_sample_and_head
 
 NEG_INF = float("-inf")
 ROW_LANES = 128  # lanes of a TPU vector register
@@ -35,6 +35,7 @@ class KernelSpec:
     scale: float
     interpret: bool
     platform: str
+    layout: Layout | None = None  # the mesh axes of (batch, heads) on a mesh (None: `partition.layout` chooses)
 
     def compiler_params(self, n_grid: int):
         if self.interpret:
@@ -148,7 +149,8 @@ def _whole_spec(n: int, d: int, spec: KernelSpec):
 
 def _call(local, spec: KernelSpec, arrays: tuple, n_outs: int, **static):
     """`local(*arrays, spec=spec, **static)`, per sample and head on the mesh of `jax.set_mesh` if any."""
-    return per_sample_and_head(lambda *a: local(*a, spec=spec, **static), *arrays, n_outs=n_outs)
+    return per_sample_and_head(lambda *a: local(*a, spec=spec, **static), *arrays, n_outs=n_outs,
+                               given=spec.layout)
 
 
 def forward(q, k, v, ref, spec: KernelSpec):

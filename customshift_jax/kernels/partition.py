@@ -4,32 +4,18 @@ automatically partitioned"), so under a `jax.set_mesh` of more than one device t
 tokens and head dim whole. Heads go over the mesh axes in `HEAD_AXES` (the "tensor" axis of
 `parallel.sharding`'s rule sets), the batch over the others; where the rules laid q out otherwise, XLA
 reshards at the boundary (a token axis split for context parallelism is gathered), and mesh axes that divide
-neither run the same shard redundantly. `use_layout` names the axes instead."""
+neither run the same shard redundantly. A given layout (`RunOptions.kernel_layout`, carried to the kernels in
+their `KernelSpec`) names the axes instead."""
 from __future__ import annotations
 
-import contextlib
-import contextvars
 import math
-from typing import Callable, Iterator
+from typing import Callable
 
 import jax
 from jax.sharding import AxisType, PartitionSpec
 
 HEAD_AXES = ("tensor",)  # mesh axes that split heads when they divide them; every other axis tries the batch
-_GIVEN_LAYOUT: contextvars.ContextVar = contextvars.ContextVar("flash_kernel_layout", default=None)
-
-
-@contextlib.contextmanager
-def use_layout(batch_axes: tuple[str, ...], head_axes: tuple[str, ...] = ()) -> Iterator[None]:
-    """Within the block, the kernels split the batch over `batch_axes` and heads over `head_axes`, in that
-    order (e.g. the rule set's layout of q, so XLA moves nothing at the kernel boundary: `layout`'s choice
-    differs where a rule set orders the batch ("fsdp", "data")). Only traces inside the block see it, and jax's
-    trace cache does not key on it: enter it before a function's first trace (e.g. around `.lower`)."""
-    token = _GIVEN_LAYOUT.set((tuple(batch_axes), tuple(head_axes)))
-    try:
-        yield
-    finally:
-        _GIVEN_LAYOUT.reset(token)
+Layout = tuple[tuple[str, ...], tuple[str, ...]]  # (batch axes, head axes)
 
 
 def mesh_of_context():
@@ -61,15 +47,17 @@ def layout(axis_sizes: dict[str, int], batch: int, heads: int) -> tuple[tuple[st
     return batch_axes, head_axes
 
 
-def per_sample_and_head(fn: Callable, *arrays, n_outs: int):
+def per_sample_and_head(fn: Callable, *arrays, n_outs: int, given: Layout | None = None):
     """`fn(*arrays)` (every array and output (B, H, ...)) run per shard of (B, H) on the context mesh; plain
-    `fn(*arrays)` without a mesh of several devices."""
+    `fn(*arrays)` without a mesh of several devices. `given` (batch axes, head axes) overrides `layout`'s choice,
+    e.g. the rule set's layout of q, so XLA moves nothing at the kernel boundary (`layout` differs where a rule
+    set orders the batch ("fsdp", "data"))."""
     context = mesh_of_context()
     if context is None:
         return fn(*arrays)
     mesh, sizes = context
     b, h = arrays[0].shape[:2]
-    batch_axes, head_axes = _GIVEN_LAYOUT.get() or layout(sizes, b, h)
+    batch_axes, head_axes = given or layout(sizes, b, h)
     spec = PartitionSpec(batch_axes or None, head_axes or None)
     sharded = jax.shard_map(fn, mesh=mesh, in_specs=(spec,) * len(arrays), out_specs=(spec,) * n_outs,
                             axis_names=set(sizes), check_vma=False)

@@ -7,14 +7,16 @@ an ordered tuple of (logical name, mesh axes) pairs. For each dim of an array, t
 name whose mesh axes are unused in that array and whose size divides the dim wins; otherwise the dim
 is replicated. So a new parallelism is a new rule set, e.g. `RULE_SETS["fsdp"] + (("length", "context"),)`.
 
-Run sharded functions with `jax.jit(in_shardings=, out_shardings=)` under `jax.set_mesh(mesh)`; `ShardedFunction`
-does both and picks the shardings from the argument shapes.
+Run sharded functions with `jax.jit(in_shardings=, out_shardings=)` under `jax.set_mesh(mesh)`;
+`ShardedFunction(fn, mesh, rules, *AXES)` does both for any entry point, with the shardings picked from the
+argument shapes by its `EntryAxes` (e.g. `FORWARD_AXES`); the entry point itself is built with the
+activation constraints in its `RunOptions` (`on_mesh(options, mesh, rules)`).
 """
 from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Callable, Mapping, Sequence, Union
+from typing import Any, Callable, Mapping, NamedTuple, Sequence, Union
 
 import jax
 import jax.numpy as jnp
@@ -288,6 +290,14 @@ def activation_hook(mesh: Mesh, rules: RulesLike) -> Callable[[jax.Array, tuple[
     return hook
 
 
+def on_mesh(options: Any, mesh: Mesh | None, rules: RulesLike) -> Any:
+    """`options` (a `RunOptions`) with `activation_hook(mesh, rules)` as its block-boundary hook, unless it has
+    one already; unchanged without a mesh. What an entry point wrapped by `ShardedFunction` is built with."""
+    if mesh is None or options.activation_sharding is not None:
+        return options
+    return options.replace(activation_sharding=activation_hook(mesh, rules))
+
+
 # --------------------------------------------------------------------------------------------- tables
 
 def _itemsize(x: Any) -> int:
@@ -390,6 +400,18 @@ def tree_shardings(tree: Any, axes: ArgAxes, mesh: Mesh, rules: RulesLike) -> An
     return type(tree)(tree_shardings(t, a, mesh, rules) for t, a in zip(tree, axes))
 
 
+class EntryAxes(NamedTuple):
+    """The logical axes of an entry point's arguments (one `ArgAxes` each, in order) and of its output: its
+    sharded form is `ShardedFunction(fn, mesh, rules, *axes)`."""
+
+    args: tuple
+    out: ArgAxes
+
+
+# The MMDiT forward f(params, hidden_states, timestep, encoder_hidden_states, pooled, skip_mask) -> sample.
+FORWARD_AXES = EntryAxes(("params", LATENT_AXES, BATCH_AXES, TOKEN_AXES, BATCH_AXES, REPLICATED), LATENT_AXES)
+
+
 def _dtype(x: Any) -> Any:
     return jax.dtypes.canonicalize_dtype(x.dtype if hasattr(x, "dtype") else jnp.result_type(x))
 
@@ -460,7 +482,8 @@ __all__ = [
     "MESH_AXES", "LOGICAL_AXES", "RULE_SETS", "Rules", "Layout", "as_rules", "extend_rules", "mesh_shape",
     "parse_mesh", "make_mesh", "abstract_mesh", "resolve", "logical_spec", "logical_sharding", "logical_axes",
     "ParamAxes", "register_param_axes",
-    "param_layouts", "param_shardings", "put", "shard_params", "abstract_params", "activation_hook",
+    "param_layouts", "param_shardings", "put", "shard_params", "abstract_params", "activation_hook", "on_mesh",
     "bytes_per_device", "tree_bytes", "layout_table", "print_layout", "ShardedFunction", "tree_shardings",
+    "EntryAxes", "FORWARD_AXES",
     "KV_AXES", "KV_AXES_FN", "LATENT_AXES", "TOKEN_AXES", "BATCH_AXES", "REPLICATED",
 ]

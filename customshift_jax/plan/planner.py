@@ -2,7 +2,6 @@
 roofline off the compiled program (what `customshift plan` prints and writes with --json)."""
 from __future__ import annotations
 
-import contextlib
 import re
 import time
 from typing import Any
@@ -66,7 +65,7 @@ def plan(pod: Pod, workload: Workload, mesh_sizes: dict[str, int], rules: str, *
     target = build(workload, mesh, rules)
     start = time.perf_counter()
     try:
-        with jax.set_mesh(mesh), _kernel_layout(workload, mesh, rules):
+        with jax.set_mesh(mesh):
             compiled = target.jitted().lower(*target.args).compile()
     except Exception as e:  # noqa: BLE001 - XLA:TPU refuses a program that cannot fit; anything else is raised
         compiled, needed = None, _refused_bytes(str(e))
@@ -104,23 +103,6 @@ def plan(pod: Pod, workload: Workload, mesh_sizes: dict[str, int], rules: str, *
     if keep_hlo and compiled is not None:
         report["hlo"] = compiled.as_text()
     return report
-
-
-def _axes(spec_entry: Any) -> tuple[str, ...]:
-    return () if spec_entry is None else (spec_entry,) if isinstance(spec_entry, str) else tuple(spec_entry)
-
-
-def _kernel_layout(workload: Workload, mesh: Any, rules: Any):
-    """The flash kernels split batch and heads as the rules lay them out (else XLA moves q around each call)."""
-    if workload.attention != "flash":
-        return contextlib.nullcontext()
-    from customshift_jax.kernels.partition import use_layout
-
-    c = workload.config  # q (B, N, H, D) as the rules lay it out: its batch and heads axes
-    spec = tuple(shd.resolve(("batch", None, "heads", None), (workload.global_batch, workload.image_tokens,
-                                                                c.num_attention_heads, c.attention_head_dim),
-                             mesh, rules).spec) + (None,) * 4
-    return use_layout(_axes(spec[0]), _axes(spec[2]))
 
 
 def _refused_bytes(message: str) -> int | None:

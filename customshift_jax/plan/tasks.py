@@ -14,12 +14,18 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from customshift_jax.customshift.branches import lora_shapes as branch_lora_shapes
-from customshift_jax.customshift.sampling import make_sharded_customshift_sampler
-from customshift_jax.customshift.sharded import make_sharded_customshift_forward, make_sharded_prefill
-from customshift_jax.models.mmdit.api import as_dtype, param_shapes
+from customshift_jax.customshift.branches import (
+    CUSTOMSHIFT_FORWARD_AXES,
+    PREFILL_AXES,
+    lora_shapes as branch_lora_shapes,
+    make_customshift_forward,
+    make_prefill,
+)
+from customshift_jax.customshift.sampling import make_customshift_sampler
+from customshift_jax.models.mmdit.api import param_shapes
 from customshift_jax.models.mmdit.config import MMDiTConfig
 from customshift_jax.models.mmdit.lora import LoRAConfig
+from customshift_jax.models.mmdit.options import KernelLayout, RunOptions, as_dtype
 from customshift_jax.parallel import sharding as shd
 from customshift_jax.sampling.sampler import Conditioning
 from customshift_jax.sampling.schedule import Schedule
@@ -28,10 +34,9 @@ from customshift_jax.models.text_encoders.api import abstract_encoder_params
 from customshift_jax.models.text_encoders.axes import text_logical_axes
 from customshift_jax.models.text_encoders.config import CLIPTextConfig, T5Config
 from customshift_jax.text.jax.encoders import make_encode_fn
-from customshift_jax.train.base_step import init_base_train_state
+from customshift_jax.train.base_step import init_base_train_state, make_base_train_step
 from customshift_jax.train.optim import make_optimizer
-from customshift_jax.train.sharded import make_sharded_base_train_step, make_sharded_train_step
-from customshift_jax.train.step import init_train_state
+from customshift_jax.train.step import TRAIN_STEP_AXES, init_train_state, make_train_step
 
 TASKS = ("train-lora", "train-base", "sample", "sample-step", "prefill", "encode-text")
 CLIP_TOKENS = 77
@@ -123,32 +128,57 @@ def _batch(config: MMDiTConfig, w: Workload, *, reference: bool) -> dict:
     return out
 
 
+def _axes(spec_entry: Any) -> tuple[str, ...]:
+    return () if spec_entry is None else (spec_entry,) if isinstance(spec_entry, str) else tuple(spec_entry)
+
+
+def kernel_layout(w: Workload, mesh: Any, rules: shd.RulesLike) -> KernelLayout | None:
+    """The flash kernels split batch and heads as the rules lay q (B, N, H, D) out (else XLA moves q around each
+    call); None for the other backends."""
+    if w.attention != "flash":
+        return None
+    c = w.config
+    spec = tuple(shd.resolve(("batch", None, "heads", None), (w.global_batch, w.image_tokens, c.num_attention_heads,
+                                                              c.attention_head_dim), mesh, rules).spec) + (None,) * 4
+    return _axes(spec[0]), _axes(spec[2])
+
+
+def run_options(w: Workload, mesh: Any, rules: shd.RulesLike) -> RunOptions:
+    """How `w`'s entry point runs on `mesh`: its dtype, attention and remat, the activation constraints of `rules`
+    and the flash kernels' layout."""
+    options = RunOptions(dtype=w.dtype, backend=w.attention, remat=w.remat,
+                         kernel_layout=kernel_layout(w, mesh, rules))
+    return shd.on_mesh(options, mesh, rules)
+
+
 def build(w: Workload, mesh: Any, rules: shd.RulesLike) -> Compilable:
     """The task's sharded entry point on `mesh` under `rules`, with abstract arguments of `w`'s shapes."""
     config, dtype = w.config, as_dtype(w.dtype)
     lora = LoRAConfig(rank=w.lora_rank, alpha=float(w.lora_rank))
     base = _abstract(param_shapes(config, dtype))
+    options = run_options(w, mesh, rules)
     if w.task in ("train-lora", "train-base"):
         optimizer, _ = make_optimizer(1e-4)
-        kw = dict(seed=0, dtype=dtype, remat=w.remat, backend=w.attention)
         if w.task == "train-lora":
             state = _abstract(jax.eval_shape(lambda: init_train_state(config, lora, optimizer, 0)))
-            step = make_sharded_train_step(config, lora, optimizer, mesh, rules, **kw)
+            fn = make_train_step(config, lora, optimizer, options, seed=0)
             args = (state, base, _batch(config, w, reference=True))
         else:
             state = _abstract(jax.eval_shape(lambda p: init_base_train_state(p, optimizer), base))
-            step = make_sharded_base_train_step(config, optimizer, mesh, rules, **kw)
+            fn = make_base_train_step(config, optimizer, options, seed=0)
             args = (state, {}, _batch(config, w, reference=False))
+        step = shd.ShardedFunction(fn, mesh, rules, *TRAIN_STEP_AXES)
         return Compilable(lambda: step.jitted(*args), args, step.fn, w.global_batch, "images")
     if w.task == "prefill":
-        fn = make_sharded_prefill(config, mesh, rules, lora, dtype=dtype, backend=w.attention)
+        fn = shd.ShardedFunction(make_prefill(config, lora, options.replace(remat="none")), mesh, rules,
+                                 *PREFILL_AXES)
         b = w.global_batch
         args = (base, lora_shapes(config, lora, "rab"), _sds((b, config.in_channels, w.latent_side, w.latent_side)),
                 _sds((b, w.text_tokens, config.joint_attention_dim)), _sds((b, config.pooled_projection_dim)))
         return Compilable(lambda: fn.jitted(*args), args, fn.fn, b, "references")
     if w.task == "sample-step":
-        fn = make_sharded_customshift_forward(config, mesh, rules, lora, dtype=dtype, backend=w.attention,
-                                              remat=w.remat)
+        fn = shd.ShardedFunction(make_customshift_forward(config, lora, options), mesh, rules,
+                                 *CUSTOMSHIFT_FORWARD_AXES)
         b = w.global_batch * (2 if w.guidance else 1)  # CFG runs [negative; positive] in one call
         args = (base, lora_shapes(config, lora, "cgb"), _sds((b, config.in_channels, w.latent_side, w.latent_side)),
                 _sds((b,)), _sds((b, w.text_tokens, config.joint_attention_dim)),
@@ -156,7 +186,7 @@ def build(w: Workload, mesh: Any, rules: shd.RulesLike) -> Compilable:
                 ref_kv_shapes(config, w, 1, dtype), _sds(()))
         return Compilable(lambda: fn.jitted(*args), args, fn.fn, w.global_batch, "images per step")
     if w.task == "sample":
-        run = make_sharded_customshift_sampler(config, mesh, rules, lora, dtype=dtype, backend=w.attention)
+        run = make_customshift_sampler(config, lora, options.replace(remat="none"), mesh=mesh, rules=rules)
         fn = run.sharded[w.guidance]
         b = w.global_batch
         emb, pooled = _sds((b, w.text_tokens, config.joint_attention_dim)), _sds((b, config.pooled_projection_dim))

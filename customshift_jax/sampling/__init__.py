@@ -7,7 +7,6 @@ from customshift_jax.sampling.sampler import (
     initial_latents,
     latent_shape,
     make_sampler,
-    make_sharded_sampler,
     noise_for,
     sample,
     skip_layer_guidance,
@@ -26,6 +25,6 @@ from customshift_jax.sampling.schedule import (
 __all__ = [
     "Conditioning", "Forward", "SCHEDULER_DEFAULTS", "Schedule", "SkipLayerGuidance", "calculate_shift",
     "check_sample_inputs", "image_seq_len", "initial_latents", "latent_shape", "load_scheduler_config",
-    "make_sampler", "make_schedule", "make_sharded_sampler", "mu_for", "noise_for", "sample", "skip_layer_guidance",
+    "make_sampler", "make_schedule", "mu_for", "noise_for", "sample", "skip_layer_guidance",
     "slg_active_steps",
 ]

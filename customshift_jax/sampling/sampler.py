@@ -7,6 +7,7 @@ CustomShift reference K/V cache), so another branch can reuse the loop unchanged
 """
 from __future__ import annotations
 
+import functools
 import warnings
 from typing import Any, Callable, Mapping, Sequence
 
@@ -15,9 +16,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from customshift_jax.models.mmdit.api import as_dtype, check_inputs, make_forward
+from customshift_jax.models.mmdit.api import check_inputs, make_forward
 from customshift_jax.models.mmdit.config import MMDiTConfig
-from customshift_jax.models.mmdit.sharded import constrained_forward
+from customshift_jax.models.mmdit.options import RunOptions, as_dtype
 from customshift_jax.models.vae import unscale_latents, vae_decode
 from customshift_jax.parallel import sharding as shd
 from customshift_jax.sampling.schedule import Schedule
@@ -228,13 +229,10 @@ def sample(
     return x
 
 
-def _sampler_parts(config: MMDiTConfig, *, dtype: Any, backend: str, remat: str, forward: Forward | None,
-                   decode: bool, vae_config: Any, vae_dtype: Any,
+def _sampler_parts(config: MMDiTConfig, *, forward: Forward, decode: bool, vae_config: Any, vae_dtype: Any,
                    progress: Callable[[Any], None] | None) -> tuple[Callable, int]:
     """(pure, vae scale factor): `pure(params, latents, cond, schedule, guidance_scale, slg, extra, vae_params, *,
-    cfg)`, the sampler as one function to jit; `forward` defaults to `make_forward(config, ...)`."""
-    if forward is None:
-        forward = make_forward(config, dtype=as_dtype(dtype), backend=backend, remat=remat)
+    cfg)`, the sampler as one function to jit."""
     if decode and vae_config is None:
         raise ValueError("make_sampler(decode=True) needs vae_config (e.g. from customshift_jax.io.loading.load_vae).")
 
@@ -288,10 +286,8 @@ def _runner(config: MMDiTConfig, call: Callable, *, decode: bool, vae_scale_fact
 
 def make_sampler(
     config: MMDiTConfig,
+    options: RunOptions | None = None,
     *,
-    dtype: Any = jnp.float32,
-    backend: str = "xla",
-    remat: str = "none",
     forward: Forward | None = None,
     decode: bool = False,
     vae_config: Any = None,
@@ -304,18 +300,26 @@ def make_sampler(
     """A jit-compiled sampler `run(params, latents, cond, schedule, *, guidance_scale, slg=None, extra=None,
     key=None, height=None, width=None, vae_params=None)`.
 
-    `forward` defaults to `make_forward(config, dtype=, backend=, remat=)`. Give `latents` (B, C, h, w), or
+    `forward` defaults to `make_forward(config, options)`. Give `latents` (B, C, h, w), or
     `latents=None` with `key` and the pixel `height`, `width` to draw x_T = `jax.random.normal(key, shape)`
     (then fed to the same compiled sampler). Returns z_0 (B, C, h, w) float32; with `decode=True` (needs
     `vae_config`, and `vae_params` per call) the VAE decoder's raw output (B, 3, H, W), about [-1, 1], of
     `unscale_latents(z_0)`. Params, latents, conditioning, schedule, guidance scale, SLG and `extra` are jit
-    inputs: only shapes and whether CFG / SLG are on compile anew. With a `mesh`, see `make_sharded_sampler`.
+    inputs: only shapes and whether CFG / SLG are on compile anew.
+
+    With a `mesh` the same `run` is jitted with in/out shardings under `jax.set_mesh` (DESIGN section 5): params
+    laid out by `rules` from their paths (a nested {"base": ..., "cgb": ...} tree too), latents and conditioning
+    split along the batch, the schedule, guidance, SLG and VAE params replicated; `extra_axes` gives the axes of
+    `extra` per key (see `sharding.tree_shardings`; default replicated). The default forward gets the activation
+    constraints of `rules` (`options.activation_sharding`, unless set); a given `forward` must carry them itself.
+    `run.sharded[cfg]` is the `ShardedFunction` (`.shardings(...)`, `.compile(...)`) for CFG off / on.
     """
+    if forward is None:
+        forward = make_forward(config, shd.on_mesh(options or RunOptions(), mesh, rules))
+    pure, factor = _sampler_parts(config, forward=forward, decode=decode, vae_config=vae_config, vae_dtype=vae_dtype,
+                                  progress=progress)
     if mesh is not None:
-        return _sharded(config, mesh, rules, extra_axes, forward=forward, dtype=dtype, backend=backend, remat=remat,
-                        decode=decode, vae_config=vae_config, vae_dtype=vae_dtype, progress=progress)
-    pure, factor = _sampler_parts(config, dtype=dtype, backend=backend, remat=remat, forward=forward, decode=decode,
-                                  vae_config=vae_config, vae_dtype=vae_dtype, progress=progress)
+        return _sharded(config, pure, factor, mesh, rules, extra_axes, decode=decode)
     jitted = jax.jit(pure, static_argnames=("cfg",))
     run = _runner(config, lambda *args: jitted(*args[:-1], cfg=args[-1]), decode=decode, vae_scale_factor=factor)
     run.jitted = jitted  # jit(pure)(params, latents, cond, schedule, guidance, slg, extra, vae_params, *, cfg)
@@ -327,33 +331,13 @@ def _cond_axes(shape: tuple[int, ...]) -> tuple[str | None, ...]:
     return ("batch", "length", None) if len(shape) == 3 else ("batch",) + (None,) * (len(shape) - 1)
 
 
-def _sharded(config: MMDiTConfig, mesh: Any, rules: Any, extra_axes: Any, *, forward: Forward | None,
-             dtype: Any, backend: str, remat: str, **parts_kw) -> Callable:
-    """`make_sampler`'s `run` with the sampler as two `ShardedFunction`s (CFG off / on) on `mesh`."""
-    import functools
-
-    if forward is None:
-        forward = constrained_forward(config, mesh, rules, dtype=dtype, backend=backend, remat=remat)
-    pure, factor = _sampler_parts(config, dtype=dtype, backend=backend, remat=remat, forward=forward, **parts_kw)
+def _sharded(config: MMDiTConfig, pure: Callable, factor: int, mesh: Any, rules: Any, extra_axes: Any, *,
+             decode: bool) -> Callable:
+    """`make_sampler`'s `run` with the sampler `pure` as two `ShardedFunction`s (CFG off / on) on `mesh`."""
     axes = ("params", shd.LATENT_AXES, _cond_axes, shd.REPLICATED, shd.REPLICATED, shd.REPLICATED,
             shd.REPLICATED if extra_axes is None else extra_axes, shd.REPLICATED)
     sharded = {cfg: shd.ShardedFunction(functools.partial(pure, cfg=cfg), mesh, rules, axes, shd.LATENT_AXES)
                for cfg in (False, True)}
-    run = _runner(config, lambda *args: sharded[args[-1]](*args[:-1]), decode=parts_kw["decode"],
-                  vae_scale_factor=factor)
+    run = _runner(config, lambda *args: sharded[args[-1]](*args[:-1]), decode=decode, vae_scale_factor=factor)
     run.sharded = sharded
     return run
-
-
-def make_sharded_sampler(config: MMDiTConfig, mesh: Any, rules: Any = "fsdp", *, extra_axes: Any = None,
-                         **sampler_kw: Any) -> Callable:
-    """`make_sampler`'s `run` on a mesh: jitted with in/out shardings under `jax.set_mesh` (DESIGN section 5).
-
-    Params are laid out by `rules` from their paths (a nested {"base": ..., "cgb": ...} tree too), latents
-    and conditioning split along the batch, the schedule, guidance, SLG and VAE params replicated; `extra_axes`
-    gives the axes of `extra` per key (see `sharding.tree_shardings`; default replicated). A given `forward`
-    must apply the activation constraints itself (`sharding.activation_hook(mesh, rules)`); the default one
-    does. `run.sharded[cfg]` is the `ShardedFunction` (`.shardings(...)`, `.compile(...)`) for CFG off / on.
-    `sampler_kw`: as `make_sampler`.
-    """
-    return make_sampler(config, mesh=mesh, rules=rules, extra_axes=extra_axes, **sampler_kw)

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from customshift_jax.numerics import FLOAT_DTYPES
+from customshift_jax.models.mmdit.options import RunOptions
 
 DEFAULTS: dict[str, dict[str, Any]] = {
     "model": {
@@ -307,3 +308,10 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> dict[str,
     if cfg["log"]["progress"] not in (True, False, "auto"):
         raise ValueError(f"log.progress={cfg['log']['progress']!r}: expected true, false or auto (a bar on a terminal).")
     return cfg
+
+
+def run_options(cfg: dict[str, Any]) -> RunOptions:
+    """How the training step runs, from the validated config (`load_config`): train.dtype, model.attention and
+    train.remat as one `RunOptions`, the one place the loop and its samples read them."""
+    t = cfg["train"]
+    return RunOptions(dtype=t["dtype"], backend=cfg["model"]["attention"], remat=t["remat"])

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -34,19 +35,20 @@ from customshift_jax.io.train_state import (
     restore_train_state,
     save_train_state,
 )
-from customshift_jax.models.mmdit.api import as_dtype, init_mmdit
+from customshift_jax.models.mmdit.api import init_mmdit
 from customshift_jax.models.mmdit.config import get_preset
 from customshift_jax.models.mmdit.lora import LoRAConfig
+from customshift_jax.models.mmdit.options import as_dtype
 from customshift_jax.parallel import sharding as shd
 from customshift_jax.parallel.distributed import gather
 from customshift_jax.train.base_step import init_base_train_state, make_base_train_step, model_params
+from customshift_jax.train.config import run_options
 from customshift_jax.train.data import BatchIterator, ShardDataset, prepared_text_settings
 from customshift_jax.train.loss_lines import LossLines
 from customshift_jax.train.metrics import MetricsLogger
 from customshift_jax.train.optim import make_optimizer
 from customshift_jax.train.samples import maybe_sampler
-from customshift_jax.train.sharded import make_sharded_base_train_step, make_sharded_train_step
-from customshift_jax.train.step import init_train_state, make_train_step
+from customshift_jax.train.step import TRAIN_STEP_AXES, init_train_state, make_train_step
 
 EXIT_NONFINITE = 3
 # A test hook, not a setting: seconds to sleep after each step, so that a signal lands mid-run in the tests.
@@ -113,21 +115,26 @@ def load_base(mcfg: dict) -> tuple[Any, Any]:
 
 
 def _step_parts(cfg: dict, config, base, lora, optimizer, schedule) -> tuple:
-    """(initial state, base argument of the step, plain step, mesh -> sharded step) for `train.mode`."""
+    """(initial state, base argument of the step, mesh or None -> step) for `train.mode`; on a mesh the step is
+    the plain one, built with the activation constraints, wrapped by `ShardedFunction`."""
     t = cfg["train"]
-    step_kw = dict(seed=t["seed"], schedule=schedule, accum_steps=t["accum_steps"], dtype=t["dtype"],
-                   remat=t["remat"], text_dropout=t["text_dropout"], backend=cfg["model"]["attention"])
-    rules = cfg["mesh"]["rules"]
+    step_kw = dict(seed=t["seed"], schedule=schedule, accum_steps=t["accum_steps"], text_dropout=t["text_dropout"])
     if t["mode"] == "base":
-        step_kw["ema_decay"] = t["ema_decay"]
-        state = init_base_train_state(base, optimizer, ema_decay=step_kw["ema_decay"])
-        return (state, {}, make_base_train_step(config, optimizer, **step_kw),
-                lambda mesh: make_sharded_base_train_step(config, optimizer, mesh, rules, **step_kw))
+        state = init_base_train_state(base, optimizer, ema_decay=t["ema_decay"])
+        make = functools.partial(make_base_train_step, config, optimizer, ema_decay=t["ema_decay"], **step_kw)
+        base = {}
+    else:
+        state = init_train_state(config, lora, optimizer, t["seed"])
+        make = functools.partial(make_train_step, config, lora, optimizer, shift=t["shift"], form=t["form"],
+                                 ref_dropout=t["ref_dropout"], **step_kw)
 
-    step_kw.update(shift=t["shift"], form=t["form"], ref_dropout=t["ref_dropout"])
-    state = init_train_state(config, lora, optimizer, t["seed"])
-    return (state, base, make_train_step(config, lora, optimizer, **step_kw),
-            lambda mesh: make_sharded_train_step(config, lora, optimizer, mesh, rules, **step_kw))
+    def step_on(mesh):
+        options, rules = run_options(cfg), cfg["mesh"]["rules"]
+        if mesh is None:
+            return make(options)
+        return shd.ShardedFunction(make(shd.on_mesh(options, mesh, rules)), mesh, rules, *TRAIN_STEP_AXES)
+
+    return state, base, step_on
 
 
 @dataclasses.dataclass
@@ -163,11 +170,11 @@ def build(cfg: dict) -> TrainParts:
     optimizer, schedule = make_optimizer(
         t["lr"], warmup_steps=t["warmup_steps"], schedule=t["schedule"], total_steps=t["steps"] // t["accum_steps"],
         weight_decay=t["weight_decay"], clip_norm=t["clip_norm"], accum_steps=t["accum_steps"])
-    state, base, plain_step, sharded_step = _step_parts(cfg, config, base, lora, optimizer, schedule)
+    state, base, step_on = _step_parts(cfg, config, base, lora, optimizer, schedule)
     m = cfg["mesh"]
     if m["enabled"]:
         mesh = shd.make_mesh(m["data"], m["fsdp"], m["tensor"])
-        sharded = sharded_step(mesh)
+        sharded = step_on(mesh)
         global_batch = {k: jax.ShapeDtypeStruct((d["global_batch"],) + v.shape, v.dtype)
                         for k, v in dataset.get(0).items()}  # a batch stacks records: shapes from one
         # Trainable tree, Adam moments and base laid out by the rules (not replicated); the batch split along "batch".
@@ -182,7 +189,7 @@ def build(cfg: dict) -> TrainParts:
                     for k, v in batch.items()}
     else:
         mesh = None
-        jstep = jax.jit(plain_step)
+        jstep = jax.jit(step_on(None))
 
         def put_batch(batch):
             return batch

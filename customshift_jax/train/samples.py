@@ -21,6 +21,7 @@ from customshift_jax.customshift_pipeline import sample_from_embeds, text_condit
 from customshift_jax.io.images import load_reference_image
 from customshift_jax.io.loading import load_vae
 from customshift_jax.io.safe_files import atomic_write, make_dir, read_npz
+from customshift_jax.models.mmdit.options import RunOptions
 from customshift_jax.models.vae import scale_latents, vae_encode
 from customshift_jax.parallel.distributed import gather
 from customshift_jax.pipeline import Pipeline, save_png
@@ -168,7 +169,7 @@ class TrainingSampler:
     def _build(self, config: Any, lora: Any, t: dict) -> None:
         """The pipeline (RAB prefill and CustomShift sampler, compiled on first use, then reused)."""
         self.pipe = Pipeline(config, None if self.vae is None else self.vae[0], lora=lora, shift=t["shift"],
-                             form=t["form"], dtype=t["dtype"], decode=self.vae is not None)
+                             form=t["form"], options=RunOptions(dtype=t["dtype"]), decode=self.vae is not None)
 
     def _sample(self, trainable: Any, base_params: Any) -> Any:
         """Latents (or decoded images) of every prompt with the current LoRAs."""
@@ -213,7 +214,7 @@ class BaseTrainingSampler(TrainingSampler):
     def _build(self, config: Any, lora: Any, t: dict) -> None:  # noqa: ARG002
 
         del self.meta["gamma"]
-        self.pipe = Pipeline(config, None if self.vae is None else self.vae[0], dtype=t["dtype"],
+        self.pipe = Pipeline(config, None if self.vae is None else self.vae[0], options=RunOptions(dtype=t["dtype"]),
                              decode=self.vae is not None)
 
     def _sample(self, trainable: Any, base_params: Any) -> Any:  # noqa: ARG002

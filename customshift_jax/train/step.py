@@ -16,11 +16,18 @@ import numpy as np
 import optax
 
 from customshift_jax.customshift.branches import init_lora, make_customshift_forward, make_prefill
-from customshift_jax.models.mmdit.api import Params, as_dtype
+from customshift_jax.models.mmdit.api import Params
 from customshift_jax.models.mmdit.config import MMDiTConfig
 from customshift_jax.models.mmdit.lora import LoRAConfig
+from customshift_jax.models.mmdit.options import RunOptions
+from customshift_jax.parallel.sharding import BATCH_AXES, REPLICATED, EntryAxes
 
 BATCH_KEYS = ("latents", "ref_latents", "prompt_embeds", "pooled", "subject_embeds", "subject_pooled")
+# Both training modes' step(state, base_params, batch) -> (state, metrics) on a mesh:
+# `ShardedFunction(step, mesh, rules, *TRAIN_STEP_AXES)`. The trainable tree, its optimizer state and the frozen
+# base are laid out by path (a LoRA's A takes its base kernel's input dim, B its output dim; Adam's moments follow
+# their LoRA), the batch split along "batch", the metrics replicated; the returned state keeps its layout.
+TRAIN_STEP_AXES = EntryAxes(("params", "params", BATCH_AXES), ("params", REPLICATED))
 
 
 @flax.struct.dataclass
@@ -93,10 +100,10 @@ def flow_matching_inputs(batch: dict, key: jax.Array, text_dropout: float) -> Fl
     return FlowInputs(x0, eps, t, x_t, ehs, pooled, keep_text, k_rest)
 
 
-def make_loss_fn(config: MMDiTConfig, lora: LoRAConfig, *, dtype: Any = jnp.float32, remat: str = "none",
-                 shift: str = "cads", form: str = "two_pass", text_dropout: float = 0.1, ref_dropout: float = 0.05,
-                 backend: str = "xla", activation_sharding: Callable | None = None) -> Callable:
-    """Pure `loss(trainable, base_params, batch, key) -> (loss, aux)`.
+def make_loss_fn(config: MMDiTConfig, lora: LoRAConfig, options: RunOptions | None = None, *, shift: str = "cads",
+                 form: str = "two_pass", text_dropout: float = 0.1, ref_dropout: float = 0.05) -> Callable:
+    """Pure `loss(trainable, base_params, batch, key) -> (loss, aux)`; `options`: how both branches run
+    (compute dtype, attention backend, remat, activation sharding).
 
     Text dropout (per sample, probability `text_dropout`): "drop" means the prompt embeddings and the pooled
     embedding of that sample are set to zeros (SD3 pipelines feed empty-prompt embeddings instead; zeros are
@@ -107,11 +114,8 @@ def make_loss_fn(config: MMDiTConfig, lora: LoRAConfig, *, dtype: Any = jnp.floa
     if shift == "concat" and ref_dropout > 0:
         raise ValueError("reference dropout works through gamma = 0, which shift='concat' ignores; set "
                          "ref_dropout to 0 or train with shift='cads'.")
-    dtype = as_dtype(dtype)
-    prefill = make_prefill(config, lora, dtype=dtype, backend=backend, remat=remat,
-                           activation_sharding=activation_sharding)
-    forward = make_customshift_forward(config, lora, shift=shift, form=form, dtype=dtype, backend=backend,
-                                       remat=remat, activation_sharding=activation_sharding)
+    prefill = make_prefill(config, lora, options)
+    forward = make_customshift_forward(config, lora, options, shift=shift, form=form)
     skip = np.zeros((config.num_layers,), bool)
 
     def loss_fn(trainable, base_params, batch, key):
@@ -128,15 +132,15 @@ def make_loss_fn(config: MMDiTConfig, lora: LoRAConfig, *, dtype: Any = jnp.floa
     return loss_fn
 
 
-def make_train_step(config: MMDiTConfig, lora: LoRAConfig, optimizer: optax.GradientTransformation, *,
-                    seed: int, schedule: optax.Schedule | None = None, accum_steps: int = 1,
-                    **loss_kw) -> Callable:
-    """Pure `step(state, base_params, batch) -> (state, metrics)`; jit it (with shardings if wanted).
+def make_train_step(config: MMDiTConfig, lora: LoRAConfig, optimizer: optax.GradientTransformation,
+                    options: RunOptions | None = None, *, seed: int, schedule: optax.Schedule | None = None,
+                    accum_steps: int = 1, **loss_kw: Any) -> Callable:
+    """Pure `step(state, base_params, batch) -> (state, metrics)`; jit it, or shard it (`TRAIN_STEP_AXES`).
 
-    `loss_kw`: dtype (compute dtype; master weights and optimizer state stay fp32), remat ("none", "dots",
-    "full"), shift, form, text_dropout, ref_dropout, backend, activation_sharding (see `make_loss_fn`).
+    `options.dtype` is the compute dtype (master weights and optimizer state stay fp32). `loss_kw`: shift,
+    form, text_dropout, ref_dropout (see `make_loss_fn`).
     """
-    return make_step_fn(make_loss_fn(config, lora, **loss_kw), optimizer, seed=seed, schedule=schedule,
+    return make_step_fn(make_loss_fn(config, lora, options, **loss_kw), optimizer, seed=seed, schedule=schedule,
                         accum_steps=accum_steps)
 
 

@@ -11,23 +11,14 @@ import numpy as np
 from customshift_jax.models.mmdit.config import MMDiTConfig
 from customshift_jax.models.mmdit.model import SD3Transformer
 from customshift_jax.models.mmdit.options import RunOptions
-from customshift_jax.numerics import float_dtype
 
 Params = dict[str, Any]
-
-
-def as_dtype(dtype: Any) -> Any:
-    """jnp dtype from a name ("fp32", "bf16", ...) or a dtype."""
-    return getattr(jnp, float_dtype(dtype).name) if isinstance(dtype, str) else dtype
 
 
 def build_model(config: MMDiTConfig, options: RunOptions | None = None, **fields: Any) -> SD3Transformer:
     """The one builder of the Flax module, for every entry point (a structure only: params live outside it).
 
     `options` (default `RunOptions()`) with `fields` replaced, e.g. `build_model(config, dtype="bf16")`."""
-    for name in ("dtype", "param_dtype"):
-        if name in fields:
-            fields[name] = as_dtype(fields[name])
     return SD3Transformer(config, (options or RunOptions()).replace(**fields))
 
 
@@ -61,14 +52,14 @@ def skip_mask(config: MMDiTConfig, skip_layers: Sequence[int] | None) -> np.ndar
     return mask
 
 
-def make_forward(config: MMDiTConfig, *, dtype: Any = jnp.float32, backend: str = "xla", remat: str = "none",
-                 collect_outputs: bool = False) -> Callable:
+def make_forward(config: MMDiTConfig, options: RunOptions | None = None) -> Callable:
     """A pure forward `f(params, hidden_states, timestep, encoder_hidden_states, pooled, skip_mask)`.
 
-    `jax.jit` takes it as it is (with shardings if wanted). Params may be fp32 or bf16; compute in `dtype`.
+    `jax.jit` takes it as it is; on a mesh, `ShardedFunction(forward, mesh, rules, *FORWARD_AXES)` of
+    `parallel.sharding` (with `options.activation_sharding` set). Params may be fp32 or bf16; compute in
+    `options.dtype`; `options.returns` says what comes back.
     """
-    model = build_model(config, dtype=dtype, backend=backend, remat=remat,
-                        returns="sample_and_blocks" if collect_outputs else "sample")
+    model = build_model(config, options)
 
     def forward(params, hidden_states, timestep, encoder_hidden_states, pooled_projections, skip):
         return model.apply({"params": params}, hidden_states, timestep, encoder_hidden_states,
@@ -77,9 +68,11 @@ def make_forward(config: MMDiTConfig, *, dtype: Any = jnp.float32, backend: str 
     return forward
 
 
-@functools.lru_cache(maxsize=32)
-def _jitted_forward(config: MMDiTConfig, dtype: Any, backend: str, collect_outputs: bool) -> Callable:
-    return jax.jit(make_forward(config, dtype=dtype, backend=backend, collect_outputs=collect_outputs))
+@functools.lru_cache(maxsize=64)
+def jitted(factory: Callable[..., Callable], *args: Any, **kwargs: Any) -> Callable:
+    """`jax.jit(factory(*args, **kwargs))`, built once per (hashable) arguments: what the eager entry points
+    (`mmdit_apply`, `customshift.prefill`, ...) call, so a second call with the same options does not retrace."""
+    return jax.jit(factory(*args, **kwargs))
 
 
 def check_inputs(config: MMDiTConfig, hidden_states, timestep, encoder_hidden_states, pooled_projections) -> None:
@@ -126,6 +119,8 @@ def mmdit_apply(
     pooled_projections = jnp.asarray(pooled_projections)
     check_inputs(config, hidden_states, timestep, encoder_hidden_states, pooled_projections)
     timestep = jnp.broadcast_to(jnp.asarray(timestep, jnp.float32).reshape(-1), (hidden_states.shape[0],))
-    fn = _jitted_forward(config, as_dtype(dtype), backend, return_block_outputs)
+    returns = "sample_and_blocks" if return_block_outputs else "sample"
+    options = RunOptions(dtype=dtype, backend=backend, returns=returns)
+    fn = jitted(make_forward, config, options)
     return fn(params, hidden_states, timestep, encoder_hidden_states, pooled_projections,
               jnp.asarray(skip_mask(config, skip_layers)))

@@ -25,6 +25,7 @@ def attention(
     bias: jax.Array | None = None,
     backend: Backend = "xla",
     return_lse: bool = False,
+    kernel_layout: tuple[tuple[str, ...], tuple[str, ...]] | None = None,
 ):
     """softmax(q k^T / sqrt(D) + bias) v over heads.
 
@@ -34,7 +35,8 @@ def attention(
     blocks of queries, so only (B, H, block, Nk) logits exist at a time (exact: softmax is per row);
     "jax" and "cudnn" call `jax.nn.dot_product_attention` (no LSE: use "xla" or "blocked" for it);
     "flash" is the Pallas flash kernel (`customshift_jax.kernels`: LSE, no bias; on cpu it runs in Pallas
-    interpret mode, slow, for checking; Triton on GPU, Mosaic on TPU).
+    interpret mode, slow, for checking; Triton on GPU, Mosaic on TPU; `kernel_layout`: its mesh split of
+    (batch, heads), `RunOptions.kernel_layout`).
     """
     if backend not in BACKENDS:
         raise ValueError(f"unknown attention backend {backend!r}; expected one of {BACKENDS}.")
@@ -47,7 +49,7 @@ def attention(
         if bias is not None:
             raise ValueError("backend 'flash' takes no dense bias (the CustomShift shift has its own fused kernel: "
                              "`customshift_jax.kernels.shifted_flash_attention`); use 'xla' or 'blocked' for a bias.")
-        out, lse = flash_attention(q, k, v)
+        out, lse = flash_attention(q, k, v, layout=kernel_layout)
         return (out, lse) if return_lse else out
     if backend == "blocked" and q.shape[1] > QUERY_BLOCK:
         out, lse = _query_blocked(q, k, v, bias, QUERY_BLOCK)

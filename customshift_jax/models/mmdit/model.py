@@ -100,7 +100,8 @@ class Attention(nn.Module):
                 q = jnp.concatenate([q, cq], axis=1)
             out = self.options.processor(self, q, k, v, n_img=n_img, per_layer=per_layer, shared=shared)
         else:
-            out = attention(q, k, v, backend=self.options.backend)
+            out = attention(q, k, v, backend=self.options.backend,
+                            kernel_layout=self.options.kernel_layout)
         out = out.reshape(*out.shape[:2], self.heads * self.head_dim)  # (B, Nq, H*D)
         img_out = ToOut(dim, self.options, name="to_out")(out[:, :n_img])
         kv = (k, v) if self.options.emit_kv else None

@@ -28,4 +28,4 @@ class PlainAttnProcessor:
     """SD3's joint attention (diffusers' `JointAttnProcessor2_0`): softmax attention over [x; c]."""
 
     def __call__(self, attn, q, k, v, *, n_img, per_layer, shared):
-        return attention(q, k, v, backend=attn.options.backend)
+        return attention(q, k, v, backend=attn.options.backend, kernel_layout=attn.options.kernel_layout)
