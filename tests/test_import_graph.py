@@ -167,7 +167,7 @@ def test_data_preparation_apart_from_training():
     (`train.data`, `train.shard_writer`): neither side imports the other."""
     graph = module_graph()
     preparing = {f"{ROOT}.train.{m}" for m in ("prepare", "prepare_out", "subjects200k")}
-    training = {f"{ROOT}.train.{m}" for m in ("step", "base_step", "loop", "optim", "sharded", "samples")}
+    training = {f"{ROOT}.train.{m}" for m in ("step", "base_step", "loop", "optim", "samples")}
     assert all(m in graph for m in preparing | training)
     crossing = sorted(f"{a} reaches {b}" for src, dst in ((preparing, training), (training, preparing))
                       for a in src for b in reachable(graph, a) & dst)

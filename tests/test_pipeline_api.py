@@ -103,7 +103,11 @@ def test_world_methods_draw_what_the_pipeline_draws():
     the pipeline's, pixel for pixel."""
     from customshift_jax.text import PromptEmbeds
     from customshift_jax.toyworld import world
-    from customshift_jax.toyworld.methods import WEIGHTS, Generator, WorldModel, noise_for
+    import jax
+
+    from customshift_jax.sampling import noise_for
+    from customshift_jax.toyworld.methods import WEIGHTS, Generator, WorldModel
+    from customshift_jax.toyworld.tiny_sd3 import LATENT_SHAPE
 
     if not (WEIGHTS / "model").is_dir():
         pytest.skip("no shipped world weights")
@@ -114,7 +118,7 @@ def test_world_methods_draw_what_the_pipeline_draws():
     prompt = model.encode_text([world.caption("star", world.Context(0, 2, 1)),
                                 world.caption("star", world.Context(3, 1, 0))])
     subject = model.encode_text(["star"])
-    noise = np.concatenate([np.asarray(noise_for(seed, 1)) for seed in (1, 2)])
+    noise = np.asarray(noise_for([jax.random.key(seed) for seed in (1, 2)], LATENT_SHAPE))
     generator = Generator(model, steps=3)
     drawn = {"text only": generator.run("text only", noise, prompt), "customshift": generator.run(
         "customshift", noise, prompt, reference=model.encode_images(np.stack([reference] * 2)),
