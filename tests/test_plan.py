@@ -104,6 +104,15 @@ def test_two_slices_put_data_across_dcn():
         pod_mesh(pod, {"data": 1, "fsdp": -1})
 
 
+def test_a_mesh_axis_smaller_than_a_physical_axis_splits_it():
+    """SD3.5-large's 38 heads take tensor=2; on v6e's 8x8 chips that splits a physical axis (jax.make_mesh alone
+    refuses it)."""
+    pod = load_pod("v6e:8x8")
+    mesh = pod_mesh(pod, {"fsdp": -1, "tensor": 2})
+    assert dict(mesh.shape) == {"data": 1, "fsdp": 32, "tensor": 2, "context": 1}
+    assert sorted(d.id for d in mesh.devices.flat) == sorted(d.id for d in pod.devices)
+
+
 @pytest.mark.parametrize("argv, says", [
     (["--topology", "v9:2x2"], "unknown topology 'v9:2x2'"),
     (["--topology", "v5e-17"], "unknown topology 'v5e-17'; give GEN:AxB[xC]"),

@@ -143,15 +143,19 @@ def make_mesh(data: int = 1, fsdp: int = 1, tensor: int = 1, context: int = 1, *
     sizes = mesh_shape(len(devices), data, fsdp, tensor, context)
     slices = len({getattr(d, "slice_index", 0) for d in devices})
     axis_types = (AxisType.Auto,) * len(MESH_AXES)
+    from jax.experimental import mesh_utils
+
     if slices == 1:
-        return jax.make_mesh(tuple(sizes.values()), MESH_AXES, axis_types=axis_types, devices=devices)
+        try:
+            return jax.make_mesh(tuple(sizes.values()), MESH_AXES, axis_types=axis_types, devices=devices)
+        except NotImplementedError:  # e.g. tensor=2 on a TPU's 8x8 chips: split a physical axis between two
+            grid = mesh_utils.create_device_mesh(tuple(sizes.values()), devices, allow_split_physical_axes=True)
+            return Mesh(grid, MESH_AXES, axis_types=axis_types)
     if sizes["data"] % slices:
         raise ValueError(f"mesh sizes {sizes}: on {slices} slices the data axis crosses them over DCN, so data "
                          f"must be a multiple of {slices} (e.g. data={slices},fsdp=-1).")
-    from jax.experimental import mesh_utils
-
     ici = (sizes["data"] // slices, sizes["fsdp"], sizes["tensor"], sizes["context"])
-    grid = mesh_utils.create_hybrid_device_mesh(ici, (slices, 1, 1, 1), devices)
+    grid = mesh_utils.create_hybrid_device_mesh(ici, (slices, 1, 1, 1), devices, allow_split_physical_axes=True)
     return Mesh(grid, MESH_AXES, axis_types=axis_types)
 
 
