@@ -113,10 +113,13 @@ def table(out: Path) -> str:
     for (model, task, topo), rs in sorted(groups.items(), key=lambda kv: (kv[0][0], kv[0][1], order.get(kv[0][2], 99))):
         ok = [r for r in rs if "error" not in r]
         xla = [r for r in ok if r.get("attention", "xla") == "xla"]
-        flash = best([r for r in ok if r.get("attention") == "flash"])
+        flash_runs = [r for r in ok if r.get("attention") == "flash"]
+        flash = best(flash_runs)
         per = "loop" if task == "sample" else "step"
         flash_cell = (f"{flash['memory']['total'] / GIB:.1f}, {flash['roofline']['step_s']:.3g} s, "
-                      f"{flash['roofline']['items_per_s']:.3g}" if flash else "")
+                      f"{flash['roofline']['items_per_s']:.3g}" if flash else
+                      f"none fits ({min(r['memory']['total'] for r in flash_runs) / GIB:.1f} needed)" if flash_runs
+                      else "")
         b = best(xla)
         if b is None:
             need = min((r["memory"]["total"] for r in xla), default=None)

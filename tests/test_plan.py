@@ -188,3 +188,16 @@ def test_flash_attention_reaches_the_plan_as_mosaic_kernels(v5e):
     assert r["attention"] == "flash" and "tpu_custom_call" in r["hlo"] and r["memory"]["fits"]
     plain = plan(v5e, _work("prefill"), {"fsdp": -1}, "fsdp", keep_hlo=True)
     assert "tpu_custom_call" not in plain["hlo"]
+
+
+def test_best_takes_the_fastest_that_fits_and_breaks_near_ties_by_collective_bytes():
+    from customshift_jax.plan.planner import best
+
+    def report(name, step, fits=True, ici=0):
+        return {"name": name, "memory": {"fits": fits}, "roofline": {"step_s": step}, "ici_bytes_per_device": ici,
+                "dcn_bytes_per_device": 0}
+
+    assert best([report("a", 1.0, fits=False)]) is None
+    assert best([report("slow", 2.0), report("fast", 1.0, ici=10 ** 12), report("big", 0.5, fits=False)])[
+        "name"] == "fast"
+    assert best([report("gathers", 1.0, ici=10 ** 12), report("quiet", 1.01, ici=10 ** 6)])["name"] == "quiet"

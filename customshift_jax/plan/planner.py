@@ -180,7 +180,17 @@ def knob_hint(r: dict[str, Any]) -> str:
     return ", ".join(hints)
 
 
+TIE_FRACTION = 0.02  # step bounds this close are a tie for `best`
+
+
 def best(reports: list[dict[str, Any]]) -> dict[str, Any] | None:
-    """The report with the fastest step bound among those that fit (None: none fits)."""
+    """The report with the fastest step bound among those that fit (None: none fits). Bounds within
+    TIE_FRACTION of the fastest are a tie, broken by fewer collective bytes: the bound assumes perfect overlap, so
+    of two equal bounds the one that moves less over the network is the safer plan."""
     fitting = [r for r in reports if r.get("memory", {}).get("fits") and r.get("roofline")]
-    return min(fitting, key=lambda r: r["roofline"]["step_s"], default=None)
+    if not fitting:
+        return None
+    fastest = min(r["roofline"]["step_s"] for r in fitting)
+    tied = [r for r in fitting if r["roofline"]["step_s"] <= fastest * (1 + TIE_FRACTION)]
+    return min(tied, key=lambda r: (r.get("ici_bytes_per_device", 0) + r.get("dcn_bytes_per_device", 0),
+                                    r["roofline"]["step_s"]))
