@@ -86,13 +86,15 @@ def test_attention_backend_reaches_the_step_builder(tmp_path, monkeypatch):
     from customshift_jax.train import loop
 
     seen = []
-    monkeypatch.setattr(loop, "make_train_step", lambda *a, **kw: seen.append(kw["backend"]))
-    monkeypatch.setattr(loop, "make_base_train_step", lambda *a, **kw: seen.append(kw["backend"]))
+    monkeypatch.setattr(loop, "make_train_step", lambda *a, **kw: seen.append(("customshift", a[-1].backend)))
+    monkeypatch.setattr(loop, "make_base_train_step", lambda *a, **kw: seen.append(("base", a[-1].backend)))
     for mode in ("customshift", "base"):
         cfg = load_config(TINY, [*REQUIRED, "model.attention=flash", f"train.mode={mode}"])
         config, base = loop.load_base(cfg["model"])
-        loop._step_parts(cfg, config, base, loop.LoRAConfig(rank=4, alpha=4.0), loop.make_optimizer(1e-3)[0], None)
-    assert seen == ["flash", "flash"]
+        _, _, step_on = loop._step_parts(cfg, config, base, loop.LoRAConfig(rank=4, alpha=4.0),
+                                         loop.make_optimizer(1e-3)[0], None)
+        step_on(None)  # off a mesh: the plain step, built with the run options
+    assert seen == [("customshift", "flash"), ("base", "flash")]
 
 
 def test_a_saved_config_of_before_with_the_unset_test_hook_still_loads(tmp_path):
