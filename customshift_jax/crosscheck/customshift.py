@@ -4,7 +4,7 @@ LoRAs, beta and inputs, and measure how far apart they are: `customshift crossch
 Rows (DESIGN section 7 bounds): the RAB prefill's K and V per layer and the CGB forward ("cads" at each gamma,
 "concat"), optionally per block, 1e-5; an N-step guided sample against the reference inside diffusers'
 `FlowMatchEulerDiscreteScheduler` loop, 1e-4; optionally the gradients of a rectified-flow loss w.r.t. both
-LoRAs and beta, 1e-4 per leaf (as tests/test_customshift_torch.py). Imports torch and diffusers lazily.
+LoRAs and beta, 1e-4 per leaf (as tests/customshift/test_customshift_torch.py). Imports torch and diffusers lazily.
 """
 from __future__ import annotations
 
@@ -42,7 +42,7 @@ from customshift_jax.sampling import Conditioning, make_schedule
 from customshift_jax.tree_paths import key_names
 
 SAMPLE_TOLERANCE = 1e-4  # a full sampling loop (DESIGN section 7)
-GRAD_TOLERANCE = 1e-4  # one gradient leaf, as tests/test_customshift_torch.py holds it
+GRAD_TOLERANCE = 1e-4  # one gradient leaf, as tests/customshift/test_customshift_torch.py holds it
 REF_SIZE = 8  # reference latent height and width: R = 16 tokens at patch 2
 SUBJECT_LEN, PROMPT_LEN = 3, 5  # subject-name and prompt token counts
 SCHEDULER_SHIFT = 3.0  # SD3's timestep shift, on both sides of the sampling row

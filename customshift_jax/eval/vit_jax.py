@@ -2,7 +2,7 @@
 
 Pure functions of the transformers state dict (parameter names as transformers 5 writes them), fp32 with
 the highest matmul precision: `customshift eval` runs them (faster than PyTorch here, bench/eval_encoders.py),
-and they equal transformers' own forward to ~1e-6 (tests/test_eval_metrics.py).
+and they equal transformers' own forward to ~1e-6 (tests/eval/test_eval_metrics.py).
 """
 from __future__ import annotations
 

@@ -157,7 +157,7 @@ RANGES: dict[str, Range] = {
     "sample.schedule_shift": Range(0.0, open_low=True),
 }
 DTYPES = tuple(FLOAT_DTYPES)
-# Keys of a fixed set of words -> the words (tests/test_train_config.py keeps them in step with the code taking them).
+# Keys of a fixed set of words -> the words (tests/train/test_train_config.py keeps them in step with the code taking them).
 CHOICES: dict[str, tuple[str, ...]] = {
     "model.base_dtype": DTYPES,
     "model.attention": ("xla", "blocked", "flash"),

@@ -15,7 +15,7 @@ import pytest
 from customshift_jax.cli.main import main
 from customshift_jax.io.folder_lock import LOCK_NAME, FolderInUse, exclusive_folder
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 TINY = ROOT / "train" / "configs" / "tiny.yaml"
 HOLD = ("import sys, time\nfrom customshift_jax.io.folder_lock import exclusive_folder\n"
         "with exclusive_folder(sys.argv[1], 'output_dir', log=lambda m: None):\n"

@@ -17,7 +17,7 @@ from customshift_jax.cli.main import main
 from customshift_jax.io.images import ImageLimits, read_image
 from customshift_jax.io.safe_files import read_npz
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _inflating_npz(path: Path, floats: int = 1 << 28) -> Path:

@@ -19,7 +19,7 @@ from customshift_jax.sampling import (
 )
 
 TOL = 1e-5
-# As tests/test_sharding_train.py: dual attention, qk norm, the context_pre_only last block; width 32.
+# As tests/parallel/test_sharding_train.py: dual attention, qk norm, the context_pre_only last block; width 32.
 CONFIG = MMDiTConfig(num_layers=2, dual_attention_layers=(0,), qk_norm="rms_norm", sample_size=8, attention_head_dim=8,
                      num_attention_heads=4, caption_projection_dim=32, joint_attention_dim=32,
                      pooled_projection_dim=24, pos_embed_max_size=16)
@@ -62,7 +62,7 @@ def setup():
 
 
 def _meshes(*default):
-    """All mesh ids; those not in `default` are marked slow (tests/test_sharding.py runs the forward on each)."""
+    """All mesh ids; those not in `default` are marked slow (tests/parallel/test_sharding.py runs the forward on each)."""
     return [m if m in default else pytest.param(m, marks=pytest.mark.slow) for m in MESHES]
 
 

@@ -32,7 +32,7 @@ def free_port() -> int:
 
 
 def worker_argv(out_dir: Path) -> Callable[[int, int, int], list[str]]:
-    """The command of worker i of n (coordinator on `port`): tests/multiprocess_worker.py writing to `out_dir`."""
+    """The command of worker i of n (coordinator on `port`): tests/parallel/multiprocess_worker.py writing to `out_dir`."""
     return lambda i, n, port: [sys.executable, str(WORKER), "--coordinator", f"127.0.0.1:{port}",
                                "--num-processes", str(n), "--process-id", str(i), "--out", str(out_dir)]
 

@@ -69,7 +69,7 @@ def setup():
 
 
 # By default the mesh that mixes the most axes (data x fsdp x tensor: the one that found a miscompile); the
-# other four are slow extras, `pytest -m slow` (tests/test_sharding.py runs the forward on each by default).
+# other four are slow extras, `pytest -m slow` (tests/parallel/test_sharding.py runs the forward on each by default).
 @pytest.mark.parametrize("mesh_id", [m if m == "dp2_fsdp2_tp2" else
                                      pytest.param(m, marks=pytest.mark.slow) for m in MESHES])
 def test_sharded_train_steps_equal_unsharded(setup, mesh_id):

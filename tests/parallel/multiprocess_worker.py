@@ -1,6 +1,6 @@
-"""One process of the two-process CPU job of tests/test_multiprocess.py (also runnable by hand).
+"""One process of the two-process CPU job of tests/parallel/test_multiprocess.py (also runnable by hand).
 
-    python tests/multiprocess_worker.py --coordinator 127.0.0.1:PORT --num-processes 2 --process-id I --out DIR
+    python tests/parallel/multiprocess_worker.py --coordinator 127.0.0.1:PORT --num-processes 2 --process-id I --out DIR
 
 Each process has 4 CPU devices (set XLA_FLAGS before starting it); together they form one 8-device mesh
 (fsdp=4 x tensor=2, rules "fsdp_tp") and each loads only its rows of every batch. The job runs the sharded
@@ -17,7 +17,7 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 
 def config():

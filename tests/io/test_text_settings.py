@@ -212,7 +212,7 @@ def test_the_shipped_world_records_its_length_and_readme_pairs_a_star_with_a_sta
     assert ts.checkpoint_text_settings(WEIGHTS / "model").settings == TextSettings(T5_MAX_LENGTH)
     for name in ("customshift", "concat"):
         assert ts.lora_text_settings(WEIGHTS / name).settings == TextSettings(T5_MAX_LENGTH)
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
     demo = shlex.split(re.search(r"^customshift demo (.*?)(?:#|$)", readme, flags=re.M).group(1))
     generate = shlex.split(re.search(r"^customshift generate --checkpoint customshift_jax/toyworld.*?--out \S+",
                                      readme, flags=re.M | re.S).group(0).replace("\\\n", " "))

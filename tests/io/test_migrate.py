@@ -20,7 +20,7 @@ from customshift_jax.io.checkpoint import (
 from customshift_jax.io.integrity import HASHES_KEY
 from customshift_jax.io.migrate import migrate_checkpoint
 
-SHIPPED = Path(__file__).resolve().parents[1] / "customshift_jax" / "toyworld" / "weights" / "model"
+SHIPPED = Path(__file__).resolve().parents[2] / "customshift_jax" / "toyworld" / "weights" / "model"
 
 
 def _v2_copy(tmp_path) -> Path:

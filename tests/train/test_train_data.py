@@ -20,7 +20,7 @@ from customshift_jax.train.data import (
     read_pairs,
 )
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _png(path: Path, seed: int) -> Path:

@@ -9,7 +9,7 @@ import pytest
 from customshift_jax.cli.main import main
 from customshift_jax.train.config import CHOICES, DEFAULTS_FLAT, RANGES, load_config
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 TINY = ROOT / "train" / "configs" / "tiny.yaml"
 REQUIRED = ["output_dir=o", "data.path=d"]
 

@@ -1,5 +1,5 @@
 """The CLI as users of diffusers expect it: defaults in every help line, --version, the subcommand's own usage
-on a bad flag, diffusers' option names as aliases (settings.json: tests/test_generate_cli.py)."""
+on a bad flag, diffusers' option names as aliases (settings.json: tests/cli/test_generate_cli.py)."""
 import pytest
 
 from customshift_jax.cli.main import build_parser, main
