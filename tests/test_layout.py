@@ -1,15 +1,19 @@
 """The tests are laid out like the package: each folder under tests/ is named after a subpackage of customshift_jax,
-and only tests of the package as a whole (its import graph, README, the pipeline, the tiny SD3 folder) sit at the top."""
+and only tests of a top-level module (`test_<module>.py`) or of the package as a whole (its import graph, README,
+the pipeline, the tiny SD3 folder) sit at the top."""
 from pathlib import Path
 
 TESTS = Path(__file__).resolve().parent
 PACKAGE = TESTS.parent / "customshift_jax"
-TOP_LEVEL = {"test_import_graph.py", "test_layout.py", "test_pipeline_api.py", "test_readme.py", "test_tiny_pipeline.py"}
+WHOLE_PACKAGE = {"test_import_graph.py", "test_layout.py", "test_pipeline_api.py", "test_readme.py",
+                 "test_tiny_pipeline.py"}
 
 
-def misplaced(tests: Path, package: Path, top_level: set[str]) -> list[str]:
-    """Test folders with no subpackage of that name, and test files at the top that are not whole-package tests."""
+def misplaced(tests: Path, package: Path, whole_package: set[str]) -> list[str]:
+    """Test folders with no subpackage of that name, and test files at the top that test neither a top-level
+    module nor the whole package."""
     subpackages = {p.name for p in package.iterdir() if (p / "__init__.py").is_file()}
+    top_level = whole_package | {f"test_{p.stem}.py" for p in package.glob("*.py") if p.stem != "__init__"}
     folders = [p for p in tests.iterdir() if p.is_dir() and not p.name.startswith((".", "_"))]
     bad = [f"tests/{p.name}/ (no customshift_jax.{p.name})" for p in folders if p.name not in subpackages]
     bad += [f"tests/{p.name} (belongs in the folder of the subpackage it tests)" for p in tests.glob("test_*.py")
@@ -18,7 +22,7 @@ def misplaced(tests: Path, package: Path, top_level: set[str]) -> list[str]:
 
 
 def test_every_test_folder_names_a_subpackage():
-    assert misplaced(TESTS, PACKAGE, TOP_LEVEL) == []
+    assert misplaced(TESTS, PACKAGE, WHOLE_PACKAGE) == []
 
 
 def test_the_checker_reports_a_stray_folder_and_a_stray_file(tmp_path):
@@ -28,6 +32,8 @@ def test_the_checker_reports_a_stray_folder_and_a_stray_file(tmp_path):
     (tmp_path / "tests" / "widgets").mkdir()
     (tmp_path / "tests" / "test_loose.py").write_text("")
     (tmp_path / "tests" / "test_readme.py").write_text("")
+    (tmp_path / "pkg" / "numerics.py").write_text("")
+    (tmp_path / "tests" / "test_numerics.py").write_text("")
     assert misplaced(tmp_path / "tests", tmp_path / "pkg", {"test_readme.py"}) == [
         "tests/test_loose.py (belongs in the folder of the subpackage it tests)",
         "tests/widgets/ (no customshift_jax.widgets)"]

@@ -30,6 +30,7 @@ from customshift_jax.parallel.sharding import (
     TOKEN_AXES,
     EntryAxes,
 )
+from customshift_jax.tree_paths import shape_mismatches
 
 # The sharded forms are `ShardedFunction(fn, mesh, rules, *AXES)`; the cache is (layers, batch, length, heads, -).
 PREFILL_AXES = EntryAxes(("params", "params", LATENT_AXES, TOKEN_AXES, BATCH_AXES), KV_AXES_FN)
@@ -103,13 +104,7 @@ def lora_shapes(config: MMDiTConfig, lora: LoRAConfig, branch: str) -> Params:
 
 def check_lora(config: MMDiTConfig, lora: LoRAConfig, lora_params: Params, branch: str) -> None:
     """Refuse a LoRA tree of another rank, targets or model, naming the first mismatching entries."""
-    expected = {jax.tree_util.keystr(k): v.shape for k, v in
-                jax.tree_util.tree_flatten_with_path(lora_shapes(config, lora, branch))[0]}
-    got = {jax.tree_util.keystr(k): np.shape(v) for k, v in jax.tree_util.tree_flatten_with_path(lora_params)[0]}
-    problems = [f"missing {k}" for k in expected if k not in got][:5]
-    problems += [f"unexpected {k}" for k in got if k not in expected][:5]
-    problems += [f"{k} has shape {got[k]}, expected {expected[k]}" for k in expected
-                 if k in got and tuple(got[k]) != tuple(expected[k])][:5]
+    problems = shape_mismatches(lora_shapes(config, lora, branch), lora_params)
     if problems:
         raise ValueError(f"the {branch.upper()} LoRA does not fit this model with rank {lora.rank}: "
                          + "; ".join(problems) + ". Was it trained for another model or rank?")

@@ -48,6 +48,7 @@ from customshift_jax.text.encode import (
     text_folder_identity,
     tokenize,
 )
+from customshift_jax.tree_paths import shape_mismatches
 
 DEFAULT_BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
 
@@ -83,13 +84,9 @@ def make_encode_fn(configs: dict[str, EncoderConfig], *, dtype: Any = jnp.float3
 
 def _fitted(config: EncoderConfig, params: Any, dtype: Any, where: Path) -> Any:
     """`params` as `dtype`, refused by name where a leaf is missing, extra or not of the shape `config` builds."""
-    want = {jax.tree_util.keystr(k): tuple(v.shape) for k, v in
-            jax.tree_util.tree_flatten_with_path(abstract_encoder_params(config))[0]}
-    got = {jax.tree_util.keystr(k): tuple(np.shape(v)) for k, v in jax.tree_util.tree_flatten_with_path(params)[0]}
-    wrong = [f"{k} missing" for k in want if k not in got] + [f"{k} unexpected" for k in got if k not in want]
-    wrong += [f"{k} has shape {got[k]}, expected {v}" for k, v in want.items() if k in got and got[k] != v]
+    wrong = shape_mismatches(abstract_encoder_params(config), params)
     if wrong:
-        raise ValueError(f"{where}: the stored params do not fit this config ({'; '.join(wrong[:6])}); the checkpoint "
+        raise ValueError(f"{where}: the stored params do not fit this config ({'; '.join(wrong)}); the checkpoint "
                          "is damaged or mixed: re-run `customshift convert`")
     return jax.tree_util.tree_map(lambda x: np.asarray(x, dtype), params)
 
