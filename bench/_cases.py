@@ -13,7 +13,8 @@ from customshift_jax.numerics import relative_error
 @dataclasses.dataclass
 class Case:
     """One row: both sides as closures, the JAX compile seconds, a shape note, how to compare the two sides'
-    first outputs (default: the relative error of two arrays) and what to undo after."""
+    first outputs (default: the relative error of two arrays), what to undo after, and the compiled JAX program
+    with its arguments (what `bench/profile_cpu.py` traces and labels op by op)."""
 
     run_jax: Callable[[], Any]
     run_torch: Callable[[], Any]
@@ -21,6 +22,8 @@ class Case:
     shape: str = ""
     errors: Callable[[Any, Any], str] = lambda ours, theirs: f"{relative_error(ours, theirs):.1e}"
     close: Callable[[], None] = lambda: None
+    compiled: Any = None
+    jax_args: tuple = ()
 
 
 def _compile(fn, *args, **static):
@@ -56,7 +59,8 @@ def forward_case(pair: MMDiTPair, *, batch: int, size: int, text_len: int, dtype
         with torch.no_grad():
             return pair.model(**torch_in).sample.float().numpy()
 
-    return Case(run_jax, run_torch, compile_s, f"B{batch} {size * 8}px text {text_len}")
+    return Case(run_jax, run_torch, compile_s, f"B{batch} {size * 8}px text {text_len}", compiled=compiled,
+                jax_args=args)
 
 
 def sampling_case(pair: MMDiTPair, *, batch: int, size: int, text_len: int, steps: int,
@@ -93,7 +97,8 @@ def sampling_case(pair: MMDiTPair, *, batch: int, size: int, text_len: int, step
                         output_type="latent", **neg).images.float().numpy()
 
     note = f"CFG {guidance:g}" if cfg else "no CFG"
-    return Case(run_jax, run_torch, compile_s, f"B{batch} {size * 8}px text {text_len}, {steps} steps {note}")
+    return Case(run_jax, run_torch, compile_s, f"B{batch} {size * 8}px text {text_len}, {steps} steps {note}",
+                compiled=compiled, jax_args=jax_args)
 
 
 def vae_case(kind: str, *, batch: int, size: int) -> Case:
@@ -128,4 +133,5 @@ def vae_case(kind: str, *, batch: int, size: int) -> Case:
         with torch.no_grad():
             return torch_fn().numpy()
 
-    return Case(run_jax, run_torch, compile_s, f"B{batch} {size * config.downsample_factor}px")
+    return Case(run_jax, run_torch, compile_s, f"B{batch} {size * config.downsample_factor}px", compiled=compiled,
+                jax_args=(params, x.numpy()))

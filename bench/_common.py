@@ -1,7 +1,7 @@
 """Shared pieces of the CPU benchmarks that put JAX beside PyTorch: the MMDiT pair on the same weights, the SD3
 pipeline and inputs of the sampling row, interleaved median timing, and the CPU description.
 
-Imported by bench/forward.py, sample.py, vae.py, train.py, cpu_vs_torch.py and profile_forward.py (as `_common`:
+Imported by bench/forward.py, sample.py, vae.py, train.py, cpu_vs_torch.py and profile_cpu.py (as `_common`:
 run them as scripts). Importing it picks no JAX platform; `setup_jax` picks the CPU.
 """
 from __future__ import annotations

@@ -109,7 +109,8 @@ def lora_step_case(pair: MMDiTPair, *, batch: int, size: int, text_len: int, sub
                                                                                      pt.items()}
 
     return Case(run_jax, run_torch, compile_s, f"B{batch} {size * 8}px text {text_len} subject {subject_len} "
-                f"rank {rank}", errors=lambda tj, tt: train_errors(tj, tt, to_common), close=cs.close)
+                f"rank {rank}", errors=lambda tj, tt: train_errors(tj, tt, to_common), close=cs.close,
+                compiled=compiled, jax_args=(state, pair.params, data))
 
 
 def base_step_case(pair: MMDiTPair, *, batch: int, size: int, text_len: int) -> Case:
@@ -162,4 +163,4 @@ def base_step_case(pair: MMDiTPair, *, batch: int, size: int, text_len: int) -> 
 
     return Case(run_jax, run_torch, compile_s, f"B{batch} {size}x{size} latents text {text_len}, "
                 f"{config.num_layers} layers width {config.num_attention_heads * config.attention_head_dim}",
-                errors=lambda tj, tt: train_errors(tj, tt, to_common))
+                errors=lambda tj, tt: train_errors(tj, tt, to_common), compiled=compiled, jax_args=(state, {}, data))

@@ -54,30 +54,39 @@ def _seconds(s: float) -> str:
     return f"{s * 1e3:.0f} ms" if s < 10 else f"{s:.1f} s"
 
 
-def run_rows(args) -> list[dict]:
-    """Build each asked row's case, time it interleaved, and print a line per row as it finishes."""
+def build_case(name: str, args):
+    """The `Case` of row `name` at the sizes `args` asks for (a `parse()` result)."""
     from _cases import forward_case, sampling_case, vae_case
-    from _common import interleaved, mmdit_pair
+    from _common import mmdit_pair
     from _train_cases import lora_step_case
 
+    if name == "forward":
+        return forward_case(mmdit_pair(args.preset, args.layers), batch=args.batch, size=args.size,
+                            text_len=args.text_len)
+    if name == "sample":
+        return sampling_case(mmdit_pair(args.preset, args.layers), batch=args.batch, size=args.size,
+                             text_len=args.sample_text_len, steps=args.steps, guidance=args.guidance)
+    if name == "lora-step":
+        return lora_step_case(mmdit_pair(args.preset, args.layers), batch=args.batch, size=args.size,
+                              text_len=args.train_text_len, subject_len=args.subject_len, rank=args.rank)
+    if name == "base-step":
+        return _base_case(args)
+    if name in ("vae-encode", "vae-decode"):
+        return vae_case(name.removeprefix("vae-"), batch=args.batch, size=args.vae_size)
+    raise ValueError(f"unknown row {name!r}; expected one of {', '.join(ROWS)}.")
+
+
+def run_rows(args) -> list[dict]:
+    """Build each asked row's case, time it interleaved, and print a line per row as it finishes."""
+    from _common import interleaved
+
     rows = args.rows.split(",")
-    pair = mmdit_pair(args.preset, args.layers) if set(rows) & {"forward", "sample", "lora-step"} else None
-    builders = {
-        "forward": lambda: forward_case(pair, batch=args.batch, size=args.size, text_len=args.text_len),
-        "sample": lambda: sampling_case(pair, batch=args.batch, size=args.size, text_len=args.sample_text_len,
-                                        steps=args.steps, guidance=args.guidance),
-        "lora-step": lambda: lora_step_case(pair, batch=args.batch, size=args.size, text_len=args.train_text_len,
-                                            subject_len=args.subject_len, rank=args.rank),
-        "base-step": lambda: _base_case(args),
-        "vae-encode": lambda: vae_case("encode", batch=args.batch, size=args.vae_size),
-        "vae-decode": lambda: vae_case("decode", batch=args.batch, size=args.vae_size),
-    }
     results = []
     for name in ROWS:
         if name not in rows:
             continue
         t0 = time.perf_counter()
-        case = builders[name]()
+        case = build_case(name, args)
         try:
             sample = name == "sample"
             timing = interleaved(case.run_jax, case.run_torch, args.sample_runs if sample else args.runs,

@@ -1,10 +1,11 @@
-"""Where the MMDiT forward's time goes on the CPU, op by op, on both sides: the JAX profiler's trace of the
-compiled forward (op durations read from its Perfetto JSON, each op labelled from the compiled HLO: GEMM, conv,
-elementwise / reduction fusion, copy / transpose) and torch.profiler's key_averages table. docs/performance.md
-explains the output.
+"""Where one row of bench/cpu_vs_torch.py spends its time on the CPU, op by op, on both sides: the JAX profiler's
+trace of the compiled program (op durations read from its Perfetto JSON, each op labelled from the compiled HLO:
+GEMM, conv, elementwise / reduction fusion, copy / transpose) and torch.profiler's key_averages table of the
+PyTorch side. Same rows, flags and sizes as cpu_vs_torch.py; docs/performance.md explains the output.
 
-  python bench/profile_forward.py                       # sd3-medium width, 4 layers, 512 px, batch 1, fp32
-  python bench/profile_forward.py --layers 1 --top 15   # shorter
+  python bench/profile_cpu.py                               # the forward: sd3-medium width, 4 layers, 512 px
+  python bench/profile_cpu.py --row lora-step --side jax    # the CustomShift LoRA training step, JAX only
+  python bench/profile_cpu.py --row vae-decode --top 15
 """
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ import json
 import re
 import tempfile
 
-from _common import add_model_args, cpu_description, describe_cpu_line, mmdit_pair, setup_jax
+from _common import cpu_description, describe_cpu_line, setup_jax
 
 _HEADER = re.compile(r"^(?:ENTRY )?%?([\w.\-]+) \(")
 _INSTR = re.compile(r"^\s*(?:ROOT )?%?([\w.\-]+) = (\S+) (\w[\w\-]*)\(")
@@ -96,7 +97,7 @@ def jax_profile(compiled, args, runs: int, top: int) -> None:
             count[e["name"]] += 1 / runs
             op_threads[threads.get((e["pid"], e["tid"]), str(e["tid"]))] += e.get("dur", 0) / runs
     total = sum(dur.values())
-    print(f"\n== JAX (XLA:CPU) ops, per forward (sum of op time {total / 1e3:.1f} ms; trace {path})")
+    print(f"\n== JAX (XLA:CPU) ops, per run (sum of op time {total / 1e3:.1f} ms; trace {path})")
     by_kind = collections.Counter()
     for name, d in dur.items():
         by_kind[op_kind(name, instrs, comps)] += d
@@ -110,54 +111,45 @@ def jax_profile(compiled, args, runs: int, top: int) -> None:
         print(f"  {d / 1e3:8.2f} {100 * d / total:5.1f} {count[name]:5.0f}  {name[:28]:28s} {kind:18s} {shapes[:90]}")
 
 
-def torch_profile(model, inputs: dict, runs: int, top: int) -> None:
-    """torch.profiler over `runs` forwards: key_averages by op and input shapes, sorted by self CPU time."""
+def torch_profile(run, runs: int, top: int) -> None:
+    """torch.profiler over `runs` calls of `run`: key_averages by op and by op and input shapes, by self CPU time."""
     import torch
     from torch.profiler import ProfilerActivity, profile
 
-    with torch.no_grad(), profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
         for _ in range(runs):
-            model(**inputs)
-    print(f"\n== PyTorch ops over {runs} forwards (torch threads {torch.get_num_threads()})")
+            run()
+    print(f"\n== PyTorch ops over {runs} runs (torch threads {torch.get_num_threads()})")
     print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=top))
     print(prof.key_averages(group_by_input_shape=True).table(sort_by="self_cpu_time_total", row_limit=top,
                                                              max_name_column_width=28, max_shapes_column_width=70))
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_model_args(ap)
-    ap.add_argument("--text-len", type=int, default=154)
-    ap.add_argument("--runs", type=int, default=3, help="profiled runs of each side (after one warm-up)")
-    ap.add_argument("--top", type=int, default=25, help="ops listed per side")
-    ap.add_argument("--side", default="both", choices=["both", "jax", "torch"])
-    args = ap.parse_args()
+def main(argv=None) -> None:
+    from cpu_vs_torch import ROWS, build_case, parse
 
-    import jax
-
-    from customshift_jax.crosscheck.mmdit import ForwardInputs
-    from customshift_jax.models.mmdit.api import skip_mask
-
+    extra = argparse.ArgumentParser(add_help=False)
+    extra.add_argument("--row", default="forward", choices=ROWS, help="which row of cpu_vs_torch.py to profile")
+    extra.add_argument("--top", type=int, default=25, help="ops listed per side")
+    extra.add_argument("--side", default="both", choices=["both", "jax", "torch"])
+    mine, rest = extra.parse_known_args(argv)
+    if "-h" in rest or "--help" in rest:
+        extra.print_help()
+        print("\nand the sizes of bench/cpu_vs_torch.py (--runs: profiled runs of each side, after one warm-up):")
+    args = parse(rest)
     setup_jax()
     print(describe_cpu_line(cpu_description()))
-    pair = mmdit_pair(args.preset, args.layers)
-    inputs = ForwardInputs.random(pair.config, batch=args.batch, height=args.size, width=args.size,
-                                  text_len=args.text_len)
-    if args.side in ("both", "jax"):
-        from customshift_jax import make_forward
-
-        jax_args = (pair.params, inputs.hidden_states, inputs.timestep, inputs.encoder_hidden_states,
-                    inputs.pooled_projections, skip_mask(pair.config, None))
-        compiled = jax.jit(make_forward(pair.config)).lower(*jax_args).compile()
-        jax.block_until_ready(compiled(*jax_args))
-        jax_profile(compiled, jax_args, args.runs, args.top)
-    if args.side in ("both", "torch"):
-        torch_in = inputs.torch()
-        import torch
-
-        with torch.no_grad():
-            pair.model(**torch_in)
-        torch_profile(pair.model, torch_in, args.runs, args.top)
+    case = build_case(mine.row, args)
+    try:
+        print(f"{mine.row}: {case.shape} (jax compile {case.compile_s:.1f} s)")
+        if mine.side in ("both", "jax"):
+            case.run_jax()  # warm-up
+            jax_profile(case.compiled, case.jax_args, args.runs, mine.top)
+        if mine.side in ("both", "torch"):
+            case.run_torch()
+            torch_profile(case.run_torch, args.runs, mine.top)
+    finally:
+        case.close()
 
 
 if __name__ == "__main__":
