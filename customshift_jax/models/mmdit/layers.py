@@ -7,7 +7,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from customshift_jax.models.mmdit.lora import LoRAConfig
+from customshift_jax.models.mmdit.lora import LoRAConfig, lora_product
 
 Dtype = Any
 
@@ -67,7 +67,7 @@ class Dense(nn.Module):
                 self.make_rng("params"), (x.shape[-1], lora.rank), self.param_dtype)).value
             b = self.variable("lora", "lora_B", lambda: jnp.zeros((lora.rank, self.features),
                                                                   self.param_dtype)).value
-            y = y + lora.scale * jnp.dot(jnp.dot(x.astype(self.dtype), a.astype(self.dtype)), b.astype(self.dtype))
+            y = y + lora_product(x.astype(self.dtype), a.astype(self.dtype), b.astype(self.dtype), lora.scale)
         return y
 
 

@@ -62,3 +62,37 @@ def merge_lora(params: dict, lora: dict, config: LoRAConfig) -> dict:
         return out
 
     return merge(params, lora)
+
+
+def _tokens_first(x: jax.Array) -> jax.Array:
+    return x.reshape(-1, x.shape[-1])  # (..., F) -> (T, F)
+
+
+@jax.custom_vjp
+def lora_product(x: jax.Array, a: jax.Array, b: jax.Array, scale: float) -> jax.Array:
+    """scale * (x A) B, x (..., in), A (in, r), B (r, out): a LoRA's term of its linear.
+
+    Its backward contracts the tokens with the token-major operands (x, the incoming gradient) in the layout they
+    are stored in, and transposes only rank-r arrays: autodiff's form transposed a (tokens, out) gradient, which
+    XLA:CPU fused into the producing elementwise pass (a strided write of the whole activation)."""
+    return scale * jnp.dot(jnp.dot(x, a), b)
+
+
+def _lora_product_fwd(x, a, b, scale):
+    return lora_product(x, a, b, scale), (x, a, b, scale)
+
+
+def _lora_product_bwd(res, g):  # g (..., out)
+    x, a, b, scale = res
+    x2, g2 = _tokens_first(x), _tokens_first(g)                                # (T, in), (T, out)
+    gs = (g2 * jnp.asarray(scale, g2.dtype))
+    h_t = jax.lax.dot_general(a, x2, (((0,), (1,)), ((), ())))                 # (r, T) = (x A)^T
+    gb_t = jax.lax.dot_general(b, gs, (((1,), (1,)), ((), ())))                # (r, T) = (s g B^T)^T
+    h_t, gb_t = jax.lax.optimization_barrier((h_t, gb_t))  # keep the r-row forms: XLA would fold the transposes
+    da = jnp.dot(gb_t, x2).T                                                   # (in, r)
+    db = jnp.dot(h_t, gs)                                                      # (r, out)
+    dx = jax.lax.dot_general(gb_t, a, (((0,), (1,)), ((), ())))                # (T, in)
+    return dx.reshape(x.shape), da.astype(a.dtype), db.astype(b.dtype), None
+
+
+lora_product.defvjp(_lora_product_fwd, _lora_product_bwd)
