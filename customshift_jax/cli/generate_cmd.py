@@ -127,6 +127,20 @@ def output_folder(out: str | None, cwd: Path | None = None) -> Path:
     raise ValueError("./out, ./out-2, ... ./out-9999 all hold images; give --out FOLDER.")
 
 
+def check_flag_pairs(args: argparse.Namespace) -> None:
+    """The flags that only make sense together: --reference with --subject (unless --embeds holds it), --subject
+    and --lora with --reference; one line naming the flag to add or drop."""
+    if args.reference is not None and not (args.subject or "").strip() and not args.embeds:
+        raise ValueError("--reference needs --subject NAME (the subject's name, e.g. 'dog'); it is empty.")
+    if args.subject is not None and not args.subject.strip():
+        raise ValueError("--subject is empty; give the subject's name, e.g. 'dog'.")
+    if args.subject and args.reference is None:
+        raise ValueError("--subject is given without --reference IMAGE.")
+    if args.lora and args.reference is None:
+        raise ValueError("--lora applies to CustomShift runs: give --reference IMAGE (and --subject NAME) with it, "
+                         "or drop --lora.")
+
+
 def run(args: argparse.Namespace) -> int:
     """Flags -> `CustomShiftPipeline` arguments; each prompt's PNGs (with their settings) written as they come."""
     check_numbers(args)  # before jax is imported: a bad number fails at once
@@ -138,15 +152,7 @@ def run(args: argparse.Namespace) -> int:
     from customshift_jax.pipeline import (check_batch_memory, check_init_latents, check_size, load_embeds_file,
                                          read_prompts)
 
-    if args.reference is not None and not (args.subject or "").strip() and not args.embeds:
-        raise ValueError("--reference needs --subject NAME (the subject's name, e.g. 'dog'); it is empty.")
-    if args.subject is not None and not args.subject.strip():
-        raise ValueError("--subject is empty; give the subject's name, e.g. 'dog'.")
-    if args.subject and args.reference is None:
-        raise ValueError("--subject is given without --reference IMAGE.")
-    if args.lora and args.reference is None:
-        raise ValueError("--lora applies to CustomShift runs: give --reference IMAGE (and --subject NAME) with it, "
-                         "or drop --lora.")
+    check_flag_pairs(args)
     given = args.prompt is not None or args.prompts_file is not None  # an empty --prompt is said to be empty
     prompts = read_prompts(args.prompt, args.prompts_file) if given else None
     if prompts is None and not args.embeds:

@@ -239,6 +239,34 @@ def train(cfg: dict, *, resume: bool = False, log=print) -> int:
         return _train(cfg, out, resume, log)
 
 
+def _progress(cfg: dict, total: int, start: int, log) -> tuple[Any, Any, Callable]:
+    """(tqdm bar or None, LossLines or None, log) for process 0: a bar on a terminal (log then prints above it),
+    else (nohup, SLURM) a loss line every log.line_every_s seconds; neither when log.progress is false."""
+    import jax
+
+    if jax.process_index() != 0:
+        return None, None, log
+    if show_progress(cfg["log"]["progress"], sys.stderr.isatty()):
+        from tqdm import tqdm
+
+        bar = tqdm(total=total, initial=start, desc="train", file=sys.stderr, dynamic_ncols=True)
+        return bar, None, _above_bar(log)
+    if cfg["log"]["progress"] is not False:
+        return None, LossLines(total, start, cfg["log"]["line_every_s"], log), log
+    return None, None, log
+
+
+def _export_trained(cfg: dict, out: Path, state, parts: TrainParts, total: int, log) -> None:
+    """After the last step: the trained model folder (train.mode=base) or the LoRA files (export_lora)."""
+    import jax
+
+    if cfg["train"]["mode"] == "base":
+        _export_base(cfg, out / "model", state, parts.config, total, log)
+    elif cfg["export_lora"] and jax.process_index() == 0:
+        files = export_lora(out / "lora", state, parts.lora, prepared_text_settings(cfg["data"]["path"]))
+        log(f"exported the LoRA: {', '.join(str(f) for f in files)}")
+
+
 def _train(cfg: dict, out: Path, resume: bool, log) -> int:
     """`train` inside output_dir's lock: build, restore, the step loop, checkpoints and the export."""
     import jax
@@ -247,8 +275,7 @@ def _train(cfg: dict, out: Path, resume: bool, log) -> int:
     if not resume and ckpt_dir.exists() and any(ckpt_dir.iterdir()):
         raise ValueError(f"{ckpt_dir} already holds checkpoints: pass --resume to continue that run, or choose "
                          "another output_dir.")
-    base_mode = cfg["train"]["mode"] == "base"
-    if base_mode:
+    if cfg["train"]["mode"] == "base":
         _check_model_destination(out / "model")
     out.mkdir(parents=True, exist_ok=True)
     seed, total = cfg["train"]["seed"], cfg["train"]["steps"]
@@ -274,15 +301,7 @@ def _train(cfg: dict, out: Path, resume: bool, log) -> int:
     sleep_per_step = float(os.environ.get(SLEEP_ENV) or 0)
     every, log_every = cfg["checkpoint"]["every"], cfg["log"]["every"]
     gb = cfg["data"]["global_batch"]
-    bar = None
-    if show_progress(cfg["log"]["progress"], sys.stderr.isatty()) and jax.process_index() == 0:
-        from tqdm import tqdm
-
-        bar = tqdm(total=total, initial=start, desc="train", file=sys.stderr, dynamic_ncols=True)
-        log = _above_bar(log)
-    lines = None  # no bar (not a terminal: nohup, SLURM): a loss line every log.line_every_s seconds instead
-    if bar is None and cfg["log"]["progress"] is not False and jax.process_index() == 0:
-        lines = LossLines(total, start, cfg["log"]["line_every_s"], log)
+    bar, lines, log = _progress(cfg, total, start, log)
     last_saved = start if start else None
     code = 0
     t_last, n_last = time.perf_counter(), start
@@ -328,11 +347,7 @@ def _train(cfg: dict, out: Path, resume: bool, log) -> int:
                     save_train_state(mngr, step, state, it, seed)
                     last_saved = step
             mngr.wait_until_finished()
-            if base_mode:
-                _export_base(cfg, out / "model", state, parts.config, total, log)
-            elif cfg["export_lora"] and jax.process_index() == 0:
-                files = export_lora(out / "lora", state, parts.lora, prepared_text_settings(cfg["data"]["path"]))
-                log(f"exported the LoRA: {', '.join(str(f) for f in files)}")
+            _export_trained(cfg, out, state, parts, total, log)
             log(f"done: {total} steps; checkpoints in {ckpt_dir}")
             return code
     finally:

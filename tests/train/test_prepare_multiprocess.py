@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from test_multiprocess import run_job
+from multiprocess_job import run_job
 
 from customshift_jax.numerics import relative_error
 from customshift_jax.train.data import BadDataWarning, ShardDataset, TooMuchBadData
