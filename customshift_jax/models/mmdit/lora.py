@@ -7,6 +7,7 @@ branch has its own LoRA tree. Kernels are (in, r) and (r, out); PEFT's are their
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -68,7 +69,7 @@ def _tokens_first(x: jax.Array) -> jax.Array:
     return x.reshape(-1, x.shape[-1])  # (..., F) -> (T, F)
 
 
-@jax.custom_vjp
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
 def lora_product(x: jax.Array, a: jax.Array, b: jax.Array, scale: float) -> jax.Array:
     """scale * (x A) B, x (..., in), A (in, r), B (r, out): a LoRA's term of its linear.
 
@@ -79,20 +80,20 @@ def lora_product(x: jax.Array, a: jax.Array, b: jax.Array, scale: float) -> jax.
 
 
 def _lora_product_fwd(x, a, b, scale):
-    return lora_product(x, a, b, scale), (x, a, b, scale)
+    h = jnp.dot(x, a)  # (..., r): kept for the backward (rank r: small)
+    return scale * jnp.dot(h, b), (x, a, b, h)
 
 
-def _lora_product_bwd(res, g):  # g (..., out)
-    x, a, b, scale = res
+def _lora_product_bwd(scale, res, g):  # g (..., out)
+    x, a, b, h = res
     x2, g2 = _tokens_first(x), _tokens_first(g)                                # (T, in), (T, out)
-    gs = (g2 * jnp.asarray(scale, g2.dtype))
-    h_t = jax.lax.dot_general(a, x2, (((0,), (1,)), ((), ())))                 # (r, T) = (x A)^T
-    gb_t = jax.lax.dot_general(b, gs, (((1,), (1,)), ((), ())))                # (r, T) = (s g B^T)^T
+    h_t = _tokens_first(h).T                                                   # (r, T)
+    gb_t = scale * jax.lax.dot_general(b, g2, (((1,), (1,)), ((), ())))        # (r, T) = (s g B^T)^T
     h_t, gb_t = jax.lax.optimization_barrier((h_t, gb_t))  # keep the r-row forms: XLA would fold the transposes
     da = jnp.dot(gb_t, x2).T                                                   # (in, r)
-    db = jnp.dot(h_t, gs)                                                      # (r, out)
+    db = scale * jnp.dot(h_t, g2)                                              # (r, out)
     dx = jax.lax.dot_general(gb_t, a, (((0,), (1,)), ((), ())))                # (T, in)
-    return dx.reshape(x.shape), da.astype(a.dtype), db.astype(b.dtype), None
+    return dx.reshape(x.shape), da.astype(a.dtype), db.astype(b.dtype)
 
 
 lora_product.defvjp(_lora_product_fwd, _lora_product_bwd)
