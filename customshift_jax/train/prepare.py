@@ -100,16 +100,7 @@ def _prepare(manifest: str | Path, out: str | Path, *, checkpoint: str | Path, t
         raise ValueError(f"--size {size} is not a multiple of the VAE's downsampling factor.")
     encoders = load_text_encoders(text_encoders, backend=backend, mesh=mesh, rules=rules)
     encode_images = image_encoder(vae_config, vae_params, (4 if flip else 2) * batch_size, mesh)
-    counter = BadCounter()  # this process's share: its images (JSONL) or its rows (Subjects200K)
-    if source is None:  # a JSONL manifest's length is known: stop at the bad image that makes it fail
-        def stop_early() -> None:
-            bad = lines.bad + counter.bad
-            if bad > max_bad_fraction * lines.total:
-                raise too_much_bad_data(f"manifest {manifest}", bad, lines.total, max_bad_fraction,
-                                        {**lines.reasons, **counter.reasons}, lines.examples + counter.examples,
-                                        so_far=True)
-        counter.after_add = stop_early
-
+    counter = _share_counter(lines, source, manifest, max_bad_fraction)
     # One shard per block of `shard_size` records (Subjects200K rows) of this process's share: a rerun resumes at
     # the first block not finished.
     lo, hi = (0, len(share)) if source is None else source.rows
@@ -118,14 +109,7 @@ def _prepare(manifest: str | Path, out: str | Path, *, checkpoint: str | Path, t
                                                                                                    encoders)}
     dest.begin(_fingerprint(manifest, format, checkpoint, encoders, source, size=size, flip=flip,
                             max_sequence_length=max_sequence_length, shard_size=shard_size, made_by=made_by))
-    done = dest.done_blocks()
-    for record in done.values():
-        counter.total += record["total"]
-        counter.examples += record["examples"]
-    counter.reasons = _summed([counter.reasons] + [r["reasons"] for r in done.values()])
-    if done:
-        say(f"resuming: {len(done)} of {len(blocks)} shard(s) already encoded "
-            f"({sum(r['pairs'] for r in done.values())} pairs)")
+    done = _resumed(dest, counter, len(blocks), say)
     bar = progress if progress is not None else pid == 0 and sys.stderr.isatty()
     todo = sum(b - a for k, (a, b) in enumerate(blocks) if k not in done) if source is None else None
     meter = Progress(todo, bar, say)
@@ -147,6 +131,48 @@ def _prepare(manifest: str | Path, out: str | Path, *, checkpoint: str | Path, t
             dest.abandon()
             raise
         done = {}  # the others learn it when the counts meet below: all stop alike
+    settings = {"size": size, "flip": flip, "max_sequence_length": max_sequence_length, "manifest": str(manifest),
+                "made_by": made_by}
+    return _conclude(dest, done, lines, counter, source, share, settings, max_bad_fraction, say)
+
+
+def _share_counter(lines: BadCounter, source: Subjects200KSource | None, manifest: str | Path,
+                   max_bad_fraction: float) -> BadCounter:
+    """The counter of this process's bad images (JSONL) or rows (Subjects200K). A JSONL manifest's length is known,
+    so its counter stops the run at the bad image that makes the fraction certain; a stream's is judged at the end."""
+    counter = BadCounter()
+    if source is None:
+        def stop_early() -> None:
+            bad = lines.bad + counter.bad
+            if bad > max_bad_fraction * lines.total:
+                raise too_much_bad_data(f"manifest {manifest}", bad, lines.total, max_bad_fraction,
+                                        {**lines.reasons, **counter.reasons}, lines.examples + counter.examples,
+                                        so_far=True)
+        counter.after_add = stop_early
+    return counter
+
+
+def _resumed(dest: PrepareDestination, counter: BadCounter, n_blocks: int, say: Callable[[str], Any]) -> dict:
+    """{block: its record} of the blocks an earlier run finished, their counts added to `counter`."""
+    done = dest.done_blocks()
+    for record in done.values():
+        counter.total += record["total"]
+        counter.examples += record["examples"]
+    counter.reasons = _summed([counter.reasons] + [r["reasons"] for r in done.values()])
+    if done:
+        say(f"resuming: {len(done)} of {n_blocks} shard(s) already encoded "
+            f"({sum(r['pairs'] for r in done.values())} pairs)")
+    return done
+
+
+def _conclude(dest: PrepareDestination, done: dict, lines: BadCounter, counter: BadCounter,
+              source: Subjects200KSource | None, share: list, settings: dict, max_bad_fraction: float,
+              say: Callable[[str], Any]) -> dict:
+    """Meet every process's counts: stop (keeping no shard) when too much was bad or nothing was written, else
+    process 0 writes the index; every process returns the index once it is there."""
+    import jax
+
+    pid, count = jax.process_index(), jax.process_count()
     blocks_done = [done[k] for k in sorted(done)]
     written = sum(r["pairs"] for r in blocks_done)
     meta = {"records": len(share)}
@@ -158,6 +184,7 @@ def _prepare(manifest: str | Path, out: str | Path, *, checkpoint: str | Path, t
             "latent_shape": next((r["latent_shape"] for r in blocks_done if r["latent_shape"]), None), "source": meta}
     bad, total, n = (int(x) for x in dest.gather(part, (counter.bad, counter.total, written)).sum(0))
     bad, total = bad + lines.bad, total + lines.total
+    manifest = settings["manifest"]
     if total and bad / total > max_bad_fraction or not n:
         dest.discard(done)
         dest.abandon()
@@ -169,11 +196,9 @@ def _prepare(manifest: str | Path, out: str | Path, *, checkpoint: str | Path, t
                                 f"process {pid} of {count}")
     if pid == 0:
         parts = dest.parts(part)
-        meta = {"size": size, "flip": flip, "max_sequence_length": max_sequence_length, "manifest": str(manifest),
-                "made_by": made_by,
-                **_merged(parts, lines, source)}
-        dest.write_index(parts, meta)
+        dest.write_index(parts, {**settings, **_merged(parts, lines, source)})
     barrier("customshift-prepare-indexed")  # every process returns once the index is there
+    out = dest.out
     index = json.loads((Path(out) / "index.json").read_text())
     filtered = f"; filtered {index['filtered']}" if source is not None else ""
     say(f"wrote {out} ({index['count']} pairs; {bad} of {total} skipped{_named(lines.examples + counter.examples, bad)}"
