@@ -64,7 +64,7 @@ def main() -> None:
     ref_extra = {"ref_latents": ref[0], "subject_embeds": ref[1], "subject_pooled": ref[2], "gamma": 1.0}
 
     def cached():
-        cache = prefill(config, params, *ref, rab_lora=rab, lora=lora)  # once per reference: counted here
+        cache = prefill(config, params, *ref, rab_lora=rab, lora_config=lora)  # once per reference: counted here
         return cached_sampler({"base": params, "cgb": cgb}, latents, cond, schedule,
                               extra={"ref_kv": cache.kv, "gamma": 1.0}, **kw)
 

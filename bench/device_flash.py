@@ -89,7 +89,7 @@ def sampler_rows(jax, jnp, np, layers: int, steps: int):
     schedule = make_schedule({"shift": 3.0}, steps)
     times = {}
     for backend, form in (("xla", "two_pass"), ("flash", "single")):
-        cache = prefill(config, params, *ref, lora=lora, dtype=jnp.bfloat16, backend=backend)
+        cache = prefill(config, params, *ref, lora_config=lora, dtype=jnp.bfloat16, backend=backend)
         sampler = make_customshift_sampler(config, lora, RunOptions(dtype=jnp.bfloat16, backend=backend), form=form)
         times[f"{backend} {form}"] = timed(jax, lambda s, kv: s({"base": params, "cgb": cgb}, latents, cond, schedule,
                                                              extra={"ref_kv": kv, "gamma": 1.0}, guidance_scale=7.0),
@@ -166,7 +166,7 @@ def torch_reference_rows(jax, jnp, np, layers: int, steps: int, guidance: float 
     print(f"{'path':16s} {'seconds':>8s} {'torch / ours':>12s} {'rel err vs torch':>16s}")
     print(f"{'torch reference':16s} {t_torch:8.2f}")
     for backend, form in [(b, "two_pass" if b == "xla" else "single") for b in backends]:
-        kv = prefill(config, params, ref, subject, subject_pooled, lora=lora, dtype=jdtype, backend=backend,
+        kv = prefill(config, params, ref, subject, subject_pooled, lora_config=lora, dtype=jdtype, backend=backend,
                      rab_lora=rab).kv
         sampler = make_customshift_sampler(config, lora,
                                            RunOptions(dtype=jdtype, backend=backend), form=form)

@@ -162,7 +162,7 @@ class CustomShiftPipeline:
         self.attention, self.mesh, self.rules, self.shift = attention, mesh, rules, shift
         self.image_limits = image_limits
         self.progress = stages.StepProgress() if progress else None
-        self.steps = stages.Pipeline(self.config, components.vae_config, lora=self.lora_config, shift=shift,
+        self.steps = stages.Pipeline(self.config, components.vae_config, lora_config=self.lora_config, shift=shift,
                                      options=RunOptions(dtype=_dtype(dtype), backend=attention), decode=False,
                                      mesh=mesh, rules=rules, progress=self.progress)
         self.params = components.params

@@ -279,18 +279,18 @@ class Pipeline:
     `CustomShiftPipeline`, training samples and `customshift demo` run.
 
     The compiled functions are built once (on first use); the weights are call arguments, named as everywhere:
-    the base params, and the CustomShift LoRAs `rab` and `cgb` (the CGB's with beta). `lora` is their
-    `LoRAConfig` (None: no reference path). `options` says how every function runs (`RunOptions`: dtype, the
+    the base params, and the CustomShift LoRAs `rab` and `cgb` (the CGB's with beta). `lora_config` is
+    their `LoRAConfig` (None: no reference path). `options` says how every function runs (`RunOptions`: dtype, the
     attention backend "xla", "blocked", "flash", ...). With `mesh`, every function runs sharded under `rules`.
     """
 
-    def __init__(self, config: MMDiTConfig, vae_config: Any = None, *, lora: Any = None, shift: str = "cads",
+    def __init__(self, config: MMDiTConfig, vae_config: Any = None, *, lora_config: Any = None, shift: str = "cads",
                  form: str = "two_pass", options: RunOptions | None = None, decode: bool = True,
                  mesh: Any = None, rules: Any = "fsdp", progress: Any = None):
         CustomShiftAttnProcessor(shift, form)  # a bad shift or form fails here, before anything compiles
         if decode and vae_config is None:
             raise ValueError("Pipeline(decode=True) needs the vae_config.")
-        self.config, self.vae_config, self.lora = config, vae_config, lora
+        self.config, self.vae_config, self.lora_config = config, vae_config, lora_config
         self.shift, self.form, self.decode = shift, form, decode
         self.options = shd.on_mesh(options or RunOptions(), mesh, rules)
         self.mesh, self.rules, self.progress = mesh, rules, progress
@@ -312,7 +312,7 @@ class Pipeline:
     def customshift_sampler(self):
         """The sampler whose forward is the Cross-Guidance Branch reading the reference cache."""
         return self._get("customshift", lambda: make_customshift_sampler(
-            self.config, self.lora, self.options, shift=self.shift, form=self.form, **self._sampler_kw()))
+            self.config, self.lora_config, self.options, shift=self.shift, form=self.form, **self._sampler_kw()))
 
     def encode_reference(self, vae_params: Any, images: Any) -> jax.Array:
         """Reference images (B, 3, H, W) in [-1, 1] -> scaled VAE latents (B, C, H/f, W/f): what the RAB reads."""
@@ -323,7 +323,7 @@ class Pipeline:
     def prefill_function(self):
         """The compiled Reference-Alignment Branch `f(params, rab, ref_latents, subject_embeds, subject_pooled)`."""
         def build():
-            prefill = make_prefill(self.config, self.lora, self.options)
+            prefill = make_prefill(self.config, self.lora_config, self.options)
             if self.mesh is None:
                 return jax.jit(prefill)
             return shd.ShardedFunction(prefill, self.mesh, self.rules, *PREFILL_AXES)

@@ -49,7 +49,7 @@ def _check_api_block(scope: dict) -> None:
     args = [scope[name] for name in ("config", "params", "latents")] + [500.0, scope["prompt_embeds"], scope["pooled"]]
     base = np.asarray(cs.mmdit_apply(*args))
     assert np.max(np.abs(sample - base)) > 1e-3  # the reference cache changes the prediction
-    off = customshift_apply(*args, scope["cache"], cgb_lora=scope["cgb"], lora=scope["lora"], gamma=0.0)
+    off = customshift_apply(*args, scope["cache"], cgb_lora=scope["cgb"], lora_config=scope["lora_config"], gamma=0.0)
     np.testing.assert_array_equal(np.asarray(off), base)
 
 

@@ -19,6 +19,7 @@ import json
 import math
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -213,9 +214,10 @@ def run(args: argparse.Namespace) -> int:
     out = make_dir(args.out, "--out")
     finals = []
     settings = {k: v for k, v in vars(args).items() if not k.startswith("_")}  # no internal entries
+    per_png = png_settings(args, height, width)
     try:
         for result in results:
-            write_prompt_pngs(args, out, result, prompts[result.index], height, width)
+            write_prompt_pngs(out, result, prompts[result.index], per_png)
             finals.append(result.latents)
     except KeyboardInterrupt:
         if pipe.progress is not None:
@@ -262,18 +264,21 @@ def check_outputs(out: Path, n_prompts: int, num_images: int, latents_path: str 
             refuse_link(out / f"{i:03d}_{j:02d}.png", "image")
 
 
-def write_prompt_pngs(args: argparse.Namespace, out: Path, result, prompt: str, height: int, width: int) -> None:
-    """One prompt's PNGs, each with the settings that made it in its text chunks."""
+def png_settings(args: argparse.Namespace, height: int, width: int) -> dict:
+    """The run's settings that every PNG records in its text chunks (the prompt and index are added per image)."""
+    return dict(negative_prompt=args.negative_prompt, seed=args.seed, steps=args.steps, guidance=args.guidance,
+                height=height, width=width, checkpoint=str(args.checkpoint), reference=args.reference,
+                subject=args.subject, gamma=args.gamma if args.reference else None,
+                shift=args.shift if args.reference else None, lora=args.lora, mesh=args.mesh,
+                rules=args.rules if args.mesh else None, init_latents=args.init_latents, attention=args.attention)
+
+
+def write_prompt_pngs(out: Path, result: Any, prompt: str, settings: dict) -> None:
+    """One prompt's PNGs (`result.images`), each with its prompt, index and the run's `settings` in its text
+    chunks; prints each path."""
     from customshift_jax.pipeline import save_png
 
-    i = result.index
-    for j in range(args.num_images):
-        meta = dict(prompt=prompt, negative_prompt=args.negative_prompt, seed=args.seed, index=j,
-                    steps=args.steps, guidance=args.guidance, height=height, width=width,
-                    checkpoint=str(args.checkpoint), reference=args.reference, subject=args.subject,
-                    gamma=args.gamma if args.reference else None, shift=args.shift if args.reference else None,
-                    lora=args.lora, mesh=args.mesh, rules=args.rules if args.mesh else None,
-                    init_latents=args.init_latents, attention=args.attention)
-        path = out / f"{i:03d}_{j:02d}.png"
-        save_png(result.images[j], path, meta)
+    for j, image in enumerate(result.images):
+        path = out / f"{result.index:03d}_{j:02d}.png"
+        save_png(image, path, {"prompt": prompt, **settings, "index": j})
         print(path)

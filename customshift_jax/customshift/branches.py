@@ -77,36 +77,37 @@ def check_cache(config: MMDiTConfig, cache: RefCache, batch: int) -> None:
                          "reference for the whole batch, or one per sample.")
 
 
-def lora_model(config: MMDiTConfig, lora: LoRAConfig | None, options: RunOptions | None = None, *,
+def lora_model(config: MMDiTConfig, lora_config: LoRAConfig | None, options: RunOptions | None = None, *,
                shift: str = "cads", form: str = "two_pass", makes_beta: bool = False) -> SD3Transformer:
     """The base model's module with the LoRA hooks and CustomShift's attention processor (structure only;
     `makes_beta`: its init also creates beta); `options`: how it runs (dtype, backend, remat, returns,
     activation_sharding, ...)."""
-    return build_model(config, options, lora=lora, processor=CustomShiftAttnProcessor(shift, form, makes_beta))
+    return build_model(config, options, lora_config=lora_config,
+                       processor=CustomShiftAttnProcessor(shift, form, makes_beta))
 
 
-def init_lora(config: MMDiTConfig, lora: LoRAConfig, rng: jax.Array, *, branch: str) -> Params:
+def init_lora(config: MMDiTConfig, lora_config: LoRAConfig, rng: jax.Array, *, branch: str) -> Params:
     """Fresh LoRA params for one branch ("rab" or "cgb"; the CGB also gets beta = 0). B = 0: a no-op at start.
 
     Compiled so that the base params it needs to trace are never materialised.
     """
     if branch not in ("rab", "cgb"):
         raise ValueError(f"branch must be 'rab' or 'cgb', got {branch!r}.")
-    model = lora_model(config, lora, makes_beta=branch == "cgb")
+    model = lora_model(config, lora_config, makes_beta=branch == "cgb")
     return jax.jit(lambda key: model.init(key, *_dummy_inputs(config))["lora"])(rng)
 
 
 @functools.lru_cache(maxsize=16)
-def lora_shapes(config: MMDiTConfig, lora: LoRAConfig, branch: str) -> Params:
+def lora_shapes(config: MMDiTConfig, lora_config: LoRAConfig, branch: str) -> Params:
     """Shapes of one branch's LoRA tree (nothing allocated)."""
-    return jax.eval_shape(lambda: init_lora(config, lora, jax.random.key(0), branch=branch))
+    return jax.eval_shape(lambda: init_lora(config, lora_config, jax.random.key(0), branch=branch))
 
 
-def check_lora(config: MMDiTConfig, lora: LoRAConfig, lora_params: Params, branch: str) -> None:
+def check_lora(config: MMDiTConfig, lora_config: LoRAConfig, lora_params: Params, branch: str) -> None:
     """Refuse a LoRA tree of another rank, targets or model, naming the first mismatching entries."""
-    problems = shape_mismatches(lora_shapes(config, lora, branch), lora_params)
+    problems = shape_mismatches(lora_shapes(config, lora_config, branch), lora_params)
     if problems:
-        raise ValueError(f"the {branch.upper()} LoRA does not fit this model with rank {lora.rank}: "
+        raise ValueError(f"the {branch.upper()} LoRA does not fit this model with rank {lora_config.rank}: "
                          + "; ".join(problems) + ". Was it trained for another model or rank?")
 
 
@@ -114,14 +115,15 @@ def _variables(params: Params, lora_params: Params | None) -> dict:
     return {"params": params} if lora_params is None else {"params": params, "lora": lora_params}
 
 
-def make_prefill(config: MMDiTConfig, lora: LoRAConfig | None = None, options: RunOptions | None = None) -> Callable:
+def make_prefill(config: MMDiTConfig, lora_config: LoRAConfig | None = None,
+                 options: RunOptions | None = None) -> Callable:
     """Pure RAB prefill `f(params, rab_lora, ref_latents, subject_embeds, subject_pooled) -> {group: (K, V)}`.
 
     Timestep 0 (the reference is clean), no skip layers; jax.jit takes it as it is (sharded: `PREFILL_AXES`).
     `options.remat` matters inside the training loss, where the RAB's activations are kept for its LoRA's
     gradient; `options.returns` is set to "kv".
     """
-    model = lora_model(config, lora, (options or RunOptions()).replace(returns="kv"))
+    model = lora_model(config, lora_config, (options or RunOptions()).replace(returns="kv"))
 
     def prefill_fn(params, rab_lora, ref_latents, subject_embeds, subject_pooled):
         t0 = jnp.zeros((ref_latents.shape[0],), jnp.float32)
@@ -131,7 +133,8 @@ def make_prefill(config: MMDiTConfig, lora: LoRAConfig | None = None, options: R
     return prefill_fn
 
 
-def make_customshift_forward(config: MMDiTConfig, lora: LoRAConfig | None = None, options: RunOptions | None = None,
+def make_customshift_forward(config: MMDiTConfig, lora_config: LoRAConfig | None = None,
+                             options: RunOptions | None = None,
                              *, shift: str = "cads", form: str = "two_pass") -> Callable:
     """Pure CGB forward `f(params, cgb_lora, x, t, ehs, pooled, skip_mask, ref_kv, gamma) -> sample`.
 
@@ -139,7 +142,7 @@ def make_customshift_forward(config: MMDiTConfig, lora: LoRAConfig | None = None
     (B,) (e.g. per-sample reference dropout: 0 removes that sample's reference path); traced, no recompile.
     Sharded: `CUSTOMSHIFT_FORWARD_AXES`.
     """
-    model = lora_model(config, lora, options, shift=shift, form=form)
+    model = lora_model(config, lora_config, options, shift=shift, form=form)
 
     def forward(params, cgb_lora, hidden_states, timestep, encoder_hidden_states, pooled_projections, skip,
                 ref_kv=None, gamma=1.0):
@@ -150,23 +153,23 @@ def make_customshift_forward(config: MMDiTConfig, lora: LoRAConfig | None = None
 
 
 def prefill(config: MMDiTConfig, params: Params, ref_latents, subject_embeds, subject_pooled, *,
-            rab_lora: Params | None = None, lora: LoRAConfig | None = None, dtype: Any = jnp.float32,
+            rab_lora: Params | None = None, lora_config: LoRAConfig | None = None, dtype: Any = jnp.float32,
             backend: str = "xla") -> RefCache:
     """Run the Reference-Alignment Branch once: reference latents (B_ref, C, H, W) (VAE-encoded and scaled)
     and the subject name's embeddings (B_ref, S, joint_dim), (B_ref, P) -> the per-layer K/V cache."""
     ref_latents, subject_embeds, subject_pooled = map(jnp.asarray, (ref_latents, subject_embeds, subject_pooled))
     check_inputs(config, ref_latents, np.zeros(ref_latents.shape[0]), subject_embeds, subject_pooled)
-    if rab_lora is not None and lora is None:
+    if rab_lora is not None and lora_config is None:
         raise ValueError("rab_lora was given without its LoRAConfig (rank, alpha, targets).")
     if rab_lora is not None:
-        check_lora(config, lora, rab_lora, "rab")
-    fn = jitted(make_prefill, config, lora, RunOptions(dtype=dtype, backend=backend))
+        check_lora(config, lora_config, rab_lora, "rab")
+    fn = jitted(make_prefill, config, lora_config, RunOptions(dtype=dtype, backend=backend))
     return RefCache(fn(params, rab_lora, ref_latents, subject_embeds, subject_pooled), config_fingerprint(config))
 
 
 def customshift_apply(config: MMDiTConfig, params: Params, hidden_states, timestep, encoder_hidden_states,
                       pooled_projections, cache: RefCache | None = None, *, cgb_lora: Params | None = None,
-                      lora: LoRAConfig | None = None, gamma: Any = 1.0, shift: str = "cads",
+                      lora_config: LoRAConfig | None = None, gamma: Any = 1.0, shift: str = "cads",
                       form: str = "two_pass", skip_layers: Sequence[int] | None = None, dtype: Any = jnp.float32,
                       backend: str = "xla"):
     """The Cross-Guidance Branch forward: diffusers' arguments plus the reference cache and gamma (a scalar or
@@ -176,12 +179,12 @@ def customshift_apply(config: MMDiTConfig, params: Params, hidden_states, timest
     check_inputs(config, hidden_states, timestep, encoder_hidden_states, pooled_projections)
     if cache is not None:
         check_cache(config, cache, hidden_states.shape[0])
-    if cgb_lora is not None and lora is None:
+    if cgb_lora is not None and lora_config is None:
         raise ValueError("cgb_lora was given without its LoRAConfig (rank, alpha, targets).")
     if cgb_lora is not None:
-        check_lora(config, lora, cgb_lora, "cgb")
+        check_lora(config, lora_config, cgb_lora, "cgb")
     timestep = jnp.broadcast_to(jnp.asarray(timestep, jnp.float32).reshape(-1), (hidden_states.shape[0],))
-    fn = jitted(make_customshift_forward, config, lora, RunOptions(dtype=dtype, backend=backend), shift=shift,
+    fn = jitted(make_customshift_forward, config, lora_config, RunOptions(dtype=dtype, backend=backend), shift=shift,
                 form=form)
     return fn(params, cgb_lora, hidden_states, timestep, encoder_hidden_states, pooled_projections,
               jnp.asarray(skip_mask(config, skip_layers)), None if cache is None else cache.kv, gamma)

@@ -21,11 +21,11 @@ EXTRA_AXES = {"ref_kv": shd.KV_AXES_FN, "ref_latents": shd.LATENT_AXES, "subject
               "subject_pooled": shd.BATCH_AXES, "gamma": shd.REPLICATED}
 
 
-def _forward(config: MMDiTConfig, lora: LoRAConfig | None, options: RunOptions, *, shift: str, form: str,
+def _forward(config: MMDiTConfig, lora_config: LoRAConfig | None, options: RunOptions, *, shift: str, form: str,
              recompute_rab: bool) -> Callable:
     """The sampler's `forward(params, x, t, ehs, pooled, skip, *, gamma, ref_kv | ref inputs)`: CGB (+ RAB)."""
-    cgb = make_customshift_forward(config, lora, options, shift=shift, form=form)
-    rab = make_prefill(config, lora, options) if recompute_rab else None
+    cgb = make_customshift_forward(config, lora_config, options, shift=shift, form=form)
+    rab = make_prefill(config, lora_config, options) if recompute_rab else None
 
     def forward(params, x, t, ehs, pooled, skip, *, gamma, ref_kv=None, ref_latents=None, subject_embeds=None,
                 subject_pooled=None):
@@ -36,7 +36,8 @@ def _forward(config: MMDiTConfig, lora: LoRAConfig | None, options: RunOptions, 
     return forward
 
 
-def make_customshift_sampler(config: MMDiTConfig, lora: LoRAConfig | None = None, options: RunOptions | None = None,
+def make_customshift_sampler(config: MMDiTConfig, lora_config: LoRAConfig | None = None,
+                             options: RunOptions | None = None,
                              *, shift: str = "cads", form: str = "two_pass", recompute_rab: bool = False,
                              mesh: Any = None, rules: Any = "fsdp", **sampler_kw: Any) -> Callable:
     """A jitted sampler `run(params, latents, cond, schedule, *, guidance_scale, extra, ...)` (see `make_sampler`).
@@ -48,6 +49,6 @@ def make_customshift_sampler(config: MMDiTConfig, lora: LoRAConfig | None = None
     constraints of `rules` unless `options.activation_sharding` is set.
     """
     options = shd.on_mesh(options or RunOptions(), mesh, rules)
-    forward = _forward(config, lora, options, shift=shift, form=form, recompute_rab=recompute_rab)
+    forward = _forward(config, lora_config, options, shift=shift, form=form, recompute_rab=recompute_rab)
     return make_sampler(config, options, forward=forward, mesh=mesh, rules=rules,
                         extra_axes=EXTRA_AXES if mesh is not None else None, **sampler_kw)

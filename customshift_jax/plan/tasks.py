@@ -154,14 +154,14 @@ def run_options(w: Workload, mesh: Any, rules: shd.RulesLike) -> RunOptions:
 def build(w: Workload, mesh: Any, rules: shd.RulesLike) -> Compilable:
     """The task's sharded entry point on `mesh` under `rules`, with abstract arguments of `w`'s shapes."""
     config, dtype = w.config, as_dtype(w.dtype)
-    lora = LoRAConfig(rank=w.lora_rank, alpha=float(w.lora_rank))
+    lora_config = LoRAConfig(rank=w.lora_rank, alpha=float(w.lora_rank))
     base = _abstract(param_shapes(config, dtype))
     options = run_options(w, mesh, rules)
     if w.task in ("train-lora", "train-base"):
         optimizer, _ = make_optimizer(1e-4)
         if w.task == "train-lora":
-            state = _abstract(jax.eval_shape(lambda: init_train_state(config, lora, optimizer, 0)))
-            fn = make_train_step(config, lora, optimizer, options, seed=0)
+            state = _abstract(jax.eval_shape(lambda: init_train_state(config, lora_config, optimizer, 0)))
+            fn = make_train_step(config, lora_config, optimizer, options, seed=0)
             args = (state, base, _batch(config, w, reference=True))
         else:
             state = _abstract(jax.eval_shape(lambda p: init_base_train_state(p, optimizer), base))
@@ -170,28 +170,30 @@ def build(w: Workload, mesh: Any, rules: shd.RulesLike) -> Compilable:
         step = shd.ShardedFunction(fn, mesh, rules, *TRAIN_STEP_AXES)
         return Compilable(lambda: step.jitted(*args), args, step.fn, w.global_batch, "images")
     if w.task == "prefill":
-        fn = shd.ShardedFunction(make_prefill(config, lora, options.replace(remat="none")), mesh, rules,
+        fn = shd.ShardedFunction(make_prefill(config, lora_config, options.replace(remat="none")), mesh, rules,
                                  *PREFILL_AXES)
         b = w.global_batch
-        args = (base, lora_shapes(config, lora, "rab"), _sds((b, config.in_channels, w.latent_side, w.latent_side)),
+        args = (base, lora_shapes(config, lora_config, "rab"),
+                _sds((b, config.in_channels, w.latent_side, w.latent_side)),
                 _sds((b, w.text_tokens, config.joint_attention_dim)), _sds((b, config.pooled_projection_dim)))
         return Compilable(lambda: fn.jitted(*args), args, fn.fn, b, "references")
     if w.task == "sample-step":
-        fn = shd.ShardedFunction(make_customshift_forward(config, lora, options), mesh, rules,
+        fn = shd.ShardedFunction(make_customshift_forward(config, lora_config, options), mesh, rules,
                                  *CUSTOMSHIFT_FORWARD_AXES)
         b = w.global_batch * (2 if w.guidance else 1)  # CFG runs [negative; positive] in one call
-        args = (base, lora_shapes(config, lora, "cgb"), _sds((b, config.in_channels, w.latent_side, w.latent_side)),
+        args = (base, lora_shapes(config, lora_config, "cgb"),
+                _sds((b, config.in_channels, w.latent_side, w.latent_side)),
                 _sds((b,)), _sds((b, w.text_tokens, config.joint_attention_dim)),
                 _sds((b, config.pooled_projection_dim)), _sds((config.num_layers,), jnp.bool_),
                 ref_kv_shapes(config, w, 1, dtype), _sds(()))
         return Compilable(lambda: fn.jitted(*args), args, fn.fn, w.global_batch, "images per step")
     if w.task == "sample":
-        run = make_customshift_sampler(config, lora, options.replace(remat="none"), mesh=mesh, rules=rules)
+        run = make_customshift_sampler(config, lora_config, options.replace(remat="none"), mesh=mesh, rules=rules)
         fn = run.sharded[w.guidance]
         b = w.global_batch
         emb, pooled = _sds((b, w.text_tokens, config.joint_attention_dim)), _sds((b, config.pooled_projection_dim))
         cond = Conditioning(emb, pooled, emb if w.guidance else None, pooled if w.guidance else None)
-        args = ({"base": base, "cgb": lora_shapes(config, lora, "cgb")},
+        args = ({"base": base, "cgb": lora_shapes(config, lora_config, "cgb")},
                 _sds((b, config.in_channels, w.latent_side, w.latent_side)), cond,
                 Schedule(_sds((w.steps + 1,)), _sds((w.steps,))), _sds(()), None,
                 {"ref_kv": ref_kv_shapes(config, w, 1, dtype), "gamma": _sds(())}, None)

@@ -90,7 +90,8 @@ class Generator:
         self.model, self.guidance = model, guidance
         self.schedule = make_schedule({"shift": SCHEDULER_SHIFT}, steps)
         self.base = Pipeline(model.config, model.vae_config)
-        self.pipes = {lora_name: Pipeline(model.config, model.vae_config, lora=model.loras[lora_name][0], shift=shift)
+        self.pipes = {lora_name: Pipeline(model.config, model.vae_config, lora_config=model.loras[lora_name][0],
+                                          shift=shift)
                       for lora_name, shift, _ in METHODS.values() if shift is not None}
         # The training-free method's all-zero LoRAs, made once.
         self.zeroed = {name: (model.loras[name][0], *jax.tree_util.tree_map(jnp.zeros_like, model.loras[name][1:]))

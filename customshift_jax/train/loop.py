@@ -114,7 +114,7 @@ def load_base(mcfg: dict) -> tuple[Any, Any]:
     return config, params
 
 
-def _step_parts(cfg: dict, config, base, lora, optimizer, schedule) -> tuple:
+def _step_parts(cfg: dict, config, base, lora_config, optimizer, schedule) -> tuple:
     """(initial state, base argument of the step, mesh or None -> step) for `train.mode`; on a mesh the step is
     the plain one, built with the activation constraints, wrapped by `ShardedFunction`."""
     t = cfg["train"]
@@ -124,8 +124,8 @@ def _step_parts(cfg: dict, config, base, lora, optimizer, schedule) -> tuple:
         make = functools.partial(make_base_train_step, config, optimizer, ema_decay=t["ema_decay"], **step_kw)
         base = {}
     else:
-        state = init_train_state(config, lora, optimizer, t["seed"])
-        make = functools.partial(make_train_step, config, lora, optimizer, shift=t["shift"], form=t["form"],
+        state = init_train_state(config, lora_config, optimizer, t["seed"])
+        make = functools.partial(make_train_step, config, lora_config, optimizer, shift=t["shift"], form=t["form"],
                                  ref_dropout=t["ref_dropout"], **step_kw)
 
     def step_on(mesh):
@@ -143,7 +143,7 @@ class TrainParts:
 
     config: Any          # MMDiTConfig
     base: Any            # the frozen base params (LoRA mode), or {} (train.mode=base: the state holds them)
-    lora: Any            # LoRAConfig
+    lora_config: Any            # LoRAConfig
     dataset: Any         # ShardDataset
     it: Any              # BatchIterator (its position is checkpointed)
     optimizer: Any       # optax.GradientTransformation
@@ -160,7 +160,7 @@ def build(cfg: dict) -> TrainParts:
     t, d = cfg["train"], cfg["data"]
     # train.mode=base trains the loaded params themselves: fp32 masters, whatever model.base_dtype says.
     config, base = load_base({**cfg["model"], "base_dtype": "fp32"} if t["mode"] == "base" else cfg["model"])
-    lora = LoRAConfig(rank=cfg["lora"]["rank"], alpha=cfg["lora"]["alpha"])
+    lora_config = LoRAConfig(rank=cfg["lora"]["rank"], alpha=cfg["lora"]["alpha"])
     dataset = ShardDataset(d["path"])
     lat_shape = dataset.index["latent_shape"]
     if lat_shape[0] != config.in_channels:
@@ -170,7 +170,7 @@ def build(cfg: dict) -> TrainParts:
     optimizer, schedule = make_optimizer(
         t["lr"], warmup_steps=t["warmup_steps"], schedule=t["schedule"], total_steps=t["steps"] // t["accum_steps"],
         weight_decay=t["weight_decay"], clip_norm=t["clip_norm"], accum_steps=t["accum_steps"])
-    state, base, step_on = _step_parts(cfg, config, base, lora, optimizer, schedule)
+    state, base, step_on = _step_parts(cfg, config, base, lora_config, optimizer, schedule)
     m = cfg["mesh"]
     if m["enabled"]:
         mesh = shd.make_mesh(m["data"], m["fsdp"], m["tensor"])
@@ -194,8 +194,8 @@ def build(cfg: dict) -> TrainParts:
         def put_batch(batch):
             return batch
 
-    return TrainParts(config=config, base=base, lora=lora, dataset=dataset, it=it, optimizer=optimizer, state=state,
-                      jstep=jstep, put_batch=put_batch, mesh=mesh)
+    return TrainParts(config=config, base=base, lora_config=lora_config, dataset=dataset, it=it, optimizer=optimizer,
+                      state=state, jstep=jstep, put_batch=put_batch, mesh=mesh)
 
 
 def export_lora(out: Path, state, lora, text_settings: dict | None = None) -> list[Path]:
@@ -263,7 +263,7 @@ def _export_trained(cfg: dict, out: Path, state, parts: TrainParts, total: int, 
     if cfg["train"]["mode"] == "base":
         _export_base(cfg, out / "model", state, parts.config, total, log)
     elif cfg["export_lora"] and jax.process_index() == 0:
-        files = export_lora(out / "lora", state, parts.lora, prepared_text_settings(cfg["data"]["path"]))
+        files = export_lora(out / "lora", state, parts.lora_config, prepared_text_settings(cfg["data"]["path"]))
         log(f"exported the LoRA: {', '.join(str(f) for f in files)}")
 
 

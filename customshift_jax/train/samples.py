@@ -141,7 +141,7 @@ class TrainingSampler:
     The prefill and the sampler are built and jitted once (only their inputs change between calls).
     """
 
-    def __init__(self, cfg: dict, config: Any, lora: Any, dataset: ShardDataset, out: Path):
+    def __init__(self, cfg: dict, config: Any, lora_config: Any, dataset: ShardDataset, out: Path):
         import jax
 
         scfg = cfg["sample"]
@@ -160,16 +160,16 @@ class TrainingSampler:
         self.noise = np.asarray(initial_latents(jax.random.key(int(scfg["seed"])), shape))
         self.meta = dict(seed=scfg["seed"], steps=scfg["steps"], guidance=self.guidance, gamma=scfg["gamma"],
                          decoded=self.vae is not None)  # PNG metadata beside the prompt and step
-        self._build(config, lora, cfg["train"])
+        self._build(config, lora_config, cfg["train"])
 
     def _inputs(self, scfg: dict, dataset: ShardDataset) -> SampleInputs:
         """The fixed prompts, reference and subject of every call."""
         return sample_inputs(scfg, dataset, self.vae)
 
-    def _build(self, config: Any, lora: Any, t: dict) -> None:
+    def _build(self, config: Any, lora_config: Any, t: dict) -> None:
         """The pipeline (RAB prefill and CustomShift sampler, compiled on first use, then reused)."""
-        self.pipe = Pipeline(config, None if self.vae is None else self.vae[0], lora=lora, shift=t["shift"],
-                             form=t["form"], options=RunOptions(dtype=t["dtype"]), decode=self.vae is not None)
+        self.pipe = Pipeline(config, None if self.vae is None else self.vae[0], lora_config=lora_config,
+                             shift=t["shift"], form=t["form"], options=RunOptions(dtype=t["dtype"]), decode=self.vae is not None)
 
     def _sample(self, trainable: Any, base_params: Any) -> Any:
         """Latents (or decoded images) of every prompt with the current LoRAs."""
@@ -211,7 +211,7 @@ class BaseTrainingSampler(TrainingSampler):
         *arrays, names = _prompts(scfg, dataset, npz)
         return SampleInputs(*map(f32, arrays), None, None, None, names)
 
-    def _build(self, config: Any, lora: Any, t: dict) -> None:  # noqa: ARG002
+    def _build(self, config: Any, lora_config: Any, t: dict) -> None:  # noqa: ARG002
 
         del self.meta["gamma"]
         self.pipe = Pipeline(config, None if self.vae is None else self.vae[0], options=RunOptions(dtype=t["dtype"]),
@@ -227,4 +227,4 @@ def maybe_sampler(cfg: dict, parts: Any, out: Path) -> Callable | None:
     if not int(cfg["sample"]["every"]):
         return None
     cls = BaseTrainingSampler if cfg["train"]["mode"] == "base" else TrainingSampler
-    return cls(cfg, parts.config, parts.lora, parts.dataset, out)
+    return cls(cfg, parts.config, parts.lora_config, parts.dataset, out)

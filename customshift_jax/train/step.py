@@ -42,12 +42,12 @@ class TrainState:
     ema: Params | None = None
 
 
-def init_train_state(config: MMDiTConfig, lora: LoRAConfig, optimizer: optax.GradientTransformation,
+def init_train_state(config: MMDiTConfig, lora_config: LoRAConfig, optimizer: optax.GradientTransformation,
                      seed: int) -> TrainState:
     """Fresh LoRAs for both branches (B = 0, beta = 0) and the optimizer state, from `seed`."""
     k_rab, k_cgb = jax.random.split(jax.random.fold_in(jax.random.key(seed), 0x10CA), 2)
-    trainable = {"rab": init_lora(config, lora, k_rab, branch="rab"),
-                 "cgb": init_lora(config, lora, k_cgb, branch="cgb")}
+    trainable = {"rab": init_lora(config, lora_config, k_rab, branch="rab"),
+                 "cgb": init_lora(config, lora_config, k_cgb, branch="cgb")}
     trainable = jax.tree_util.tree_map(lambda a: jnp.asarray(a, jnp.float32), trainable)
     return TrainState(jnp.zeros((), jnp.int32), trainable, optimizer.init(trainable))
 
@@ -100,8 +100,8 @@ def flow_matching_inputs(batch: dict, key: jax.Array, text_dropout: float) -> Fl
     return FlowInputs(x0, eps, t, x_t, ehs, pooled, keep_text, k_rest)
 
 
-def make_loss_fn(config: MMDiTConfig, lora: LoRAConfig, options: RunOptions | None = None, *, shift: str = "cads",
-                 form: str = "two_pass", text_dropout: float = 0.1, ref_dropout: float = 0.05) -> Callable:
+def make_loss_fn(config: MMDiTConfig, lora_config: LoRAConfig, options: RunOptions | None = None, *,
+                 shift: str = "cads", form: str = "two_pass", text_dropout: float = 0.1, ref_dropout: float = 0.05) -> Callable:
     """Pure `loss(trainable, base_params, batch, key) -> (loss, aux)`; `options`: how both branches run
     (compute dtype, attention backend, remat, activation sharding).
 
@@ -114,8 +114,8 @@ def make_loss_fn(config: MMDiTConfig, lora: LoRAConfig, options: RunOptions | No
     if shift == "concat" and ref_dropout > 0:
         raise ValueError("reference dropout works through gamma = 0, which shift='concat' ignores; set "
                          "ref_dropout to 0 or train with shift='cads'.")
-    prefill = make_prefill(config, lora, options)
-    forward = make_customshift_forward(config, lora, options, shift=shift, form=form)
+    prefill = make_prefill(config, lora_config, options)
+    forward = make_customshift_forward(config, lora_config, options, shift=shift, form=form)
     skip = np.zeros((config.num_layers,), bool)
 
     def loss_fn(trainable, base_params, batch, key):
@@ -132,7 +132,7 @@ def make_loss_fn(config: MMDiTConfig, lora: LoRAConfig, options: RunOptions | No
     return loss_fn
 
 
-def make_train_step(config: MMDiTConfig, lora: LoRAConfig, optimizer: optax.GradientTransformation,
+def make_train_step(config: MMDiTConfig, lora_config: LoRAConfig, optimizer: optax.GradientTransformation,
                     options: RunOptions | None = None, *, seed: int, schedule: optax.Schedule | None = None,
                     accum_steps: int = 1, **loss_kw: Any) -> Callable:
     """Pure `step(state, base_params, batch) -> (state, metrics)`; jit it, or shard it (`TRAIN_STEP_AXES`).
@@ -140,7 +140,7 @@ def make_train_step(config: MMDiTConfig, lora: LoRAConfig, optimizer: optax.Grad
     `options.dtype` is the compute dtype (master weights and optimizer state stay fp32). `loss_kw`: shift,
     form, text_dropout, ref_dropout (see `make_loss_fn`).
     """
-    return make_step_fn(make_loss_fn(config, lora, options, **loss_kw), optimizer, seed=seed, schedule=schedule,
+    return make_step_fn(make_loss_fn(config, lora_config, options, **loss_kw), optimizer, seed=seed, schedule=schedule,
                         accum_steps=accum_steps)
 
 

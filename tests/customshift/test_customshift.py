@@ -32,7 +32,7 @@ def setup(request):
     ref = rng.standard_normal((1, 16, 8, 8)).astype(np.float32)
     subject = rng.standard_normal((1, 5, config.joint_attention_dim)).astype(np.float32)
     subject_pooled = rng.standard_normal((1, config.pooled_projection_dim)).astype(np.float32)
-    cache = prefill(config, params, ref, subject, subject_pooled, rab_lora=rab, lora=LORA)
+    cache = prefill(config, params, ref, subject, subject_pooled, rab_lora=rab, lora_config=LORA)
     inputs = (rng.standard_normal((2, 16, 12, 8)).astype(np.float32), np.array([100.0, 700.0], np.float32),
               rng.standard_normal((2, 7, config.joint_attention_dim)).astype(np.float32),
               rng.standard_normal((2, config.pooled_projection_dim)).astype(np.float32))
@@ -50,16 +50,16 @@ def test_cache_holds_every_layer(setup):
 
 def test_two_forms_agree(setup):
     config, params, _, cgb, cache, inputs = setup
-    a = customshift_apply(config, params, *inputs, cache, cgb_lora=cgb, lora=LORA, gamma=0.7, form="two_pass")
-    b = customshift_apply(config, params, *inputs, cache, cgb_lora=cgb, lora=LORA, gamma=0.7, form="single")
+    a = customshift_apply(config, params, *inputs, cache, cgb_lora=cgb, lora_config=LORA, gamma=0.7, form="two_pass")
+    b = customshift_apply(config, params, *inputs, cache, cgb_lora=cgb, lora_config=LORA, gamma=0.7, form="single")
     assert relative_error(a, b) <= 1e-6
 
 
 def test_reference_changes_the_output_and_gamma_zero_removes_it(setup):
     config, params, _, cgb, cache, inputs = setup
-    without = customshift_apply(config, params, *inputs, None, cgb_lora=cgb, lora=LORA)
-    shifted = customshift_apply(config, params, *inputs, cache, cgb_lora=cgb, lora=LORA, gamma=1.0)
-    gamma0 = customshift_apply(config, params, *inputs, cache, cgb_lora=cgb, lora=LORA, gamma=0.0)
+    without = customshift_apply(config, params, *inputs, None, cgb_lora=cgb, lora_config=LORA)
+    shifted = customshift_apply(config, params, *inputs, cache, cgb_lora=cgb, lora_config=LORA, gamma=1.0)
+    gamma0 = customshift_apply(config, params, *inputs, cache, cgb_lora=cgb, lora_config=LORA, gamma=0.0)
     assert relative_error(shifted, without) > 1e-3
     np.testing.assert_array_equal(np.asarray(gamma0), np.asarray(without))
 
@@ -67,24 +67,25 @@ def test_reference_changes_the_output_and_gamma_zero_removes_it(setup):
 def test_no_cache_zero_lora_is_exactly_the_base_forward(setup):
     config, params, _, _, _, inputs = setup
     zero = init_lora(config, LORA, jax.random.key(9), branch="cgb")  # B = 0, beta = 0
-    out = customshift_apply(config, params, *inputs, None, cgb_lora=zero, lora=LORA)
+    out = customshift_apply(config, params, *inputs, None, cgb_lora=zero, lora_config=LORA)
     np.testing.assert_array_equal(np.asarray(out), np.asarray(mmdit_apply(config, params, *inputs)))
 
 
 def test_concat_ignores_beta_and_equals_cads_at_beta_zero_gamma_one(setup):
     config, params, _, cgb, cache, inputs = setup
-    concat = customshift_apply(config, params, *inputs, cache, cgb_lora=cgb, lora=LORA, shift="concat", gamma=3.0)
+    concat = customshift_apply(config, params, *inputs, cache, cgb_lora=cgb, lora_config=LORA, shift="concat",
+                               gamma=3.0)
     no_beta = jax.tree_util.tree_map_with_path(
         lambda p, x: jnp.zeros_like(x) if jax.tree_util.keystr(p).endswith("['beta']") else x, cgb)
-    cads = customshift_apply(config, params, *inputs, cache, cgb_lora=no_beta, lora=LORA, gamma=1.0)
+    cads = customshift_apply(config, params, *inputs, cache, cgb_lora=no_beta, lora_config=LORA, gamma=1.0)
     assert relative_error(concat, cads) <= 1e-6
-    with_beta = customshift_apply(config, params, *inputs, cache, cgb_lora=cgb, lora=LORA, gamma=1.0)
+    with_beta = customshift_apply(config, params, *inputs, cache, cgb_lora=cgb, lora_config=LORA, gamma=1.0)
     assert relative_error(with_beta, cads) > 1e-4  # the learned beta acts (LORA says nothing of beta)
 
 
 def test_merged_lora_equals_lora_path(setup):
     config, params, _, cgb, _, inputs = setup
-    with_lora = customshift_apply(config, params, *inputs, None, cgb_lora=cgb, lora=LORA)
+    with_lora = customshift_apply(config, params, *inputs, None, cgb_lora=cgb, lora_config=LORA)
     merged = mmdit_apply(config, merge_lora(params, cgb, LORA), *inputs)
     assert relative_error(merged, with_lora) <= 1e-5
 
@@ -121,10 +122,10 @@ def test_bad_cache_and_bad_lora_are_refused(setup):
         customshift_apply(other, other_params, *inputs, cache)
     wrong_rank = init_lora(config, LoRAConfig(rank=2, alpha=2.0), jax.random.key(0), branch="cgb")
     with pytest.raises(ValueError, match="rank 4"):
-        customshift_apply(config, params, *inputs, cache, cgb_lora=wrong_rank, lora=LORA)
+        customshift_apply(config, params, *inputs, cache, cgb_lora=wrong_rank, lora_config=LORA)
     other_lora = init_lora(other, LORA, jax.random.key(0), branch="cgb")
     with pytest.raises(ValueError, match="does not fit this model"):
-        customshift_apply(config, params, *inputs, cache, cgb_lora=other_lora, lora=LORA)
+        customshift_apply(config, params, *inputs, cache, cgb_lora=other_lora, lora_config=LORA)
 
 
 @pytest.mark.parametrize("form", ["two_pass", "single"])
@@ -136,7 +137,7 @@ def test_per_sample_gamma_matches_scalar_gamma_per_sample(setup, form):
     # rounding (~1e-6), whatever gamma is.
     config, params, _, cgb, cache, inputs = setup
     run = lambda gamma, c=cache: np.asarray(customshift_apply(  # noqa: E731
-        config, params, *inputs, c, cgb_lora=cgb, lora=LORA, gamma=gamma, form=form))
+        config, params, *inputs, c, cgb_lora=cgb, lora_config=LORA, gamma=gamma, form=form))
     mixed = run(jnp.asarray([0.0, 1.0]))
     np.testing.assert_array_equal(mixed[0], run(0.0)[0])
     if form == "two_pass":

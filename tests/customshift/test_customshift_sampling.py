@@ -39,7 +39,7 @@ def setup():
 
 def test_cached_equals_recomputed_rab_every_step(setup):
     params, rab, cgb, cond, ref, latents, schedule = setup
-    cache = prefill(CONFIG, params, *ref, rab_lora=rab, lora=LORA)
+    cache = prefill(CONFIG, params, *ref, rab_lora=rab, lora_config=LORA)
     cached = make_customshift_sampler(CONFIG, LORA)(
         {"base": params, "cgb": cgb}, latents, cond, schedule, guidance_scale=4.0,
         extra={"ref_kv": cache.kv, "gamma": 1.3})

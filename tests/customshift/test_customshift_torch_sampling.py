@@ -48,7 +48,7 @@ def test_eight_step_customshift_sample_matches_torch_reference():
     pe, pooled, neg, neg_pooled = f(2, 6, j), f(2, p), f(2, 6, j), f(2, p)
     x_t = f(2, 16, 8, 12)
 
-    cache = prefill(config, params, ref, subject, subject_pooled, rab_lora=rab, lora=LORA)
+    cache = prefill(config, params, ref, subject, subject_pooled, rab_lora=rab, lora_config=LORA)
     ours = make_customshift_sampler(config, LORA)(
         {"base": params, "cgb": cgb}, x_t, Conditioning(pe, pooled, neg, neg_pooled),
         make_schedule({"shift": 3.0}, STEPS), guidance_scale=GUIDANCE, extra={"ref_kv": cache.kv, "gamma": GAMMA})

@@ -171,7 +171,7 @@ def test_customshift_forward_on_flash_equals_xla():
     inputs = (rng.standard_normal((2, 16, 8, 6)).astype(np.float32), np.array([100.0, 700.0], np.float32),
               rng.standard_normal((2, 7, config.joint_attention_dim)).astype(np.float32),
               rng.standard_normal((2, config.pooled_projection_dim)).astype(np.float32))
-    cache = prefill(config, params, *ref, lora=lora)  # the RAB's plain attention: covered above
-    runs = [customshift_apply(config, params, *inputs, cache, cgb_lora=cgb, lora=lora, gamma=0.7, form="single",
+    cache = prefill(config, params, *ref, lora_config=lora)  # the RAB's plain attention: covered above
+    runs = [customshift_apply(config, params, *inputs, cache, cgb_lora=cgb, lora_config=lora, gamma=0.7, form="single",
                               backend=backend) for backend in ("flash", "xla")]
     _assert_close(*runs)

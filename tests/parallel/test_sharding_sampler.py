@@ -53,7 +53,7 @@ def setup():
     latents = rng.standard_normal((b, 16, 8, 12)).astype(np.float32)  # non-square: 4 x 6 patches
     schedule = make_schedule({"shift": 3.0}, STEPS)
     slg = skip_layer_guidance(CONFIG, [0], STEPS, start=0.0, stop=1.0)  # the third pass on steps 1 and 2
-    kv = prefill(CONFIG, params, *ref, rab_lora=rab, lora=LORA).kv
+    kv = prefill(CONFIG, params, *ref, rab_lora=rab, lora_config=LORA).kv
     base = make_sampler(CONFIG)(params, latents, cond, schedule, guidance_scale=GUIDANCE, slg=slg)
     shifted = make_customshift_sampler(CONFIG, LORA)({"base": params, "cgb": cgb}, latents, cond, schedule,
                                                      guidance_scale=GUIDANCE, extra={"ref_kv": kv, "gamma": GAMMA})

@@ -38,7 +38,7 @@ def test_sampler_compiles_once_and_fixed_noise(data, tmp_path, tiny_pipeline_dir
     cfg = _cfg(data, tmp_path, "sample.every=1", "sample.prompts=[0, 2]", "sample.reference=1", "sample.steps=3",
                "sample.guidance=2.0", f"sample.vae={tiny_pipeline_dir_no_text}")
     parts = build(cfg)
-    sampler = TrainingSampler(cfg, parts.config, parts.lora, parts.dataset, tmp_path)
+    sampler = TrainingSampler(cfg, parts.config, parts.lora_config, parts.dataset, tmp_path)
     trainable, base = parts.state.trainable, parts.base
     metrics = MetricsLogger(tmp_path)
     a = sampler(trainable, base, 3, metrics)

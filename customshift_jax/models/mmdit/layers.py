@@ -50,7 +50,7 @@ class Dense(nn.Module):
     use_bias: bool = True
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
-    lora: LoRAConfig | None = None
+    lora_config: LoRAConfig | None = None
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -60,14 +60,14 @@ class Dense(nn.Module):
         if self.use_bias:
             bias = self.param("bias", nn.initializers.zeros, (self.features,), self.param_dtype)
             y = y + bias.astype(self.dtype)
-        lora = self.lora
-        if lora is not None and lora.targets_path(self.path) and (
+        lora_config = self.lora_config
+        if lora_config is not None and lora_config.targets_path(self.path) and (
                 self.is_initializing() or self.has_variable("lora", "lora_A")):
             a = self.variable("lora", "lora_A", lambda: _lora_a_init(
-                self.make_rng("params"), (x.shape[-1], lora.rank), self.param_dtype)).value
-            b = self.variable("lora", "lora_B", lambda: jnp.zeros((lora.rank, self.features),
+                self.make_rng("params"), (x.shape[-1], lora_config.rank), self.param_dtype)).value
+            b = self.variable("lora", "lora_B", lambda: jnp.zeros((lora_config.rank, self.features),
                                                                   self.param_dtype)).value
-            y = y + lora_product(x.astype(self.dtype), a.astype(self.dtype), b.astype(self.dtype), lora.scale)
+            y = y + lora_product(x.astype(self.dtype), a.astype(self.dtype), b.astype(self.dtype), lora_config.scale)
         return y
 
 
@@ -109,11 +109,12 @@ class GELUProj(nn.Module):
     features: int
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
-    lora: LoRAConfig | None = None
+    lora_config: LoRAConfig | None = None
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        proj = Dense(self.features, dtype=self.dtype, param_dtype=self.param_dtype, lora=self.lora, name="proj")
+        proj = Dense(self.features, dtype=self.dtype, param_dtype=self.param_dtype, lora_config=self.lora_config,
+                     name="proj")
         return nn.gelu(proj(x), approximate=True)
 
 
@@ -124,11 +125,11 @@ class FeedForwardNet(nn.Module):
     mult: int = 4
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
-    lora: LoRAConfig | None = None
+    lora_config: LoRAConfig | None = None
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, lora=self.lora)
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, lora_config=self.lora_config)
         h = GELUProj(self.dim * self.mult, name="0", **kw)(x)
         return Dense(self.dim, name="2", **kw)(h)
 
@@ -139,9 +140,9 @@ class FeedForward(nn.Module):
     dim: int
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
-    lora: LoRAConfig | None = None
+    lora_config: LoRAConfig | None = None
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        return FeedForwardNet(self.dim, dtype=self.dtype, param_dtype=self.param_dtype, lora=self.lora,
+        return FeedForwardNet(self.dim, dtype=self.dtype, param_dtype=self.param_dtype, lora_config=self.lora_config,
                               name="net")(x)

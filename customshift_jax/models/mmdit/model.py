@@ -44,10 +44,10 @@ REMAT_POLICIES: dict[str, Callable | None] = {
 }
 
 
-def _kw(options: RunOptions, lora: bool = True) -> dict[str, Any]:
+def _kw(options: RunOptions, with_lora: bool = True) -> dict[str, Any]:
     """The leaf layers' keyword arguments from the run options (norms and embedders take no LoRA)."""
     kw: dict[str, Any] = dict(dtype=options.dtype, param_dtype=options.param_dtype)
-    return {**kw, "lora": options.lora} if lora else kw
+    return {**kw, "lora_config": options.lora_config} if with_lora else kw
 
 
 class ToOut(nn.Module):
@@ -127,7 +127,7 @@ class JointTransformerBlock(nn.Module):
     def __call__(self, carry, skip: jax.Array, per_layer, temb: jax.Array, shared):
         x, c = carry
         cfg, options = self.config, self.options
-        kw = _kw(options, lora=False)  # norms: no LoRA
+        kw = _kw(options, with_lora=False)  # norms: no LoRA
         dim = cfg.inner_dim
         attn_kw = dict(heads=cfg.num_attention_heads, head_dim=cfg.attention_head_dim, qk_norm=cfg.qk_norm,
                        options=options)
@@ -156,14 +156,15 @@ class JointTransformerBlock(nn.Module):
                                                                                      scale_msa2))
             new_x = new_x + gate_msa2 * attn2_x
         ff_in = modulate(layer_norm(new_x), shift_mlp, scale_mlp)
-        new_x = new_x + gate_mlp * FeedForward(dim, name="ff", lora=options.lora, **kw)(ff_in)
+        new_x = new_x + gate_mlp * FeedForward(dim, name="ff", lora_config=options.lora_config, **kw)(ff_in)
 
         if self.context_pre_only:
             new_c = c  # diffusers returns None; the last block's text stream is not used again
         else:
             new_c = c + c_gate_msa * attn_c
             ff_c_in = modulate(layer_norm(new_c), c_shift_mlp, c_scale_mlp)
-            new_c = new_c + c_gate_mlp * FeedForward(dim, name="ff_context", lora=options.lora, **kw)(ff_c_in)
+            ff_context = FeedForward(dim, name="ff_context", lora_config=options.lora_config, **kw)
+            new_c = new_c + c_gate_mlp * ff_context(ff_c_in)
 
         # skip_layers: a skipped block passes its inputs through unchanged.
         new_x = jnp.where(skip, x, new_x)
@@ -238,7 +239,7 @@ class SD3Transformer(nn.Module):
     def __call__(self, hidden_states, timestep, encoder_hidden_states, pooled_projections, skip_mask,
                  processor_per_layer=None, processor_shared=None):
         cfg, options = self.config, self.options
-        kw = _kw(options, lora=False)
+        kw = _kw(options, with_lora=False)
         _, _, height, width = hidden_states.shape
         x = PatchEmbed(cfg.inner_dim, cfg.patch_size, cfg.pos_embed_max_size, cfg.sample_size // cfg.patch_size,
                        name="pos_embed", **kw)(hidden_states)

@@ -32,7 +32,7 @@ class RunOptions:
     """dtype: compute; param_dtype: of created params; backend: attention kernel (`attention.BACKENDS`);
     remat: "none" | "full" | "dots" per block; returns: "sample" (B, C, H, W), "sample_and_blocks" (sample,
     per-group (x, c) after each block) or "kv" ({group: (K, V)} of every layer's joint attention, (L, B, N+M, H,
-    D) each); lora: LoRA hooks on the linears (None: none); processor: the joint attention; activation_sharding:
+    D) each); lora_config: LoRA hooks on the linears (None: none); processor: the joint attention; activation_sharding:
     the block-boundary hook (None: no constraint; `parallel.sharding.activation_hook(mesh, rules)` on a mesh);
     kernel_layout: the mesh axes the flash kernels split batch and heads over (None: chosen from the mesh).
     dtype and param_dtype may be given by name ("bf16", "fp32", ...)."""
@@ -42,7 +42,7 @@ class RunOptions:
     backend: str = "xla"
     remat: str = "none"
     returns: str = "sample"
-    lora: LoRAConfig | None = None
+    lora_config: LoRAConfig | None = None
     processor: JointAttnProcessor = PlainAttnProcessor()
     activation_sharding: ActivationHook | None = None
     kernel_layout: KernelLayout | None = None
