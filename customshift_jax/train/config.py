@@ -34,6 +34,7 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         # OUTPUT_DIR/model/ (our checkpoint, other components of model.checkpoint copied) instead of the LoRA.
         "mode": "customshift",
         "ema_decay": 0.0,        # train.mode=base: keep an EMA (ema = d ema + (1 - d) params) and export it; 0: off
+        "beta_lr_scale": 1.0,    # train.mode=customshift: beta (the learned shift) learns at train.lr x this
     },
     "mesh": {"enabled": False, "data": 1, "fsdp": 1, "tensor": 1, "rules": "fsdp"},
     "checkpoint": {"every": 100, "keep": 3, "async": True},
@@ -140,6 +141,7 @@ RANGES: dict[str, Range] = {
     "train.text_dropout": _FRACTION,
     "train.ref_dropout": _FRACTION,
     "train.ema_decay": Range(0.0, 1.0, open_high=True, means="0 turns the EMA off"),
+    "train.beta_lr_scale": Range(0.0, open_low=True, means="beta's learning rate is train.lr x this"),
     "mesh.data": _MESH_AXIS,
     "mesh.fsdp": _MESH_AXIS,
     "mesh.tensor": _MESH_AXIS,

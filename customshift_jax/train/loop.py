@@ -17,6 +17,7 @@ from typing import Any, Callable
 
 import numpy as np
 
+from customshift_jax.customshift.axes import BETA
 from customshift_jax.io.checkpoint import (
     CONFIG_NAME,
     check_destination,
@@ -169,7 +170,8 @@ def build(cfg: dict) -> TrainParts:
     it = BatchIterator(dataset, d["global_batch"], seed=t["seed"], shuffle=d["shuffle"], flip_prob=d["flip_prob"])
     optimizer, schedule = make_optimizer(
         t["lr"], warmup_steps=t["warmup_steps"], schedule=t["schedule"], total_steps=t["steps"] // t["accum_steps"],
-        weight_decay=t["weight_decay"], clip_norm=t["clip_norm"], accum_steps=t["accum_steps"])
+        weight_decay=t["weight_decay"], clip_norm=t["clip_norm"], accum_steps=t["accum_steps"],
+        lr_scale_by_name={BETA: t["beta_lr_scale"]} if t["mode"] == "customshift" else None)
     state, base, step_on = _step_parts(cfg, config, base, lora_config, optimizer, schedule)
     m = cfg["mesh"]
     if m["enabled"]:

@@ -95,3 +95,32 @@ def test_nonfinite_loss_stops_naming_the_step(tmp_path):
     r = subprocess.run(cmd, cwd=ROOT, env=trainer_env(tmp_path / "cache"), capture_output=True, text=True, timeout=900)
     assert r.returncode == 3, r.stdout[-2000:] + r.stderr[-2000:]
     assert "non-finite loss" in r.stdout and "at step" in r.stdout and "last good checkpoint is step" in r.stdout
+
+
+def test_beta_learns_at_its_own_rate():
+    """`lr_scale_by_name={"beta": k}` multiplies beta's AdamW update by k and leaves every other leaf's as it was;
+    on a CustomShift train state, the step's beta moves k times as far as without the scale."""
+    grads = {"attn": {"beta": jnp.array([0.3, -2.0]), "to_q": {"lora_A": jnp.array([[1.0, -0.5]])}}}
+    params = jax.tree_util.tree_map(jnp.zeros_like, grads)
+    plain, _ = make_optimizer(1e-2, weight_decay=0.0, clip_norm=None)
+    scaled, _ = make_optimizer(1e-2, weight_decay=0.0, clip_norm=None, lr_scale_by_name={"beta": 10.0})
+    u_plain, _ = plain.update(grads, plain.init(params), params)
+    u_scaled, _ = scaled.update(grads, scaled.init(params), params)
+    np.testing.assert_allclose(u_scaled["attn"]["beta"], 10.0 * u_plain["attn"]["beta"], rtol=1e-6)
+    np.testing.assert_array_equal(u_scaled["attn"]["to_q"]["lora_A"], u_plain["attn"]["to_q"]["lora_A"])
+    assert float(jnp.abs(u_plain["attn"]["beta"]).min()) > 1e-3  # Adam's first step: about lr per leaf
+
+    base = init_mmdit(CONFIG, jax.random.key(0))
+    moved = {}
+    for k in (1.0, 10.0):
+        opt, _ = make_optimizer(1e-2, weight_decay=0.0, lr_scale_by_name={"beta": k})
+        state = _nonzero_lora(opt)
+        new = jax.jit(make_train_step(CONFIG, LORA, opt, seed=0))(state, base, _batch())[0]
+        moved[k] = {jax.tree_util.keystr(path): np.asarray(a - b) for (path, a), b in zip(
+            jax.tree_util.tree_leaves_with_path(new.trainable), jax.tree_util.tree_leaves(state.trainable))}
+    betas = [key for key in moved[1.0] if key.endswith("['beta']")]
+    assert betas and len(betas) < len(moved[1.0])
+    for key in moved[1.0]:
+        expected = moved[1.0][key] * (10.0 if key in betas else 1.0)
+        np.testing.assert_allclose(moved[10.0][key], expected, rtol=1e-5, atol=1e-9)
+    assert min(float(np.abs(moved[1.0][key]).max()) for key in betas) > 1e-4
