@@ -108,23 +108,30 @@ def read_prompts(prompt: str | None, prompts_file: str | Path | None) -> list[st
     return prompts
 
 
-def load_embeds_file(path: str | Path, *, need_subject: bool) -> tuple[Any, tuple[np.ndarray, np.ndarray] | None]:
-    """(PromptEmbeds, (subject_embeds, subject_pooled) or None) from an `--embeds` .npz file."""
+def load_embeds_file(path: str | Path, *, need_subject: bool | None,
+                     what: str = "embeddings file") -> tuple[Any, tuple[np.ndarray, np.ndarray] | None]:
+    """(PromptEmbeds, (subject_embeds, subject_pooled) or None) from an `--embeds` .npz file: the one reader of
+    that format. `need_subject`: True, the subject arrays must be there; False, they are not read; None, read
+    when present. `what` names the file in messages (the flag or config key it came from)."""
     path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{what} {path}: no such file (an .npz as `customshift encode` writes: "
+                                "prompt_embeds, pooled_prompt_embeds, ...).")
     try:  # through read_npz: a regular file, members bounded (no FIFO, device or zip bomb), each fault one line
         embeds = PromptEmbeds.load_npz(path)
     except KeyError as e:
-        raise ValueError(f"embeddings file {path}: {e.args[0] if e.args else e}") from None
-    subject = None
-    if need_subject:
-        data = read_npz(path, "embeddings file")
-        missing = [k for k in SUBJECT_ARRAYS if k not in data]
-        if missing:
-            raise ValueError(f"embeddings file {path} lacks {', '.join(missing)}, needed with --reference "
-                             "unless text encoders are available (--text-encoders).")
-        subject = (np.asarray(data["subject_embeds"], np.float32), np.asarray(data["subject_pooled_embeds"],
-                                                                              np.float32))
-    return embeds, subject
+        raise ValueError(f"{what} {path}: {e.args[0] if e.args else e}") from None
+    if need_subject is False:
+        return embeds, None
+    data = read_npz(path, what)
+    missing = [k for k in SUBJECT_ARRAYS if k not in data]
+    if missing:
+        if need_subject is None:
+            return embeds, None
+        raise ValueError(f"{what} {path} lacks {', '.join(missing)}, needed with --reference "
+                         "unless text encoders are available (--text-encoders).")
+    return embeds, (np.asarray(data["subject_embeds"], np.float32),
+                    np.asarray(data["subject_pooled_embeds"], np.float32))
 
 
 def check_size(config: MMDiTConfig, vae_scale: int, height: int, width: int,

@@ -20,11 +20,11 @@ import numpy as np
 from customshift_jax.customshift_pipeline import sample_from_embeds, text_conditioning
 from customshift_jax.io.images import load_reference_image
 from customshift_jax.io.loading import load_vae
-from customshift_jax.io.safe_files import atomic_write, make_dir, read_npz
+from customshift_jax.io.safe_files import atomic_write, make_dir
 from customshift_jax.models.mmdit.options import RunOptions
 from customshift_jax.models.vae import scale_latents, vae_encode
 from customshift_jax.parallel.distributed import gather
-from customshift_jax.pipeline import Pipeline, save_png
+from customshift_jax.pipeline import Pipeline, load_embeds_file, save_png
 from customshift_jax.sampling import initial_latents, make_schedule
 from customshift_jax.train.data import ShardDataset
 
@@ -50,33 +50,20 @@ def _record(dataset: ShardDataset, index: Any, what: str) -> dict[str, np.ndarra
     return dataset.get(index)
 
 
-def _npz(path: str | Path) -> dict[str, np.ndarray]:
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"sample.embeds {path}: no such file (an .npz as `customshift generate --embeds` "
-                                "takes: prompt_embeds, pooled_prompt_embeds, ...).")
-    got = {k: np.asarray(v, np.float32) for k, v in read_npz(path, "sample.embeds").items()}  # bounded
-    missing = [k for k in ("prompt_embeds", "pooled_prompt_embeds") if k not in got]
-    if missing:
-        raise ValueError(f"sample.embeds {path} lacks {', '.join(missing)}.")
-    return got
-
-
-def _prompts(scfg: dict, dataset: ShardDataset, npz: dict | None) -> tuple[np.ndarray, ...]:
+def _prompts(scfg: dict, dataset: ShardDataset, from_file: Any) -> tuple[np.ndarray, ...]:
     """(embeds, pooled, negative embeds, negative pooled, names) of the configured prompts."""
     chosen = scfg["prompts"]
-    if npz is not None:
-        n = npz["prompt_embeds"].shape[0]
+    if from_file is not None:  # the sample.embeds file's PromptEmbeds
+        embeds = from_file
+        n = embeds.prompt_embeds.shape[0]
         chosen = list(range(n)) if chosen is None else list(chosen)
         bad = [i for i in chosen if not isinstance(i, int) or not 0 <= i < n]
         if bad or not chosen:
             raise ValueError(f"sample.prompts {scfg['prompts']!r}: expected indices in 0..{n - 1} of the prompts "
                              f"in sample.embeds {scfg['embeds']}.")
-        pick = lambda k: npz[k][chosen]  # noqa: E731
-        emb, pooled = pick("prompt_embeds"), pick("pooled_prompt_embeds")
-        has_neg = "negative_prompt_embeds" in npz and "negative_pooled_prompt_embeds" in npz
-        neg = pick("negative_prompt_embeds") if has_neg else np.zeros_like(emb)
-        neg_pooled = pick("negative_pooled_prompt_embeds") if has_neg else np.zeros_like(pooled)
+        emb, pooled = embeds.prompt_embeds[chosen], embeds.pooled_prompt_embeds[chosen]
+        neg = embeds.negative_prompt_embeds[chosen] if embeds.has_negative else np.zeros_like(emb)
+        neg_pooled = embeds.negative_pooled_prompt_embeds[chosen] if embeds.has_negative else np.zeros_like(pooled)
         return emb, pooled, neg, neg_pooled, [f"prompt {i} of {scfg['embeds']}" for i in chosen]
     chosen = [scfg["reference"] if isinstance(scfg["reference"], int) else 0] if chosen is None else list(chosen)
     if not chosen:
@@ -88,11 +75,12 @@ def _prompts(scfg: dict, dataset: ShardDataset, npz: dict | None) -> tuple[np.nd
 
 def sample_inputs(scfg: dict, dataset: ShardDataset, vae: tuple | None) -> SampleInputs:
     """Resolve `sample.prompts / embeds / reference / subject` into fixed arrays (no text encoder runs)."""
-    npz = _npz(scfg["embeds"]) if scfg["embeds"] is not None else None
+    file_embeds, file_subject = (load_embeds_file(scfg["embeds"], need_subject=None, what="sample.embeds")
+                                 if scfg["embeds"] is not None else (None, None))
     ref = scfg["reference"]
     if not isinstance(ref, str):
         _record(dataset, ref, "reference")
-    emb, pooled, neg, neg_pooled, names = _prompts(scfg, dataset, npz)
+    emb, pooled, neg, neg_pooled, names = _prompts(scfg, dataset, file_embeds)
     if isinstance(ref, str):
         if vae is None:
             raise ValueError(f"sample.reference {ref!r} is an image: set sample.vae (a checkpoint or pipeline "
@@ -104,11 +92,11 @@ def sample_inputs(scfg: dict, dataset: ShardDataset, vae: tuple | None) -> Sampl
     if subject is None and isinstance(ref, int):
         subject = ref
     if subject is None:
-        if npz is None or "subject_embeds" not in npz or "subject_pooled_embeds" not in npz:
+        if file_subject is None:
             raise ValueError("sample.reference is an image, so the subject name's embeddings must come from "
                              "sample.embeds (subject_embeds, subject_pooled_embeds) or sample.subject (a record "
                              "index of the prepared data).")
-        s_emb, s_pooled = npz["subject_embeds"][:1], npz["subject_pooled_embeds"][:1]
+        s_emb, s_pooled = file_subject[0][:1], file_subject[1][:1]
     else:
         row = _record(dataset, subject, "subject")
         s_emb, s_pooled = row["subject_embeds"][None], row["subject_pooled"][None]
@@ -169,7 +157,8 @@ class TrainingSampler:
     def _build(self, config: Any, lora_config: Any, t: dict) -> None:
         """The pipeline (RAB prefill and CustomShift sampler, compiled on first use, then reused)."""
         self.pipe = Pipeline(config, None if self.vae is None else self.vae[0], lora_config=lora_config,
-                             shift=t["shift"], form=t["form"], options=RunOptions(dtype=t["dtype"]), decode=self.vae is not None)
+                             shift=t["shift"], form=t["form"], options=RunOptions(dtype=t["dtype"]),
+                             decode=self.vae is not None)
 
     def _sample(self, trainable: Any, base_params: Any) -> Any:
         """Latents (or decoded images) of every prompt with the current LoRAs."""
@@ -206,9 +195,10 @@ class BaseTrainingSampler(TrainingSampler):
     """train.mode=base: the plain SD3 sampler (`sampling.make_sampler`) on the prompts, with the trained weights."""
 
     def _inputs(self, scfg: dict, dataset: ShardDataset) -> SampleInputs:
-        npz = _npz(scfg["embeds"]) if scfg["embeds"] is not None else None
+        file_embeds = (load_embeds_file(scfg["embeds"], need_subject=False, what="sample.embeds")[0]
+                       if scfg["embeds"] is not None else None)
         f32 = lambda a: np.ascontiguousarray(a, np.float32)  # noqa: E731
-        *arrays, names = _prompts(scfg, dataset, npz)
+        *arrays, names = _prompts(scfg, dataset, file_embeds)
         return SampleInputs(*map(f32, arrays), None, None, None, names)
 
     def _build(self, config: Any, lora_config: Any, t: dict) -> None:  # noqa: ARG002
