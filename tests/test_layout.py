@@ -37,3 +37,39 @@ def test_the_checker_reports_a_stray_folder_and_a_stray_file(tmp_path):
     assert misplaced(tmp_path / "tests", tmp_path / "pkg", {"test_readme.py"}) == [
         "tests/test_loose.py (belongs in the folder of the subpackage it tests)",
         "tests/widgets/ (no customshift_jax.widgets)"]
+
+
+def private_uses(source: str, package: str = "customshift_jax") -> list[str]:
+    """Private names of the package a test file reaches: `from pkg.x import _name`, and `m._name` where `m` is a
+    module of the package (`import pkg.x as m`, `from pkg import x`). Tests test what a user can call."""
+    import ast
+
+    tree = ast.parse(source)
+    modules, found = set(), []
+    private = lambda name: name.startswith("_") and not name.startswith("__")  # noqa: E731
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] == package:
+            found += [f"from {node.module} import {a.name}" for a in node.names if private(a.name)]
+            folder = PACKAGE.parent / node.module.replace(".", "/")
+            modules |= {a.asname or a.name for a in node.names if not private(a.name)
+                        and ((folder / f"{a.name}.py").is_file() or (folder / a.name / "__init__.py").is_file())}
+        elif isinstance(node, ast.Import):
+            modules |= {a.asname for a in node.names if a.asname and a.name.split(".")[0] == package}
+    for node in ast.walk(tree):
+        if (isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id in modules
+                and private(node.attr)):
+            found.append(f"{node.value.id}.{node.attr}")
+    return sorted(set(found))
+
+
+def test_tests_reach_no_private_function():
+    bad = {str(p.relative_to(TESTS)): private_uses(p.read_text()) for p in sorted(TESTS.rglob("*.py"))}
+    assert {k: v for k, v in bad.items() if v} == {}
+
+
+def test_the_private_use_checker_sees_both_forms():
+    source = ("from customshift_jax.train.loop import _secret, public\n"
+              "from customshift_jax.plan import hlo\n"
+              "import customshift_jax.train.loop as loop\n"
+              "hlo._parse('x'); loop._step(); hlo.parse('x'); hlo.__name__\n")
+    assert private_uses(source) == ["from customshift_jax.train.loop import _secret", "hlo._parse", "loop._step"]

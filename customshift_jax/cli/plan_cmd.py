@@ -92,7 +92,7 @@ def _check(args: argparse.Namespace) -> None:
         raise ValueError(f"--resolution {args.resolution} must be a multiple of 16 (VAE x 8, patch 2).")
 
 
-def _candidates(args: argparse.Namespace, config: Any, n_devices: int, slices: int) -> list[dict[str, Any]]:
+def sweep_candidates(args: argparse.Namespace, config: Any, n_devices: int, slices: int) -> list[dict[str, Any]]:
     """The --sweep grid: (mesh sizes, rules, remat, attention) per row."""
     from customshift_jax.parallel.sharding import parse_mesh
 
@@ -150,7 +150,7 @@ def run(args: argparse.Namespace) -> int:
     pod = load_pod(args.topology, args.num_slices)
     batch = args.batch or len(pod.devices)
     reports = []
-    for cand in _candidates(args, config, len(pod.devices), args.num_slices):
+    for cand in sweep_candidates(args, config, len(pod.devices), args.num_slices):
         work = Workload(config, args.task, args.resolution, batch, dtype=float_dtype(args.dtype).name,
                         attention=cand["attention"], remat=cand["remat"], lora_rank=args.lora_rank,
                         text_length=args.text_length, steps=args.steps, guidance=not args.no_cfg)

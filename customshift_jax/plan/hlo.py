@@ -96,7 +96,7 @@ def _balanced(text: str, start: int) -> int:
     return len(text)
 
 
-def _parse_instruction(line: str) -> Instruction | None:
+def parse_instruction(line: str) -> Instruction | None:
     m = _INSTR.match(line)
     if not m:
         return None
@@ -134,7 +134,7 @@ def parse_module(text: str) -> tuple[dict[str, Computation], str]:
         if line.startswith("}"):
             current = None
             continue
-        instr = _parse_instruction(line)
+        instr = parse_instruction(line)
         if instr is not None:
             current.instructions.append(instr)
             current.by_name[instr.name] = instr
@@ -183,7 +183,7 @@ def trip_count(comps: dict[str, Computation], parent: Computation, loop: Instruc
     return max(int(n), 1)
 
 
-def _group_size(instr: Instruction, default: int) -> int:
+def group_size(instr: Instruction, default: int) -> int:
     mesh = re.search(r"replica_groups=mesh\[([^\]]*)\]\s*\{([^}]*)\}", instr.attrs)
     if mesh:  # mesh['axis_0'=32,'axis_1'=1] {'axis_0'}: the product of the named axes' sizes
         sizes = dict((k, int(v)) for k, v in re.findall(r"'([^']+)'=(\d+)", mesh.group(1)))
@@ -336,7 +336,7 @@ def analyze(text: str, default_group: int | None = None) -> ModuleStats:
                     stats = ici[kind[0]]
                     stats.count += weight
                     stats.async_count += weight if kind[1] else 0
-                    stats.bytes += weight * _traffic(kind[0], instr, comp, _group_size(instr, default_group))
+                    stats.bytes += weight * _traffic(kind[0], instr, comp, group_size(instr, default_group))
             elif instr.opcode == "send" and "_xla_megascale_transfer_type" in instr.attrs:
                 m = re.search(r'_xla_megascale_transfer_type="(\w+)"', instr.attrs)
                 dcn_kind = (m.group(1) if m else "ALL_REDUCE").lower().replace("_", "-")

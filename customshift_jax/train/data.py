@@ -221,7 +221,7 @@ def load_pair(record: Record, size: int, limits: ImageLimits = ImageLimits()) ->
             center_crop_resize(load_image(record.target, limits), size))
 
 
-def _try_pair(record: Record, size: int, limits: ImageLimits) -> tuple[Record, Any, Any, tuple[str, str] | None]:
+def try_read_pair(record: Record, size: int, limits: ImageLimits) -> tuple[Record, Any, Any, tuple[str, str] | None]:
     """(record, reference, target, None), or (record, None, None, (reason, message)) for an unreadable image."""
     where = f"{record.source}:{record.line}" if record.source else f"line {record.line}"
     try:
@@ -240,7 +240,7 @@ def read_pairs(records: list[Record], size: int, counter: BadCounter, *, threads
 
     if not records:
         return
-    pairs = grain.MapDataset.source(records).map(lambda r: _try_pair(r, size, limits))
+    pairs = grain.MapDataset.source(records).map(lambda r: try_read_pair(r, size, limits))
     for record, ref, tgt, bad in pairs.to_iter_dataset(grain.ReadOptions(num_threads=threads,
                                                                          prefetch_buffer_size=2 * threads)):
         if bad is not None:

@@ -79,7 +79,7 @@ def show_progress(setting: bool | str, on_terminal: bool) -> bool:
     return setting is True or (setting == "auto" and on_terminal)
 
 
-def _above_bar(log: Callable[[str], Any]) -> Callable[[str], Any]:
+def log_above_bar(log: Callable[[str], Any]) -> Callable[[str], Any]:
     """`log`, run with tqdm's bars cleared and redrawn after: a message gets its own line, not the bar's end."""
     from tqdm import tqdm
 
@@ -115,7 +115,7 @@ def load_base(mcfg: dict) -> tuple[Any, Any]:
     return config, params
 
 
-def _step_parts(cfg: dict, config, base, lora_config, optimizer, schedule) -> tuple:
+def step_parts(cfg: dict, config, base, lora_config, optimizer, schedule) -> tuple:
     """(initial state, base argument of the step, mesh or None -> step) for `train.mode`; on a mesh the step is
     the plain one, built with the activation constraints, wrapped by `ShardedFunction`."""
     t = cfg["train"]
@@ -172,7 +172,7 @@ def build(cfg: dict) -> TrainParts:
         t["lr"], warmup_steps=t["warmup_steps"], schedule=t["schedule"], total_steps=t["steps"] // t["accum_steps"],
         weight_decay=t["weight_decay"], clip_norm=t["clip_norm"], accum_steps=t["accum_steps"],
         lr_scale_by_name={BETA: t["beta_lr_scale"]} if t["mode"] == "customshift" else None)
-    state, base, step_on = _step_parts(cfg, config, base, lora_config, optimizer, schedule)
+    state, base, step_on = step_parts(cfg, config, base, lora_config, optimizer, schedule)
     m = cfg["mesh"]
     if m["enabled"]:
         mesh = shd.make_mesh(m["data"], m["fsdp"], m["tensor"])
@@ -252,7 +252,7 @@ def _progress(cfg: dict, total: int, start: int, log) -> tuple[Any, Any, Callabl
         from tqdm import tqdm
 
         bar = tqdm(total=total, initial=start, desc="train", file=sys.stderr, dynamic_ncols=True)
-        return bar, None, _above_bar(log)
+        return bar, None, log_above_bar(log)
     if cfg["log"]["progress"] is not False:
         return None, LossLines(total, start, cfg["log"]["line_every_s"], log), log
     return None, None, log

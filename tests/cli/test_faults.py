@@ -65,13 +65,13 @@ def test_training_log_lines_clear_the_bar_first(capsys):
     (the bar's line is blanked with a carriage return), is printed on its own line, and the bar is redrawn."""
     from tqdm import tqdm
 
-    from customshift_jax.train.loop import _above_bar
+    from customshift_jax.train.loop import log_above_bar
 
     bar = tqdm(total=3, file=sys.stderr, ascii=True, ncols=60)
     bar.update(1)
     bar.refresh()
     before = capsys.readouterr().err
-    _above_bar(print)("saved step 1")
+    log_above_bar(print)("saved step 1")
     out = capsys.readouterr()
     bar.close()
     assert "1/3" in before and out.out == "saved step 1\n"

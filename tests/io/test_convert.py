@@ -323,10 +323,10 @@ def test_progress_bar_in_a_log_file_ends_with_the_final_count(capsys):
 @pytest.mark.parametrize("dtype", [np.float32, ml_dtypes.bfloat16])
 def test_tiled_fill_of_large_transposed_tensors_is_exact(dtype):
     # Real-width kernels (>= 1M values) are filled tile by tile; edges that are not tile multiples included.
-    from customshift_jax.models.mmdit.mapping import _fill
+    from customshift_jax.models.mmdit.mapping import fill_tiled
 
     source = np.random.default_rng(0).standard_normal((1100, 1030)).astype(np.float32)
     target = np.empty((1030, 1100), dtype)
-    _fill(target, source.T, cast_array, np.dtype(dtype))
+    fill_tiled(target, source.T, cast_array, np.dtype(dtype))
     expected = cast_array(np.ascontiguousarray(source.T), np.dtype(dtype))
     assert np.array_equal(target.view(np.uint8), expected.view(np.uint8))

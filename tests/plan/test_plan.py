@@ -146,11 +146,11 @@ def test_does_not_fit_says_by_how_much_and_which_knob(capsys):
 def test_sweep_grid_and_table_mark_the_fastest_that_fits():
     import argparse
 
-    from customshift_jax.cli.plan_cmd import _candidates, sweep_table
+    from customshift_jax.cli.plan_cmd import sweep_candidates, sweep_table
 
     args = argparse.Namespace(sweep=True, task="train-lora", remat="none", attention="flash", mesh="fsdp=-1",
                               rules="fsdp")
-    grid = _candidates(args, get_preset("sd3.5-large"), 16, 2)  # 38 heads: tensor 2; two slices: data=2
+    grid = sweep_candidates(args, get_preset("sd3.5-large"), 16, 2)  # 38 heads: tensor 2; two slices: data=2
     assert [(c["rules"], c["remat"]) for c in grid] == [(r, m) for r in ("dp", "fsdp", "fsdp_tp")
                                                         for m in ("none", "full")]
     assert grid[4]["mesh"] == {"data": 2, "fsdp": -1, "tensor": 2} and {c["attention"] for c in grid} == {"flash"}

@@ -105,9 +105,9 @@ ENTRY %main (a: f32[4]) -> f32[4] {
     assert stats.loops == [("w", 7)]  # i from 2 while i < 9
     assert stats.collectives()["all-reduce"] == {"count": 7, "bytes": 7 * 2 * 16 * 3 / 4, "async_count": 0,
                                                  "ici_bytes": 7 * 2 * 16 * 3 / 4, "dcn_bytes": 0}
-    ag = hlo._parse_instruction("  %ag = bf16[4,8]{1,0} all-gather(%x), channel_id=3, replica_groups=mesh['axis_0'=4,"
+    ag = hlo.parse_instruction("  %ag = bf16[4,8]{1,0} all-gather(%x), channel_id=3, replica_groups=mesh['axis_0'=4,"
                                 "'axis_1'=2] {'axis_0'}, dimensions={0}")
-    assert hlo._group_size(ag, 1) == 4
+    assert hlo.group_size(ag, 1) == 4
     assert hlo.parse_shape("(bf16[2,3]{1,0:T(8,128)(2,1)S(1)}, s32[])")[0] == hlo.Array("bf16", (2, 3), True)
 
 

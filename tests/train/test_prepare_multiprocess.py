@@ -132,8 +132,8 @@ def test_bad_images_stop_the_stream_early_and_keep_no_shard(tmp_path, tiny_pipel
 
     manifest = write_manifest(tmp_path, 20, missing=tuple(range(6, 20)))
     read = []
-    original = data._try_pair
-    monkeypatch.setattr(data, "_try_pair", lambda r, *a: read.append(r.line) or original(r, *a))
+    original = data.try_read_pair
+    monkeypatch.setattr(data, "try_read_pair", lambda r, *a: read.append(r.line) or original(r, *a))
     out = tmp_path / "out"
     with pytest.warns(BadDataWarning), pytest.raises(TooMuchBadData, match=r"7 of 21 records are unusable already"):
         prepare(manifest, out, checkpoint=tiny_pipeline_dir, text_encoders=tiny_pipeline_dir, size=16, batch_size=2,

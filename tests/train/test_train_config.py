@@ -91,7 +91,7 @@ def test_attention_backend_reaches_the_step_builder(tmp_path, monkeypatch):
     for mode in ("customshift", "base"):
         cfg = load_config(TINY, [*REQUIRED, "model.attention=flash", f"train.mode={mode}"])
         config, base = loop.load_base(cfg["model"])
-        _, _, step_on = loop._step_parts(cfg, config, base, loop.LoRAConfig(rank=4, alpha=4.0),
+        _, _, step_on = loop.step_parts(cfg, config, base, loop.LoRAConfig(rank=4, alpha=4.0),
                                          loop.make_optimizer(1e-3)[0], None)
         step_on(None)  # off a mesh: the plain step, built with the run options
     assert seen == [("customshift", "flash"), ("base", "flash")]

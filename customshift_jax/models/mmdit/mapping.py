@@ -111,7 +111,7 @@ def _shape_of(state_dict: Mapping[str, Any], key: str) -> tuple[int, ...]:
     return tuple(shape(key)) if callable(shape) else tuple(state_dict[key].shape)
 
 
-def _fill(target: np.ndarray, source: np.ndarray, cast: Callable, dtype: Any, tile: int = 512) -> None:
+def fill_tiled(target: np.ndarray, source: np.ndarray, cast: Callable, dtype: Any, tile: int = 512) -> None:
     """target[...] = cast(source): a large 2-D source (a transposed view) goes tile by tile, which keeps the
     strided reads in cache (about 2x faster than one strided copy) and bounds the cast's temporary."""
     if source.ndim != 2 or source.size < (1 << 20):
@@ -175,7 +175,7 @@ def iter_params(config: MMDiTConfig, state_dict: Mapping[str, Any], dtype: Any =
         out = np.empty(spec.shape, dtype)
         for j, key in enumerate(torch_keys_for_path(path)):
             value = state_dict[key]
-            _fill(out[j] if scanned else out, _torch_to_leaf(path[-1], to_numpy(value)), cast, dtype)
+            fill_tiled(out[j] if scanned else out, _torch_to_leaf(path[-1], to_numpy(value)), cast, dtype)
             if on_tensor is not None:
                 on_tensor(key, value)
             del value
