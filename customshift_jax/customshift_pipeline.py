@@ -28,13 +28,13 @@ from customshift_jax.io.text_settings import (
     recorded_clip_skip,
     resolve_max_sequence_length,
 )
+from customshift_jax.customshift.cads import SHIFTS
 from customshift_jax.models.mmdit.config import MMDiTConfig
 from customshift_jax.models.mmdit.options import RunOptions
 from customshift_jax.text import PromptEmbeds
 
 ATTENTIONS = ("xla", "blocked", "flash")
 OUTPUT_TYPES = ("pil", "np", "latent")
-SHIFTS = ("cads", "concat")
 # jax.random.key keeps only the low 32 bits without jax_enable_x64: a larger seed would repeat another's image.
 SEED_MAX = 2**32 - 1
 

@@ -41,7 +41,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=int, default=28, help="sampling steps")
     p.add_argument("--guidance", type=float, default=7.0, help="classifier-free guidance scale; <= 1 turns it off")
     p.add_argument("--gamma", type=float, default=1.0, help="CustomShift's reference strength")
-    p.add_argument("--shift", choices=["cads", "concat"], default="cads", help="attention distribution shift")
+    p.add_argument("--shift", choices=["cads", "concat", "joint"], default="cads",
+                   help="cads (the shift), concat or joint (the baselines; see `customshift generate --help`)")
     p.add_argument("--height", type=int, help="image height in px (default: the model's native size)")
     p.add_argument("--width", type=int, help="image width in px (default: the model's native size)")
     p.add_argument("--max-sequence-length", type=int, default=None, help="T5 tokens (default: what the checkpoint or "

@@ -79,8 +79,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--subject", help="the subject's name, e.g. 'dog'")
     g.add_argument("--gamma", type=float, default=1.0, help="reference strength: larger follows the reference, "
                    "smaller the text, 0 ignores it (default 1)")
-    g.add_argument("--shift", choices=["cads", "concat"], default="cads",
-                   help="attention distribution shift, or plain concatenation (ablation)")
+    g.add_argument("--shift", choices=["cads", "concat", "joint"], default="cads",
+                   help="cads: the attention distribution shift; concat: image queries read the reference unshifted "
+                        "(the token-competition baseline); joint: every query, text too (OminiControl-style)")
     g.add_argument("--lora", help="CustomShift LoRA folder (customshift_cgb/rab/beta.safetensors, the PEFT / "
                    "diffusers naming that training exports)")
 

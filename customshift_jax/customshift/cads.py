@@ -3,7 +3,9 @@
 For an image query i and head h, with base keys B = [x; c] and reference keys R = [r; s]:
     alpha_i = sigmoid(LSE_R(i) - LSE_B(i) + lambda_h),  lambda_h = beta_h + log(gamma)
     out_i   = (1 - alpha_i) o_B(i) + alpha_i o_R(i)
-Text queries attend over B only. Two equal forms: (a) two attentions returning the LSE, then the merge;
+Text queries attend over B only (shift "cads" and "concat", lambda = 0, the token-competition baseline); shift
+"joint" is the OminiControl-style baseline: the reference tokens join the sequence, every query (text too) reads
+them, lambda = 0. Two equal forms: (a) two attentions returning the LSE, then the merge;
 (b) one attention over [B; R] with lambda added on the R columns and the text rows masked from R; on backend
 "flash" form (b) is one fused Pallas kernel (`customshift_jax.kernels.shifted_flash_attention`), no dense bias.
 """
@@ -19,14 +21,15 @@ from customshift_jax.customshift.axes import BETA
 from customshift_jax.kernels import shifted_flash_attention
 from customshift_jax.models.mmdit.attention import attention
 
-Shift = Literal["cads", "concat"]
+Shift = Literal["cads", "concat", "joint"]
 Form = Literal["two_pass", "single"]
-SHIFTS = ("cads", "concat")
+SHIFTS = ("cads", "concat", "joint")
+GAMMA_FREE = ("concat", "joint")  # the baselines: lambda = 0, so gamma (and reference dropout through it) does nothing
 FORMS = ("two_pass", "single")
 
 
 def shift_logit(beta: jax.Array, gamma: jax.Array, shift: Shift = "cads") -> jax.Array:
-    """lambda float32: beta + log(gamma) for "cads"; 0 for "concat" (plain concatenation baseline).
+    """lambda float32: beta + log(gamma) for "cads"; 0 for "concat" and "joint" (the concatenation baselines).
 
     beta (H,); gamma a scalar (lambda (H,)) or one per sample (B,) (lambda (B, H)). gamma = 0 gives
     lambda = -inf: the reference path carries no mass and the output is the base one.
@@ -37,7 +40,7 @@ def shift_logit(beta: jax.Array, gamma: jax.Array, shift: Shift = "cads") -> jax
     gamma = jnp.asarray(gamma, jnp.float32)
     if gamma.ndim > 1:
         raise ValueError(f"gamma must be a scalar or one value per sample (B,), got shape {gamma.shape}.")
-    if shift == "concat":
+    if shift in GAMMA_FREE:
         return jnp.zeros(gamma.shape + beta.shape, jnp.float32)
     return beta + jnp.log(gamma)[..., None]  # (H,) for a scalar gamma, (B, H) for one per sample
 
@@ -126,5 +129,6 @@ class CustomShiftAttnProcessor:
         if per_layer is None:
             return attention(q, k, v, backend=attn.options.backend, kernel_layout=attn.options.kernel_layout)
         k_ref, v_ref = per_layer
-        return cads_attention(q, k, v, k_ref, v_ref, lam, n_img, form=self.form, backend=attn.options.backend,
+        readers = q.shape[1] if self.shift == "joint" else n_img  # the queries that read the reference
+        return cads_attention(q, k, v, k_ref, v_ref, lam, readers, form=self.form, backend=attn.options.backend,
                               kernel_layout=attn.options.kernel_layout)

@@ -130,15 +130,16 @@ def build_judge(work: Path, out: Path, args) -> None:
 
 @stage("loras", resumable=True)
 def build_loras(work: Path, out: Path, args) -> None:
-    """CustomShift (both LoRAs and beta) and the token-competition baseline (`shift="concat"`, the same data,
-    steps and rank; no reference dropout, which works through the gamma that concat ignores), on the trained
-    base, side by side: two small XLA programs share 2 cores better than one uses them."""
+    """CustomShift (both LoRAs and beta), the token-competition baseline (`shift="concat"`) and the
+    OminiControl-style one (`shift="joint"`), with the same data, steps and rank (the baselines without reference
+    dropout, which works through the gamma they ignore), on the trained base, side by side: small XLA programs
+    share 2 cores better than one uses them."""
     import subprocess
 
     common = [f"model.checkpoint={work / 'base' / 'model'}", f"data.path={work / 'data' / 'prepared'}", *args.lora]
     runs = {"customshift": train_command("world-customshift.yaml", out / "customshift", *common),
-            "concat": train_command("world-customshift.yaml", out / "concat", *common, "train.shift=concat",
-                                    "train.ref_dropout=0", "log.progress=false")}
+            **{shift: train_command("world-customshift.yaml", out / shift, *common, f"train.shift={shift}",
+                                    "train.ref_dropout=0", "log.progress=false") for shift in ("concat", "joint")}}
     procs = {}
     for name, cmd in runs.items():
         print("$ customshift " + " ".join(cmd), file=sys.stderr)
@@ -163,7 +164,7 @@ def build_weights(work: Path, out: Path, args) -> None:
     (out / "model" / "scheduler" / "scheduler_config.json").write_text(json.dumps(
         {"_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": 1000, "shift": SCHEDULER_SHIFT},
         indent=2) + "\n")
-    for name in ("customshift", "concat"):
+    for name in ("customshift", "concat", "joint"):
         shutil.copytree(work / "loras" / name / "lora", out / name)
     shutil.copy2(work / "judge" / "judge.npz", out / "judge.npz")
 
@@ -174,23 +175,25 @@ def build_eval(work: Path, out: Path, args) -> None:
     from customshift_jax.toyworld import evaluate as E
     from customshift_jax.toyworld import figures
     from customshift_jax.toyworld import judge as J
-    from customshift_jax.toyworld.methods import Generator, WorldModel
+    from customshift_jax.toyworld.methods import STEPS, Generator, WorldModel
 
     weights = work / "weights"
     model = WorldModel.load(weights)
     cases = E.draw_cases(args.eval_seed, args.eval_subjects, args.eval_contexts)
     judge = J.load_judge(weights / "judge.npz")
-    rows, images = E.evaluate(model, Generator(model), judge, cases, E.GAMMAS)
+    generator = Generator(model, guidance=args.guidance)
+    rows, images = E.evaluate(model, generator, judge, cases, E.GAMMAS)
     judged = E.judge_report(judge, model)
     E.write_json(out / "scores.json", {"seed": args.eval_seed, "subjects": args.eval_subjects,
-                                       "contexts_per_subject": args.eval_contexts, "judge": judged, "table": rows})
+                                       "contexts_per_subject": args.eval_contexts, "steps": STEPS,
+                                       "guidance": args.guidance, "judge": judged, "table": rows})
     table = E.markdown_table(rows)
     (out / "judge.md").write_text(E.judge_table(judged) + "\n")
     (out / "table.md").write_text(table + "\n")
     figures.tradeoff_plot({k: (r["context_all"], r["identity_cosine"]) for k, r in rows.items()}, out / "tradeoff.png",
                           ylabel="subject consistency (identity cosine to the reference)")
     shown = list(range(0, len(cases), args.eval_contexts))[:8]  # one context of each of 8 subjects
-    refs, columns = E.references(cases), E.method_columns(E.GAMMAS)
+    refs, columns = E.references(cases), E.method_columns(E.GAMMAS, model.methods())
     figures.grid([[refs[i]] + [images[label][i] for label, _, _ in columns] for i in shown],
                  ["reference"] + [label for label, _, _ in columns],
                  [E.case_label(cases[i]) for i in shown], out / "grid.png")
@@ -239,10 +242,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--eval-seed", type=int, default=1234)
     parser.add_argument("--eval-subjects", type=int, default=64)
     parser.add_argument("--eval-contexts", type=int, default=4, help="target contexts per held-out subject")
+    parser.add_argument("--guidance", type=float, default=None,
+                        help="the evaluation's CFG scale (default: the world's, methods.GUIDANCE)")
     parser.add_argument("--ship", action="store_true", help="copy the weights into the package at the end")
     parser.add_argument("--base", nargs="*", default=[], help="extra key=value overrides of the base training")
     parser.add_argument("--lora", nargs="*", default=[], help="extra key=value overrides of both LoRA trainings")
     args = parser.parse_args(argv)
+    if args.guidance is None:
+        from customshift_jax.toyworld.methods import GUIDANCE
+
+        args.guidance = GUIDANCE
     args.work.mkdir(parents=True, exist_ok=True)
     lock = _lock(args.work)  # noqa: F841 (held until the process exits)
     for name, fn, resumable in STAGES:

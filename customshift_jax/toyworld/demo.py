@@ -25,7 +25,7 @@ def run_demo(out: Path, *, seed: int = 0, n_subjects: int = 6, gammas: Sequence[
     make_dir(out, "--out")
     make_dir(out / "images", "images folder")
     refs = E.references(cases)
-    columns = E.method_columns(gammas)
+    columns = E.method_columns(gammas, model.methods())
     subjects, grid_rows = [], []
     for i, case in enumerate(cases):
         ref_file = f"images/{i:02d}-reference.png"

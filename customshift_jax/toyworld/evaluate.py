@@ -17,6 +17,7 @@ from customshift_jax.io.safe_files import write_text
 from customshift_jax.sampling.sampler import noise_for
 from customshift_jax.toyworld import judge as J
 from customshift_jax.toyworld import world
+from customshift_jax.toyworld.methods import METHODS
 from customshift_jax.toyworld.tiny_sd3 import LATENT_SHAPE
 from customshift_jax.toyworld.vae_train import reconstruct
 
@@ -62,11 +63,13 @@ def draw_cases(seed: int, n_subjects: int, contexts_per_subject: int = 1) -> lis
     return cases
 
 
-def method_columns(gammas: Sequence[float]) -> list[tuple[str, str, float | None]]:
-    """(label, method, gamma) of every column: the baselines, then CustomShift at each gamma."""
-    cols = [("text only", "text only", None), ("concat (training-free)", "concat (training-free)", None),
-            ("concat (trained)", "concat (trained)", None)]
-    return cols + [(f"customshift gamma={g:g}", "customshift", float(g)) for g in gammas]
+def method_columns(gammas: Sequence[float],
+                   methods: Sequence[str] | None = None) -> list[tuple[str, str, float | None]]:
+    """(label, method, gamma) of every column: the baselines, then CustomShift at each gamma; only `methods`
+    (`WorldModel.methods()`: what the weights hold) when given."""
+    methods = list(METHODS) if methods is None else methods
+    cols = [(m, m, None) for m in methods if m != "customshift"]
+    return cols + [(f"customshift gamma={g:g}", "customshift", float(g)) for g in gammas if "customshift" in methods]
 
 
 def references(cases: Sequence[Case]) -> np.ndarray:
@@ -135,7 +138,7 @@ def evaluate(model, generator, judge, cases: Sequence[Case], gammas: Sequence[fl
     """(table, images): one row per column (and the oracle: the judge on real renders of the targets)."""
     from tqdm import tqdm
 
-    columns = method_columns(gammas)
+    columns = method_columns(gammas, model.methods())
     bar = tqdm(total=len(cases) * len(columns), desc="generate", unit="img", file=sys.stderr,
                disable=not progress, dynamic_ncols=True)
     images, seconds = generate_all(model, generator, cases, columns, batch=batch, progress=bar.update)

@@ -32,6 +32,7 @@ METHODS: dict[str, tuple[str | None, str | None, bool]] = {
     "text only": (None, None, False),
     "concat (training-free)": ("concat", "concat", True),
     "concat (trained)": ("concat", "concat", False),
+    "joint (trained)": ("joint", "joint", False),  # OminiControl-style: text queries read the reference too
     "customshift": ("customshift", "cads", False),
 }
 
@@ -60,6 +61,8 @@ class WorldModel:
         comps = load_components(weights / "model")
         loras = {}
         for name in sorted({m[0] for m in METHODS.values() if m[0]}):
+            if not (weights / name).is_dir():  # weights built before that method: its columns are left out
+                continue
             state_dict, lora = load_lora_files(weights / name)
             loras[name] = (lora, *from_state_dict(comps.config, lora, state_dict))
         encoders = TextEncoders.from_pretrained(comps.text_folder)
@@ -71,6 +74,10 @@ class WorldModel:
                 stderr_note(f"the {name} LoRA was trained with T5 length {lora_record.settings.max_sequence_length} "
                             f"({lora_record.source}), the model with {length}; every method encodes at {length}.")
         return cls(comps.config, comps.params, comps.vae_config, comps.vae_params, encoders, loras, length)
+
+    def methods(self) -> list[str]:
+        """The methods these weights can run: every one whose LoRA folder is there (`METHODS`' order)."""
+        return [m for m, (lora_name, _, _) in METHODS.items() if lora_name is None or lora_name in self.loras]
 
     def encode_text(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
         """(embeds (N, 36, 96), pooled (N, 80)) of captions or subject names, float32."""
@@ -92,18 +99,18 @@ class Generator:
         self.base = Pipeline(model.config, model.vae_config)
         self.pipes = {lora_name: Pipeline(model.config, model.vae_config, lora_config=model.loras[lora_name][0],
                                           shift=shift)
-                      for lora_name, shift, _ in METHODS.values() if shift is not None}
+                      for lora_name, shift, _ in METHODS.values() if lora_name in model.loras}
         # The training-free method's all-zero LoRAs, made once.
         self.zeroed = {name: (model.loras[name][0], *jax.tree_util.tree_map(jnp.zeros_like, model.loras[name][1:]))
-                       for name, _, zeroed in METHODS.values() if zeroed}
+                       for name, _, zeroed in METHODS.values() if zeroed and name in model.loras}
 
     def run(self, method: str, noise: jax.Array, prompt: tuple[np.ndarray, np.ndarray], *,
             reference: jax.Array | None = None, subject: tuple[np.ndarray, np.ndarray] | None = None,
             gamma: float = 1.0) -> np.ndarray:
         """Images (B, 32, 32, 3) uint8 of `method` from noise (B, 4, 16, 16), prompt embeddings, and for the
         reference methods the reference latents (B, 4, 16, 16) and the subject name's embeddings."""
-        if method not in METHODS:
-            raise ValueError(f"unknown method {method!r}; expected one of {list(METHODS)}.")
+        if method not in self.model.methods():
+            raise ValueError(f"unknown method {method!r}; these weights run {self.model.methods()}.")
         cond = text_conditioning(*prompt, guidance=self.guidance)  # negatives: zeros, as training drops the text
         lora_name, shift, zeroed = METHODS[method]
         m = self.model

@@ -8,6 +8,7 @@ import re
 from pathlib import Path
 from typing import Any
 
+from customshift_jax.customshift.cads import SHIFTS
 from customshift_jax.numerics import FLOAT_DTYPES
 from customshift_jax.models.mmdit.options import RunOptions
 
@@ -28,7 +29,8 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         "steps": 1000, "seed": 0, "lr": 1e-4, "warmup_steps": 0, "schedule": "constant", "weight_decay": 1e-2,
         "clip_norm": 1.0, "accum_steps": 1, "dtype": "fp32", "remat": "none", "shift": "cads",
         "form": "two_pass", "text_dropout": 0.1, "ref_dropout": 0.05,
-        # shift: how the reference enters the CGB's attention, "cads" (CustomShift) or "concat" (the baseline)
+        # shift: how the reference enters the CGB's attention, "cads" (CustomShift), "concat" (the baseline:
+        # image queries read it unshifted) or "joint" (OminiControl-style: every query, text too, reads it)
         # "customshift": train the two LoRAs and beta on a frozen base. "base": train every param of the base
         # MMDiT (initialised from model.checkpoint / model.preset) as a text-to-image model; it is written to
         # OUTPUT_DIR/model/ (our checkpoint, other components of model.checkpoint copied) instead of the LoRA.
@@ -166,7 +168,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "train.schedule": ("constant", "cosine"),
     "train.dtype": DTYPES,
     "train.remat": ("none", "dots", "full"),
-    "train.shift": ("cads", "concat"),
+    "train.shift": SHIFTS,
     "train.form": ("two_pass", "single"),
     "train.mode": TRAIN_MODES,
     "mesh.rules": ("dp", "fsdp", "tp", "fsdp_tp", "context"),

@@ -16,6 +16,7 @@ import numpy as np
 import optax
 
 from customshift_jax.customshift.branches import init_lora, make_customshift_forward, make_prefill
+from customshift_jax.customshift.cads import GAMMA_FREE
 from customshift_jax.models.mmdit.api import Params
 from customshift_jax.models.mmdit.config import MMDiTConfig
 from customshift_jax.models.mmdit.lora import LoRAConfig
@@ -111,8 +112,8 @@ def make_loss_fn(config: MMDiTConfig, lora_config: LoRAConfig, options: RunOptio
     with gamma = 0, i.e. lambda = -inf, which removes its reference path exactly (the RAB prefill still runs;
     a dropped sample gives it no gradient).
     """
-    if shift == "concat" and ref_dropout > 0:
-        raise ValueError("reference dropout works through gamma = 0, which shift='concat' ignores; set "
+    if shift in GAMMA_FREE and ref_dropout > 0:
+        raise ValueError(f"reference dropout works through gamma = 0, which shift='{shift}' ignores; set "
                          "ref_dropout to 0 or train with shift='cads'.")
     prefill = make_prefill(config, lora_config, options)
     forward = make_customshift_forward(config, lora_config, options, shift=shift, form=form)

@@ -18,7 +18,7 @@ def test_help_shows_defaults(capsys):
         main(["generate", "--help"])
     text = " ".join(capsys.readouterr().out.split())
     for flag, default in (("--guidance GUIDANCE", "7.0"), ("--seed SEED", "0"), ("--num-images NUM_IMAGES", "1"),
-                          ("--shift {cads,concat}", "cads")):
+                          ("--shift {cads,concat,joint}", "cads")):
         after = text[text.rindex(flag):][:400]  # the option's line, not the usage
         assert f"default: {default}" in after, (flag, after)
 

@@ -148,3 +148,35 @@ def test_per_sample_gamma_matches_scalar_gamma_per_sample(setup, form):
     assert relative_error(mixed[1], run(0.0)[1]) > 1e-3  # the kept sample does read the reference
     with pytest.raises(ValueError, match="one value per sample"):
         run(jnp.ones((2, 1)))
+
+
+@pytest.mark.parametrize("form", ["two_pass", "single"])
+def test_joint_lets_text_queries_read_the_reference(form):
+    """shift="joint" (OminiControl-style): every query attends over [B; R] unshifted, so the text rows equal one
+    plain attention over the joined keys, and the image rows equal concat's (image queries read R alike)."""
+    rng = np.random.default_rng(3)
+    b, n_img, n_txt, r, h, d = 2, 6, 4, 5, 2, 8
+    f = lambda *s: jnp.asarray(rng.standard_normal(s), jnp.float32)  # noqa: E731
+    q, k, v = f(b, n_img + n_txt, h, d), f(b, n_img + n_txt, h, d), f(b, n_img + n_txt, h, d)
+    k_ref, v_ref = f(1, r, h, d), f(1, r, h, d)
+    lam = shift_logit(jnp.full((h,), 0.7), 2.0, "joint")
+    np.testing.assert_array_equal(np.asarray(lam), 0.0)  # no beta, no gamma: the baseline's plain join
+    joint = cads_attention(q, k, v, k_ref, v_ref, lam, n_img + n_txt, form=form)
+    concat = cads_attention(q, k, v, k_ref, v_ref, lam, n_img, form=form)
+    join = lambda x, x_ref: jnp.concatenate([x, jnp.repeat(x_ref, b, 0)], 1)  # noqa: E731
+    joined = attention(q, join(k, k_ref), join(v, v_ref))
+    assert relative_error(joint, joined) <= 1e-6
+    assert relative_error(joint[:, :n_img], concat[:, :n_img]) <= 1e-6
+    assert relative_error(joint[:, n_img:], concat[:, n_img:]) > 1e-2  # concat's text rows never see R
+
+
+def test_joint_processor_changes_the_text_stream(setup):
+    """Through the model: "joint" differs from "concat" (text tokens read the reference from the first block on,
+    which reaches the image through the later blocks), and both ignore gamma."""
+    config, params, _, cgb, cache, inputs = setup
+    joint = customshift_apply(config, params, *inputs, cache, cgb_lora=cgb, lora_config=LORA, shift="joint")
+    joint3 = customshift_apply(config, params, *inputs, cache, cgb_lora=cgb, lora_config=LORA, shift="joint",
+                               gamma=3.0)
+    concat = customshift_apply(config, params, *inputs, cache, cgb_lora=cgb, lora_config=LORA, shift="concat")
+    np.testing.assert_array_equal(np.asarray(joint), np.asarray(joint3))
+    assert relative_error(joint, concat) > 1e-4
