@@ -18,6 +18,7 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 
 import customshift_jax.pipeline as stages  # looked up at call time: `stages.load_components` can be replaced
+from customshift_jax.customshift.cads import SHIFTS
 from customshift_jax.io.images import ImageLimits, load_reference_image, reference_pixels, to_rgb
 from customshift_jax.io.lora_files import LoRAFiles, fit_lora, read_lora_files
 from customshift_jax.io.text_settings import (
@@ -28,7 +29,6 @@ from customshift_jax.io.text_settings import (
     recorded_clip_skip,
     resolve_max_sequence_length,
 )
-from customshift_jax.customshift.cads import SHIFTS
 from customshift_jax.models.mmdit.config import MMDiTConfig
 from customshift_jax.models.mmdit.options import RunOptions
 from customshift_jax.text import PromptEmbeds
@@ -66,16 +66,17 @@ def text_conditioning(embeds: Any, pooled: Any, negative: Any = None, negative_p
 def sample_from_embeds(steps: "stages.Pipeline", params: Any, cond: Any, schedule: Any, *, guidance: float,
                        latents: Any = None, vae_params: Any = None, rab: Any = None, cgb: Any = None,
                        reference: Any = None, subject: tuple | None = None, ref_kv: Any = None, gamma: float = 1.0,
-                       **noise: Any) -> Any:
+                       reference_scale: float | None = None, **noise: Any) -> Any:
     """Prompt-to-image below the text encoders, for one batch: with a reference (its VAE latents `reference` and
     the subject name's (embeds, pooled) `subject`, or the `ref_kv` that `steps.reference_cache` made of them
     earlier) the Reference-Alignment Branch's prefill with `rab`, then the CustomShift sampler with `cgb` at
-    `gamma`; without one, the plain SD3 sampler. Final latents, or images in [-1, 1] when `steps` decodes.
+    `gamma` (and reference guidance at `reference_scale`, when given); without one, the plain SD3 sampler.
+    Final latents, or images in [-1, 1] when `steps` decodes.
     `CustomShiftPipeline`, training samples and the world's methods all sample through here."""
     if ref_kv is None and reference is not None:
         ref_kv = steps.reference_cache(params, rab, reference, *subject)
     return steps.sample(params, latents, cond, schedule, guidance=guidance, cgb=cgb, ref_kv=ref_kv, gamma=gamma,
-                        vae_params=vae_params, **noise)
+                        reference_scale=reference_scale, vae_params=vae_params, **noise)
 
 
 def _is_int(x: Any) -> bool:

@@ -343,16 +343,19 @@ class Pipeline:
         return self.prefill_function()(params, rab, ref_latents, subject_embeds, subject_pooled)
 
     def sample(self, params: Any, latents: Any, cond: Any, schedule: Any, *, guidance: float = 1.0,
-               cgb: Any = None, ref_kv: Any = None, gamma: float = 1.0, vae_params: Any = None,
-               **noise_kw: Any) -> jax.Array:
+               cgb: Any = None, ref_kv: Any = None, gamma: float = 1.0, reference_scale: float | None = None,
+               vae_params: Any = None, **noise_kw: Any) -> jax.Array:
         """Final latents, or images (B, 3, H, W) in [-1, 1] when the pipeline decodes. Without `ref_kv`: the
         plain SD3 sampler; with it: CustomShift at `gamma`. `latents` None: drawn from `key=` at `height=`,
-        `width=` (pixels), as `sampling.make_sampler`'s runner does."""
+        `width=` (pixels), as `sampling.make_sampler`'s runner does. `reference_scale`: reference guidance (a
+        pass without the reference each step, `customshift.sampling`); None: off."""
         kw = dict(guidance_scale=guidance, vae_params=vae_params, **noise_kw)
         if ref_kv is None:
             return self.plain_sampler()(params, latents=latents, cond=cond, schedule=schedule, **kw)
         return self.customshift_sampler()({"base": params, "cgb": cgb}, latents=latents, cond=cond, schedule=schedule,
-                                          extra={"ref_kv": ref_kv, "gamma": np.float32(gamma)}, **kw)
+                                          extra={"ref_kv": ref_kv, "gamma": np.float32(gamma),
+                                                 **({} if reference_scale is None
+                                                    else {"reference_scale": np.float32(reference_scale)})}, **kw)
 
     def decode_latents(self, vae_params: Any, z: Any) -> jax.Array:
         """Final latents (B, C, h, w) -> images (B, 3, H, W) in [-1, 1] (for a pipeline that does not decode)."""

@@ -71,17 +71,27 @@ def single_form_bias(lam: jax.Array, n_img: int, nq: int, nk: int, nr: int) -> j
                             jnp.broadcast_to(ref_bias, lead + (nq, nr))], axis=-1)
 
 
+def _repeat_to(ref: jax.Array, b: int) -> jax.Array:
+    """(B', ...) -> (b, ...): broadcast one reference, or repeat B' references b / B' times along the batch."""
+    if ref.shape[0] == 1 or ref.shape[0] == b:
+        return jnp.broadcast_to(ref, (b,) + ref.shape[1:])
+    if b % ref.shape[0]:
+        raise ValueError(f"{ref.shape[0]} references do not divide a batch of {b} queries; give one reference, or "
+                         "one per sample.")
+    return jnp.tile(ref, (b // ref.shape[0],) + (1,) * (ref.ndim - 1))
+
+
 def cads_attention(q, k, v, k_ref, v_ref, lam, n_img: int, *, form: Form = "two_pass", backend: str = "xla",
                    kernel_layout: tuple[tuple[str, ...], tuple[str, ...]] | None = None):
     """Joint attention in which the first `n_img` queries also read (k_ref, v_ref) through the shift.
 
     q: (B, Nq, H, D) with image queries first; k, v: (B, Nk, H, D) base keys [x; c];
-    k_ref, v_ref: (B or 1, R, H, D); lam: (H,) or per sample (B, H), float32. Returns (B, Nq, H, D).
+    k_ref, v_ref: (B', R, H, D) with B' dividing B: one reference for all, one per sample, or one per sample of a
+    batch that repeats its samples (CFG's [uncond; text]: sample i of every repeat reads reference i);
+    lam: (H,) or per sample (B, H), float32. Returns (B, Nq, H, D).
     `kernel_layout`: the flash kernels' mesh split (`RunOptions.kernel_layout`).
     """
-    b = q.shape[0]
-    k_ref = jnp.broadcast_to(k_ref, (b,) + k_ref.shape[1:]).astype(k.dtype)
-    v_ref = jnp.broadcast_to(v_ref, (b,) + v_ref.shape[1:]).astype(v.dtype)
+    k_ref, v_ref = (_repeat_to(x, q.shape[0]).astype(y.dtype) for x, y in ((k_ref, k), (v_ref, v)))
     if form == "two_pass":
         o_base, lse_base = attention(q, k, v, backend=backend, return_lse=True, kernel_layout=kernel_layout)
         o_ref, lse_ref = attention(q[:, :n_img], k_ref, v_ref, backend=backend, return_lse=True,

@@ -3,13 +3,18 @@
 The reference cache is a jit input computed once outside the scan over steps (DESIGN section 4); both CFG
 passes read it. `recompute_rab=True` instead runs the Reference-Alignment Branch inside every step: the
 same numbers at a higher cost, kept for tests and benchmarks. With a `mesh`, the same sampler runs sharded
-(DESIGN section 5).
+(DESIGN section 5). Reference guidance (`extra["reference_scale"]` = s): each forward also runs without the
+reference (gamma 0) and returns v_without + s (v_with - v_without), a guidance scale of its own for the
+reference, on top of CFG's for the text; s = 1 is the plain sampler.
 """
 from __future__ import annotations
 
 from typing import Any, Callable
 
+import jax.numpy as jnp
+
 from customshift_jax.customshift.branches import make_customshift_forward, make_prefill
+from customshift_jax.customshift.cads import GAMMA_FREE
 from customshift_jax.models.mmdit.config import MMDiTConfig
 from customshift_jax.models.mmdit.lora import LoRAConfig
 from customshift_jax.models.mmdit.options import RunOptions
@@ -18,7 +23,7 @@ from customshift_jax.sampling import make_sampler
 
 # The axes of the sampler's `extra` inputs on a mesh: the cache (layers, batch, length, heads, -), gamma whole.
 EXTRA_AXES = {"ref_kv": shd.KV_AXES_FN, "ref_latents": shd.LATENT_AXES, "subject_embeds": shd.TOKEN_AXES,
-              "subject_pooled": shd.BATCH_AXES, "gamma": shd.REPLICATED}
+              "subject_pooled": shd.BATCH_AXES, "gamma": shd.REPLICATED, "reference_scale": shd.REPLICATED}
 
 
 def _forward(config: MMDiTConfig, lora_config: LoRAConfig | None, options: RunOptions, *, shift: str, form: str,
@@ -28,10 +33,20 @@ def _forward(config: MMDiTConfig, lora_config: LoRAConfig | None, options: RunOp
     rab = make_prefill(config, lora_config, options) if recompute_rab else None
 
     def forward(params, x, t, ehs, pooled, skip, *, gamma, ref_kv=None, ref_latents=None, subject_embeds=None,
-                subject_pooled=None):
+                subject_pooled=None, reference_scale=None):
         if rab is not None:
             ref_kv = rab(params["base"], params.get("rab"), ref_latents, subject_embeds, subject_pooled)
-        return cgb(params["base"], params.get("cgb"), x, t, ehs, pooled, skip, ref_kv, gamma)
+        if reference_scale is None:
+            return cgb(params["base"], params.get("cgb"), x, t, ehs, pooled, skip, ref_kv, gamma)
+        if shift in GAMMA_FREE:
+            raise ValueError(f"reference guidance works through gamma = 0, which shift='{shift}' ignores.")
+        n = x.shape[0]  # one call on [x; x]: with the reference at gamma, then without it (gamma 0)
+        g = jnp.broadcast_to(jnp.asarray(gamma, jnp.float32), (n,))
+        twice = lambda a: jnp.concatenate([a, a], axis=0)  # noqa: E731
+        v = cgb(params["base"], params.get("cgb"), twice(x), twice(t), twice(ehs), twice(pooled), skip, ref_kv,
+                jnp.concatenate([g, jnp.zeros_like(g)]))
+        with_ref, without = v[:n], v[n:]
+        return without + jnp.asarray(reference_scale, v.dtype) * (with_ref - without)
 
     return forward
 

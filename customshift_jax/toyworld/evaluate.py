@@ -17,7 +17,7 @@ from customshift_jax.io.safe_files import write_text
 from customshift_jax.sampling.sampler import noise_for
 from customshift_jax.toyworld import judge as J
 from customshift_jax.toyworld import world
-from customshift_jax.toyworld.methods import METHODS
+from customshift_jax.toyworld.methods import METHODS, REFERENCE_GUIDED
 from customshift_jax.toyworld.tiny_sd3 import LATENT_SHAPE
 from customshift_jax.toyworld.vae_train import reconstruct
 
@@ -68,7 +68,8 @@ def method_columns(gammas: Sequence[float],
     """(label, method, gamma) of every column: the baselines, then CustomShift at each gamma; only `methods`
     (`WorldModel.methods()`: what the weights hold) when given."""
     methods = list(METHODS) if methods is None else methods
-    cols = [(m, m, None) for m in methods if m != "customshift"]
+    cols = [(f"{m} s={REFERENCE_GUIDED[m]:g}" if m in REFERENCE_GUIDED else m, m, None) for m in methods
+            if m != "customshift"]
     return cols + [(f"customshift gamma={g:g}", "customshift", float(g)) for g in gammas if "customshift" in methods]
 
 
@@ -177,6 +178,10 @@ TABLE_LEGEND = (
     "subject all: all four subject factors right in one image.",
     "identity cos: cosine of the judge's identity embedding of the image and of the reference (DINO's analogue).",
     "scene, position, size: the context the prompt asks for (prompt fidelity); prompt all: all three right.",
+    "Methods: text only (no reference); concat: image queries read the reference tokens unshifted (training-free: "
+    "zero LoRAs; trained: its own LoRAs); joint: every query, text too, reads them (OminiControl-style); "
+    "customshift: the shift at gamma; reference guidance s: a pass without the reference each step, s times "
+    "(with - without).",
     "s / img: generation seconds per image, compile excluded. oracle: the judge on true renders of the target, "
     "the ceiling the judge allows.",
 )

@@ -33,8 +33,12 @@ METHODS: dict[str, tuple[str | None, str | None, bool]] = {
     "concat (training-free)": ("concat", "concat", True),
     "concat (trained)": ("concat", "concat", False),
     "joint (trained)": ("joint", "joint", False),  # OminiControl-style: text queries read the reference too
+    "customshift (reference guidance)": ("customshift", "cads", False),
     "customshift": ("customshift", "cads", False),
 }
+# Methods that sample with reference guidance, and its scale: each step also runs without the reference and
+# moves s times as far along (with - without) (`customshift.sampling`); at gamma 1.
+REFERENCE_GUIDED: dict[str, float] = {"customshift (reference guidance)": 2.0}
 
 
 @dataclasses.dataclass
@@ -120,5 +124,6 @@ class Generator:
         _, rab, cgb = self.zeroed[lora_name] if zeroed else m.loras[lora_name]
         return to_uint8(sample_from_embeds(self.pipes[lora_name], m.params, cond, self.schedule,
                                            guidance=self.guidance, latents=noise, vae_params=m.vae_params, rab=rab,
-                                           cgb=cgb, reference=reference, subject=subject, gamma=gamma))
+                                           cgb=cgb, reference=reference, subject=subject, gamma=gamma,
+                                           reference_scale=REFERENCE_GUIDED.get(method)))
 

@@ -1,4 +1,6 @@
 """CustomShift sampling: the cache computed once equals the RAB recomputed in every step; gamma = 0 is SD3."""
+import dataclasses
+
 import jax
 import numpy as np
 import pytest
@@ -71,3 +73,46 @@ def test_reference_image_reading(tmp_path):
         load_reference_image(bad, 32, 32)
     with pytest.raises(FileNotFoundError, match="no such file"):
         load_reference_image(tmp_path / "absent.png", 32, 32)
+
+
+def _two_references(params, rab):
+    """A cache holding a different reference per sample (batch 2)."""
+    rng = np.random.default_rng(7)
+    j, p = CONFIG.joint_attention_dim, CONFIG.pooled_projection_dim
+    ref = (rng.standard_normal((2, 16, 8, 8)).astype(np.float32), rng.standard_normal((2, 4, j)).astype(np.float32),
+           rng.standard_normal((2, p)).astype(np.float32))
+    return prefill(CONFIG, params, *ref, rab_lora=rab, lora_config=LORA).kv
+
+
+def test_one_reference_per_sample_under_cfg_equals_each_sample_alone(setup):
+    """CFG runs [uncond; text] (2B) against B references: sample i of both halves reads reference i."""
+    params, rab, cgb, cond, _, latents, schedule = setup
+    kv = _two_references(params, rab)
+    run = make_customshift_sampler(CONFIG, LORA)
+    both = run({"base": params, "cgb": cgb}, latents, cond, schedule, guidance_scale=4.0,
+               extra={"ref_kv": kv, "gamma": 1.3})
+    for i in range(2):
+        one = Conditioning(*(getattr(cond, f.name)[i:i + 1] for f in dataclasses.fields(cond)))
+        kv_i = jax.tree_util.tree_map(lambda a: a[:, i:i + 1], kv)  # (layers, batch, ...): reference i
+        alone = run({"base": params, "cgb": cgb}, latents[i:i + 1], one, schedule, guidance_scale=4.0,
+                    extra={"ref_kv": kv_i, "gamma": 1.3})
+        assert relative_error(both[i:i + 1], alone) <= 1e-5, i
+
+
+def test_reference_guidance(setup):
+    """v_without + s (v_with - v_without): s = 1 is the plain sampler, s = 0 the sampler without the reference
+    (gamma 0), s = 2 neither; the baselines, which ignore gamma, refuse it."""
+    params, rab, cgb, cond, _, latents, schedule = setup
+    kv = _two_references(params, rab)
+    run = make_customshift_sampler(CONFIG, LORA)
+    go = lambda gamma, **extra: run({"base": params, "cgb": cgb}, latents, cond, schedule,  # noqa: E731
+                                    guidance_scale=4.0, extra={"ref_kv": kv, "gamma": gamma, **extra})
+    plain, without = go(1.3), go(0.0)
+    assert relative_error(go(1.3, reference_scale=1.0), plain) <= 1e-5
+    assert relative_error(go(1.3, reference_scale=0.0), without) <= 1e-5
+    pushed = go(1.3, reference_scale=2.0)
+    assert relative_error(pushed, plain) > 1e-3 and relative_error(pushed, without) > 1e-3
+    with pytest.raises(ValueError, match="shift='concat' ignores"):
+        make_customshift_sampler(CONFIG, LORA, shift="concat")(
+            {"base": params, "cgb": cgb}, latents, cond, schedule, guidance_scale=4.0,
+            extra={"ref_kv": kv, "gamma": 1.0, "reference_scale": 2.0})

@@ -38,7 +38,8 @@ def test_demo_writes_grid_images_and_json(demo):
     for s in subjects:
         assert len(s["body_rgb"]) == 3 and len(s["accent_rgb"]) == 3
         assert {i["method"] for i in s["images"]} == {"text only", "concat (training-free)", "concat (trained)",
-                                                      "customshift"}
+                                                      "customshift (reference guidance)", "customshift"} | (
+            {"joint (trained)"} if (WEIGHTS / "joint").is_dir() else set())
         for i in s["images"]:
             assert (demo / i["file"]).is_file() and {"scene", "position", "size"} <= set(i)
 
