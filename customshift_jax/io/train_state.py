@@ -131,13 +131,32 @@ def stored_state(mngr, step: int) -> dict:
 
 def read_latest_train_state(directory: str | Path) -> dict[str, np.ndarray]:
     """The newest checkpoint in `directory` as numpy: {"step": its step, "state/<parameter path>": array}."""
+    step, state = read_train_state(directory)
+    return {"step": step, **{f"state/{k}": v for k, v in _flatten_nested(state).items()}}
+
+
+def read_train_state(directory: str | Path, step: int | None = None) -> tuple[int, dict]:
+    """(step, the train state as a nested dict of numpy arrays, e.g. state["ema"]) of the checkpoint at `step`
+    in `directory` (None: the newest), read without the run's code or config."""
     import orbax.checkpoint as ocp
 
     mngr = open_train_checkpoints(Path(directory), 100, False)
     try:
-        step = mngr.latest_step()
+        if step is None:
+            step = mngr.latest_step()
+        if step not in mngr.all_steps():
+            raise FileNotFoundError(f"{directory}: no checkpoint of step {step} (there are {list(mngr.all_steps())}).")
         got = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(),
                                                          meta=ocp.args.JsonRestore()))
-        return {"step": step, **{f"state/{k}": np.asarray(v) for k, v in _flatten_nested(got["state"]).items()}}
+        return step, _nested({k: np.asarray(v) for k, v in _flatten_nested(got["state"]).items()})
+    finally:
+        mngr.close()
+
+
+def train_steps(directory: str | Path) -> list[int]:
+    """The steps of the checkpoints in `directory`, oldest first."""
+    mngr = open_train_checkpoints(Path(directory), 100, False)
+    try:
+        return sorted(mngr.all_steps())
     finally:
         mngr.close()

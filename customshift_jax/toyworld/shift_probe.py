@@ -98,7 +98,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         print(f"| {i} | " + " | ".join(f"{b:+.3f}" for b in row) + " |")
     print(f"\nalpha, mean attention mass on the reference over image queries and heads ({len(cases)} held-out "
           "subjects, gamma 1):")
-    results = {m: alpha_per_layer(model, m, cases, ts) for m in ("concat (trained)", "customshift")}
+    results = {m: alpha_per_layer(model, m, cases, ts) for m in ("concat (trained)", "joint (trained)", "customshift")
+               if m in model.methods()}
     print("| method | t | " + " | ".join(f"layer {i}" for i in range(beta.shape[0])) + " |")
     print("|---|---|" + "---|" * beta.shape[0])
     for m, a in results.items():

@@ -35,6 +35,11 @@ def test_prepare_then_base_and_customshift_training_run(tmp_path):
     _cli(tmp_path, "train", "--config", str(CONFIGS / "world-base.yaml"), f"output_dir={tmp_path / 'base'}",
          f"model.checkpoint={WEIGHTS / 'model'}", *common)
     assert (tmp_path / "base" / "model" / "customshift_checkpoint.json").is_file()
+    from customshift_jax.toyworld.base_probe import probe  # the run's checkpoint, read back and sampled
+
+    rows = probe(tmp_path / "base", [2], [1.0, 3.0], subjects=2, contexts=1)
+    assert [(r["step"], r["guidance"]) for r in rows] == [(2, 1.0), (2, 3.0)]
+    assert all(0.0 <= r[k] <= 1.0 for r in rows for k in ("silhouette", "scene", "position", "size"))
     _cli(tmp_path, "train", "--config", str(CONFIGS / "world-customshift.yaml"), f"output_dir={tmp_path / 'cs'}",
          f"model.checkpoint={tmp_path / 'base' / 'model'}", *common)
     assert sorted(p.name for p in (tmp_path / "cs" / "lora").iterdir()) == [
