@@ -58,7 +58,7 @@ def tradeoff_plot(points: dict[str, tuple[float, float]], path: Path, *, xlabel:
                   ylabel: str = "subject consistency") -> Path:
     """Scatter of {label: (x, y)} on [0, 1]^2 with gridlines; the CustomShift gamma points joined by a line."""
     size, margin = 560, 70
-    canvas = Image.new("RGB", (size + margin + 190, size + margin), (255, 255, 255))
+    canvas = Image.new("RGB", (size + margin + 240, size + margin), (255, 255, 255))
     draw, font = ImageDraw.Draw(canvas), _font(12)
     x0, y0 = margin, size  # origin (pixels)
     span = size - 20
@@ -71,14 +71,28 @@ def tradeoff_plot(points: dict[str, tuple[float, float]], path: Path, *, xlabel:
     draw.rectangle([px(0, 1), px(1, 0)], outline=(0, 0, 0))
     draw.text((x0 + span / 2 - 50, y0 + 26), xlabel, fill=(0, 0, 0), font=font)
     draw.text((4, 6), ylabel, fill=(0, 0, 0), font=font)
-    curve = [px(*v) for k, v in points.items() if k.startswith("customshift")]
+    curve = [px(*v) for k, v in points.items() if k.startswith("customshift gamma")]
     if len(curve) > 1:
         draw.line(curve, fill=(200, 60, 40), width=2)
     colours = [(200, 60, 40), (40, 90, 200), (40, 150, 60), (140, 60, 170), (90, 90, 90), (220, 140, 20)]
-    for i, (label, (x, y)) in enumerate(points.items()):
-        c = colours[0] if label.startswith("customshift") else colours[1 + i % (len(colours) - 1)]
+    colour = {label: colours[0] if label.startswith("customshift") else colours[1 + i % (len(colours) - 1)]
+              for i, label in enumerate(points)}
+    for label, (x, y) in points.items():
         cx, cy = px(x, y)
-        draw.ellipse([cx - 5, cy - 5, cx + 5, cy + 5], fill=c)
-        draw.text((cx + 8, cy - 7), label, fill=c, font=font)
+        draw.ellipse([cx - 5, cy - 5, cx + 5, cy + 5], fill=colour[label])
+    # Labels in a column right of the plot, in the points' vertical order, at least a line apart, each joined to its
+    # point by a leader: points that coincide (many methods at prompt fidelity 1.0) stay readable.
+    order = sorted(points, key=lambda k: -points[k][1])
+    ys: list[float] = []
+    for label in order:
+        want = px(*points[label])[1] - 7
+        ys.append(max(want, ys[-1] + 15) if ys else want)
+    overflow = ys[-1] - (y0 - 14) if ys else 0
+    ys = [y - max(overflow, 0) for y in ys]  # pushed past the bottom: the column moves up, spacing kept
+    label_x = x0 + span + 24
+    for label, ly in zip(order, ys):
+        cx, cy = px(*points[label])
+        draw.line([(cx + 6, cy), (label_x - 3, ly + 7)], fill=colour[label])
+        draw.text((label_x, ly), label, fill=colour[label], font=font)
     save_image(canvas, path, "figure")
     return path
