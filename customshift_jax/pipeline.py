@@ -191,8 +191,10 @@ def check_finite_latents(latents: np.ndarray, index: int, total: int) -> None:
 
 
 def to_pixels(image: np.ndarray) -> np.ndarray:
-    """(3, H, W) in [-1, 1] -> (H, W, 3) uint8, rounded: what a PNG of the image holds."""
-    return np.clip((np.asarray(image, np.float32).transpose(1, 2, 0) + 1.0) * 127.5 + 0.5, 0, 255).astype(np.uint8)
+    """(..., 3, H, W) in [-1, 1] -> (..., H, W, 3) uint8, rounded half up: what a PNG of the image holds. The one
+    conversion: the pipeline's images, the PNGs and the world's judged images all go through it."""
+    x = np.moveaxis(np.asarray(image, np.float32), -3, -1)
+    return np.clip((x + 1.0) * 127.5 + 0.5, 0, 255).astype(np.uint8)
 
 
 def save_png(image: np.ndarray, path: Path, metadata: dict[str, Any]) -> None:

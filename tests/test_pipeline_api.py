@@ -106,7 +106,7 @@ def test_world_methods_draw_what_the_pipeline_draws():
     import jax
 
     from customshift_jax.sampling import noise_for
-    from customshift_jax.toyworld.methods import WEIGHTS, Generator, WorldModel
+    from customshift_jax.toyworld.methods import GUIDANCE, WEIGHTS, Generator, WorldModel
     from customshift_jax.toyworld.tiny_sd3 import LATENT_SHAPE
 
     if not (WEIGHTS / "model").is_dir():
@@ -120,12 +120,16 @@ def test_world_methods_draw_what_the_pipeline_draws():
     subject = model.encode_text(["star"])
     noise = np.asarray(noise_for([jax.random.key(seed) for seed in (1, 2)], LATENT_SHAPE))
     generator = Generator(model, steps=3)
-    drawn = {"text only": generator.run("text only", noise, prompt), "customshift": generator.run(
-        "customshift", noise, prompt, reference=model.encode_images(np.stack([reference] * 2)),
-        subject=tuple(np.repeat(a, 2, axis=0) for a in subject), gamma=2.0)}
+    ref = model.encode_images(reference[None])
+    one = lambda i: dict(noise=noise[i:i + 1], prompt=tuple(a[i:i + 1] for a in prompt))  # noqa: E731
+    # One prompt a call, as the pipeline samples them: under CFG a batch of another size may round differently.
+    drawn = {"text only": np.concatenate([generator.run("text only", **one(i)) for i in range(2)]),
+             "customshift": np.concatenate([generator.run("customshift", **one(i), reference=ref, subject=subject,
+                                                          gamma=2.0) for i in range(2)])}
     pipe = CustomShiftPipeline.from_pretrained(WEIGHTS / "model", lora=WEIGHTS / "customshift", progress=False)
-    kw = dict(prompt_embeds=PromptEmbeds(*prompt), height=32, width=32, num_inference_steps=3, guidance_scale=1.0,
-              latents=noise)
+    negatives = (np.zeros_like(prompt[0]), np.zeros_like(prompt[1]))  # the world's CFG: zeros, as training drops text
+    kw = dict(prompt_embeds=PromptEmbeds(*prompt, *negatives), height=32, width=32, num_inference_steps=3,
+              guidance_scale=GUIDANCE, latents=noise)
     ours = {"text only": pipe(**kw).images,
             "customshift": pipe(**kw, reference=reference, subject_embeds=subject, gamma=2.0).images}
     for method, images in ours.items():

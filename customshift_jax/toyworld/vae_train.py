@@ -13,6 +13,7 @@ import optax
 
 from customshift_jax.models.vae.api import vae_decode, vae_encode_moments
 from customshift_jax.models.vae.config import VAEConfig
+from customshift_jax.pipeline import to_pixels
 from customshift_jax.toyworld import world
 
 KL_WEIGHT = 1e-4  # small: the latents stay informative, the KL only keeps their scale bounded
@@ -24,9 +25,9 @@ def to_model_images(images: np.ndarray) -> np.ndarray:
 
 
 def to_uint8(images: Any) -> np.ndarray:
-    """VAE output (N, 3, H, W) about [-1, 1] -> uint8 (N, H, W, 3)."""
-    x = np.clip((np.asarray(images, np.float32) + 1.0) * 127.5, 0, 255)
-    return np.round(np.transpose(x, (0, 2, 3, 1))).astype(np.uint8)
+    """VAE output (N, 3, H, W) about [-1, 1] -> uint8 (N, H, W, 3), as the pipeline's images and PNGs are
+    (`pipeline.to_pixels`: the world judges exactly what a user of the pipeline gets)."""
+    return to_pixels(images)
 
 
 def render_pool(n: int, seed: int, subjects: list[world.Subject] | None = None) -> np.ndarray:
