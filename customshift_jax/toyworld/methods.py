@@ -14,11 +14,11 @@ import numpy as np
 from customshift_jax.customshift_pipeline import sample_from_embeds, text_conditioning
 from customshift_jax.io.lora_files import from_state_dict, load_lora_files
 from customshift_jax.io.text_settings import checkpoint_text_settings, lora_text_settings, stderr_note
-from customshift_jax.pipeline import Pipeline, load_components
+from customshift_jax.pipeline import Pipeline, load_components, to_pixels
 from customshift_jax.sampling.schedule import make_schedule
 from customshift_jax.text import TextEncoders
 from customshift_jax.toyworld.tiny_sd3 import T5_MAX_LENGTH
-from customshift_jax.toyworld.vae_train import to_model_images, to_uint8
+from customshift_jax.toyworld.vae_train import to_model_images
 
 WEIGHTS = Path(__file__).resolve().parent / "weights"
 STEPS = 20
@@ -119,10 +119,10 @@ class Generator:
         lora_name, shift, zeroed = METHODS[method]
         m = self.model
         if shift is None:
-            return to_uint8(sample_from_embeds(self.base, m.params, cond, self.schedule, guidance=self.guidance,
+            return to_pixels(sample_from_embeds(self.base, m.params, cond, self.schedule, guidance=self.guidance,
                                                latents=noise, vae_params=m.vae_params))
         _, rab, cgb = self.zeroed[lora_name] if zeroed else m.loras[lora_name]
-        return to_uint8(sample_from_embeds(self.pipes[lora_name], m.params, cond, self.schedule,
+        return to_pixels(sample_from_embeds(self.pipes[lora_name], m.params, cond, self.schedule,
                                            guidance=self.guidance, latents=noise, vae_params=m.vae_params, rab=rab,
                                            cgb=cgb, reference=reference, subject=subject, gamma=gamma,
                                            reference_scale=REFERENCE_GUIDED.get(method)))

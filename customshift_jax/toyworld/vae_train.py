@@ -24,12 +24,6 @@ def to_model_images(images: np.ndarray) -> np.ndarray:
     return np.transpose(images.astype(np.float32) / 127.5 - 1.0, (0, 3, 1, 2))
 
 
-def to_uint8(images: Any) -> np.ndarray:
-    """VAE output (N, 3, H, W) about [-1, 1] -> uint8 (N, H, W, 3), as the pipeline's images and PNGs are
-    (`pipeline.to_pixels`: the world judges exactly what a user of the pipeline gets)."""
-    return to_pixels(images)
-
-
 def render_pool(n: int, seed: int, subjects: list[world.Subject] | None = None) -> np.ndarray:
     """(n, 32, 32, 3) uint8 renders of random (training) subjects in random contexts."""
     rng = np.random.default_rng(seed)
@@ -94,5 +88,5 @@ def train_vae(config: VAEConfig, params: Any, *, steps: int = 1500, batch: int =
 def reconstruct(config: VAEConfig, params: Any, images: np.ndarray) -> np.ndarray:
     """uint8 images -> their VAE reconstructions (posterior mean, decoded) as uint8."""
     fn = jax.jit(lambda p, x: vae_decode(config, p, vae_encode_moments(config, p, x)[0]))
-    return np.concatenate([to_uint8(fn(params, to_model_images(images[i:i + 256])))
+    return np.concatenate([to_pixels(fn(params, to_model_images(images[i:i + 256])))
                            for i in range(0, len(images), 256)])
