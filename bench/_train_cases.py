@@ -60,9 +60,10 @@ def train_errors(timing_jax_out: Any, timing_torch_out: Any, to_common) -> str:
 
 
 def lora_step_case(pair: MMDiTPair, *, batch: int, size: int, text_len: int, subject_len: int,
-                   rank: int = 16) -> Case:
-    """One CustomShift LoRA step (RAB prefill, CGB forward, backward, clip, AdamW) from random LoRAs and beta.
-    Puts the reference's hooks on `pair.model` until the returned Case's `close()`."""
+                   rank: int = 16, remat: str = "none") -> Case:
+    """One CustomShift LoRA step (RAB prefill, CGB forward, backward, clip, AdamW) from random LoRAs and beta,
+    our blocks rematerialised as `remat` (train.remat). Puts the reference's hooks on `pair.model` until the
+    returned Case's `close()`."""
     import jax
     import jax.numpy as jnp
     import torch
@@ -70,6 +71,7 @@ def lora_step_case(pair: MMDiTPair, *, batch: int, size: int, text_len: int, sub
     from customshift_jax.crosscheck.customshift import build_case
     from customshift_jax.io.lora_files import to_state_dict
     from customshift_jax.models.mmdit.lora import LoRAConfig
+    from customshift_jax.models.mmdit.options import RunOptions
     from customshift_jax.train.optim import make_optimizer
     from customshift_jax.train.step import TrainState, make_train_step
 
@@ -81,7 +83,8 @@ def lora_step_case(pair: MMDiTPair, *, batch: int, size: int, text_len: int, sub
     trainable = {"rab": cs.rab, "cgb": cs.cgb}
     state = TrainState(jnp.zeros((), jnp.int32), trainable, opt.init(trainable))
     data = train_batch(config, batch=batch, size=size, text_len=text_len, subject_len=subject_len)
-    step = jax.jit(make_train_step(config, lora, opt, seed=0, text_dropout=0.0, ref_dropout=0.0))
+    step = jax.jit(make_train_step(config, lora, opt, RunOptions(remat=remat), seed=0, text_dropout=0.0,
+                                   ref_dropout=0.0))
     compiled, compile_s = _compile(step, state, pair.params, data)
 
     def run_jax():
@@ -109,17 +112,18 @@ def lora_step_case(pair: MMDiTPair, *, batch: int, size: int, text_len: int, sub
                                                                                      pt.items()}
 
     return Case(run_jax, run_torch, compile_s, f"B{batch} {size * 8}px text {text_len} subject {subject_len} "
-                f"rank {rank}", errors=lambda tj, tt: train_errors(tj, tt, to_common), close=cs.close,
+                f"rank {rank} remat {remat}", errors=lambda tj, tt: train_errors(tj, tt, to_common), close=cs.close,
                 compiled=compiled, jax_args=(state, pair.params, data))
 
 
-def base_step_case(pair: MMDiTPair, *, batch: int, size: int, text_len: int) -> Case:
+def base_step_case(pair: MMDiTPair, *, batch: int, size: int, text_len: int, remat: str = "none") -> Case:
     """One full-parameter step of `pair` (every weight trains; clip 1, AdamW without weight decay, EMA), the
-    subject world's base training."""
+    subject world's base training; our blocks rematerialised as `remat` (train.remat)."""
     import jax
     import torch
 
     from customshift_jax.models.mmdit.mapping import params_from_state_dict
+    from customshift_jax.models.mmdit.options import RunOptions
     from customshift_jax.train.base_step import init_base_train_state, make_base_train_step
     from customshift_jax.train.optim import make_optimizer
 
@@ -128,7 +132,8 @@ def base_step_case(pair: MMDiTPair, *, batch: int, size: int, text_len: int) -> 
     state = init_base_train_state(pair.params, opt, ema_decay=BASE_EMA)
     data = train_batch(config, batch=batch, size=size, text_len=text_len, subject_len=1)
     data = {k: data[k] for k in ("latents", "prompt_embeds", "pooled")}
-    step = jax.jit(make_base_train_step(config, opt, seed=0, ema_decay=BASE_EMA, text_dropout=0.0))
+    step = jax.jit(make_base_train_step(config, opt, RunOptions(remat=remat), seed=0, ema_decay=BASE_EMA,
+                                        text_dropout=0.0))
     compiled, compile_s = _compile(step, state, {}, data)
 
     def run_jax():
@@ -161,6 +166,7 @@ def base_step_case(pair: MMDiTPair, *, batch: int, size: int, text_len: int) -> 
         keep = [i for i, (path, _) in enumerate(ours) if "pos_embed" not in jax.tree_util.keystr(path)]
         return {i: ours[i][1] for i in keep}, {i: theirs[i] for i in keep}
 
+    width = config.num_attention_heads * config.attention_head_dim
     return Case(run_jax, run_torch, compile_s, f"B{batch} {size}x{size} latents text {text_len}, "
-                f"{config.num_layers} layers width {config.num_attention_heads * config.attention_head_dim}",
+                f"{config.num_layers} layers width {width} remat {remat}",
                 errors=lambda tj, tt: train_errors(tj, tt, to_common), compiled=compiled, jax_args=(state, {}, data))

@@ -34,6 +34,10 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--train-text-len", type=int, default=154, help="prompt tokens of the LoRA step")
     p.add_argument("--rank", type=int, default=16)
     p.add_argument("--base-batch", type=int, default=32, help="the world's base step batch (world-base.yaml)")
+    p.add_argument("--lora-remat", default="dots", choices=["none", "dots", "full"],
+                   help="train.remat of the LoRA step (dots: the fastest on the CPU, docs/performance.md)")
+    p.add_argument("--base-remat", choices=["none", "dots", "full"],
+                   help="train.remat of the base step (default: world-base.yaml's, what the world trains with)")
     p.add_argument("--vae-size", type=int, default=64, help="VAE latent size (64 = 512 px)")
     p.add_argument("--runs", type=int, default=3, help="timed runs of each side per row (median)")
     p.add_argument("--sample-runs", type=int, default=1, help="timed runs of the sampling row (no warm-up)")
@@ -68,7 +72,8 @@ def build_case(name: str, args):
                              text_len=args.sample_text_len, steps=args.steps, guidance=args.guidance)
     if name == "lora-step":
         return lora_step_case(mmdit_pair(args.preset, args.layers), batch=args.batch, size=args.size,
-                              text_len=args.train_text_len, subject_len=args.subject_len, rank=args.rank)
+                              text_len=args.train_text_len, subject_len=args.subject_len, rank=args.rank,
+                              remat=args.lora_remat)
     if name == "base-step":
         return _base_case(args)
     if name in ("vae-encode", "vae-decode"):
@@ -112,7 +117,16 @@ def _base_case(args):
 
     pair = mmdit_pair(diffusers_config=TRANSFORMER_CONFIG)
     return base_step_case(pair, batch=args.base_batch, size=TRANSFORMER_CONFIG["sample_size"],
-                          text_len=_world_text_len())
+                          text_len=_world_text_len(), remat=args.base_remat or _world_base_remat())
+
+
+def _world_base_remat() -> str:
+    """train.remat of the world's base training (train/configs/world-base.yaml)."""
+    import yaml
+
+    from customshift_jax.toyworld.build import CONFIGS
+
+    return yaml.safe_load((CONFIGS / "world-base.yaml").read_text())["train"].get("remat", "none")
 
 
 def _world_text_len() -> int:

@@ -15,6 +15,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from customshift_jax.models.mmdit.attention import attention
 from customshift_jax.models.vae.config import VAEConfig
 from customshift_jax.tree_paths import named_leaves
 
@@ -110,8 +111,41 @@ class Downsample2D(nn.Module):
         return conv(x)
 
 
+class UpsampledConv(nn.Module):
+    """A 3x3 conv (padding 1) of x upsampled x2 by nearest neighbour, computed on x itself: each of the four
+    output phases is a 2x2 conv of x whose taps are sums of the 3x3 taps (2.25x fewer FLOPs, no upsampled copy).
+
+    Its params are the 3x3 conv's (`kernel` (3, 3, Cin, Cout), `bias`), so it stands in for `nn.Conv` unchanged."""
+
+    features: int
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:  # (B, H, W, Cin) -> (B, 2H, 2W, Cout)
+        b, h, w, cin = x.shape
+        kernel = self.param("kernel", nn.initializers.lecun_normal(), (3, 3, cin, self.features), self.param_dtype)
+        bias = self.param("bias", nn.initializers.zeros_init(), (self.features,), self.param_dtype)
+        x, bias = nn.dtypes.promote_dtype(x, bias, dtype=self.dtype)
+        phases = []  # (B, H, W, Cout) for output rows 2i + a, columns 2j + c; a, c in (0, 1)
+        for a, rows in enumerate(_phase_taps(kernel, axis=0)):  # taps summed in the params' dtype, then cast
+            for c, taps in enumerate(_phase_taps(rows, axis=1)):
+                pad = ((1 - a, a), (1 - c, c))  # phase 0 reads pixels (i - 1, i), phase 1 (i, i + 1)
+                phases.append(jax.lax.conv_general_dilated(x, taps.astype(x.dtype), (1, 1), pad,
+                                                           dimension_numbers=("NHWC", "HWIO", "NHWC")))
+        out = jnp.stack(phases, axis=3).reshape(b, h, w, 2, 2, self.features)  # (B, H, W, a, c, Cout)
+        return out.transpose(0, 1, 3, 2, 4, 5).reshape(b, 2 * h, 2 * w, self.features) + bias
+
+
+def _phase_taps(kernel: Array, axis: int) -> tuple[Array, Array]:
+    """Along `axis`, the 3 taps (t0, t1, t2) of a conv on a nearest-x2 upsampling as two 2-tap kernels of the
+    original: output phase 0 reads pixels (i - 1, i) with (t0, t1 + t2), phase 1 reads (i, i + 1) with (t0 + t1, t2)."""
+    t0, t1, t2 = jnp.split(kernel, 3, axis=axis)
+    return jnp.concatenate([t0, t1 + t2], axis), jnp.concatenate([t0 + t1, t2], axis)
+
+
 class Upsample2D(nn.Module):
-    """diffusers' Upsample2D(use_conv=True): nearest-neighbour x2, then a 3x3 conv."""
+    """diffusers' Upsample2D(use_conv=True): nearest-neighbour x2, then a 3x3 conv (one `UpsampledConv`)."""
 
     channels: int
     dtype: Dtype = jnp.float32
@@ -119,9 +153,7 @@ class Upsample2D(nn.Module):
 
     @nn.compact
     def __call__(self, x: Array) -> Array:  # (B, H, W, C) -> (B, 2H, 2W, C)
-        b, h, w, c = x.shape
-        x = jnp.broadcast_to(x[:, :, None, :, None, :], (b, h, 2, w, 2, c)).reshape(b, 2 * h, 2 * w, c)
-        return _conv(self.channels, 3, "conv", self.dtype, self.param_dtype)(x)
+        return UpsampledConv(self.channels, self.dtype, self.param_dtype, name="conv")(x)
 
 
 class SpatialSelfAttention(nn.Module):
@@ -141,9 +173,8 @@ class SpatialSelfAttention(nn.Module):
         q = nn.Dense(c, name="to_q", **kw)(hs)
         k = nn.Dense(c, name="to_k", **kw)(hs)
         v = nn.Dense(c, name="to_v", **kw)(hs)
-        logits = jnp.einsum("bqc,bkc->bqk", q, k, preferred_element_type=jnp.float32) * (c ** -0.5)  # (B, N, N)
-        probs = jax.nn.softmax(logits, axis=-1)
-        out = jnp.einsum("bqk,bkc->bqc", probs.astype(v.dtype), v)  # (B, N, C)
+        # one head over the N tokens, blocks of queries at a time: (B, block, N) logits, not (B, N, N)
+        out = attention(q[:, :, None], k[:, :, None], v[:, :, None], backend="blocked")[:, :, 0]  # (B, N, C)
         to_out = _Numbered(lambda i, name: nn.Dense(c, name=name, **kw), 1, name="to_out")  # to_out.1 is dropout
         out = to_out(out).reshape(b, h, w, c)
         return out + x
