@@ -2,7 +2,7 @@
 LoRAs, beta and inputs, and measure how far apart they are: `customshift crosscheck --customshift`.
 
 Rows (DESIGN section 7 bounds): the RAB prefill's K and V per layer and the CGB forward ("cads" at each gamma,
-"concat"), optionally per block, 1e-5; an N-step guided sample against the reference inside diffusers'
+"concat", "joint"), optionally per block, 1e-5; an N-step guided sample against the reference inside diffusers'
 `FlowMatchEulerDiscreteScheduler` loop, 1e-4; optionally the gradients of a rectified-flow loss w.r.t. both
 LoRAs and beta, 1e-4 per leaf (as tests/customshift/test_customshift_torch.py). Imports torch and diffusers lazily.
 """
@@ -379,6 +379,7 @@ def crosscheck_customshift(case: CustomShiftCase, *, gammas: Sequence[float] = (
         for gamma in gammas:
             rows += check_forward(case, "cads", gamma, per_block)
         rows += check_forward(case, "concat", 1.0, per_block)
+        rows += check_forward(case, "joint", 1.0, per_block)
         rows.append(check_sample(case, steps, guidance, sample_gamma))
         if grads:
             rows += check_grads(case)

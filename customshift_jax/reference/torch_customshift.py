@@ -38,7 +38,7 @@ from customshift_jax.models.mmdit.lora import DEFAULT_TARGETS, LoRAConfig
 from customshift_jax.models.mmdit.mapping import to_numpy
 
 BRANCHES = ("rab", "cgb")
-SHIFTS = ("cads", "concat")
+SHIFTS = ("cads", "concat", "joint")  # joint: the OminiControl-style baseline, every query reads the reference
 KV = tuple[torch.Tensor, torch.Tensor]  # (K, V), each (B_ref, R+S, H, D)
 
 
@@ -50,6 +50,7 @@ class _CallState:
     capture: list[KV] | None = None  # prefill: per-layer (K, V) of [r; s] appended here
     cache: Sequence[KV] | None = None  # forward: per-layer reference (K, V)
     lam: torch.Tensor | None = None  # forward: (num_layers, H) float32 shift logits lambda
+    shift: str = "cads"  # forward: "joint" puts the reference tokens in the joint sequence instead of CADS
 
 
 _CALL: contextvars.ContextVar[_CallState | None] = contextvars.ContextVar("customshift_call", default=None)
@@ -96,8 +97,8 @@ class CustomShiftAttnProcessor(JointAttnProcessor2_0):
     """`JointAttnProcessor2_0` of block `layer`'s joint `attn`, with the CustomShift hooks of the current call.
 
     Prefill: records K, V of all tokens after qk-norm, (B, N+M, H, D). Forward with a cache: image queries
-    read the layer's reference K/V through CADS; text queries attend over the base tokens only. Outside a
-    call it is diffusers' processor.
+    read the layer's reference K/V through CADS; text queries attend over the base tokens only (shift "joint":
+    every query, text too, attends over [x; c; r; s] in one softmax). Outside a call it is diffusers' processor.
     """
 
     def __init__(self, layer: int):
@@ -132,8 +133,13 @@ class CustomShiftAttnProcessor(JointAttnProcessor2_0):
         if state.cache is None:
             out = F.scaled_dot_product_attention(q, k, v, dropout_p=0.0, is_causal=False)
         else:
-            k_ref, v_ref = state.cache[self.layer]  # (B_ref, R+S, H, D)
-            out = cads_attention(q, k, v, k_ref.transpose(1, 2), v_ref.transpose(1, 2), state.lam[self.layer], n_img)
+            k_ref, v_ref = (a.transpose(1, 2).expand(b, -1, -1, -1).to(k.dtype)
+                            for a in state.cache[self.layer])  # (B, H, R+S, D)
+            if state.shift == "joint":
+                out = F.scaled_dot_product_attention(q, torch.cat([k, k_ref], dim=2), torch.cat([v, v_ref], dim=2),
+                                                     dropout_p=0.0, is_causal=False)
+            else:
+                out = cads_attention(q, k, v, k_ref, v_ref, state.lam[self.layer], n_img)
         out = out.transpose(1, 2).reshape(b, -1, heads * out.shape[-1]).to(q.dtype)  # (B, Nq, H*D)
         img = attn.to_out[1](attn.to_out[0](out[:, :n_img]))
         if attn.context_pre_only:
@@ -237,10 +243,10 @@ class TorchCustomShift(torch.nn.Module):
         return state.capture
 
     def shift_logits(self, gamma: float | torch.Tensor = 1.0, shift: str = "cads") -> torch.Tensor:
-        """lambda (num_layers, H) float32: beta + log(gamma) for "cads", 0 for "concat"."""
+        """lambda (num_layers, H) float32: beta + log(gamma) for "cads", 0 for "concat" and "joint"."""
         if shift not in SHIFTS:
             raise ValueError(f"unknown shift {shift!r}; expected one of {SHIFTS}.")
-        if shift == "concat":
+        if shift in ("concat", "joint"):
             return torch.zeros_like(self.beta, dtype=torch.float32)
         return self.beta.float() + torch.log(torch.as_tensor(gamma, dtype=torch.float32, device=self.beta.device))
 
@@ -259,7 +265,8 @@ class TorchCustomShift(torch.nn.Module):
                 shift: str = "cads", skip_layers: Sequence[int] | None = None) -> torch.Tensor:
         """The CGB: diffusers' arguments plus the reference cache (None: the base forward with the CGB LoRA).
 
-        Returns the sample (B, C, H, W). `gamma` > 0 follows the reference more, 0 removes it.
+        Returns the sample (B, C, H, W). `gamma` > 0 follows the reference more, 0 removes it (shift "cads";
+        "concat" and "joint" ignore it).
         """
         b = hidden_states.shape[0]
         timestep = torch.as_tensor(timestep, dtype=hidden_states.dtype, device=hidden_states.device).reshape(-1)
@@ -268,7 +275,7 @@ class TorchCustomShift(torch.nn.Module):
         if cache is not None:
             self._check_cache(cache, b)
             lam = self.shift_logits(gamma, shift)
-        with _call(_CallState("cgb", cache=cache, lam=lam)):
+        with _call(_CallState("cgb", cache=cache, lam=lam, shift=shift)):
             (sample,) = self.transformer(hidden_states=hidden_states, timestep=timestep,
                                          encoder_hidden_states=encoder_hidden_states,
                                          pooled_projections=pooled_projections, return_dict=False,

@@ -36,13 +36,14 @@ def _quantities(rows: list[dict]) -> set[str]:
 
 
 def test_customshift_crosscheck_passes(tmp_path, capsys):
-    """Every row within DESIGN section 7's bound: prefill K/V per layer, CGB cads at 3 gammas and concat, sample."""
+    """Every row within DESIGN section 7's bound: prefill K/V per layer, CGB cads at 3 gammas, concat and joint,
+    sample."""
     code, rows = _run(tmp_path)
     printed = capsys.readouterr().out
     assert code == 0, printed
     assert "all passed" in printed and "FAIL" not in printed
     want = {f"prefill {kv} layer {n}" for kv in "KV" for n in range(LAYERS)}
-    want |= {f"CGB forward cads gamma={g}" for g in ("0.5", "1", "2")} | {"CGB forward concat"}
+    want |= {f"CGB forward cads gamma={g}" for g in ("0.5", "1", "2")} | {"CGB forward concat", "CGB forward joint"}
     want |= {"sample 4 steps cfg=5 gamma=1.5"}
     assert _quantities(rows) == want
     for r in rows:
@@ -54,7 +55,7 @@ def test_customshift_crosscheck_passes(tmp_path, capsys):
 def _ignore_beta(monkeypatch) -> None:
     """A wrong reference: lambda = log(gamma) for "cads", beta dropped (the bug a parity check must catch)."""
     def shift_logits(self, gamma=1.0, shift="cads"):
-        if shift == "concat":
+        if shift in ("concat", "joint"):
             return torch.zeros_like(self.beta, dtype=torch.float32)
         return torch.log(torch.as_tensor(gamma, dtype=torch.float32)).expand(self.beta.shape)
 
@@ -62,7 +63,8 @@ def _ignore_beta(monkeypatch) -> None:
 
 
 def test_customshift_crosscheck_fails_on_a_reference_without_beta(tmp_path, capsys, monkeypatch):
-    """Beta not applied: the cads rows (forward and per block) and the sample fail, named; prefill and concat pass."""
+    """Beta not applied: the cads rows (forward and per block) and the sample fail, named; prefill, concat and
+    joint pass."""
     _ignore_beta(monkeypatch)
     code, rows = _run(tmp_path, "--per-block", "--gammas", "2")
     printed = capsys.readouterr().out
@@ -73,7 +75,8 @@ def test_customshift_crosscheck_fails_on_a_reference_without_beta(tmp_path, caps
     assert "CGB forward cads gamma=2 block 0 image" in failed  # the first block already differs: named
     for q in failed:
         assert q.startswith(("CGB forward cads", "sample")), q
-    assert all(r["pass"] for r in rows if r["quantity"].startswith(("prefill", "CGB forward concat")))
+    assert all(r["pass"] for r in rows if r["quantity"].startswith(("prefill", "CGB forward concat",
+                                                                     "CGB forward joint")))
     fail_lines = [line for line in printed.splitlines() if line.endswith("FAIL")]
     assert len(fail_lines) == len(failed) and all(PRESET in line for line in fail_lines)
 

@@ -77,7 +77,7 @@ def case(request) -> Case:
     rab, cgb = random_lora(config, lora, "rab", rng), random_lora(config, lora, "cgb", rng)
     ts = TorchCustomShift(model, RANK, ALPHA)
     ts.load_lora_from_jax(rab, cgb)
-    forwards = {s: jax.jit(make_customshift_forward(config, lora, shift=s)) for s in ("cads", "concat")}
+    forwards = {s: jax.jit(make_customshift_forward(config, lora, shift=s)) for s in ("cads", "concat", "joint")}
     return Case(name, config, model, ts, params, rab, cgb, _inputs(config, rng), SKIP.get(name, ()),
                 jax.jit(make_prefill(config, lora)), forwards)
 
@@ -218,10 +218,10 @@ def test_prefill_matches_jax(case: Case):
         assert rel_err(jv, tv.numpy()) <= FWD_TOL, f"V of layer {layer}"
 
 
-@pytest.mark.parametrize("shift", ["cads", "concat"])
+@pytest.mark.parametrize("shift", ["cads", "concat", "joint"])
 def test_cgb_forward_matches_jax(case: Case, shift: str):
-    """One CGB step with the cache: batch 2 on one reference, non-square latents, gamma 0.7; skip layers on
-    one preset."""
+    """One CGB step with the cache: batch 2 on one reference, non-square latents, gamma 0.7 (which concat and
+    joint ignore); skip layers on one preset."""
     i = case.inputs
     kv = _jax_prefill(case)
     want_jax = case.forwards[shift](case.params, case.cgb, i["x"], i["t"], i["c"], i["pooled"],

@@ -1,7 +1,8 @@
 """An 8-step CustomShift sample with guidance: JAX sampler vs the PyTorch reference in a diffusers scheduler loop.
 
 The torch side is `reference.torch_customshift.TorchCustomShift` (prefill once, CGB forward per step) driven by
-diffusers' `FlowMatchEulerDiscreteScheduler` with CFG as `StableDiffusion3Pipeline` does it. DESIGN section 7:
+diffusers' `FlowMatchEulerDiscreteScheduler` with CFG as `StableDiffusion3Pipeline` does it, and with reference
+guidance written out in the loop (each CFG pass at gamma and at gamma 0: v0 + s (v - v0)). DESIGN section 7:
 relative error <= 1e-4 for a full sampling loop.
 """
 import jax
@@ -32,7 +33,8 @@ def _random_lora(config, branch, rng):
         expected_lora_shapes(config, LORA, branch))
 
 
-def test_eight_step_customshift_sample_matches_torch_reference():
+@pytest.mark.parametrize("reference_scale", [None, 2.0])
+def test_eight_step_customshift_sample_matches_torch_reference(reference_scale):
     from diffusers import FlowMatchEulerDiscreteScheduler
 
     config = get_preset("tiny-sd3.5-medium")
@@ -51,7 +53,9 @@ def test_eight_step_customshift_sample_matches_torch_reference():
     cache = prefill(config, params, ref, subject, subject_pooled, rab_lora=rab, lora_config=LORA)
     ours = make_customshift_sampler(config, LORA)(
         {"base": params, "cgb": cgb}, x_t, Conditioning(pe, pooled, neg, neg_pooled),
-        make_schedule({"shift": 3.0}, STEPS), guidance_scale=GUIDANCE, extra={"ref_kv": cache.kv, "gamma": GAMMA})
+        make_schedule({"shift": 3.0}, STEPS), guidance_scale=GUIDANCE,
+        extra={"ref_kv": cache.kv, "gamma": GAMMA, **({} if reference_scale is None else
+                                                       {"reference_scale": reference_scale})})
 
     scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0)
     scheduler.set_timesteps(STEPS)
@@ -63,8 +67,13 @@ def test_eight_step_customshift_sample_matches_torch_reference():
         for t in scheduler.timesteps:
             v = ts.forward(torch.cat([latents, latents]), t.expand(4), ehs, pooled_cfg, cache=torch_cache,
                            gamma=GAMMA)
+            if reference_scale is not None:  # the same passes without the reference, then its own guidance
+                v0 = ts.forward(torch.cat([latents, latents]), t.expand(4), ehs, pooled_cfg, cache=torch_cache,
+                                gamma=0.0)
+                v = v0 + reference_scale * (v - v0)
             v_uncond, v_text = v.chunk(2)
             latents = scheduler.step(v_uncond + GUIDANCE * (v_text - v_uncond), t, latents).prev_sample
     err = relative_error(ours, latents.numpy())
-    print(f"8-step CustomShift sample, JAX vs PyTorch reference: relative error {err:.2e}")
+    print(f"8-step CustomShift sample (reference_scale {reference_scale}), JAX vs PyTorch reference: "
+          f"relative error {err:.2e}")
     assert err <= 1e-4, f"8-step CustomShift sample: relative error {err:.2e}"
