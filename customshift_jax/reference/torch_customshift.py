@@ -133,9 +133,9 @@ class CustomShiftAttnProcessor(JointAttnProcessor2_0):
         if state.cache is None:
             out = F.scaled_dot_product_attention(q, k, v, dropout_p=0.0, is_causal=False)
         else:
-            k_ref, v_ref = (a.transpose(1, 2).expand(b, -1, -1, -1).to(k.dtype)
-                            for a in state.cache[self.layer])  # (B, H, R+S, D)
-            if state.shift == "joint":
+            k_ref, v_ref = (a.transpose(1, 2) for a in state.cache[self.layer])  # (B_ref, H, R+S, D)
+            if state.shift == "joint":  # one softmax over [x; c; r; s] for every query
+                k_ref, v_ref = (a.expand(b, -1, -1, -1).to(k.dtype) for a in (k_ref, v_ref))
                 out = F.scaled_dot_product_attention(q, torch.cat([k, k_ref], dim=2), torch.cat([v, v_ref], dim=2),
                                                      dropout_p=0.0, is_causal=False)
             else:

@@ -34,6 +34,7 @@ def probe(run: Path, steps: Sequence[int], guidances: Sequence[float], *, weight
     refs = E.references(cases)
     prompt = model.encode_text([c.prompt for c in cases])
     noise = jnp.asarray(noise_for([jax.random.key(c.seed) for c in cases], LATENT_SHAPE))
+    generators = {g: Generator(model, guidance=g) for g in guidances}  # built once; they read model.params per run
     rows = []
     for step in steps:
         _, state = read_train_state(run / "checkpoints", step)
@@ -41,8 +42,8 @@ def probe(run: Path, steps: Sequence[int], guidances: Sequence[float], *, weight
         if jax.tree_util.tree_structure(params) != jax.tree_util.tree_structure(model.params):
             raise ValueError(f"{run}: the run's MMDiT is not the world model's of {weights}.")
         model.params = jax.tree_util.tree_map(jnp.asarray, params)
-        for g in guidances:
-            scores = E.score_images(judge, Generator(model, guidance=g).run("text only", noise, prompt), cases, refs)
+        for g, generator in generators.items():
+            scores = E.score_images(judge, generator.run("text only", noise, prompt), cases, refs)
             rows.append({"step": step, "guidance": g, **{k: scores[k] for k in KEYS}})
             print(f"| {step} | {g:g} | " + " | ".join(f"{scores[k]:.3f}" for k in KEYS) + " |", flush=True)
     return rows
